@@ -1,0 +1,113 @@
+"""Section 4: per-clip crops and flips, normalisation, AdaptiveTimeMask and time warp."""
+import random
+
+import pytest
+import torch
+
+from conftest import m
+
+
+def frames_with_texture(batch=4, t=30, size=112, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    clip = torch.randint(0, 256, (batch, 1, size, size), generator=g, dtype=torch.uint8)
+    return clip.expand(batch, t, size, size).contiguous()  # every frame of a clip alike
+
+
+def test_validation_is_a_center_crop_normalised():
+    cfg = m.Config()
+    frames = frames_with_texture()
+    x, lengths = m.Augment(cfg, train=False)(frames, torch.full((4,), 30))
+    expected = (frames[:, :, 12:100, 12:100].float() / 255 - cfg.mean) / cfg.std
+    assert x.shape == (4, 30, 88, 88) and torch.allclose(x, expected, atol=1e-6)
+
+
+def test_training_crop_and_flip_are_one_per_clip_and_differ_between_clips():
+    torch.manual_seed(0)
+    cfg = m.Config(time_mask=False)
+    frames = frames_with_texture(batch=8)
+    x, _ = m.Augment(cfg, train=True)(frames, torch.full((8,), 30))
+    assert torch.equal(x, x[:, :1].expand_as(x))  # all frames of a clip got the same crop and flip
+    crops = set()
+    for b in range(8):
+        found = [(dy, dx, flip) for dy in range(25) for dx in range(25) for flip in (False, True)
+                 if torch.allclose(x[b, 0], normalised_crop(frames[b, 0], dy, dx, flip, cfg), atol=1e-5)]
+        assert len(found) == 1
+        crops.add(found[0])
+    assert len(crops) > 4 and {f for _, _, f in crops} == {False, True}
+
+
+def normalised_crop(frame, dy, dx, flip, cfg):
+    crop = frame[dy:dy + 88, dx:dx + 88].float() / 255
+    crop = crop.flip(-1) if flip else crop
+    return (crop - cfg.mean) / cfg.std
+
+
+def test_padding_stays_zero_and_each_switch_turns_its_step_off():
+    cfg = m.Config(random_crop=False, hflip_prob=0.0, time_mask=False)
+    frames = frames_with_texture(batch=2)
+    lengths = torch.tensor([30, 20])
+    x, _ = m.Augment(cfg, train=True)(frames, lengths)
+    assert x[1, 20:].abs().sum() == 0 and x[1, :20].abs().sum() > 0
+    assert torch.equal(x, m.Augment(cfg, train=False)(frames, lengths)[0])
+
+
+def auto_avsr_time_mask(video, window, stride):
+    """Auto-AVSR's loop as its repository writes it, for comparison."""
+    masked = video.clone()
+    length = masked.size(0)
+    n_mask = int((length + stride - 0.1) // stride)
+    ts = torch.randint(0, window, size=(n_mask, 2))
+    for t, t_end in ts:
+        if length - t <= 0:
+            continue
+        t_start = random.randrange(0, length - t)
+        if t_start == t_start + t:
+            continue
+        t_end += t_start
+        masked[t_start:t_end] = 0
+    return masked
+
+
+@pytest.mark.parametrize("length", [1, 10, 29, 38, 60])
+def test_adaptive_time_mask_matches_auto_avsr_draw_for_draw(length):
+    for seed in range(20):
+        video = torch.rand(length, 4, 4) + 1
+        torch.manual_seed(seed), random.seed(seed)
+        ours = m.adaptive_time_mask(video.clone(), length, 10, 25)
+        torch.manual_seed(seed), random.seed(seed)
+        assert torch.equal(ours, auto_avsr_time_mask(video, 10, 25))
+
+
+def test_time_mask_zeroes_whole_frames_before_normalisation():
+    torch.manual_seed(1), random.seed(1)
+    cfg = m.Config(random_crop=False, hflip_prob=0.0, time_mask_window=8, time_mask_stride=10)
+    frames = torch.full((6, 30, 112, 112), 200, dtype=torch.uint8)
+    x, _ = m.Augment(cfg, train=True)(frames, torch.full((6,), 30))
+    per_frame = x.flatten(2)
+    masked = (per_frame == (0 - cfg.mean) / cfg.std).all(-1)
+    kept = (per_frame == (200 / 255 - cfg.mean) / cfg.std).all(-1)
+    assert torch.all(masked | kept) and masked.any() and kept.any()
+
+
+def test_time_warp_changes_speed_within_bounds_and_keeps_labels_possible():
+    torch.manual_seed(0)
+    lengths = torch.tensor([30, 38, 29, 33] * 50)
+    needed = torch.tensor([28, 10, 29, 5] * 50)
+    new = m.time_warp_lengths(lengths, needed, 0.2)
+    assert torch.all(new >= needed) and (new != lengths).any()
+    assert torch.all(new <= (lengths / 0.8).ceil()) and torch.all(new >= torch.minimum(needed, (lengths / 1.2).floor()))
+    frames = torch.arange(38, dtype=torch.uint8)[None, :, None, None].expand(4, 38, 2, 2).clone()
+    warped = m.resample_frames(frames, lengths[:4], new[:4])
+    for b in range(4):
+        shown = warped[b, : new[b], 0, 0]
+        assert shown[0] == 0 and torch.all(shown[1:] >= shown[:-1]) and shown[-1] <= lengths[b] - 1
+        assert warped[b, new[b]:].sum() == 0
+
+
+def test_time_warp_runs_in_the_augmentation_when_switched_on():
+    torch.manual_seed(3)
+    cfg = m.Config(time_warp=True, time_warp_max=0.3, time_mask=False)
+    frames = frames_with_texture(batch=16)
+    lengths = torch.full((16,), 30)
+    x, new = m.Augment(cfg, train=True)(frames, lengths, torch.full((16,), 12))
+    assert (new != 30).any() and x.shape[1] == int(new.max()) and torch.all(new >= 12)

@@ -1,0 +1,57 @@
+"""CLI section: a flag for every setting, --config files, notebook arguments and errors users can act on."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, m
+
+
+def test_every_config_field_is_a_flag():
+    parser = m.build_parser()
+    flags = {a.dest for a in parser._actions}
+    assert {f.name for f in m.dataclasses.fields(m.Config)} <= flags
+
+
+def test_flags_win_over_the_config_file(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"crop_size": 64, "seed": 7, "time_mask": False}))
+    cfg = m.parse_config(["--config", str(path), "--seed", "9", "--hflip-prob", "0.25", "--no-word-boundary"])
+    assert (cfg.crop_size, cfg.seed, cfg.hflip_prob, cfg.time_mask, cfg.word_boundary) == (64, 9, 0.25, False, False)
+
+
+def test_a_config_file_with_an_unknown_setting_is_refused(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"crop_sise": 64}))
+    with pytest.raises(m.UserError, match="crop_sise"):
+        m.parse_config(["--config", str(path)])
+
+
+def test_notebook_kernel_arguments_are_ignored(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "ipykernel", object())
+    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/tmp/kernel.json"])
+    assert m.in_notebook()
+    seen = {}
+    monkeypatch.setitem(m.MODES, "train", lambda cfg: seen.setdefault("cfg", cfg))
+    m.main()
+    assert seen["cfg"] == m.Config()
+
+
+def run_script(*args, cwd):
+    return subprocess.run([sys.executable, str(ROOT / "master_all_avsr.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_user_errors_exit_2_with_a_message_and_no_traceback(tmp_path):
+    result = run_script("--mode", "stats", "--data-dir", str(tmp_path / "missing"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_synth_then_stats_from_the_command_line(tmp_path):
+    result = run_script("--mode", "synth", "--output", "data", "--synthetic-clips", "6", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    result = run_script("--mode", "stats", "--data-dir", "data", "--work-dir", "w", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "clips 6" in result.stdout and (tmp_path / "w" / "stats.png").exists()

@@ -1,0 +1,219 @@
+"""Section 3: discovery, bad samples, splits, the clip cache, batching and the built-in synthetic clips."""
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import m
+
+
+def load(cfg, **changes):
+    cfg = m.dataclasses.replace(cfg, **changes)
+    return m.load_dataset(cfg, m.load_vocabulary(cfg), torch.device("cpu"))
+
+
+def report(cfg) -> dict:
+    entries = json.loads((Path(cfg.work_dir) / "data_report.json").read_text(encoding="utf-8"))["entries"]
+    return {Path(e["file"]).name: e["reason"] for e in entries}
+
+
+def test_clips_and_labels_pair_by_stem_recursively(cfg, synthetic_root):
+    ds = load(cfg, data_dir=str(synthetic_root))
+    assert len(ds.samples) == 24
+    generated = m.synthesize_dataset(m.Config(synthetic_clips=24, seed=3), m.Vocabulary.seed())
+    for sample, (stem, text, frames) in zip(ds.samples, generated):
+        assert sample.stem == stem and sample.text == text and sample.frames == len(frames)
+        decoded = ds.bank.batch([ds.samples.index(sample)])[0][0].numpy()
+        assert np.abs(decoded.astype(int) - frames).mean() < 6  # mp4 is lossy, but it is the same clip
+
+
+def test_arrays_and_text_columns_are_read(cfg, tmp_path):
+    clips = m.synthesize_dataset(m.Config(synthetic_clips=3, seed=1), m.Vocabulary.seed())
+    root = tmp_path / "arrays"
+    (root / "deep" / "er").mkdir(parents=True)
+    np.save(root / "deep" / "er" / "a.npy", clips[0][2])
+    np.savez(root / "deep" / "b.npz", frames=clips[1][2])
+    np.save(root / "c.npy", np.stack([clips[2][2]] * 3, -1))  # T x H x W x 3 becomes gray
+    for (stem, text, _), name in zip(clips, "abc"):
+        (root / f"{name}.csv").write_text("text\n" + text + "\n", encoding="utf-8")
+    ds = load(cfg, data_dir=str(root))
+    assert [s.stem for s in ds.samples] == ["a", "b", "c"]
+    assert [s.text for s in ds.samples] == [c[1] for c in clips]
+    assert torch.equal(ds.bank.batch([0])[0][0], torch.from_numpy(clips[0][2]))
+
+
+def test_ambiguous_stems_stop_before_any_work_and_name_the_folders(cfg, dataset_copy):
+    shutil.copytree(dataset_copy / "Preprocessed_Video", dataset_copy / "Video")
+    shutil.copytree(dataset_copy / "Csv", dataset_copy / "Csv (with Diacritics)")
+    with pytest.raises(m.UserError) as e:
+        load(cfg, data_dir=str(dataset_copy))
+    message = str(e.value)
+    assert "--videos-dir" in message and "Preprocessed_Video" in message and "Video  (24" in message
+    assert not (Path(cfg.work_dir) / "cache").exists()
+    with pytest.raises(m.UserError, match="--labels-dir") as e:
+        load(cfg, data_dir=str(dataset_copy), videos_dir=str(dataset_copy / "Video"))
+    assert "Csv (with Diacritics)" in str(e.value)
+    ds = load(cfg, data_dir=str(dataset_copy), videos_dir=str(dataset_copy / "Video"),
+              labels_dir=str(dataset_copy / "Csv"))
+    assert len(ds.samples) == 24
+
+
+def write_label(path: Path, text: str):
+    path.write_text("word\n" + "\n".join(text.split()) + "\n", encoding="utf-8")
+
+
+def test_every_bad_sample_is_skipped_reported_and_the_run_goes_on(cfg, dataset_copy, capsys):
+    videos, labels = dataset_copy / "Preprocessed_Video", dataset_copy / "Csv"
+    (videos / "synth_00000.mp4").unlink()  # label without clip
+    (labels / "synth_00001.csv").unlink()  # clip without label
+    (videos / "synth_00002.mp4").write_bytes(os.urandom(3000))  # not a video
+    data = (videos / "synth_00003.mp4").read_bytes()
+    (videos / "synth_00003.mp4").write_bytes(data[: len(data) // 2])  # cut short
+    write_label(labels / "synth_00004.csv", "")  # empty label
+    write_label(labels / "synth_00005.csv", " ".join(["\u0642\u064e\u0627\u0644\u064e"] * 12))  # too long
+    write_label(labels / "synth_00006.csv", "hello")  # units outside the vocabulary
+    big = np.zeros((30, 64, 64), np.uint8)
+    (videos / "synth_00007.mp4").unlink()
+    np.save(videos / "synth_00007.npy", big)  # wrong frame size
+    np.save(videos / "synth_00008.npy", np.zeros((3,), np.float32))  # an array that is no video
+    (videos / "synth_00008.mp4").unlink()
+    ds = load(cfg, data_dir=str(dataset_copy))
+    reasons = report(cfg)
+    assert reasons == {
+        "synth_00000.csv": "no clip: no video with the same name was found",
+        "synth_00001.mp4": "no label: no CSV with the same name was found",
+        "synth_00002.mp4": reasons["synth_00002.mp4"], "synth_00003.mp4": reasons["synth_00003.mp4"],
+        "synth_00004.csv": "empty label: the CSV has no words",
+        "synth_00005.csv": reasons["synth_00005.csv"], "synth_00006.csv": reasons["synth_00006.csv"],
+        "synth_00007.npy": reasons["synth_00007.npy"], "synth_00008.npy": reasons["synth_00008.npy"],
+    }
+    assert reasons["synth_00002.mp4"].startswith("unreadable video")
+    assert reasons["synth_00003.mp4"].startswith(("unreadable video", "truncated video"))
+    assert reasons["synth_00005.csv"].startswith("label too long: 47 CTC steps")
+    assert reasons["synth_00006.csv"].startswith("unknown units: e h l o")
+    assert reasons["synth_00007.npy"].startswith("wrong frame size: 64 x 64")
+    assert reasons["synth_00008.npy"].startswith("unreadable video")
+    assert len(ds.samples) == 24 - 9
+    assert "Skipped 9 file(s)" in capsys.readouterr().out
+
+
+def test_unknown_units_can_be_mapped_to_unk(cfg, dataset_copy):
+    write_label(dataset_copy / "Csv" / "synth_00006.csv", "hello")
+    ds = load(cfg, data_dir=str(dataset_copy), unknown_units="map")
+    sample = next(s for s in ds.samples if s.stem == "synth_00006")
+    assert sample.ids == [m.SPECIALS["<unk>"]] * 5
+    assert report(cfg) == {}
+
+
+def test_a_video_that_decodes_fewer_frames_than_declared_is_truncated(monkeypatch, tmp_path):
+    class ShortCapture:  # a faststart mp4 cut short opens, declares its frames and stops early
+        def __init__(self, path): self.left = 5
+        def isOpened(self): return True
+        def get(self, prop): return 30
+        def release(self): pass
+        def read(self):
+            self.left -= 1
+            return (self.left >= 0), np.zeros((112, 112, 3), np.uint8)
+    import cv2
+    monkeypatch.setattr(cv2, "VideoCapture", ShortCapture)
+    with pytest.raises(ValueError, match="truncated video: its header declares 30 frames, only 5 decode"):
+        m.read_video(tmp_path / "x.mp4")
+
+
+def test_split_is_deterministic_balanced_and_stable_when_clips_are_added():
+    cfg = m.Config()
+    stems = [f"{i:05d}" for i in range(4000)]
+    first = {s: m.split_of(s, cfg) for s in stems}
+    counts = m.Counter(first.values())
+    assert abs(counts["train"] / 4000 - 0.8) < 0.03 and abs(counts["test"] / 4000 - 0.1) < 0.02
+    more = {s: m.split_of(s, cfg) for s in stems + [f"new_{i}" for i in range(500)]}
+    assert all(more[s] == first[s] for s in stems)
+    other_seed = {s: m.split_of(s, m.Config(split_seed=1)) for s in stems}
+    assert other_seed != first
+
+
+def test_split_lists_override_the_hash(cfg, synthetic_root, tmp_path, capsys):
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "train.txt").write_text("\n".join(f"synth_{i:05d}" for i in range(20)) + "\n")
+    (lists / "val.txt").write_text("synth_00020\nsynth_00021.mp4\n")
+    (lists / "test.txt").write_text("synth_00022\nnot_there\n")
+    ds = load(cfg, data_dir=str(synthetic_root), split_lists=str(lists))
+    assert [len(ds.subset(s)) for s in ("train", "val", "test")] == [20, 2, 1]
+    assert "1 clip(s) named in" in capsys.readouterr().out
+    with pytest.raises(m.UserError, match="test.txt is missing"):
+        (lists / "test.txt").unlink()
+        load(cfg, data_dir=str(synthetic_root), split_lists=str(lists))
+
+
+def test_cache_is_reused_and_refreshes_only_a_changed_file(cfg, dataset_copy):
+    load(cfg, data_dir=str(dataset_copy))
+    cache = m.ClipCache(cfg.cache_path)
+    assert len(cache.index) == 24
+    clip = dataset_copy / "Preprocessed_Video" / "synth_00005.mp4"
+    cache.load(clip)
+    assert (cache.hits, cache.misses) == (1, 0)
+    np.save(dataset_copy / "Preprocessed_Video" / "synth_00005.npy", np.zeros((33, 112, 112), np.uint8))
+    clip.unlink()
+    calls = []
+    original = m.read_video
+    m.read_video = lambda p: calls.append(p.name) or original(p)
+    try:
+        ds = load(cfg, data_dir=str(dataset_copy))
+    finally:
+        m.read_video = original
+    assert calls == ["synth_00005.npy"]
+    assert next(s for s in ds.samples if s.stem == "synth_00005").frames == 33
+
+
+def test_clip_bank_batches_are_zero_padded_copies_of_the_clips():
+    rng = np.random.default_rng(0)
+    clips = [rng.integers(0, 255, (n, 8, 8), dtype=np.uint8) for n in (5, 9, 7)]
+    bank = m.ClipBank(clips, torch.device("cpu"))
+    frames, lengths = bank.batch([2, 0, 1])
+    assert frames.shape == (3, 9, 8, 8) and lengths.tolist() == [7, 5, 9]
+    for b, i in enumerate([2, 0, 1]):
+        n = len(clips[i])
+        assert torch.equal(frames[b, :n], torch.from_numpy(clips[i]))
+        assert frames[b, n:].sum() == 0
+
+
+def test_frame_budget_batches_cover_every_clip_once_within_budget():
+    rng = random.Random(0)
+    lengths = [rng.randint(29, 38) for _ in range(300)]
+    batches = m.frame_budget_batches(lengths, 400, random.Random(1))
+    assert sorted(i for b in batches for i in b) == list(range(300))
+    assert all(max(lengths[i] for i in b) * len(b) <= 400 for b in batches)
+    assert all(max(lengths[i] for i in b) - min(lengths[i] for i in b) <= 2 for b in batches)
+    assert batches == m.frame_budget_batches(lengths, 400, random.Random(1))
+    assert batches != m.frame_budget_batches(lengths, 400, random.Random(2))
+
+
+def test_synthetic_clips_look_like_the_real_ones_and_are_seeded():
+    vocab = m.Vocabulary.seed()
+    clips = m.synthesize_dataset(m.Config(synthetic_clips=60, seed=9), vocab)
+    for stem, text, frames in clips:
+        assert frames.dtype == np.uint8 and frames.shape[1:] == (112, 112) and 29 <= len(frames) <= 38
+        assert 1 <= len(text.split()) <= 5
+        ids, unknown = vocab.encode(text)
+        assert not unknown and m.frames_needed(ids) <= len(frames)
+    again = m.synthesize_dataset(m.Config(synthetic_clips=60, seed=9), vocab)
+    assert all(np.array_equal(a[2], b[2]) and a[1] == b[1] for a, b in zip(clips, again))
+    words = m.Counter(w for _, text, _ in clips for w in text.split())
+    assert words.most_common(1)[0][1] >= 5  # a lexicon: words repeat across clips, as in the real data
+
+
+def test_synthetic_mouths_follow_visemes_and_blend_between_units():
+    style = m.speaker_style(np.random.default_rng(0))
+    track = lambda text: m.shape_track(m.split_units(text), 30, style, np.random.default_rng(1))
+    ba, ma, bu = "\u0628\u064e", "\u0645\u064e", "\u0628\u064f"
+    assert np.array_equal(track(ba), track(ma))  # b and m look the same on the lips
+    assert not np.allclose(track(ba), track(bu))  # the vowel changes the shape
+    # coarticulation: the same unit looks different next to different neighbours, so no per-frame lookup
+    wa, yi = "\u0648\u064f", "\u064a\u0650"
+    assert not np.allclose(track(wa + ba + wa)[15], track(yi + ba + yi)[15])
