@@ -6,8 +6,12 @@ Mouth-region clips in, diacritized Arabic text out. The file reads top to bottom
     2. vocabulary      diacritized-character units <-> ids
     3. data            finding, checking, caching, splitting and batching clips; built-in synthetic clips
     4. augmentation    per-clip crops, flips, time masks and time warps on the training device
-    5. diagnostics     dataset statistics
-    6. cli             modes, flags and the entry point
+    5. model           Auto-AVSR's CNN + Conformer encoder + Transformer decoder + CTC; the BiLSTM baseline
+    6. loss            w * CTC + (1 - w) * label-smoothed attention
+    7. decoding        greedy CTC and attention decoding, CER / WER
+    8. training        optimizer, schedule, mixed precision, checkpoints, resume, time budget
+    9. diagnostics     dataset statistics, learning curves
+   10. cli             modes, flags and the entry point
 
 Run `python master_all_avsr.py --help` for the flags, or with no arguments for the built-in demo.
 """
@@ -28,11 +32,13 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # our own messages name bad files; FFmpeg's noise does not
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 # ---------------------------------------------------------------------------------------------------------
@@ -67,12 +73,13 @@ class Config:
     split_lists: str = ""  # folder with train.txt, val.txt, test.txt (one stem a line) to use instead
     # data: built-in synthetic clips
     synthetic_clips: int = 2000
-    synthetic_words: int = 300  # lexicon size: words repeat across clips, as in the real data
+    synthetic_words: int = 100  # lexicon size: words repeat across clips, as in the real data
     synthetic_speakers: int = 24
     # batching
     max_frames: int = 1200  # frame budget of one batch (clips x padded length)
     # augmentation (training only; validation and test get the center crop and normalisation)
     crop_size: int = 88
+    input_size: int = 88  # the crop is area-resized to this before the model (44: 4x less compute, for CPUs)
     random_crop: bool = True
     hflip_prob: float = 0.5
     mean: float = 0.419232189655303955078125
@@ -82,6 +89,31 @@ class Config:
     time_mask_stride: int = 25  # ...once per stride frames
     time_warp: bool = False
     time_warp_max: float = 0.1  # speed factor drawn from [1 - max, 1 + max]
+    # model
+    arch: str = "conformer"  # conformer (Auto-AVSR's) | baseline (seed 000's CNN + BiLSTM, CTC only)
+    preset: str = "small"  # tiny | small | base (base takes Auto-AVSR's released weights by name)
+    dropout: float = 0.1
+    # loss: ctc_weight * CTC + (1 - ctc_weight) * label-smoothed attention loss
+    ctc_weight: float = 0.1
+    label_smoothing: float = 0.1
+    # training
+    epochs: int = 30
+    time_budget: float = 0.0  # minutes; stop with a checkpoint before they run out (0: no limit)
+    lr: float = 1e-3
+    warmup_epochs: float = 3.0
+    weight_decay: float = 0.01
+    adam_eps: float = 1e-9
+    beta1: float = 0.9
+    beta2: float = 0.98
+    grad_clip: float = 10.0
+    accum_steps: int = 1  # optimizer step every accum_steps batches
+    amp: str = "auto"  # auto: bf16 where the GPU has it, fp16 + GradScaler where not (T4, P100), fp32 on CPU | off
+    resume: bool = False  # continue from <work_dir>/checkpoints/last.pt
+    # test and decode
+    checkpoint: str = ""  # default <work_dir>/checkpoints/best.pt
+    split: str = "test"  # train | val | test | all
+    input: str = ""  # --mode decode: a clip or a folder of clips
+    decoder: str = "attention"  # attention | ctc (greedy either way)
 
     @property
     def cache_path(self) -> Path:
@@ -605,11 +637,11 @@ def frame_budget_batches(lengths: list[int], max_frames: int, rng: random.Random
 
 
 # Built-in synthetic clips -------------------------------------------------------------------------------
-# Mouth shapes come from visemes, as on real lips: letters articulated at the same place look the same
-# (ب م: closed lips; ت د ط ض ن ل ر ز س ص: teeth; ...), so only the word list tells them apart, and vowels
-# change the opening and rounding. Shapes blend from unit to unit over time (coarticulation), units take a
-# speaker-dependent number of frames, and speakers differ in position, scale, lighting and noise: no
-# per-frame lookup reads the text off a clip.
+# Mouth shapes come from visemes, as on real lips: letters articulated at the same place look nearly the same
+# (ب م: closed lips; ت د ط ض ن ل ر ز س ص: teeth; ...; each letter differs from its class by a small offset),
+# so the word list does much of the telling apart, and vowels change the opening and rounding. Shapes blend
+# from unit to unit over time (coarticulation), units take a speaker-dependent number of frames, and speakers
+# differ in position, scale, lighting and noise: no per-frame lookup reads the text off a clip.
 
 VISEMES = {  # base letter -> (opening, width, rounding, teeth, tongue), each in [0, 1]
     **dict.fromkeys("بم", (0.0, 0.5, 0.1, 0.0, 0.0)),
@@ -629,16 +661,18 @@ VOWELS = {  # mark -> (opening, width, rounding) the vowel moves towards after t
     "\u064f": (0.3, 0.25, 0.9), "\u064c": (0.3, 0.25, 0.9),  # damma, dammatan
 }
 TANWEEN = "\u064b\u064c\u064d"
+LETTER_OFFSET = 0.12  # how far a letter's shape strays from its viseme class
+SPEECH_RATE = 0.5  # units (and word boundaries) a frame at most; the real clips average 0.46 units a frame
 
 
 def unit_keyframes(unit: str) -> list[tuple[float, np.ndarray]]:
     """(relative duration, shape) targets a unit passes through; unknown letters get a stable made-up viseme."""
     letter = base_letter(unit)
-    if letter in VISEMES:
-        shape = np.array(VISEMES[letter], np.float32)
+    h = np.frombuffer(hashlib.sha1(letter.encode()).digest()[:5], np.uint8) / 255
+    if letter in VISEMES:  # alike within the class, not identical: a letter's own small offset
+        shape = np.clip(np.array(VISEMES[letter]) + LETTER_OFFSET * (2 * h - 1), 0, 1).astype(np.float32)
     else:
-        h = hashlib.sha1(letter.encode()).digest()
-        shape = np.array([b / 255 for b in h[:5]], np.float32)
+        shape = h.astype(np.float32)
     keys = [(1.0, shape)]
     vowel = next((VOWELS[m] for m in unit[1:] if m in VOWELS), None)
     if vowel is not None:
@@ -686,8 +720,8 @@ def shape_track(words: list[list[str]], n_frames: int, style: dict, rng: np.rand
     shapes = np.stack([s for _, s in keys])
     frame_t = np.arange(n_frames)
     track = np.stack([np.interp(frame_t, times, shapes[:, k]) for k in range(shapes.shape[1])], 1)
-    kernel = np.array([1, 4, 6, 4, 1]) / 16  # coarticulation: each frame leans towards two neighbours a side
-    padded = np.pad(track, ((2, 2), (0, 0)), mode="edge")
+    kernel = np.array([1, 2, 1]) / 4  # coarticulation: each frame leans towards its neighbours
+    padded = np.pad(track, ((1, 1), (0, 0)), mode="edge")
     return sum(k * padded[i:i + n_frames] for i, k in enumerate(kernel)).astype(np.float32)
 
 
@@ -730,7 +764,7 @@ def synthesize_dataset(cfg: Config, vocab: Vocabulary) -> list[tuple[str, str, n
         style = speakers[int(rng.integers(len(speakers)))]
         n_frames = int(rng.integers(29, 39))
         words = [lexicon[i] for i in rng.choice(len(lexicon), int(rng.integers(1, 6)), p=zipf / zipf.sum())]
-        while sum(map(len, words)) + len(words) - 1 > n_frames * 0.7 * style["rate"] and len(words) > 1:
+        while sum(map(len, words)) + len(words) - 1 > n_frames * SPEECH_RATE * style["rate"] and len(words) > 1:
             words.pop()
         track = shape_track(words, n_frames, style, rng)
         out.append((f"synth_{n:05d}", " ".join("".join(w) for w in words),
@@ -793,17 +827,43 @@ def resample_frames(frames: torch.Tensor, lengths: torch.Tensor, new_lengths: to
     return out * (t[None] < new_lengths[:, None]).to(frames.device)[..., None, None]
 
 
-class Augment:
-    """uint8 B x T x H x W -> float B x T x crop x crop, normalised; padded frames are 0.
+def crop_and_flip(frames: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: int, flip: torch.Tensor):
+    """B x T x H x W -> B x T x size x size: clip b cut at (top[b], left[b]) and mirrored where flip[b], in one
+    gather: exact pixels (no interpolation), in the frames' own dtype and on their device."""
+    device = frames.device
+    r = torch.arange(size, device=device)
+    rows = top.to(device)[:, None] + r
+    cols = left.to(device)[:, None] + torch.where(flip.to(device)[:, None], size - 1 - r, r)
+    b = torch.arange(frames.size(0), device=device)[:, None, None, None]
+    t = torch.arange(frames.size(1), device=device)[None, :, None, None]
+    return frames[b, t, rows[:, None, :, None], cols[:, None, None, :]]
 
-    Frames become channels for Kornia, so its per-sample crop and flip move every frame of a clip alike."""
+
+class Augment:
+    """uint8 B x T x H x W -> float B x T x input_size x input_size, normalised; padded frames are 0.
+
+    Kornia's samplers draw each clip's crop box and flip (frames are its channels, so one draw covers a whole
+    clip); the pixels then move in one integer gather on the uint8 frames, which is exact and, on a CPU, several
+    times faster than Kornia's warp of float frames. Only the crop is converted to float."""
 
     def __init__(self, cfg: Config, train: bool):
         import kornia.augmentation as K
         self.cfg, self.train = cfg, train
-        crop = (cfg.crop_size, cfg.crop_size)
-        self.crop = K.RandomCrop(crop) if train and cfg.random_crop else K.CenterCrop(crop)
+        self.random_crop = K.RandomCrop((cfg.crop_size, cfg.crop_size)) if train and cfg.random_crop else None
         self.flip = K.RandomHorizontalFlip(p=cfg.hflip_prob) if train and cfg.hflip_prob > 0 else None
+
+    def crop_boxes(self, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top, left and flip of every clip: drawn when training, the center crop otherwise."""
+        batch, size = shape[0], self.cfg.crop_size
+        if self.random_crop is not None:
+            corner = self.random_crop.forward_parameters(shape)["src"][:, 0].long()  # B x (x, y)
+            top, left = corner[:, 1], corner[:, 0]
+        else:
+            top, left = torch.full((batch,), (shape[2] - size) // 2), torch.full((batch,), (shape[3] - size) // 2)
+        flip = torch.zeros(batch, dtype=torch.bool)
+        if self.flip is not None:
+            flip = self.flip.forward_parameters(shape)["batch_prob"].bool()
+        return top, left, flip
 
     def __call__(self, frames: torch.Tensor, lengths: torch.Tensor, min_lengths: torch.Tensor | None = None):
         cfg = self.cfg
@@ -811,19 +871,765 @@ class Augment:
             needed = min_lengths if min_lengths is not None else torch.ones_like(lengths)
             new_lengths = time_warp_lengths(lengths, needed, cfg.time_warp_max)
             frames, lengths = resample_frames(frames, lengths, new_lengths), new_lengths
-        x = self.crop(frames.float() / 255)
-        if self.flip is not None:
-            x = self.flip(x)
-        if self.train and cfg.time_mask:
+        top, left, flip = self.crop_boxes(frames.shape)
+        x = crop_and_flip(frames, top, left, cfg.crop_size, flip)
+        if self.train and cfg.time_mask:  # zeroed frames stay black, before normalisation, as in Auto-AVSR
             for b, length in enumerate(lengths.tolist()):
                 adaptive_time_mask(x[b], length, cfg.time_mask_window, cfg.time_mask_stride)
+        x = x.float() / 255
+        if cfg.input_size != cfg.crop_size:
+            x = F.interpolate(x, size=(cfg.input_size, cfg.input_size), mode="area")
         x = (x - cfg.mean) / cfg.std
         valid = torch.arange(x.shape[1], device=x.device)[None] < lengths.to(x.device)[:, None]
         return x * valid[..., None, None], lengths
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 5. Diagnostics: what the data looks like (seed 001's figures), as numbers and as a picture.
+# 5. Model: Auto-AVSR's video model under its own state_dict names (3D-conv + ResNet-18 frontend, Conformer
+#    encoder, Transformer decoder, CTC head), in three sizes, and the user's earlier CNN + BiLSTM baseline.
+# ---------------------------------------------------------------------------------------------------------
+
+PRESETS = {
+    "base": dict(d_model=768, n_heads=12, d_ff=3072, n_encoder_layers=12, n_decoder_layers=6,
+                 conv_kernel=31, frontend_channels=(64, 128, 256, 512)),
+    "small": dict(d_model=256, n_heads=4, d_ff=1024, n_encoder_layers=6, n_decoder_layers=3,
+                  conv_kernel=31, frontend_channels=(32, 64, 128, 256)),
+    "tiny": dict(d_model=64, n_heads=2, d_ff=256, n_encoder_layers=2, n_decoder_layers=1,
+                 conv_kernel=15, frontend_channels=(8, 16, 32, 64)),
+}
+
+
+def padding_mask(lengths, max_len):
+    """B x max_len, True at real frames/tokens."""
+    return torch.arange(max_len, device=lengths.device) < lengths[:, None]
+
+
+def causal_mask(size, device):
+    return torch.ones(size, size, dtype=torch.bool, device=device).tril()
+
+
+def sinusoids(positions, d):
+    """ESPnet's table: sin(pos * f_i) at even channels, cos(pos * f_i) at odd ones."""
+    freqs = torch.exp(torch.arange(0, d, 2, device=positions.device) * -(math.log(10000.0) / d))
+    angles = positions.float()[:, None] * freqs
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1)
+
+
+def layer_norm(d):
+    return nn.LayerNorm(d, eps=1e-12)
+
+
+# Frontend ---------------------------------------------------------------------------------------------------
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.downsample = None
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        residual = x if self.downsample is None else self.downsample(x)
+        out = F.silu(self.bn1(self.conv1(x)))
+        return F.silu(self.bn2(self.conv2(out)) + residual)
+
+
+def resnet_layer(c_in, c_out, stride):
+    return nn.Sequential(BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1))
+
+
+class ResNetTrunk(nn.Module):
+    """ResNet-18 on single frames, globally average-pooled to one vector per frame."""
+
+    def __init__(self, channels):
+        super().__init__()
+        c0, c1, c2, c3 = channels
+        self.layer1 = resnet_layer(c0, c0, 1)
+        self.layer2 = resnet_layer(c0, c1, 2)
+        self.layer3 = resnet_layer(c1, c2, 2)
+        self.layer4 = resnet_layer(c2, c3, 2)
+
+    def forward(self, x):
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return x.mean(dim=(2, 3))
+
+
+class VideoFrontend(nn.Module):
+    """B x T x 1 x H x W (or B x T x H x W) gray frames -> B x T x channels[-1]."""
+
+    def __init__(self, channels):
+        super().__init__()
+        c0 = channels[0]
+        self.trunk = ResNetTrunk(channels)  # registered first, as in auto_avsr's state_dict
+        self.frontend3D = nn.Sequential(
+            nn.Conv3d(1, c0, (5, 7, 7), (1, 2, 2), (2, 3, 3), bias=False),
+            nn.BatchNorm3d(c0),
+            nn.SiLU(),
+            nn.MaxPool3d((1, 3, 3), (1, 2, 2), (0, 1, 1)),
+        )
+
+    def forward(self, video):
+        if video.dim() == 4:
+            video = video.unsqueeze(2)
+        B, T = video.shape[:2]
+        x = self.frontend3D(video.transpose(1, 2))  # B x C x T x H' x W'
+        x = self.trunk(x.transpose(1, 2).flatten(0, 1))  # per frame
+        return x.view(B, T, -1)
+
+
+# Attention --------------------------------------------------------------------------------------------------
+
+class MultiHeadAttention(nn.Module):
+    """Masks are boolean, True where attending is allowed, broadcastable to B x heads x Tq x Tk."""
+
+    def __init__(self, d, n_heads, dropout):
+        super().__init__()
+        self.n_heads, self.d_head, self.dropout = n_heads, d // n_heads, dropout
+        self.linear_q = nn.Linear(d, d)
+        self.linear_k = nn.Linear(d, d)
+        self.linear_v = nn.Linear(d, d)
+        self.linear_out = nn.Linear(d, d)
+
+    def split_heads(self, x):  # B x T x d -> B x heads x T x d_head
+        return x.view(x.size(0), -1, self.n_heads, self.d_head).transpose(1, 2)
+
+    def attend(self, q, k, v, mask):
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        return self.linear_out(y.transpose(1, 2).flatten(2))
+
+    def project(self, query, key, value):
+        split = self.split_heads
+        return split(self.linear_q(query)), split(self.linear_k(key)), split(self.linear_v(value))
+
+    def forward(self, query, key, value, mask=None):
+        return self.attend(*self.project(query, key, value), mask)
+
+
+def relative_shift(scores):
+    """B x h x T x (2T-1) scores against positions T-1 .. -(T-1) -> B x h x T x T scores for offset i - j."""
+    T = scores.size(-2)
+    i = torch.arange(T, device=scores.device)
+    index = (T - 1) - i[:, None] + i[None, :]
+    return scores.gather(-1, index.expand(*scores.shape[:2], T, T))
+
+
+class RelPositionAttention(MultiHeadAttention):
+    """Transformer-XL self-attention, ESPnet's current variant: (q+u).k + (q+v).W_pos p(i-j)."""
+
+    def __init__(self, d, n_heads, dropout):
+        super().__init__(d, n_heads, dropout)
+        self.linear_pos = nn.Linear(d, d, bias=False)
+        self.pos_bias_u = nn.Parameter(torch.empty(n_heads, self.d_head))
+        self.pos_bias_v = nn.Parameter(torch.empty(n_heads, self.d_head))
+        nn.init.xavier_uniform_(self.pos_bias_u)
+        nn.init.xavier_uniform_(self.pos_bias_v)
+
+    def forward(self, x, pos_emb, mask):
+        q, k, v = self.project(x, x, x)
+        p = self.split_heads(self.linear_pos(pos_emb))
+        position_scores = (q + self.pos_bias_v[:, None]) @ p.transpose(-2, -1)
+        position_scores = relative_shift(position_scores) / math.sqrt(self.d_head)
+        position_scores = position_scores.masked_fill(~mask, float("-inf"))
+        return self.attend(q + self.pos_bias_u[:, None], k, v, position_scores)
+
+
+# Encoder ----------------------------------------------------------------------------------------------------
+
+class FeedForward(nn.Module):
+    def __init__(self, d, d_ff, dropout):
+        super().__init__()
+        self.w_1 = nn.Linear(d, d_ff)
+        self.w_2 = nn.Linear(d_ff, d)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.w_2(self.dropout(F.relu(self.w_1(x))))
+
+
+class ConvModule(nn.Module):
+    def __init__(self, d, kernel):
+        super().__init__()
+        self.pointwise_cov1 = nn.Conv1d(d, 2 * d, 1)
+        self.depthwise_conv = nn.Conv1d(d, d, kernel, padding=(kernel - 1) // 2, groups=d)
+        self.norm = nn.BatchNorm1d(d)
+        self.pointwise_cov2 = nn.Conv1d(d, d, 1)
+
+    def forward(self, x, mask):  # x: B x T x d, mask: B x T
+        x = F.glu(self.pointwise_cov1(x.transpose(1, 2)), dim=1)
+        x = x.masked_fill(~mask[:, None, :], 0.0)  # padded frames would leak into real ones through the kernel
+        x = F.silu(self.norm(self.depthwise_conv(x)))
+        return self.pointwise_cov2(x).transpose(1, 2)
+
+
+class ConformerBlock(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        d = cfg.d_model
+        self.self_attn = RelPositionAttention(d, cfg.n_heads, cfg.encoder_attn_dropout)
+        self.feed_forward = FeedForward(d, cfg.d_ff, cfg.dropout)
+        self.conv_module = ConvModule(d, cfg.conv_kernel)
+        self.norm_ff = layer_norm(d)
+        self.norm_mha = layer_norm(d)
+        self.feed_forward_macaron = FeedForward(d, cfg.d_ff, cfg.dropout)
+        self.norm_ff_macaron = layer_norm(d)
+        self.norm_conv = layer_norm(d)
+        self.norm_final = layer_norm(d)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, pos_emb, mask):
+        x = x + 0.5 * self.dropout(self.feed_forward_macaron(self.norm_ff_macaron(x)))
+        x = x + self.dropout(self.self_attn(self.norm_mha(x), pos_emb, mask[:, None, None, :]))
+        x = x + self.dropout(self.conv_module(self.norm_conv(x), mask))
+        x = x + 0.5 * self.dropout(self.feed_forward(self.norm_ff(x)))
+        return self.norm_final(x)
+
+
+class ConformerEncoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.encoders = nn.ModuleList(ConformerBlock(cfg) for _ in range(cfg.n_encoder_layers))
+        self.after_norm = layer_norm(cfg.d_model)
+
+    def forward(self, x, mask):  # x: B x T x d, mask: B x T
+        T, d = x.shape[1:]
+        offsets = torch.arange(T - 1, -T, -1, device=x.device)
+        pos_emb = self.dropout(sinusoids(offsets, d).to(x.dtype)[None])
+        x = self.dropout(x * math.sqrt(d))
+        for block in self.encoders:
+            x = block(x, pos_emb, mask)
+        return self.after_norm(x)
+
+
+# Decoder ----------------------------------------------------------------------------------------------------
+
+class PositionalEncoding(nn.Module):
+    def __init__(self, d, dropout):
+        super().__init__()
+        self.d = d
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        pe = sinusoids(torch.arange(x.size(1), device=x.device), self.d).to(x.dtype)
+        return self.dropout(x * math.sqrt(self.d) + pe)
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        d = cfg.d_model
+        self.self_attn = MultiHeadAttention(d, cfg.n_heads, cfg.dropout)
+        self.src_attn = MultiHeadAttention(d, cfg.n_heads, cfg.dropout)
+        self.feed_forward = FeedForward(d, cfg.d_ff, cfg.dropout)
+        self.norm1 = layer_norm(d)
+        self.norm2 = layer_norm(d)
+        self.norm3 = layer_norm(d)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, self_mask, memory, memory_mask, cache=None):
+        """With `cache` (this block's outputs for all but the last position) only the last position is computed."""
+        h = self.norm1(x)
+        if cache is not None:
+            x, self_mask = x[:, -1:], self_mask[-1:]
+        x = x + self.dropout(self.self_attn(h[:, -x.size(1):], h, h, self_mask))
+        x = x + self.dropout(self.src_attn(self.norm2(x), memory, memory, memory_mask))
+        x = x + self.dropout(self.feed_forward(self.norm3(x)))
+        return x if cache is None else torch.cat([cache, x], dim=1)
+
+
+class TransformerDecoder(nn.Module):
+    """Token ids must be valid everywhere; pad ys_in with eos as ESPnet does, targets with ignore_id."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        d = cfg.d_model
+        self.embed = nn.Sequential(nn.Embedding(cfg.vocab_size, d), PositionalEncoding(d, cfg.dropout))
+        self.decoders = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.n_decoder_layers))
+        self.after_norm = layer_norm(d)
+        self.output_layer = nn.Linear(d, cfg.vocab_size)
+
+    def forward(self, ys_in, memory, memory_mask=None):
+        """Teacher forcing: B x L tokens -> B x L x V logits. Padded tokens trail the real ones, so the
+        causal mask already keeps them out of every real position (ESPnet's target mask adds nothing)."""
+        self_mask = causal_mask(ys_in.size(1), ys_in.device)
+        memory_mask = None if memory_mask is None else memory_mask[:, None, None, :]
+        x = self.embed(ys_in)
+        for block in self.decoders:
+            x = block(x, self_mask, memory, memory_mask)
+        return self.output_layer(self.after_norm(x))
+
+    def forward_one_step(self, tokens, memory, memory_mask=None, cache=None):
+        """tokens B x L -> (B x V log-probs of the next token, cache). cache[i] holds block i's outputs
+        (B x L-1 x d) from the previous call, so only the newest position is computed."""
+        self_mask = causal_mask(tokens.size(1), tokens.device)
+        memory_mask = None if memory_mask is None else memory_mask[:, None, None, :]
+        x = self.embed(tokens)
+        new_cache = []
+        for i, block in enumerate(self.decoders):
+            x = block(x, self_mask, memory, memory_mask, None if cache is None else cache[i])
+            new_cache.append(x)
+        return self.output_layer(self.after_norm(x[:, -1])).log_softmax(-1), new_cache
+
+
+# Whole models -----------------------------------------------------------------------------------------------
+
+class CTCHead(nn.Module):
+    def __init__(self, d, vocab_size, dropout):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.ctc_lo = nn.Linear(d, vocab_size)
+
+    def forward(self, x):  # B x T x d -> B x T x V logits
+        return self.ctc_lo(self.dropout(x))
+
+
+class AVSRModel(nn.Module):
+    def __init__(self, cfg: SimpleNamespace):
+        super().__init__()
+        self.config = cfg
+        self.frontend = VideoFrontend(cfg.frontend_channels)
+        self.proj_encoder = nn.Linear(cfg.frontend_channels[-1], cfg.d_model)
+        self.encoder = ConformerEncoder(cfg)
+        self.decoder = TransformerDecoder(cfg)
+        self.ctc = CTCHead(cfg.d_model, cfg.vocab_size, cfg.dropout)
+
+    def encode(self, video, lengths):
+        """-> (B x T x d, B x T mask True at real frames); time is never subsampled."""
+        mask = padding_mask(lengths, video.size(1))
+        # the stem's temporal kernel reaches 2 frames past a clip's end: make them the zeros a lone clip sees
+        video = video * mask.view(*mask.shape, *[1] * (video.dim() - 2)).to(video.dtype)
+        x = self.proj_encoder(self.frontend(video))
+        return self.encoder(x, mask), mask
+
+    def forward(self, video, lengths, ys_in):
+        """-> (B x T x V CTC logits, B x L x V decoder logits)."""
+        enc, mask = self.encode(video, lengths)
+        return self.ctc(enc), self.decoder(ys_in, enc, mask)
+
+
+class BaselineModel(nn.Module):
+    """The earlier per-frame CNN + BiLSTM + CTC model, for 88x88 frames; CTC only (decoder is None)."""
+
+    decoder = None
+
+    def __init__(self, vocab_size, dropout=0.3):
+        super().__init__()
+        layers, c_in = [], 1
+        for c in (32, 64, 96, 128):
+            layers += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(), nn.MaxPool2d(2)]
+            c_in = c
+        self.cnn = nn.Sequential(*layers, nn.Flatten(), nn.Linear(128 * 5 * 5, 512), nn.ReLU(), nn.Dropout(dropout))
+        self.lstm = nn.LSTM(512, 256, num_layers=2, batch_first=True, bidirectional=True, dropout=dropout)
+        self.ctc = CTCHead(512, vocab_size, 0.0)
+
+    def encode(self, video, lengths):
+        """-> (B x T x 512, B x T mask True at real frames)."""
+        B, T = video.shape[:2]
+        x = self.cnn(video.reshape(B * T, 1, *video.shape[-2:])).view(B, T, -1)
+        # packing keeps the backward LSTM from starting in the padding
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        x, _ = nn.utils.rnn.pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=T)
+        return x, padding_mask(lengths, T)
+
+    def forward(self, video, lengths, ys_in=None):
+        """-> (B x T x V CTC logits, None)."""
+        return self.ctc(self.encode(video, lengths)[0]), None
+
+
+def model_dims(cfg: Config, vocab_size: int) -> SimpleNamespace:
+    if cfg.preset not in PRESETS:
+        raise UserError(f"--preset {cfg.preset!r} is not known; choose one of {', '.join(PRESETS)}.")
+    return SimpleNamespace(vocab_size=vocab_size, dropout=cfg.dropout, encoder_attn_dropout=0.0,
+                           **PRESETS[cfg.preset])
+
+
+def build_model(cfg: Config, vocab_size: int) -> nn.Module:
+    if cfg.arch == "conformer":
+        return AVSRModel(model_dims(cfg, vocab_size))
+    if cfg.arch == "baseline":
+        return BaselineModel(vocab_size)
+    raise UserError(f"--arch {cfg.arch!r} is not known; choose conformer or baseline.")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. Loss: Auto-AVSR's joint objective, w * CTC + (1 - w) * label-smoothed attention, both summed / batch.
+# ---------------------------------------------------------------------------------------------------------
+
+IGNORE = -1  # target padding, as in ESPnet
+
+
+def decoder_io(targets: list[list[int]], sos_eos: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher forcing: input [sos] + y padded with eos, output y + [eos] padded with IGNORE."""
+    longest = max(len(t) for t in targets) + 1
+    ys_in = torch.full((len(targets), longest), sos_eos, dtype=torch.long)
+    ys_out = torch.full((len(targets), longest), IGNORE, dtype=torch.long)
+    for b, t in enumerate(targets):
+        ys_in[b, 1:len(t) + 1] = torch.tensor(t, dtype=torch.long)
+        ys_out[b, :len(t) + 1] = torch.tensor(t + [sos_eos], dtype=torch.long)
+    return ys_in.to(device), ys_out.to(device)
+
+
+def ctc_loss(ctc_logits: torch.Tensor, lengths: torch.Tensor, targets: list[list[int]], blank: int):
+    log_probs = ctc_logits.float().log_softmax(-1).transpose(0, 1)
+    flat = torch.tensor([i for t in targets for i in t], dtype=torch.long)
+    target_lengths = torch.tensor([len(t) for t in targets], dtype=torch.long)
+    loss = F.ctc_loss(log_probs, flat, lengths.cpu(), target_lengths, blank=blank, reduction="sum",
+                      zero_infinity=True)
+    return loss / len(targets)
+
+
+def attention_loss(dec_logits: torch.Tensor, ys_out: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """KL divergence to a smoothed target (1 - s on the token, s / (V - 1) on every other), as ESPnet."""
+    log_probs = dec_logits.float().log_softmax(-1)
+    vocab_size = log_probs.size(-1)
+    keep = ys_out != IGNORE
+    target_lp = log_probs.gather(-1, ys_out.clamp(min=0)[..., None])[..., 0]
+    confidence, spread = 1.0 - smoothing, smoothing / (vocab_size - 1)
+    xlogx = lambda p: p * math.log(p) if p > 0 else 0.0
+    entropy_term = xlogx(confidence) + (vocab_size - 1) * xlogx(spread)
+    cross = confidence * target_lp + spread * (log_probs.sum(-1) - target_lp)
+    return ((entropy_term - cross) * keep).sum() / ys_out.size(0)
+
+
+def joint_loss(model: nn.Module, enc, mask, lengths, targets, vocab: Vocabulary, cfg: Config) -> dict:
+    """{'loss', 'ctc', 'att'} from the encoder's output; a CTC-only model (the baseline) has att = 0."""
+    ctc = ctc_loss(model.ctc(enc), lengths, targets, vocab.blank)
+    if model.decoder is None:
+        return {"loss": ctc, "ctc": ctc, "att": torch.zeros(())}
+    ys_in, ys_out = decoder_io(targets, vocab.sos_eos, enc.device)
+    att = attention_loss(model.decoder(ys_in, enc, mask), ys_out, cfg.label_smoothing)
+    return {"loss": cfg.ctc_weight * ctc + (1 - cfg.ctc_weight) * att, "ctc": ctc, "att": att}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 7. Decoding and scoring: greedy CTC and greedy attention over a whole batch; CER, WER, per-clip CER.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def greedy_ctc(ctc_logits: torch.Tensor, lengths: torch.Tensor, blank: int) -> list[list[int]]:
+    best = ctc_logits.argmax(-1).cpu()
+    out = []
+    for b, n in enumerate(lengths.tolist()):
+        path = best[b, :n].tolist()
+        out.append([t for i, t in enumerate(path) if t != blank and (i == 0 or t != path[i - 1])])
+    return out
+
+
+@torch.no_grad()
+def greedy_attention(model: nn.Module, enc, mask, lengths, sos_eos: int) -> list[list[int]]:
+    """The decoder's best next token, step by step for all clips at once, up to one token a frame."""
+    tokens = torch.full((enc.size(0), 1), sos_eos, dtype=torch.long, device=enc.device)
+    done = torch.zeros(enc.size(0), dtype=torch.bool, device=enc.device)
+    cache = None
+    for _ in range(int(lengths.max())):
+        log_probs, cache = model.decoder.forward_one_step(tokens, enc, mask, cache)
+        token = log_probs.argmax(-1).masked_fill(done, sos_eos)
+        tokens = torch.cat([tokens, token[:, None]], 1)
+        done |= token == sos_eos
+        if done.all():
+            break
+    out = []
+    for row, n in zip(tokens[:, 1:].tolist(), lengths.tolist()):
+        out.append((row[:row.index(sos_eos)] if sos_eos in row else row)[:n])
+    return out
+
+
+def words_of(ids: list[int], vocab: Vocabulary) -> list[tuple[int, ...]]:
+    words, current = [], []
+    for i in ids + [vocab.space]:
+        if i == vocab.space:
+            if current:
+                words.append(tuple(current))
+            current = []
+        else:
+            current.append(i)
+    return words
+
+
+def error_rates(refs: list[list[int]], hyps: list[list[int]], vocab: Vocabulary) -> dict:
+    """CER over units without word boundaries (the user's count), WER over words, and the mean per-clip CER
+    (the published 23.49% is one)."""
+    import editdistance
+    units = lambda ids: [i for i in ids if i != vocab.space]
+    unit_errors = [editdistance.eval(units(r), units(h)) for r, h in zip(refs, hyps)]
+    unit_counts = [max(len(units(r)), 1) for r in refs]
+    word_errors = sum(editdistance.eval(words_of(r, vocab), words_of(h, vocab)) for r, h in zip(refs, hyps))
+    word_counts = sum(len(words_of(r, vocab)) for r in refs)
+    return {"cer": sum(unit_errors) / max(sum(unit_counts), 1), "wer": word_errors / max(word_counts, 1),
+            "cer_mean_per_clip": float(np.mean([e / n for e, n in zip(unit_errors, unit_counts)])) if refs else 0.0,
+            "n": len(refs)}
+
+
+def eval_batches(ds: Dataset, index: list[int], cfg: Config) -> list[list[int]]:
+    return frame_budget_batches([ds.samples[i].frames for i in index], cfg.max_frames, random.Random(0))
+
+
+@torch.no_grad()
+def evaluate(model, ds: Dataset, index: list[int], vocab: Vocabulary, cfg: Config, device) -> dict:
+    """Loss and error rates on clips seen without augmentation; hypotheses by greedy CTC and attention."""
+    model.eval()
+    augment = Augment(cfg, train=False)
+    totals, seen, refs, hyp_ctc, hyp_att, order = Counter(), 0, [], [], [], []
+    for batch in eval_batches(ds, index, cfg):
+        chosen = [index[i] for i in batch]
+        frames, lengths = ds.bank.batch(chosen)
+        x, lengths = augment(frames.to(device), lengths)
+        targets = [ds.samples[i].ids for i in chosen]
+        with autocast(device, cfg):
+            enc, mask = model.encode(x, lengths.to(device))
+            parts = joint_loss(model, enc, mask, lengths.to(device), targets, vocab, cfg)
+            ctc_logits = model.ctc(enc)
+        for k, v in parts.items():
+            totals[k] += v.item() * len(chosen)
+        seen += len(chosen)
+        refs += targets
+        order += chosen
+        hyp_ctc += greedy_ctc(ctc_logits.float(), lengths, vocab.blank)
+        if model.decoder is not None:
+            with autocast(device, cfg):
+                hyp_att += greedy_attention(model, enc, mask, lengths.to(device), vocab.sos_eos)
+    result = {k: v / max(seen, 1) for k, v in totals.items()}
+    result["ctc"] = error_rates(refs, hyp_ctc, vocab)
+    result["att"] = error_rates(refs, hyp_att, vocab) if hyp_att else None
+    result["rows"] = (order, refs, hyp_att or hyp_ctc)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 8. Training: AdamW + WarmupCosine per optimizer step, mixed precision by GPU, checkpoints that resume
+#    exactly, a time budget, and one log line, one metrics row and one redrawn plot per epoch.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def amp_dtype(device: torch.device, cfg: Config):
+    """bf16 where the GPU has it (compute capability 8+), fp16 where not (T4, P100), none on CPU."""
+    if cfg.amp == "off" or device.type != "cuda":
+        return None
+    major, _ = torch.cuda.get_device_capability(device)
+    return torch.bfloat16 if major >= 8 else torch.float16
+
+
+def autocast(device: torch.device, cfg: Config):
+    dtype = amp_dtype(device, cfg)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """Auto-AVSR's WarmupCosineScheduler factor for optimizer step `step` (counted from 1)."""
+    if step < warmup:
+        return step / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(step - warmup, total - warmup) / max(total - warmup, 1)))
+
+
+def make_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                                  weight_decay=cfg.weight_decay)
+    warmup = max(int(cfg.warmup_epochs * steps_per_epoch), 1)
+    total = max(cfg.epochs * steps_per_epoch, warmup + 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: warmup_cosine(k + 1, warmup, total))
+    return optimizer, scheduler
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+MODEL_SETTINGS = ("arch", "preset", "units", "word_boundary")
+SPLIT_SETTINGS = ("split_seed", "val_fraction", "test_fraction", "split_lists", "frame_size", "crop_size",
+                  "input_size", "mean", "std")
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, epoch: int, history: list, cfg: Config,
+                    vocab: Vocabulary) -> None:
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
+             "epoch": epoch, "history": history, "config": dataclasses.asdict(cfg), "vocab": vocab.to_json()}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: Path) -> dict:
+    if not Path(path).exists():
+        raise UserError(f"No checkpoint at {path}: train first (--mode train), or name one with --checkpoint.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a file cut short or of another kind; torch raises many types here
+        raise UserError(f"Cannot read the checkpoint {path} ({type(e).__name__}: {e}). It may be incomplete; "
+                        "use the other checkpoint in that folder (last.pt / best.pt).") from e
+
+
+def check_compatible(state: dict, cfg: Config, vocab: Vocabulary, path: Path) -> None:
+    """Refuse a checkpoint whose vocabulary or architecture differs, saying which."""
+    saved = state["config"]
+    diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r}" for k in MODEL_SETTINGS
+             if saved.get(k) != getattr(cfg, k)]
+    if diffs:
+        raise UserError(f"The checkpoint {path} was trained with other settings ({'; '.join(diffs)}). "
+                        "Use the same flags, or another --work-dir to start afresh.")
+    if state["vocab"] != vocab.to_json():
+        raise UserError(f"The checkpoint {path} was trained with another vocabulary ({len(state['vocab']['units'])} "
+                        f"units, now {len(vocab.ids)}). Pass the --vocab it was trained with.")
+
+
+def model_from_checkpoint(path: Path, cfg: Config, device) -> tuple[nn.Module, Vocabulary, Config]:
+    """The model, vocabulary and settings a checkpoint was trained with; flags given now win for decoding."""
+    state = load_checkpoint(path)
+    saved = Config(**{k: v for k, v in state["config"].items() if k in {f.name for f in dataclasses.fields(Config)}})
+    model_cfg = dataclasses.replace(cfg, **{k: getattr(saved, k) for k in MODEL_SETTINGS + SPLIT_SETTINGS + ("dropout",)})
+    vocab = Vocabulary(state["vocab"]["units"], state["vocab"]["specials"], state["vocab"].get("letters_only", False))
+    model = build_model(model_cfg, vocab.size)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), vocab, model_cfg
+
+
+def training_batch(ds: Dataset, chosen: list[int], augment: Augment, device) -> tuple:
+    """Frames from memory, augmented on the device: (x, lengths, targets)."""
+    targets = [ds.samples[i].ids for i in chosen]
+    frames, lengths = ds.bank.batch(chosen)
+    needed = torch.tensor([frames_needed(t) for t in targets])
+    x, lengths = augment(frames.to(device, non_blocking=True), lengths, needed)
+    return x, lengths.to(device), targets
+
+
+def backward_pass(model, x, lengths, targets, vocab, cfg: Config, device, scaler) -> dict:
+    with autocast(device, cfg):
+        parts = joint_loss(model, *model.encode(x, lengths), lengths, targets, vocab, cfg)
+    scaler.scale(parts["loss"] / cfg.accum_steps).backward()
+    return parts
+
+
+def optimizer_step(model, optimizer, scheduler, scaler, cfg: Config) -> None:
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+
+
+def train_epoch(model, ds: Dataset, vocab, cfg: Config, device, optimizer, scheduler, scaler, epoch: int) -> dict:
+    model.train()
+    augment = Augment(cfg, train=True)
+    train_index = ds.subset("train")
+    batches = frame_budget_batches([ds.samples[i].frames for i in train_index], cfg.max_frames,
+                                   random.Random(cfg.seed * 1000 + epoch))
+    totals, seen = Counter(), 0
+    optimizer.zero_grad(set_to_none=True)
+    for n, batch in enumerate(progress(batches, f"epoch {epoch}"), 1):
+        chosen = [train_index[i] for i in batch]
+        x, lengths, targets = training_batch(ds, chosen, augment, device)
+        parts = backward_pass(model, x, lengths, targets, vocab, cfg, device, scaler)
+        if n % cfg.accum_steps == 0 or n == len(batches):
+            optimizer_step(model, optimizer, scheduler, scaler, cfg)
+        for k, v in parts.items():
+            totals[k] += v.item() * len(chosen)
+        seen += len(chosen)
+    return {k: v / max(seen, 1) for k, v in totals.items()} | {"clips": seen}
+
+
+def steps_per_epoch(ds: Dataset, cfg: Config) -> int:
+    n_batches = len(frame_budget_batches([ds.samples[i].frames for i in ds.subset("train")], cfg.max_frames,
+                                         random.Random(0)))
+    return math.ceil(n_batches / cfg.accum_steps)
+
+
+def epoch_row(epoch, train, val, lr, seconds) -> dict:
+    att = (val or {}).get("att") or {}
+    ctc = (val or {}).get("ctc") or {}
+    return {"epoch": epoch, "train_loss": train["loss"], "train_ctc": train["ctc"], "train_att": train["att"],
+            "val_loss": (val or {}).get("loss"), "val_cer_ctc": ctc.get("cer"), "val_cer_att": att.get("cer"),
+            "val_wer": (att or ctc).get("wer"), "val_cer_mean_per_clip": (att or ctc).get("cer_mean_per_clip"),
+            "lr": lr, "epoch_s": seconds, "clips_per_s": train["clips"] / max(seconds, 1e-9)}
+
+
+def fmt(v, spec=".3f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def log_epoch(row: dict) -> None:
+    print(f"epoch {row['epoch']:3d} | train loss {fmt(row['train_loss'])} (ctc {fmt(row['train_ctc'])}, "
+          f"att {fmt(row['train_att'])}) | val loss {fmt(row['val_loss'])} | val CER ctc {fmt(row['val_cer_ctc'])} "
+          f"att {fmt(row['val_cer_att'])} WER {fmt(row['val_wer'])} | lr {row['lr']:.2e} | "
+          f"{row['epoch_s']:.0f}s {row['clips_per_s']:.1f} clips/s", flush=True)
+
+
+def write_metrics(history: list[dict], work: Path) -> None:
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(history[0]))
+            writer.writeheader()
+            writer.writerows(history)
+    atomic_write(work / "metrics.csv", write)
+    plot_curves(history, work / "curves.png")
+
+
+def selection_cer(row: dict) -> float:
+    value = row["val_cer_att"] if row["val_cer_att"] is not None else row["val_cer_ctc"]
+    return math.inf if value is None else value
+
+
+def train(cfg: Config) -> dict:
+    device = pick_device(cfg.device)
+    vocab = load_vocabulary(cfg)
+    ds = load_dataset(cfg, vocab, device)
+    if not ds.subset("train"):
+        raise UserError("The training split is empty: add clips, or change --val-fraction / --test-fraction.")
+    model = build_model(cfg, vocab.size).to(device)
+    optimizer, scheduler = make_optimizer(model, cfg, steps_per_epoch(ds, cfg))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device, cfg) == torch.float16)
+    work, ckpt_dir = Path(cfg.work_dir), Path(cfg.work_dir) / "checkpoints"
+    history, start = [], 1
+    if cfg.resume:
+        state = load_checkpoint(ckpt_dir / "last.pt")
+        check_compatible(state, cfg, vocab, ckpt_dir / "last.pt")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        history, start = state["history"], state["epoch"] + 1
+        print(f"Resumed from {ckpt_dir / 'last.pt'} after epoch {state['epoch']}")
+    print(f"{cfg.arch}/{cfg.preset}: {sum(p.numel() for p in model.parameters()):,} parameters on {device}; "
+          f"{len(ds.subset('train'))} train / {len(ds.subset('val'))} val / {len(ds.subset('test'))} test clips")
+    began, slowest = time.time(), 0.0
+    for epoch in range(start, cfg.epochs + 1):
+        if cfg.time_budget and (time.time() - began + 1.2 * slowest) / 60 > cfg.time_budget:
+            print(f"Stopping before epoch {epoch}: the next one would overrun --time-budget {cfg.time_budget} min. "
+                  f"Continue with --resume.")
+            break
+        t0 = time.time()
+        train_stats = train_epoch(model, ds, vocab, cfg, device, optimizer, scheduler, scaler, epoch)
+        val = evaluate(model, ds, ds.subset("val"), vocab, cfg, device) if ds.subset("val") else None
+        seconds = time.time() - t0
+        slowest = max(slowest, seconds)
+        row = epoch_row(epoch, train_stats, val, optimizer.param_groups[0]["lr"], seconds)
+        history.append(row)
+        log_epoch(row)
+        write_metrics(history, work)
+        if selection_cer(row) <= min(selection_cer(r) for r in history):
+            save_checkpoint(ckpt_dir / "best.pt", model, optimizer, scheduler, scaler, epoch, history, cfg, vocab)
+        save_checkpoint(ckpt_dir / "last.pt", model, optimizer, scheduler, scaler, epoch, history, cfg, vocab)
+    return {"history": history, "model": model, "vocab": vocab, "dataset": ds}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 9. Diagnostics: what the data looks like (seed 001's figures) and how training went, as numbers and plots.
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -871,6 +1677,30 @@ def plot_stats(stats: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_curves(history: list[dict], path: Path) -> None:
+    """Loss, error rates and learning rate per epoch, train beside validation."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    epochs = [r["epoch"] for r in history]
+    series = lambda key: [np.nan if r.get(key) is None else r[key] for r in history]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for key, label in (("train_loss", "train"), ("val_loss", "val")):
+        axes[0].plot(epochs, series(key), marker=".", label=label)
+    for key, label in (("val_cer_ctc", "val CER, greedy CTC"), ("val_cer_att", "val CER, attention"),
+                       ("val_wer", "val WER")):
+        axes[1].plot(epochs, series(key), marker=".", label=label)
+    axes[2].plot(epochs, series("lr"), marker=".")
+    for ax, title in zip(axes, ("loss", "error rate", "learning rate (end of epoch)")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        if ax is not axes[2]:
+            ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
 def print_stats(stats: dict) -> None:
     f, u = stats["frames"], stats["label_units"]
     print(f"clips {stats['clips']}  (train/val/test {'/'.join(str(n) for n in stats['splits'].values())})")
@@ -884,7 +1714,7 @@ def print_stats(stats: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 6. CLI: flags from the Config fields, one function per mode, and the entry point.
+# 10. CLI: flags from the Config fields, one function per mode, and the entry point.
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -961,7 +1791,83 @@ def run_synth(cfg: Config) -> Path:
     return write_synthetic_dataset(cfg, load_vocabulary(cfg))
 
 
-MODES = {"stats": run_stats, "vocab": run_vocab, "synth": run_synth}
+def run_train(cfg: Config) -> dict:
+    """Train, then score the best checkpoint on the test split."""
+    result = train(cfg)
+    best = Path(cfg.work_dir) / "checkpoints" / "best.pt"
+    if result["dataset"].subset("test") and best.exists():
+        result["test"] = run_test(dataclasses.replace(cfg, checkpoint=str(best), split="test"), result["dataset"])
+    return result
+
+
+def checkpoint_path(cfg: Config) -> Path:
+    return Path(cfg.checkpoint) if cfg.checkpoint else Path(cfg.work_dir) / "checkpoints" / "best.pt"
+
+
+def run_test(cfg: Config, ds: Dataset | None = None) -> dict:
+    """Score a checkpoint on a split: predictions.csv, test_metrics.json, and `CER=... WER=... n=...` last."""
+    device = pick_device(cfg.device)
+    model, vocab, model_cfg = model_from_checkpoint(checkpoint_path(cfg), cfg, device)
+    ds = ds or load_dataset(model_cfg, vocab, device)
+    index = list(range(len(ds.samples))) if cfg.split == "all" else ds.subset(cfg.split)
+    if not index:
+        raise UserError(f"The {cfg.split} split has no clips; choose another with --split (train, val, test, all).")
+    result = evaluate(model, ds, index, vocab, model_cfg, device)
+    scores = result["att"] or result["ctc"]
+    order, refs, hyps = result["rows"]
+    work = Path(cfg.work_dir)
+
+    def write_predictions(tmp):
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["id", "reference", "hypothesis", "cer"])
+            for i, ref, hyp in zip(order, refs, hyps):
+                writer.writerow([ds.samples[i].stem, vocab.decode(ref), vocab.decode(hyp),
+                                 round(error_rates([ref], [hyp], vocab)["cer"], 4)])
+    atomic_write(work / "predictions.csv", write_predictions)
+    decoding = {"decoder": "attention" if result["att"] else "ctc", "search": "greedy"}
+    metrics = {**{k: scores[k] for k in ("cer", "wer", "cer_mean_per_clip", "n")}, "split": cfg.split,
+               "checkpoint": str(checkpoint_path(cfg)), "decoding": decoding,
+               "cer_greedy_ctc": result["ctc"]["cer"]}
+    write_json(work / "test_metrics.json", metrics)
+    print(f"CER={metrics['cer']:.4f} WER={metrics['wer']:.4f} n={metrics['n']}")
+    return metrics
+
+
+def run_decode(cfg: Config) -> list[tuple[str, str]]:
+    """One hypothesis per clip of --input (a clip or a folder), printed as `name<TAB>text`."""
+    device = pick_device(cfg.device)
+    model, vocab, model_cfg = model_from_checkpoint(checkpoint_path(cfg), cfg, device)
+    source = Path(cfg.input)
+    if not cfg.input or not source.exists():
+        raise UserError(f"--mode decode needs --input, a clip or a folder of clips ({cfg.input!r} not found).")
+    paths = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.suffix.lower() in VIDEO_EXTS)
+    out = []
+    for path in paths:
+        try:
+            frames = read_video(path)
+        except ValueError as e:
+            print(f"Skipped {path}: {e}", file=sys.stderr)
+            continue
+        if frames.shape[1:] != (model_cfg.frame_size, model_cfg.frame_size):
+            print(f"Skipped {path}: frames are {frames.shape[2]} x {frames.shape[1]}, the model wants "
+                  f"{model_cfg.frame_size} x {model_cfg.frame_size} mouth crops.", file=sys.stderr)
+            continue
+        x, lengths = Augment(model_cfg, train=False)(torch.from_numpy(frames)[None].to(device),
+                                                      torch.tensor([len(frames)]))
+        with torch.no_grad(), autocast(device, model_cfg):
+            enc, mask = model.encode(x, lengths.to(device))
+            if model.decoder is not None and cfg.decoder == "attention":
+                hyp = greedy_attention(model, enc, mask, lengths.to(device), vocab.sos_eos)[0]
+            else:
+                hyp = greedy_ctc(model.ctc(enc).float(), lengths, vocab.blank)[0]
+        out.append((path.stem, vocab.decode(hyp)))
+        print(f"{path.stem}\t{out[-1][1]}", flush=True)
+    return out
+
+
+MODES = {"train": run_train, "test": run_test, "decode": run_decode, "stats": run_stats, "vocab": run_vocab,
+         "synth": run_synth}
 
 
 def in_notebook() -> bool:

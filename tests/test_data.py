@@ -212,8 +212,11 @@ def test_synthetic_mouths_follow_visemes_and_blend_between_units():
     style = m.speaker_style(np.random.default_rng(0))
     track = lambda text: m.shape_track(m.split_units(text), 30, style, np.random.default_rng(1))
     ba, ma, bu = "\u0628\u064e", "\u0645\u064e", "\u0628\u064f"
-    assert np.array_equal(track(ba), track(ma))  # b and m look the same on the lips
-    assert not np.allclose(track(ba), track(bu))  # the vowel changes the shape
+    same_class = np.abs(track(ba) - track(ma)).max()  # b and m: closed lips, alike but not identical
+    other_vowel = np.abs(track(ba) - track(bu)).max()  # the vowel changes opening and rounding
+    assert 0 < same_class <= 2 * m.LETTER_OFFSET and other_vowel > 3 * same_class
     # coarticulation: the same unit looks different next to different neighbours, so no per-frame lookup
     wa, yi = "\u0648\u064f", "\u064a\u0650"
-    assert not np.allclose(track(wa + ba + wa)[15], track(yi + ba + yi)[15])
+    rounded, spread = track(wa + ba + wa), track(yi + ba + yi)
+    closure = 8 + int(rounded[8:22, 0].argmin())  # the frame where the lips close for b
+    assert not np.allclose(rounded[closure], spread[closure], atol=0.02)

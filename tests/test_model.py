@@ -1,0 +1,121 @@
+"""Section 5: Auto-AVSR's state_dict names and shapes, presets, padding invariance, incremental decoding."""
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import m
+
+PRESETS, padding_mask, relative_shift = m.PRESETS, m.padding_mask, m.relative_shift
+REFERENCE = Path(__file__).with_name("auto_avsr_video_state_dict.tsv")  # copied from ../shared/reference
+VOCAB_ROWS = {"decoder.embed.0.weight", "decoder.output_layer.weight", "decoder.output_layer.bias",
+              "ctc.ctc_lo.weight", "ctc.ctc_lo.bias"}
+
+
+def reference_shapes():
+    rows = [line.split("\t") for line in REFERENCE.read_text().splitlines() if not line.startswith("#")]
+    return {key: tuple(int(n) for n in re.findall(r"\d+", shape)) for key, shape, _ in rows}
+
+
+def build_model(arch, vocab_size, preset="tiny"):
+    return m.build_model(m.Config(arch=arch, preset=preset), vocab_size)
+
+
+def meta_model(preset, vocab_size):
+    with torch.device("meta"):
+        return build_model("conformer", vocab_size, preset)
+
+
+def shapes(model):
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def tiny(vocab_size=40):
+    torch.manual_seed(0)
+    return build_model("conformer", vocab_size).eval()
+
+
+def test_base_matches_auto_avsr_state_dict():
+    ref = reference_shapes()
+    assert len(ref) == 767
+    assert shapes(meta_model("base", 5049)) == ref
+    mine = shapes(meta_model("base", 123))
+    assert mine.keys() == ref.keys()
+    for key in ref:
+        expected = tuple(123 if n == 5049 else n for n in ref[key]) if key in VOCAB_ROWS else ref[key]
+        assert mine[key] == expected, key
+
+
+def test_base_parameter_count():
+    assert sum(p.numel() for p in meta_model("base", 5049).parameters()) == 250_383_410
+
+
+@pytest.mark.parametrize("preset", ["small", "tiny"])
+def test_presets_share_base_key_names(preset):
+    def key_names(model):
+        return {re.sub(r"(encoders|decoders)\.\d+\.", r"\1.N.", k) for k in model.state_dict()}
+    assert key_names(meta_model(preset, 50)) == key_names(meta_model("base", 50))
+
+
+def test_relative_shift_indexes_offset_i_minus_j():
+    T = 5
+    positions = torch.arange(T - 1, -T, -1).float()  # column k of the scores is position T-1-k
+    out = relative_shift(positions.expand(2, 3, T, 2 * T - 1))
+    i = torch.arange(T)
+    assert torch.equal(out, (i[:, None] - i[None, :]).float().expand(2, 3, T, T))
+
+
+def test_tiny_forward_shapes():
+    model = tiny()
+    video, lengths = torch.randn(2, 12, 1, 88, 88), torch.tensor([12, 9])
+    ys_in = torch.randint(0, 40, (2, 6))
+    ctc_logits, dec_logits = model(video, lengths, ys_in)
+    assert ctc_logits.shape == (2, 12, 40) and dec_logits.shape == (2, 6, 40)
+    enc, mask = model.encode(video.squeeze(2), lengths)  # B x T x H x W works too
+    assert enc.shape == (2, 12, 64) and mask.tolist()[1] == [True] * 9 + [False] * 3
+
+
+def test_tiny_trains_one_step():
+    model = tiny().train()
+    ctc_logits, dec_logits = model(torch.randn(2, 6, 1, 88, 88), torch.tensor([6, 4]), torch.randint(0, 40, (2, 3)))
+    (ctc_logits.mean() + dec_logits.mean()).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_baseline_forward_shapes():
+    model = build_model("baseline", 30).eval()
+    ctc_logits, dec_logits = model(torch.randn(2, 10, 1, 88, 88), torch.tensor([10, 7]))
+    assert ctc_logits.shape == (2, 10, 30) and dec_logits is None and model.decoder is None
+
+
+@pytest.mark.parametrize("arch", ["conformer", "baseline"])
+def test_clip_alone_equals_clip_in_padded_batch(arch):
+    torch.manual_seed(0)
+    model = tiny() if arch == "conformer" else build_model("baseline", 40).eval()
+    clip, other = torch.randn(1, 7, 1, 88, 88), torch.randn(1, 11, 1, 88, 88)
+    batch = torch.cat([torch.cat([clip, torch.randn(1, 4, 1, 88, 88)], dim=1), other])  # padding is noise
+    lengths = torch.tensor([7, 11])
+    ys_in = torch.randint(0, 40, (2, 5))
+    with torch.no_grad():
+        enc_alone, _ = model.encode(clip, torch.tensor([7]))
+        enc_batch, _ = model.encode(batch, lengths)
+        assert torch.allclose(enc_alone[0], enc_batch[0, :7], atol=1e-5)
+        if arch == "conformer":
+            ctc_alone, dec_alone = model(clip, torch.tensor([7]), ys_in[:1])
+            ctc_batch, dec_batch = model(batch, lengths, ys_in)
+            assert torch.allclose(ctc_alone[0], ctc_batch[0, :7], atol=1e-5)
+            assert torch.allclose(dec_alone[0], dec_batch[0], atol=1e-5)
+
+
+def test_incremental_decoding_equals_full_recomputation():
+    decoder = tiny().decoder
+    memory, memory_mask = torch.randn(3, 10, 64), padding_mask(torch.tensor([10, 6, 8]), 10)
+    tokens = torch.randint(0, 40, (3, 7))
+    with torch.no_grad():
+        full = decoder(tokens, memory, memory_mask).log_softmax(-1)
+        cache = None
+        for i in range(1, tokens.size(1) + 1):
+            log_probs, cache = decoder.forward_one_step(tokens[:, :i], memory, memory_mask, cache)
+            assert [c.shape for c in cache] == [(3, i, 64)]
+            assert torch.allclose(log_probs, full[:, i - 1], atol=1e-5)

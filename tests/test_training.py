@@ -1,0 +1,124 @@
+"""Section 8: schedule, mixed-precision choice, checkpoints, exact resume (after SIGKILL too), time budget,
+and the outputs of train, test and decode."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, m
+
+FAST = ["--preset", "tiny", "--input-size", "44", "--synthetic-clips", "48", "--max-frames", "400",
+        "--warmup-epochs", "1"]
+
+
+def fast_cfg(work, **changes):
+    return m.dataclasses.replace(m.parse_config(FAST + ["--work-dir", str(work)]), **changes)
+
+
+def test_warmup_cosine_rises_linearly_then_falls_to_zero():
+    assert [m.warmup_cosine(s, 4, 12) for s in (1, 2, 4)] == [0.25, 0.5, 1.0]
+    assert m.warmup_cosine(8, 4, 12) == pytest.approx(0.5)
+    assert m.warmup_cosine(12, 4, 12) == pytest.approx(0.0)
+    values = [m.warmup_cosine(s, 4, 12) for s in range(4, 13)]
+    assert values == sorted(values, reverse=True)
+
+
+@pytest.mark.parametrize("capability, expected", [((6, 0), torch.float16), ((7, 5), torch.float16),
+                                                  ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_mixed_precision_follows_the_gpu(monkeypatch, capability, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert m.amp_dtype(torch.device("cuda"), m.Config()) is expected
+    assert m.amp_dtype(torch.device("cuda"), m.Config(amp="off")) is None
+    assert m.amp_dtype(torch.device("cpu"), m.Config()) is None
+
+
+def test_training_writes_log_lines_metrics_curves_and_checkpoints(tmp_path, capsys):
+    cfg = fast_cfg(tmp_path / "w", epochs=2)
+    result = m.run_train(cfg)
+    out = capsys.readouterr().out
+    epoch_lines = [line for line in out.splitlines() if line.startswith("epoch")]
+    assert len(epoch_lines) == 2 and all("val CER ctc" in line and "clips/s" in line for line in epoch_lines)
+    assert out.strip().splitlines()[-1].startswith("CER=")
+    rows = list(csv.DictReader(open(tmp_path / "w" / "metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert float(rows[0]["train_loss"]) == pytest.approx(result["history"][0]["train_loss"])
+    assert (tmp_path / "w" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    state = torch.load(tmp_path / "w" / "checkpoints" / "last.pt", weights_only=False)
+    assert {"model", "optimizer", "scheduler", "scaler", "rng", "epoch", "history", "config", "vocab"} <= set(state)
+    assert state["epoch"] == 2 and state["config"]["preset"] == "tiny"
+    assert (tmp_path / "w" / "checkpoints" / "best.pt").exists()
+    metrics = json.loads((tmp_path / "w" / "test_metrics.json").read_text())
+    assert {"cer", "wer", "cer_mean_per_clip", "n", "decoding"} <= set(metrics) and metrics["n"] > 0
+
+
+def run_script(args, **kwargs):
+    return subprocess.Popen([sys.executable, str(ROOT / "master_all_avsr.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def history_without_timings(work: Path) -> list[dict]:
+    state = torch.load(work / "checkpoints" / "last.pt", weights_only=False)
+    return [{k: v for k, v in row.items() if k not in ("epoch_s", "clips_per_s")} for row in state["history"]]
+
+
+def test_resume_after_sigkill_ends_where_the_uninterrupted_run_ends(tmp_path):
+    args = FAST + ["--epochs", "4", "--mode", "train"]
+    whole = run_script(args + ["--work-dir", str(tmp_path / "whole")])
+    assert whole.wait(timeout=600) == 0, whole.stdout.read()
+
+    killed_dir = tmp_path / "killed"
+    killed = run_script(args + ["--work-dir", str(killed_dir)])
+    last = killed_dir / "checkpoints" / "last.pt"
+    while not last.exists() and killed.poll() is None:
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert torch.load(last, weights_only=False)["epoch"] < 4  # really cut short
+    resumed = run_script(args + ["--work-dir", str(killed_dir), "--resume"])
+    output = resumed.stdout.read()
+    assert resumed.wait(timeout=600) == 0, output
+    assert "Resumed from" in output
+    assert history_without_timings(killed_dir) == history_without_timings(tmp_path / "whole")
+    a = torch.load(killed_dir / "checkpoints" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "whole" / "checkpoints" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise on CPU
+
+
+def test_a_checkpoint_from_another_architecture_or_vocabulary_is_refused(tmp_path):
+    m.train(fast_cfg(tmp_path / "w", epochs=1))
+    with pytest.raises(m.UserError, match="preset: checkpoint 'tiny', now 'small'"):
+        m.train(fast_cfg(tmp_path / "w", epochs=2, resume=True, preset="small"))
+    vocab = m.Vocabulary.seed().with_units(["x"])
+    vocab.save(tmp_path / "v.json")
+    with pytest.raises(m.UserError, match="another vocabulary"):
+        m.train(fast_cfg(tmp_path / "w", epochs=2, resume=True, vocab=str(tmp_path / "v.json")))
+
+
+def test_time_budget_stops_cleanly_with_a_checkpoint(tmp_path, capsys):
+    result = m.train(fast_cfg(tmp_path / "w", epochs=50, time_budget=0.001))
+    assert len(result["history"]) == 1
+    assert "--time-budget" in capsys.readouterr().out
+    assert torch.load(tmp_path / "w" / "checkpoints" / "last.pt", weights_only=False)["epoch"] == 1
+
+
+def test_test_and_decode_modes_use_the_checkpoint(tmp_path, capsys):
+    work = tmp_path / "w"
+    m.train(fast_cfg(work, epochs=1))
+    metrics = m.run_test(fast_cfg(work, split="all"))
+    rows = list(csv.DictReader(open(work / "predictions.csv", encoding="utf-8")))
+    assert len(rows) == metrics["n"] == 48 and set(rows[0]) == {"id", "reference", "hypothesis", "cer"}
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"CER={metrics['cer']:.4f} WER={metrics['wer']:.4f} n=48")
+    clips = tmp_path / "clips"
+    m.write_synthetic_dataset(m.Config(output=str(clips), synthetic_clips=3), m.Vocabulary.seed())
+    decoded = m.run_decode(fast_cfg(work, input=str(clips / "Preprocessed_Video")))
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [d[0] for d in decoded] == ["synth_00000", "synth_00001", "synth_00002"]
+    assert lines[-3:] == [f"{stem}\t{text}" for stem, text in decoded]
