@@ -14,6 +14,7 @@ parser.add_argument("--data-dir", default="")
 parser.add_argument("--videos-dir", default="")
 parser.add_argument("--presets", default="tiny,small")
 parser.add_argument("--input-sizes", default="88,44")
+parser.add_argument("--steps", type=int, default=6)
 parser.add_argument("--device", default="auto")
 args = parser.parse_args()
 
@@ -36,7 +37,7 @@ print(f"{'preset':8} {'input':>6} {'batch':>6} {'data ms':>8} {'step s':>8} {'da
 for preset in args.presets.split(","):
     for size in map(int, args.input_sizes.split(",")):
         run = m.dataclasses.replace(cfg, preset=preset, input_size=size)
-        r = time_training_steps(run, ds, vocab, device)
+        r = time_training_steps(run, ds, vocab, device, steps=args.steps)
         print(f"{preset:8} {size:6d} {r['batch']:6.0f} {r['data_ms']:8.1f} {r['step_s']:8.2f} "
               f"{100 * r['data_share']:6.1f}%", flush=True)
 shutil.rmtree(scratch)

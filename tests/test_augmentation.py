@@ -84,8 +84,8 @@ def test_time_mask_zeroes_whole_frames_before_normalisation():
     frames = torch.full((6, 30, 112, 112), 200, dtype=torch.uint8)
     x, _ = m.Augment(cfg, train=True)(frames, torch.full((6,), 30))
     per_frame = x.flatten(2)
-    masked = (per_frame == (0 - cfg.mean) / cfg.std).all(-1)
-    kept = (per_frame == (200 / 255 - cfg.mean) / cfg.std).all(-1)
+    masked = torch.isclose(per_frame, torch.tensor((0 - cfg.mean) / cfg.std)).all(-1)
+    kept = torch.isclose(per_frame, torch.tensor((200 / 255 - cfg.mean) / cfg.std)).all(-1)
     assert torch.all(masked | kept) and masked.any() and kept.any()
 
 

@@ -82,6 +82,8 @@ def test_every_bad_sample_is_skipped_reported_and_the_run_goes_on(cfg, dataset_c
     np.save(videos / "synth_00007.npy", big)  # wrong frame size
     np.save(videos / "synth_00008.npy", np.zeros((3,), np.float32))  # an array that is no video
     (videos / "synth_00008.mp4").unlink()
+    (labels / "synth_00009.csv").write_text("words\nqala\n", encoding="utf-8")  # no `word` column
+    (labels / "synth_00010.csv").write_bytes(b"word\n\xff\xfe\n")  # not UTF-8
     ds = load(cfg, data_dir=str(dataset_copy))
     reasons = report(cfg)
     assert reasons == {
@@ -91,15 +93,18 @@ def test_every_bad_sample_is_skipped_reported_and_the_run_goes_on(cfg, dataset_c
         "synth_00004.csv": "empty label: the CSV has no words",
         "synth_00005.csv": reasons["synth_00005.csv"], "synth_00006.csv": reasons["synth_00006.csv"],
         "synth_00007.npy": reasons["synth_00007.npy"], "synth_00008.npy": reasons["synth_00008.npy"],
+        "synth_00009.csv": "unreadable label: no 'word' or 'text' column (columns: words)",
+        "synth_00010.csv": reasons["synth_00010.csv"],
     }
+    assert reasons["synth_00010.csv"].startswith("unreadable label: 'utf-8' codec can't decode")
     assert reasons["synth_00002.mp4"].startswith("unreadable video")
     assert reasons["synth_00003.mp4"].startswith(("unreadable video", "truncated video"))
     assert reasons["synth_00005.csv"].startswith("label too long: 47 CTC steps")
     assert reasons["synth_00006.csv"].startswith("unknown units: e h l o")
     assert reasons["synth_00007.npy"].startswith("wrong frame size: 64 x 64")
     assert reasons["synth_00008.npy"].startswith("unreadable video")
-    assert len(ds.samples) == 24 - 9
-    assert "Skipped 9 file(s)" in capsys.readouterr().out
+    assert len(ds.samples) == 24 - 11
+    assert "Skipped 11 file(s)" in capsys.readouterr().out
 
 
 def test_unknown_units_can_be_mapped_to_unk(cfg, dataset_copy):
