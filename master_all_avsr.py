@@ -13,7 +13,8 @@ Mouth-region clips in, diacritized Arabic text out. The file reads top to bottom
     9. diagnostics     dataset statistics, learning curves
    10. cli             modes, flags and the entry point
 
-Run `python master_all_avsr.py --help` for the flags, or with no arguments for the built-in demo.
+Run `python master_all_avsr.py --help` for the flags. With no arguments it trains the default (small) model on
+built-in synthetic clips, a GPU's demo; on a CPU, README.md's first command is the quick one.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -49,7 +51,7 @@ import torch.nn.functional as F
 @dataclass
 class Config:
     # run
-    mode: str = "train"  # train | stats | vocab | synth
+    mode: str = "train"  # train | test | decode | stats | vocab | synth
     work_dir: str = "runs/demo"  # everything a run writes goes here
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 1337
@@ -91,7 +93,7 @@ class Config:
     time_warp_max: float = 0.1  # speed factor drawn from [1 - max, 1 + max]
     # model
     arch: str = "conformer"  # conformer (Auto-AVSR's) | baseline (seed 000's CNN + BiLSTM, CTC only)
-    preset: str = "small"  # tiny | small | base (base takes Auto-AVSR's released weights by name)
+    preset: str = "small"  # tiny | small | base (base has the exact shapes of Auto-AVSR's released model)
     dropout: float = 0.1
     # loss: ctc_weight * CTC + (1 - ctc_weight) * label-smoothed attention loss
     ctc_weight: float = 0.1
@@ -334,16 +336,21 @@ class BadSamples:
             print(f"Skipped {len(self.entries)} file(s) ({summary}); each one is listed in {path}")
 
 
-def files_by_stem(root: Path, exts: set[str], skip: Path | None) -> dict[str, list[Path]]:
+def files_by_stem(root: Path, exts: set[str], skip: set[Path]) -> dict[str, list[Path]]:
+    """Files under root by stem, leaving out our own outputs (`skip`), hidden files and macOS metadata."""
     found: dict[str, list[Path]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(Path(root).resolve()):
         d = Path(dirpath)
-        dirnames[:] = sorted(n for n in dirnames if not n.startswith(".") and (skip is None or d / n != skip))
+        dirnames[:] = sorted(n for n in dirnames if not n.startswith(".") and n != "__MACOSX" and d / n not in skip)
         for name in sorted(filenames):
             p = d / name
-            if p.suffix.lower() in exts:
+            if p.suffix.lower() in exts and not name.startswith("."):
                 found.setdefault(p.stem, []).append(p)
     return found
+
+
+def own_outputs(cfg: Config) -> set[Path]:
+    return {Path(cfg.work_dir).resolve(), cfg.cache_path.resolve()}
 
 
 def refuse_ambiguous(found: dict[str, list[Path]], what: str, flag: str) -> None:
@@ -351,6 +358,10 @@ def refuse_ambiguous(found: dict[str, list[Path]], what: str, flag: str) -> None
     clashes = {s: ps for s, ps in found.items() if len(ps) > 1}
     if not clashes:
         return
+    same_folder = next((ps for ps in clashes.values() if len({p.parent for p in ps}) < len(ps)), None)
+    if same_folder:
+        raise UserError(f"Two {what}s of the same name sit in one folder: {', '.join(map(str, same_folder))}. "
+                        f"Keep one of them (or move the other format elsewhere).")
     folders = Counter(str(p.parent) for ps in clashes.values() for p in ps)
     lines = "\n".join(f"  {folder}  ({n} of them)" for folder, n in folders.most_common())
     example = next(iter(clashes.values()))
@@ -371,9 +382,8 @@ def discover_pairs(cfg: Config, bad: BadSamples) -> list[tuple[str, Path, Path]]
     for r in (video_root, label_root):
         if not r.is_dir():
             raise UserError(f"Data folder {r} does not exist or is not a folder.")
-    work = Path(cfg.work_dir).resolve()
-    videos = files_by_stem(video_root, VIDEO_EXTS, work)
-    labels = files_by_stem(label_root, LABEL_EXTS, work)
+    videos = files_by_stem(video_root, VIDEO_EXTS, own_outputs(cfg))
+    labels = files_by_stem(label_root, LABEL_EXTS, own_outputs(cfg))
     refuse_ambiguous(videos, "clip", "--videos-dir")
     refuse_ambiguous(labels, "label", "--labels-dir")
     for stem in sorted(set(videos) - set(labels)):
@@ -401,7 +411,7 @@ def to_gray(frame: np.ndarray) -> np.ndarray:
     if frame.shape[2] == 1:
         return frame[..., 0]
     import cv2
-    return cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
+    return cv2.cvtColor(frame[..., :3], cv2.COLOR_BGR2GRAY)
 
 
 def read_video(path: Path) -> np.ndarray:
@@ -414,7 +424,7 @@ def read_video(path: Path) -> np.ndarray:
                 arr = arr["frames"] if "frames" in arr.files else arr[arr.files[0]]
         except (OSError, EOFError, ValueError, IndexError, KeyError) as e:
             raise ValueError(f"unreadable video: {e}") from e
-        if arr.dtype != np.uint8 or arr.ndim not in (3, 4):
+        if arr.dtype != np.uint8 or arr.ndim not in (3, 4) or len(arr) == 0 or (arr.ndim == 4 and arr.shape[3] > 4):
             raise ValueError(f"unreadable video: array of {arr.dtype} {arr.shape}, expected uint8 T x H x W")
         return np.stack([to_gray(f) for f in arr]) if arr.ndim == 4 else arr
     import cv2
@@ -431,7 +441,7 @@ def read_video(path: Path) -> np.ndarray:
     cap.release()
     if not frames:
         raise ValueError("unreadable video: no frame could be decoded")
-    if declared > len(frames):
+    if declared > len(frames) + max(1, declared // 20):  # some containers only estimate their frame count
         raise ValueError(f"truncated video: its header declares {declared} frames, only {len(frames)} decode")
     return np.stack(frames)
 
@@ -466,7 +476,10 @@ class ClipCache:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.index_path = self.folder / "index.json"
-        self.index = json.loads(self.index_path.read_text()) if self.index_path.exists() else {}
+        try:
+            self.index = json.loads(self.index_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # none yet, or damaged: every clip is decoded again
+            self.index = {}
         self.hits = self.misses = 0
 
     def _entry(self, path: Path) -> tuple[str, list]:
@@ -477,11 +490,19 @@ class ClipCache:
     def load(self, path: Path) -> np.ndarray:
         key, stamp = self._entry(path)
         file = self.folder / (hashlib.sha1(key.encode()).hexdigest()[:20] + ".npy")
-        if self.index.get(key) == stamp and file.exists():
-            self.hits += 1
-            return np.load(file)
+        if self.index.get(key) == stamp:
+            try:
+                frames = np.load(file)
+                self.hits += 1
+                return frames
+            except (OSError, ValueError, EOFError):  # a damaged entry is decoded again
+                pass
         frames = read_video(path)
-        atomic_write(file, lambda tmp: np.save(open(tmp, "wb"), frames))
+        try:
+            atomic_write(file, lambda tmp: np.save(tmp, frames))
+        except OSError as e:
+            raise UserError(f"Cannot write the clip cache in {self.folder} ({e}). Free some space, or point "
+                            "--cache-dir at a writable folder.") from e
         self.index[key] = stamp
         self.misses += 1
         return frames
@@ -504,8 +525,13 @@ def read_split_lists(folder: Path) -> dict[str, str]:
         if not path.exists():
             raise UserError(f"--split-lists {folder}: {path.name} is missing; it needs train.txt, val.txt "
                             "and test.txt, one clip name (or path) a line.")
-        for line in path.read_text(encoding="utf-8").split():
-            stems[Path(line).stem] = split
+        try:
+            names = path.read_text(encoding="utf-8").split()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"Cannot read {path} ({e}); it needs one clip name a line, in UTF-8.") from e
+        for line in names:
+            if stems.setdefault(Path(line).stem, split) != split:
+                raise UserError(f"{Path(line).stem} is listed in both {stems[Path(line).stem]}.txt and {path.name}.")
     return stems
 
 
@@ -520,8 +546,6 @@ class ClipBank:
         frames = torch.from_numpy(np.concatenate(clips)) if clips else torch.zeros(0, 1, 1, dtype=torch.uint8)
         self.device = device if self._fits(frames, device) else torch.device("cpu")
         self.frames = frames.to(self.device)
-        if self.device.type == "cpu" and device.type == "cuda":
-            self.frames = self.frames.pin_memory()
 
     @staticmethod
     def _fits(frames: torch.Tensor, device: torch.device) -> bool:
@@ -598,6 +622,9 @@ def load_dataset(cfg: Config, vocab: Vocabulary, device: torch.device) -> Datase
         if split:
             splits[split].append(i)
     if listed is not None:
+        unlisted = sum(1 for s in samples if s.stem not in listed)
+        if unlisted:
+            print(f"{unlisted} usable clip(s) are in none of the lists in {cfg.split_lists} and are left out.")
         missing = sorted(set(listed) - {s.stem for s in samples})
         if missing:
             print(f"{len(missing)} clip(s) named in {cfg.split_lists} were not found or were skipped, "
@@ -612,10 +639,10 @@ def data_kind(cfg: Config) -> str:
 
 
 def progress(items, desc: str):
-    """tqdm when it is installed and the console is a terminal; the plain list otherwise."""
+    """tqdm bars in a terminal or a notebook; the plain list in logs (a Kaggle batch run) or without tqdm."""
     try:
         from tqdm.auto import tqdm
-        return tqdm(items, desc=desc, leave=False, disable=not sys.stderr.isatty())
+        return tqdm(items, desc=desc, leave=False, disable=not (sys.stderr.isatty() or in_notebook()))
     except ImportError:
         return items
 
@@ -641,8 +668,9 @@ def frame_budget_batches(lengths: list[int], max_frames: int, rng: random.Random
 # Mouth shapes come from visemes, as on real lips: letters articulated at the same place look nearly the same
 # (ب م: closed lips; ت د ط ض ن ل ر ز س ص: teeth; ...; each letter differs from its class by a small offset),
 # so the word list does much of the telling apart, and vowels change the opening and rounding. Shapes blend
-# from unit to unit over time (coarticulation), units take a speaker-dependent number of frames, and speakers
-# differ in position, scale, lighting and noise: no per-frame lookup reads the text off a clip.
+# from unit to unit over time (coarticulation), units take a varying number of frames (fast speakers fit more
+# words into a clip), and speakers differ in position, scale, lighting and noise: no per-frame lookup reads
+# the text off a clip.
 
 VISEMES = {  # base letter -> (opening, width, rounding, teeth, tongue), each in [0, 1]
     **dict.fromkeys("بم", (0.0, 0.5, 0.1, 0.0, 0.0)),
@@ -707,7 +735,7 @@ def speaker_style(rng: np.random.Generator) -> dict:
     }
 
 
-def shape_track(words: list[list[str]], n_frames: int, style: dict, rng: np.random.Generator) -> np.ndarray:
+def shape_track(words: list[list[str]], n_frames: int, rng: np.random.Generator) -> np.ndarray:
     """n_frames x 5 mouth parameters: keyframes laid out in time, blended linearly, then smoothed."""
     keys = [(1.5, np.array([0.05, 0.5, 0.1, 0.0, 0.0], np.float32))]  # at rest before speaking
     for w, word in enumerate(words):
@@ -767,7 +795,7 @@ def synthesize_dataset(cfg: Config, vocab: Vocabulary) -> list[tuple[str, str, n
         words = [lexicon[i] for i in rng.choice(len(lexicon), int(rng.integers(1, 6)), p=zipf / zipf.sum())]
         while sum(map(len, words)) + len(words) - 1 > n_frames * SPEECH_RATE * style["rate"] and len(words) > 1:
             words.pop()
-        track = shape_track(words, n_frames, style, rng)
+        track = shape_track(words, n_frames, rng)
         out.append((f"synth_{n:05d}", " ".join("".join(w) for w in words),
                     render_mouth(track, style, cfg.frame_size, rng)))
     return out
@@ -784,6 +812,8 @@ def write_synthetic_dataset(cfg: Config, vocab: Vocabulary) -> Path:
     for stem, text, frames in synthesize_dataset(cfg, vocab):
         def write_video(tmp, frames=frames):
             writer = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), 25, frames.shape[1:][::-1], False)
+            if not writer.isOpened():
+                raise UserError("This OpenCV build cannot write mp4 (codec mp4v); install opencv-python-headless.")
             for f in frames:
                 writer.write(f)
             writer.release()
@@ -1052,7 +1082,7 @@ class FeedForward(nn.Module):
 class ConvModule(nn.Module):
     def __init__(self, d, kernel):
         super().__init__()
-        self.pointwise_cov1 = nn.Conv1d(d, 2 * d, 1)
+        self.pointwise_cov1 = nn.Conv1d(d, 2 * d, 1)  # "cov" (sic): ESPnet's state_dict name
         self.depthwise_conv = nn.Conv1d(d, d, kernel, padding=(kernel - 1) // 2, groups=d)
         self.norm = nn.BatchNorm1d(d)
         self.pointwise_cov2 = nn.Conv1d(d, d, 1)
@@ -1221,7 +1251,9 @@ class BaselineModel(nn.Module):
         for c in (32, 64, 96, 128):
             layers += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(), nn.MaxPool2d(2)]
             c_in = c
-        self.cnn = nn.Sequential(*layers, nn.Flatten(), nn.Linear(128 * 5 * 5, 512), nn.ReLU(), nn.Dropout(dropout))
+        # 88 x 88 frames pool to 5 x 5, as in the seed; the adaptive pool lets --input-size 44 in as well
+        self.cnn = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(5), nn.Flatten(), nn.Linear(128 * 5 * 5, 512),
+                                 nn.ReLU(), nn.Dropout(dropout))
         self.lstm = nn.LSTM(512, 256, num_layers=2, batch_first=True, bidirectional=True, dropout=dropout)
         self.ctc = CTCHead(512, vocab_size, 0.0)
 
@@ -1294,9 +1326,9 @@ def attention_loss(dec_logits: torch.Tensor, ys_out: torch.Tensor, smoothing: fl
     return ((entropy_term - cross) * keep).sum() / ys_out.size(0)
 
 
-def joint_loss(model: nn.Module, enc, mask, lengths, targets, vocab: Vocabulary, cfg: Config) -> dict:
+def joint_loss(model: nn.Module, enc, mask, ctc_logits, lengths, targets, vocab: Vocabulary, cfg: Config) -> dict:
     """{'loss', 'ctc', 'att'} from the encoder's output; a CTC-only model (the baseline) has att = 0."""
-    ctc = ctc_loss(model.ctc(enc), lengths, targets, vocab.blank)
+    ctc = ctc_loss(ctc_logits, lengths, targets, vocab.blank)
     if model.decoder is None:
         return {"loss": ctc, "ctc": ctc, "att": torch.zeros(())}
     ys_in, ys_out = decoder_io(targets, vocab.sos_eos, enc.device)
@@ -1358,7 +1390,9 @@ def error_rates(refs: list[list[int]], hyps: list[list[int]], vocab: Vocabulary)
     unit_counts = [max(len(units(r)), 1) for r in refs]
     word_errors = sum(editdistance.eval(words_of(r, vocab), words_of(h, vocab)) for r, h in zip(refs, hyps))
     word_counts = sum(len(words_of(r, vocab)) for r in refs)
-    return {"cer": sum(unit_errors) / max(sum(unit_counts), 1), "wer": word_errors / max(word_counts, 1),
+    has_boundaries = any(vocab.space in r for r in refs)  # without them a clip is one "word": WER means nothing
+    return {"cer": sum(unit_errors) / max(sum(unit_counts), 1),
+            "wer": word_errors / max(word_counts, 1) if has_boundaries else None,
             "cer_mean_per_clip": float(np.mean([e / n for e, n in zip(unit_errors, unit_counts)])) if refs else 0.0,
             "n": len(refs)}
 
@@ -1380,8 +1414,8 @@ def evaluate(model, ds: Dataset, index: list[int], vocab: Vocabulary, cfg: Confi
         targets = [ds.samples[i].ids for i in chosen]
         with autocast(device, cfg):
             enc, mask = model.encode(x, lengths.to(device))
-            parts = joint_loss(model, enc, mask, lengths.to(device), targets, vocab, cfg)
             ctc_logits = model.ctc(enc)
+            parts = joint_loss(model, enc, mask, ctc_logits, lengths.to(device), targets, vocab, cfg)
         for k, v in parts.items():
             totals[k] += v.item() * len(chosen)
         seen += len(chosen)
@@ -1394,7 +1428,7 @@ def evaluate(model, ds: Dataset, index: list[int], vocab: Vocabulary, cfg: Confi
     result = {k: v / max(seen, 1) for k, v in totals.items()}
     result["ctc"] = error_rates(refs, hyp_ctc, vocab)
     result["att"] = error_rates(refs, hyp_att, vocab) if hyp_att else None
-    result["rows"] = (order, refs, hyp_att or hyp_ctc)
+    result["rows"] = {"order": order, "refs": refs, "ctc": hyp_ctc, "att": hyp_att or None}
     return result
 
 
@@ -1449,9 +1483,10 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# What a checkpoint fixes: its model, and the data it saw (the same clips, split and preprocessing)
 MODEL_SETTINGS = ("arch", "preset", "units", "word_boundary")
-SPLIT_SETTINGS = ("split_seed", "val_fraction", "test_fraction", "split_lists", "frame_size", "crop_size",
-                  "input_size", "mean", "std")
+DATA_SETTINGS = ("split_seed", "val_fraction", "test_fraction", "split_lists", "frame_size", "crop_size",
+                 "input_size", "mean", "std", "seed", "synthetic_clips", "synthetic_words", "synthetic_speakers")
 
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, epoch: int, history: list, cfg: Config,
@@ -1475,7 +1510,7 @@ def load_checkpoint(path: Path) -> dict:
 def check_compatible(state: dict, cfg: Config, vocab: Vocabulary, path: Path) -> None:
     """Refuse a checkpoint whose vocabulary or architecture differs, saying which."""
     saved = state["config"]
-    diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r}" for k in MODEL_SETTINGS
+    diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r}" for k in MODEL_SETTINGS + DATA_SETTINGS
              if saved.get(k) != getattr(cfg, k)]
     if diffs:
         raise UserError(f"The checkpoint {path} was trained with other settings ({'; '.join(diffs)}). "
@@ -1486,10 +1521,11 @@ def check_compatible(state: dict, cfg: Config, vocab: Vocabulary, path: Path) ->
 
 
 def model_from_checkpoint(path: Path, cfg: Config, device) -> tuple[nn.Module, Vocabulary, Config]:
-    """The model, vocabulary and settings a checkpoint was trained with; flags given now win for decoding."""
+    """The model, vocabulary and settings a checkpoint was trained with; model and data settings come from the
+    checkpoint (so the test split is the one it was trained beside), the rest (data folders, decoding) from now."""
     state = load_checkpoint(path)
     saved = Config(**{k: v for k, v in state["config"].items() if k in {f.name for f in dataclasses.fields(Config)}})
-    model_cfg = dataclasses.replace(cfg, **{k: getattr(saved, k) for k in MODEL_SETTINGS + SPLIT_SETTINGS + ("dropout",)})
+    model_cfg = dataclasses.replace(cfg, **{k: getattr(saved, k) for k in MODEL_SETTINGS + DATA_SETTINGS + ("dropout",)})
     vocab = Vocabulary(state["vocab"]["units"], state["vocab"]["specials"], state["vocab"].get("letters_only", False))
     model = build_model(model_cfg, vocab.size)
     model.load_state_dict(state["model"])
@@ -1507,7 +1543,8 @@ def training_batch(ds: Dataset, chosen: list[int], augment: Augment, device) -> 
 
 def backward_pass(model, x, lengths, targets, vocab, cfg: Config, device, scaler) -> dict:
     with autocast(device, cfg):
-        parts = joint_loss(model, *model.encode(x, lengths), lengths, targets, vocab, cfg)
+        enc, mask = model.encode(x, lengths)
+        parts = joint_loss(model, enc, mask, model.ctc(enc), lengths, targets, vocab, cfg)
     scaler.scale(parts["loss"] / cfg.accum_steps).backward()
     return parts
 
@@ -1536,9 +1573,9 @@ def train_epoch(model, ds: Dataset, vocab, cfg: Config, device, optimizer, sched
         if n % cfg.accum_steps == 0 or n == len(batches):
             optimizer_step(model, optimizer, scheduler, scaler, cfg)
         for k, v in parts.items():
-            totals[k] += v.item() * len(chosen)
+            totals[k] += v.detach() * len(chosen)  # summed on the device: one GPU sync per epoch, not per step
         seen += len(chosen)
-    return {k: v / max(seen, 1) for k, v in totals.items()} | {"clips": seen}
+    return {k: float(v) / max(seen, 1) for k, v in totals.items()} | {"clips": seen}
 
 
 def steps_per_epoch(ds: Dataset, cfg: Config) -> int:
@@ -1557,7 +1594,7 @@ def epoch_row(epoch, train, val, lr, seconds) -> dict:
 
 
 def fmt(v, spec=".3f") -> str:
-    return "-" if v is None else format(v, spec)
+    return "n/a" if v is None else format(v, spec)
 
 
 def log_epoch(row: dict) -> None:
@@ -1582,9 +1619,26 @@ def selection_cer(row: dict) -> float:
     return math.inf if value is None else value
 
 
+def previous_run(cfg: Config, vocab: Vocabulary) -> dict | None:
+    """The checkpoint to continue (checked before any data is read), or None for a fresh run."""
+    ckpt_dir = Path(cfg.work_dir) / "checkpoints"
+    for stale in ckpt_dir.glob(".*.pt.*"):  # temporary files of a run killed while saving
+        stale.unlink()
+    last = ckpt_dir / "last.pt"
+    if not cfg.resume:
+        if last.exists():
+            raise UserError(f"{cfg.work_dir} already holds a run ({last}). Continue it with --resume, or start "
+                            "afresh in another --work-dir.")
+        return None
+    state = load_checkpoint(last)
+    check_compatible(state, cfg, vocab, last)
+    return state
+
+
 def train(cfg: Config) -> dict:
     device = pick_device(cfg.device)
     vocab = load_vocabulary(cfg)
+    state = previous_run(cfg, vocab)
     ds = load_dataset(cfg, vocab, device)
     if not ds.subset("train"):
         raise UserError("The training split is empty: add clips, or change --val-fraction / --test-fraction.")
@@ -1593,13 +1647,12 @@ def train(cfg: Config) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device, cfg) == torch.float16)
     work, ckpt_dir = Path(cfg.work_dir), Path(cfg.work_dir) / "checkpoints"
     history, start = [], 1
-    if cfg.resume:
-        state = load_checkpoint(ckpt_dir / "last.pt")
-        check_compatible(state, cfg, vocab, ckpt_dir / "last.pt")
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"] and scaler.is_enabled():  # empty when saved on a CPU or a bf16 GPU
+            scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         history, start = state["history"], state["epoch"] + 1
         print(f"Resumed from {ckpt_dir / 'last.pt'} after epoch {state['epoch']}")
@@ -1620,9 +1673,9 @@ def train(cfg: Config) -> dict:
         history.append(row)
         log_epoch(row)
         write_metrics(history, work)
-        if selection_cer(row) <= min(selection_cer(r) for r in history):
-            save_checkpoint(ckpt_dir / "best.pt", model, optimizer, scheduler, scaler, epoch, history, cfg, vocab)
         save_checkpoint(ckpt_dir / "last.pt", model, optimizer, scheduler, scaler, epoch, history, cfg, vocab)
+        if selection_cer(row) <= min(selection_cer(r) for r in history):
+            atomic_write(ckpt_dir / "best.pt", lambda tmp: shutil.copyfile(ckpt_dir / "last.pt", tmp))
     return {"history": history, "model": model, "vocab": vocab, "dataset": ds}
 
 
@@ -1718,16 +1771,17 @@ def print_stats(stats: dict) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Arabic lip reading: data, training, decoding and diagnostics in one file.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description="Arabic lip reading: data, training, decoding and diagnostics in one file.")
     parser.add_argument("--config", default="", help="JSON file of settings; flags given here win over it")
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"default: {f.default}")
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)
-            parser.add_argument(flag, type=kind, default=None, help=f"(default: {f.default})")
+            parser.add_argument(flag, type=kind, default=None, choices=CHOICES.get(f.name),
+                                help=f"default: {f.default}")
     return parser
 
 
@@ -1742,12 +1796,35 @@ def read_config_file(path: str) -> dict:
     return settings
 
 
+CHOICES = {"mode": ("train", "test", "decode", "stats", "vocab", "synth"), "data": ("auto", "files", "synthetic"),
+           "units": ("diacritized", "letters"), "unknown_units": ("skip", "map"), "arch": ("conformer", "baseline"),
+           "preset": ("tiny", "small", "base"), "amp": ("auto", "off"), "split": ("train", "val", "test", "all"),
+           "decoder": ("attention", "ctc")}
+
+
+def validate(cfg: Config) -> Config:
+    """Refuse settings that would only fail later, deep in a run."""
+    problems = [f"--{k.replace('_', '-')} {getattr(cfg, k)!r}: choose one of {', '.join(v)}"
+                for k, v in CHOICES.items() if getattr(cfg, k) not in v]
+    for f in dataclasses.fields(Config):
+        if not isinstance(getattr(cfg, f.name), {"bool": bool, "int": int, "float": (int, float), "str": str}[f.type]):
+            problems.append(f"{f.name} = {getattr(cfg, f.name)!r} should be a {f.type}")
+    checks = [(cfg.accum_steps >= 1, "--accum-steps must be 1 or more"),
+              (0 <= cfg.ctc_weight <= 1, "--ctc-weight must lie in [0, 1]"),
+              (cfg.input_size <= cfg.crop_size <= cfg.frame_size, "sizes must satisfy input <= crop <= frame size"),
+              (cfg.max_frames >= 64, "--max-frames must hold at least one clip (64 or more)")]
+    problems += [why for ok, why in checks if not ok]
+    if problems:
+        raise UserError("Settings that cannot work:\n  " + "\n  ".join(problems))
+    return cfg
+
+
 def parse_config(argv: list[str]) -> Config:
     args = vars(build_parser().parse_args(argv))
     config_file = args.pop("config")
     settings = read_config_file(config_file) if config_file else {}
     settings.update({k: v for k, v in args.items() if v is not None})
-    return Config(**settings)
+    return validate(Config(**settings))
 
 
 def run_stats(cfg: Config) -> dict:
@@ -1766,7 +1843,7 @@ def run_vocab(cfg: Config) -> Vocabulary:
     root = Path(cfg.labels_dir or cfg.data_dir or ".")
     if not (cfg.labels_dir or cfg.data_dir) or not root.is_dir():
         raise UserError("--mode vocab needs --data-dir (or --labels-dir): the folder whose CSV labels to read.")
-    labels = files_by_stem(root, LABEL_EXTS, Path(cfg.work_dir).resolve())
+    labels = files_by_stem(root, LABEL_EXTS, own_outputs(cfg))
     refuse_ambiguous(labels, "label", "--labels-dir")
     counts: Counter = Counter()
     for paths in labels.values():
@@ -1811,8 +1888,10 @@ def run_test(cfg: Config, ds: Dataset | None = None) -> dict:
     if not index:
         raise UserError(f"The {cfg.split} split has no clips; choose another with --split (train, val, test, all).")
     result = evaluate(model, ds, index, vocab, model_cfg, device)
-    scores = result["att"] or result["ctc"]
-    order, refs, hyps = result["rows"]
+    decoder = "attention" if cfg.decoder == "attention" and result["att"] else "ctc"
+    scores = result["att"] if decoder == "attention" else result["ctc"]
+    rows = result["rows"]
+    order, refs, hyps = rows["order"], rows["refs"], rows["att" if decoder == "attention" else "ctc"]
     work = Path(cfg.work_dir)
 
     def write_predictions(tmp):
@@ -1823,22 +1902,22 @@ def run_test(cfg: Config, ds: Dataset | None = None) -> dict:
                 writer.writerow([ds.samples[i].stem, vocab.decode(ref), vocab.decode(hyp),
                                  round(error_rates([ref], [hyp], vocab)["cer"], 4)])
     atomic_write(work / "predictions.csv", write_predictions)
-    decoding = {"decoder": "attention" if result["att"] else "ctc", "search": "greedy"}
+    decoding = {"decoder": decoder, "search": "greedy"}
     metrics = {**{k: scores[k] for k in ("cer", "wer", "cer_mean_per_clip", "n")}, "split": cfg.split,
                "checkpoint": str(checkpoint_path(cfg)), "decoding": decoding,
                "cer_greedy_ctc": result["ctc"]["cer"]}
     write_json(work / "test_metrics.json", metrics)
-    print(f"CER={metrics['cer']:.4f} WER={metrics['wer']:.4f} n={metrics['n']}")
+    print(f"CER={metrics['cer']:.4f} WER={fmt(metrics['wer'], '.4f')} n={metrics['n']}")
     return metrics
 
 
 def run_decode(cfg: Config) -> list[tuple[str, str]]:
     """One hypothesis per clip of --input (a clip or a folder), printed as `name<TAB>text`."""
-    device = pick_device(cfg.device)
-    model, vocab, model_cfg = model_from_checkpoint(checkpoint_path(cfg), cfg, device)
     source = Path(cfg.input)
     if not cfg.input or not source.exists():
         raise UserError(f"--mode decode needs --input, a clip or a folder of clips ({cfg.input!r} not found).")
+    device = pick_device(cfg.device)
+    model, vocab, model_cfg = model_from_checkpoint(checkpoint_path(cfg), cfg, device)
     paths = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.suffix.lower() in VIDEO_EXTS)
     out = []
     for path in paths:
@@ -1878,8 +1957,6 @@ def main(argv: list[str] | None = None):
         argv = [] if in_notebook() else sys.argv[1:]
     try:
         cfg = parse_config(argv)
-        if cfg.mode not in MODES:
-            raise UserError(f"--mode {cfg.mode!r} is not known; choose one of {', '.join(MODES)}.")
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         return MODES[cfg.mode](cfg)

@@ -1,5 +1,6 @@
 """CLI section: a flag for every setting, --config files, notebook arguments and errors users can act on."""
 import json
+import re
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ def test_every_config_field_is_a_flag():
 
 def test_flags_win_over_the_config_file(tmp_path):
     path = tmp_path / "c.json"
-    path.write_text(json.dumps({"crop_size": 64, "seed": 7, "time_mask": False}))
+    path.write_text(json.dumps({"crop_size": 64, "input_size": 64, "seed": 7, "time_mask": False}))
     cfg = m.parse_config(["--config", str(path), "--seed", "9", "--hflip-prob", "0.25", "--no-word-boundary"])
     assert (cfg.crop_size, cfg.seed, cfg.hflip_prob, cfg.time_mask, cfg.word_boundary) == (64, 9, 0.25, False, False)
 
@@ -55,3 +56,21 @@ def test_synth_then_stats_from_the_command_line(tmp_path):
     result = run_script("--mode", "stats", "--data-dir", "data", "--work-dir", "w", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "clips 6" in result.stdout and (tmp_path / "w" / "stats.png").exists()
+
+
+@pytest.mark.parametrize("flags, complaint", [
+    (["--accum-steps", "0"], "--accum-steps must be 1 or more"),
+    (["--crop-size", "120"], "input <= crop <= frame size"),
+    (["--ctc-weight", "1.5"], "--ctc-weight must lie in [0, 1]"),
+])
+def test_settings_that_cannot_work_are_refused_up_front(flags, complaint):
+    with pytest.raises(m.UserError, match=re.escape(complaint)):
+        m.parse_config(flags)
+
+
+def test_a_config_file_value_of_the_wrong_kind_or_choice_is_refused(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"epochs": "ten", "decoder": "beam-ish"}))
+    with pytest.raises(m.UserError) as e:
+        m.parse_config(["--config", str(path)])
+    assert "epochs = 'ten' should be a int" in str(e.value) and "--decoder 'beam-ish'" in str(e.value)

@@ -214,8 +214,7 @@ def test_synthetic_clips_look_like_the_real_ones_and_are_seeded():
 
 
 def test_synthetic_mouths_follow_visemes_and_blend_between_units():
-    style = m.speaker_style(np.random.default_rng(0))
-    track = lambda text: m.shape_track(m.split_units(text), 30, style, np.random.default_rng(1))
+    track = lambda text: m.shape_track(m.split_units(text), 30, np.random.default_rng(1))
     ba, ma, bu = "\u0628\u064e", "\u0645\u064e", "\u0628\u064f"
     same_class = np.abs(track(ba) - track(ma)).max()  # b and m: closed lips, alike but not identical
     other_vowel = np.abs(track(ba) - track(bu)).max()  # the vowel changes opening and rounding
@@ -225,3 +224,31 @@ def test_synthetic_mouths_follow_visemes_and_blend_between_units():
     rounded, spread = track(wa + ba + wa), track(yi + ba + yi)
     closure = 8 + int(rounded[8:22, 0].argmin())  # the frame where the lips close for b
     assert not np.allclose(rounded[closure], spread[closure], atol=0.02)
+
+
+def test_two_formats_of_one_clip_in_one_folder_say_keep_one(cfg, dataset_copy):
+    frames = np.zeros((30, 112, 112), np.uint8)
+    np.save(dataset_copy / "Preprocessed_Video" / "synth_00003.npy", frames)
+    with pytest.raises(m.UserError, match="sit in one folder.*Keep one of them"):
+        load(cfg, data_dir=str(dataset_copy))
+
+
+def test_a_work_dir_inside_a_relative_data_dir_is_not_read_as_data(dataset_copy, monkeypatch):
+    monkeypatch.chdir(dataset_copy.parent)
+    cfg = m.Config(data_dir="data", work_dir="data/run")
+    load(cfg)  # fills data/run/cache with .npy files and writes data/run/data_report.json
+    (dataset_copy / "run" / "predictions.csv").write_text("id,reference\n", encoding="utf-8")
+    ds = load(cfg)
+    assert len(ds.samples) == 24 and report(cfg) == {}
+
+
+def test_damaged_cache_entries_are_decoded_again(cfg, synthetic_root):
+    load(cfg, data_dir=str(synthetic_root))
+    for entry in cfg.cache_path.glob("*.npy"):
+        entry.write_bytes(b"broken")
+    (cfg.cache_path / "index.json").write_text("{not json")
+    assert len(load(cfg, data_dir=str(synthetic_root)).samples) == 24
+    load(cfg, data_dir=str(synthetic_root))
+    cache = m.ClipCache(cfg.cache_path)
+    cache.load(next((synthetic_root / "Preprocessed_Video").glob("*.mp4")))
+    assert cache.hits == 1

@@ -36,3 +36,9 @@ def test_greedy_attention_stops_at_eos_and_matches_one_clip_at_a_time():
             alone_enc, alone_mask = model.encode(x[b:b + 1, :n], lengths[b:b + 1])
             assert m.greedy_attention(model, alone_enc, alone_mask, lengths[b:b + 1], 29) == [together[b]]
     assert all(29 not in hyp and len(hyp) <= n for hyp, n in zip(together, lengths.tolist()))
+
+
+def test_wer_is_not_reported_without_word_boundaries():
+    vocab = m.Vocabulary.seed()
+    rates = m.error_rates([[1, 2, 3]], [[1, 2]], vocab)
+    assert rates["wer"] is None and rates["cer"] == pytest.approx(1 / 3)

@@ -48,7 +48,8 @@ def test_joint_loss_weights_the_two_parts(w):
     vocab = m.Vocabulary.seed()
     model = m.build_model(cfg, vocab.size).eval()
     x, lengths = torch.randn(2, 12, 88, 88), torch.tensor([12, 10])
-    parts = m.joint_loss(model, *model.encode(x, lengths), lengths, [[3, 4, 5], [6, 227, 7]], vocab, cfg)
+    enc, mask = model.encode(x, lengths)
+    parts = m.joint_loss(model, enc, mask, model.ctc(enc), lengths, [[3, 4, 5], [6, 227, 7]], vocab, cfg)
     assert parts["loss"].item() == pytest.approx(w * parts["ctc"].item() + (1 - w) * parts["att"].item(), rel=1e-6)
     assert parts["ctc"] > 0 and parts["att"] > 0
 
@@ -58,5 +59,6 @@ def test_the_baseline_trains_on_ctc_alone():
     vocab = m.Vocabulary.seed()
     model = m.build_model(cfg, vocab.size)
     x, lengths = torch.randn(2, 10, 88, 88), torch.tensor([10, 8])
-    parts = m.joint_loss(model, *model.encode(x, lengths), lengths, [[3, 4], [5]], vocab, cfg)
+    enc, mask = model.encode(x, lengths)
+    parts = m.joint_loss(model, enc, mask, model.ctc(enc), lengths, [[3, 4], [5]], vocab, cfg)
     assert parts["att"].item() == 0 and parts["loss"] is parts["ctc"]

@@ -119,3 +119,9 @@ def test_incremental_decoding_equals_full_recomputation():
             log_probs, cache = decoder.forward_one_step(tokens[:, :i], memory, memory_mask, cache)
             assert [c.shape for c in cache] == [(3, i, 64)]
             assert torch.allclose(log_probs, full[:, i - 1], atol=1e-5)
+
+
+def test_the_baseline_takes_the_reduced_input_size_too():
+    model = build_model("baseline", 30).eval()
+    ctc_logits, _ = model(torch.randn(2, 10, 44, 44), torch.tensor([10, 7]))
+    assert ctc_logits.shape == (2, 10, 30)

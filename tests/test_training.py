@@ -122,3 +122,25 @@ def test_test_and_decode_modes_use_the_checkpoint(tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert [d[0] for d in decoded] == ["synth_00000", "synth_00001", "synth_00002"]
     assert lines[-3:] == [f"{stem}\t{text}" for stem, text in decoded]
+
+
+def test_a_second_run_in_the_same_work_dir_must_say_resume(tmp_path):
+    m.train(fast_cfg(tmp_path / "w", epochs=1))
+    before = (tmp_path / "w" / "checkpoints" / "last.pt").read_bytes()
+    with pytest.raises(m.UserError, match="--resume"):
+        m.train(fast_cfg(tmp_path / "w", epochs=1))
+    assert (tmp_path / "w" / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_resume_where_fp16_needs_a_scaler_accepts_a_checkpoint_saved_without_one(tmp_path, monkeypatch):
+    m.train(fast_cfg(tmp_path / "w", epochs=1))  # on the CPU: the scaler is off and saves {}
+    enabled = torch.amp.GradScaler("cpu", enabled=True)
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda *a, **k: enabled)  # as on a T4 or P100
+    result = m.train(fast_cfg(tmp_path / "w", epochs=2, resume=True))
+    assert [r["epoch"] for r in result["history"]] == [1, 2]
+
+
+def test_resume_refuses_other_data_settings(tmp_path):
+    m.train(fast_cfg(tmp_path / "w", epochs=1))
+    with pytest.raises(m.UserError, match="split_seed: checkpoint 0, now 3"):
+        m.train(fast_cfg(tmp_path / "w", epochs=2, resume=True, split_seed=3))
