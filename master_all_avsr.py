@@ -115,7 +115,7 @@ class Config:
     checkpoint: str = ""  # default <work_dir>/checkpoints/best.pt
     split: str = "test"  # train | val | test | all
     input: str = ""  # --mode decode: a clip or a folder of clips
-    decoder: str = "attention"  # attention | ctc (greedy either way)
+    decoder: str = "attention"  # attention | ctc (greedy either way); also picks best.pt
 
     @property
     def cache_path(self) -> Path:
@@ -1614,8 +1614,9 @@ def write_metrics(history: list[dict], work: Path) -> None:
     plot_curves(history, work / "curves.png")
 
 
-def selection_cer(row: dict) -> float:
-    value = row["val_cer_att"] if row["val_cer_att"] is not None else row["val_cer_ctc"]
+def selection_cer(row: dict, decoder: str) -> float:
+    """best.pt is the epoch whose validation CER is lowest under the decoder that will be used (--decoder)."""
+    value = row["val_cer_att"] if decoder == "attention" and row["val_cer_att"] is not None else row["val_cer_ctc"]
     return math.inf if value is None else value
 
 
@@ -1674,7 +1675,7 @@ def train(cfg: Config) -> dict:
         log_epoch(row)
         write_metrics(history, work)
         save_checkpoint(ckpt_dir / "last.pt", model, optimizer, scheduler, scaler, epoch, history, cfg, vocab)
-        if selection_cer(row) <= min(selection_cer(r) for r in history):
+        if selection_cer(row, cfg.decoder) <= min(selection_cer(r, cfg.decoder) for r in history):
             atomic_write(ckpt_dir / "best.pt", lambda tmp: shutil.copyfile(ckpt_dir / "last.pt", tmp))
     return {"history": history, "model": model, "vocab": vocab, "dataset": ds}
 
