@@ -70,7 +70,7 @@ def test_settings_that_cannot_work_are_refused_up_front(flags, complaint):
 
 def test_a_config_file_value_of_the_wrong_kind_or_choice_is_refused(tmp_path):
     path = tmp_path / "c.json"
-    path.write_text(json.dumps({"epochs": "ten", "decoder": "beam-ish"}))
+    path.write_text(json.dumps({"epochs": "ten", "decoder": "beam-ish", "accum_steps": "two"}))
     with pytest.raises(m.UserError) as e:
         m.parse_config(["--config", str(path)])
     assert "epochs = 'ten' should be a int" in str(e.value) and "--decoder 'beam-ish'" in str(e.value)
