@@ -312,7 +312,6 @@ LABEL_EXTS = {".csv"}
 @dataclass
 class Sample:
     stem: str
-    video: str  # a path, or "synthetic:<stem>"
     text: str
     ids: list[int]
     frames: int
@@ -587,7 +586,7 @@ def load_dataset(cfg: Config, vocab: Vocabulary, device: torch.device) -> Datase
             if why:
                 bad.add(f"synthetic:{stem}", why)
                 continue
-            samples.append(Sample(stem, f"synthetic:{stem}", text, ids, len(frames)))
+            samples.append(Sample(stem, text, ids, len(frames)))
             clips.append(frames)
     else:
         pairs = discover_pairs(cfg, bad)
@@ -609,7 +608,7 @@ def load_dataset(cfg: Config, vocab: Vocabulary, device: torch.device) -> Datase
             if why:
                 bad.add(label if why.startswith(("empty", "unknown", "label")) else video, why)
                 continue
-            samples.append(Sample(stem, str(video), text, ids, len(frames)))
+            samples.append(Sample(stem, text, ids, len(frames)))
             clips.append(frames)
         cache.save_index()
     bad.write(cfg.work_dir, found)
@@ -1098,7 +1097,7 @@ class ConformerBlock(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         d = cfg.d_model
-        self.self_attn = RelPositionAttention(d, cfg.n_heads, cfg.encoder_attn_dropout)
+        self.self_attn = RelPositionAttention(d, cfg.n_heads, 0.0)  # Auto-AVSR drops no encoder attention weights
         self.feed_forward = FeedForward(d, cfg.d_ff, cfg.dropout)
         self.conv_module = ConvModule(d, cfg.conv_kernel)
         self.norm_ff = layer_norm(d)
@@ -1219,7 +1218,6 @@ class CTCHead(nn.Module):
 class AVSRModel(nn.Module):
     def __init__(self, cfg: SimpleNamespace):
         super().__init__()
-        self.config = cfg
         self.frontend = VideoFrontend(cfg.frontend_channels)
         self.proj_encoder = nn.Linear(cfg.frontend_channels[-1], cfg.d_model)
         self.encoder = ConformerEncoder(cfg)
@@ -1274,8 +1272,7 @@ class BaselineModel(nn.Module):
 def model_dims(cfg: Config, vocab_size: int) -> SimpleNamespace:
     if cfg.preset not in PRESETS:
         raise UserError(f"--preset {cfg.preset!r} is not known; choose one of {', '.join(PRESETS)}.")
-    return SimpleNamespace(vocab_size=vocab_size, dropout=cfg.dropout, encoder_attn_dropout=0.0,
-                           **PRESETS[cfg.preset])
+    return SimpleNamespace(vocab_size=vocab_size, dropout=cfg.dropout, **PRESETS[cfg.preset])
 
 
 def build_model(cfg: Config, vocab_size: int) -> nn.Module:
@@ -1428,7 +1425,7 @@ def evaluate(model, ds: Dataset, index: list[int], vocab: Vocabulary, cfg: Confi
     result = {k: v / max(seen, 1) for k, v in totals.items()}
     result["ctc"] = error_rates(refs, hyp_ctc, vocab)
     result["att"] = error_rates(refs, hyp_att, vocab) if hyp_att else None
-    result["rows"] = {"order": order, "refs": refs, "ctc": hyp_ctc, "att": hyp_att or None}
+    result["rows"] = {"order": order, "refs": refs, "ctc": hyp_ctc, "attention": hyp_att or None}
     return result
 
 
@@ -1891,8 +1888,7 @@ def run_test(cfg: Config, ds: Dataset | None = None) -> dict:
     result = evaluate(model, ds, index, vocab, model_cfg, device)
     decoder = "attention" if cfg.decoder == "attention" and result["att"] else "ctc"
     scores = result["att"] if decoder == "attention" else result["ctc"]
-    rows = result["rows"]
-    order, refs, hyps = rows["order"], rows["refs"], rows["att" if decoder == "attention" else "ctc"]
+    order, refs, hyps = result["rows"]["order"], result["rows"]["refs"], result["rows"][decoder]
     work = Path(cfg.work_dir)
 
     def write_predictions(tmp):
