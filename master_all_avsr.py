@@ -8,7 +8,7 @@ Mouth-region clips in, diacritized Arabic text out. The file reads top to bottom
     4. augmentation    per-clip crops, flips, time masks and time warps on the training device
     5. model           Auto-AVSR's CNN + Conformer encoder + Transformer decoder + CTC; the BiLSTM baseline
     6. loss            w * CTC + (1 - w) * label-smoothed attention
-    7. decoding        greedy CTC and attention decoding, CER / WER
+    7. decoding        greedy and batched beam search decoding, CER / WER
     8. training        optimizer, schedule, mixed precision, checkpoints, resume, time budget
     9. diagnostics     dataset statistics, learning curves
    10. cli             modes, flags and the entry point
@@ -115,7 +115,13 @@ class Config:
     checkpoint: str = ""  # default <work_dir>/checkpoints/best.pt
     split: str = "test"  # train | val | test | all
     input: str = ""  # --mode decode: a clip or a folder of clips
-    decoder: str = "attention"  # attention | ctc (greedy either way); also picks best.pt
+    decoder: str = "beam"  # beam (Auto-AVSR's joint CTC/attention search) | attention | ctc (greedy); picks best.pt
+    beam_size: int = 20  # measured on LRC-AR (README): 10 is 1 point of CER worse and twice as fast
+    beam_ctc_weight: float = 0.3  # CTC's share of the search score (1: a CTC prefix search); Auto-AVSR's is 0.1
+    max_length_ratio: float = 0.0  # units per frame at most; 0: one a frame, stopping once longer ones fall behind
+    min_length_ratio: float = 0.0  # units per frame at least (no end before)
+    length_bonus: float = 0.0  # added per unit; > 0 favours longer hypotheses
+    nbest: int = 1  # hypotheses kept per clip (nbest.csv, decode's output)
 
     @property
     def cache_path(self) -> Path:
@@ -534,12 +540,28 @@ def read_split_lists(folder: Path) -> dict[str, str]:
     return stems
 
 
+def stored_size(cfg: Config) -> int:
+    """Frames are kept at the scale the model sees them (112 -> 56 when 88-pixel crops are shrunk to 44), so a
+    crop is cut at its final size: four times fewer bytes per batch and no resize on the training device."""
+    size = cfg.frame_size * cfg.input_size / cfg.crop_size
+    return int(size) if size.is_integer() else cfg.frame_size
+
+
+def shrink(clip: np.ndarray, size: int) -> np.ndarray:
+    import cv2
+    if clip.shape[1:] == (size, size):
+        return clip
+    return np.stack([cv2.resize(f, (size, size), interpolation=cv2.INTER_AREA) for f in clip])
+
+
 class ClipBank:
     """All clips of a dataset in one uint8 tensor, concatenated over time, on the training device if it fits.
 
     A batch is one gather from this tensor: no loader processes, no per-batch decoding."""
 
-    def __init__(self, clips: list[np.ndarray], device: torch.device):
+    def __init__(self, clips: list[np.ndarray], device: torch.device, size: int | None = None):
+        if size is not None:
+            clips = [shrink(c, size) for c in clips]
         self.lengths = torch.tensor([len(c) for c in clips], dtype=torch.long)
         self.offsets = torch.cumsum(self.lengths, 0) - self.lengths
         frames = torch.from_numpy(np.concatenate(clips)) if clips else torch.zeros(0, 1, 1, dtype=torch.uint8)
@@ -628,7 +650,7 @@ def load_dataset(cfg: Config, vocab: Vocabulary, device: torch.device) -> Datase
         if missing:
             print(f"{len(missing)} clip(s) named in {cfg.split_lists} were not found or were skipped, "
                   f"e.g. {', '.join(missing[:5])}")
-    return Dataset(samples, ClipBank(clips, device), splits)
+    return Dataset(samples, ClipBank(clips, device, stored_size(cfg)), splits)
 
 
 def data_kind(cfg: Config) -> str:
@@ -867,29 +889,28 @@ def crop_and_flip(frames: torch.Tensor, top: torch.Tensor, left: torch.Tensor, s
 
 
 class Augment:
-    """uint8 B x T x H x W -> float B x T x input_size x input_size, normalised; padded frames are 0.
+    """uint8 B x T x H x W -> float B x T x input_size x input_size, normalised; padded frames are 0. Frames
+    come at frame_size or already shrunk by input_size / crop_size (see `stored_size`).
 
     Kornia's samplers draw each clip's crop box and flip (frames are its channels, so one draw covers a whole
     clip); the pixels are then cut from the uint8 frames, which is exact and, on a CPU, several times faster
     than Kornia's warp of float frames. Only the crop is converted to float."""
 
     def __init__(self, cfg: Config, train: bool):
-        import kornia.augmentation as K
         self.cfg, self.train = cfg, train
-        self.random_crop = K.RandomCrop((cfg.crop_size, cfg.crop_size)) if train and cfg.random_crop else None
-        self.flip = K.RandomHorizontalFlip(p=cfg.hflip_prob) if train and cfg.hflip_prob > 0 else None
 
-    def crop_boxes(self, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def crop_boxes(self, shape: torch.Size, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Top, left and flip of every clip: drawn when training, the center crop otherwise."""
-        batch, size = shape[0], self.cfg.crop_size
-        if self.random_crop is not None:
-            corner = self.random_crop.forward_parameters(shape)["src"][:, 0].long()  # B x (x, y)
+        import kornia.augmentation as K
+        batch, cfg = shape[0], self.cfg
+        if self.train and cfg.random_crop:
+            corner = K.RandomCrop((size, size)).forward_parameters(shape)["src"][:, 0].long()  # B x (x, y)
             top, left = corner[:, 1], corner[:, 0]
         else:
             top, left = torch.full((batch,), (shape[2] - size) // 2), torch.full((batch,), (shape[3] - size) // 2)
         flip = torch.zeros(batch, dtype=torch.bool)
-        if self.flip is not None:
-            flip = self.flip.forward_parameters(shape)["batch_prob"].bool()
+        if self.train and cfg.hflip_prob > 0:
+            flip = K.RandomHorizontalFlip(p=cfg.hflip_prob).forward_parameters(shape)["batch_prob"].bool()
         return top, left, flip
 
     def __call__(self, frames: torch.Tensor, lengths: torch.Tensor, min_lengths: torch.Tensor | None = None):
@@ -898,13 +919,14 @@ class Augment:
             needed = min_lengths if min_lengths is not None else torch.ones_like(lengths)
             new_lengths = time_warp_lengths(lengths, needed, cfg.time_warp_max)
             frames, lengths = resample_frames(frames, lengths, new_lengths), new_lengths
-        top, left, flip = self.crop_boxes(frames.shape)
-        x = crop_and_flip(frames, top, left, cfg.crop_size, flip)
+        crop = round(cfg.crop_size * frames.shape[-1] / cfg.frame_size)  # the bank may hold shrunken frames
+        top, left, flip = self.crop_boxes(frames.shape, crop)
+        x = crop_and_flip(frames, top, left, crop, flip)
         if self.train and cfg.time_mask:  # zeroed frames stay black, before normalisation, as in Auto-AVSR
             for b, length in enumerate(lengths.tolist()):
                 adaptive_time_mask(x[b], length, cfg.time_mask_window, cfg.time_mask_stride)
         x = x.float()
-        if cfg.input_size != cfg.crop_size:
+        if crop != cfg.input_size:
             x = F.interpolate(x, size=(cfg.input_size, cfg.input_size), mode="area")
         x = x.mul_(1 / (255 * cfg.std)).sub_(cfg.mean / cfg.std)  # (x / 255 - mean) / std in two passes
         valid = torch.arange(x.shape[1], device=x.device)[None] < lengths.to(x.device)[:, None]
@@ -1036,6 +1058,17 @@ class MultiHeadAttention(nn.Module):
     def forward(self, query, key, value, mask=None):
         return self.attend(*self.project(query, key, value), mask)
 
+    def project_memory(self, memory):
+        return self.split_heads(self.linear_k(memory)), self.split_heads(self.linear_v(memory))
+
+    def attend_grouped(self, query, k, v, mask):
+        """query R x 1 x d, R = clips x beam rows; k, v: clips x heads x T x d_head, projected once per clip.
+        A clip's rows ask its keys together, as the query positions of one attention."""
+        n, R = k.size(0), query.size(0)
+        q = self.split_heads(self.linear_q(query)).reshape(n, R // n, self.n_heads, self.d_head).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # clips x heads x beam x d_head
+        return self.linear_out(y.transpose(1, 2).reshape(R, 1, -1))
+
 
 def relative_shift(scores):
     """B x h x T x (2T-1) scores against positions T-1 .. -(T-1) -> B x h x T x T scores for offset i - j."""
@@ -1141,8 +1174,8 @@ class PositionalEncoding(nn.Module):
         self.d = d
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x):
-        pe = sinusoids(torch.arange(x.size(1), device=x.device), self.d).to(x.dtype)
+    def forward(self, x, offset: int = 0):
+        pe = sinusoids(torch.arange(offset, offset + x.size(1), device=x.device), self.d).to(x.dtype)
         return self.dropout(x * math.sqrt(self.d) + pe)
 
 
@@ -1158,15 +1191,53 @@ class DecoderBlock(nn.Module):
         self.norm3 = layer_norm(d)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, self_mask, memory, memory_mask, cache=None):
-        """With `cache` (this block's outputs for all but the last position) only the last position is computed."""
+    def forward(self, x, self_mask, memory, memory_mask):
         h = self.norm1(x)
-        if cache is not None:
-            x, self_mask = x[:, -1:], self_mask[-1:]
-        x = x + self.dropout(self.self_attn(h[:, -x.size(1):], h, h, self_mask))
+        x = x + self.dropout(self.self_attn(h, h, h, self_mask))
         x = x + self.dropout(self.src_attn(self.norm2(x), memory, memory, memory_mask))
-        x = x + self.dropout(self.feed_forward(self.norm3(x)))
-        return x if cache is None else torch.cat([cache, x], dim=1)
+        return x + self.dropout(self.feed_forward(self.norm3(x)))
+
+    def step(self, x, past, order, memory_kv, memory_mask):
+        """The newest position only (x: R x 1 x d), attending to the keys and values of the earlier ones
+        (past, None at the first step; row r continues past row order[r]). -> (output, keys and values up to
+        this position)."""
+        h = self.norm1(x)
+        q, k, v = self.self_attn.project(h, h, h)
+        if past is not None:
+            k, v = append_position(past[0], k, order), append_position(past[1], v, order)
+        x = x + self.self_attn.attend(q, k, v, None)
+        x = x + self.src_attn.attend_grouped(self.norm2(x), *memory_kv, memory_mask)
+        return x + self.feed_forward(self.norm3(x)), (k, v)
+
+
+def append_position(past, new, order):
+    """R x heads x L x d_head keys (or values) with rows picked by `order` (None: as they are), and the newest
+    position appended: one copy, where reordering and concatenating would make two."""
+    out = new.new_empty(new.size(0), past.size(1), past.size(2) + 1, past.size(3))
+    if order is None:
+        out[:, :, :-1] = past
+    else:
+        torch.index_select(past, 0, order, out=out[:, :, :-1])
+    out[:, :, -1:] = new
+    return out
+
+
+@dataclass
+class DecoderCache:
+    """What incremental decoding keeps between steps: every block's projected encoder output (one copy per
+    clip, shared by the clip's rows) and the self-attention keys and values of each row's positions so far."""
+    memory: list[tuple[torch.Tensor, torch.Tensor]]
+    memory_mask: torch.Tensor  # clips x 1 x 1 x T
+    past: list
+    order: torch.Tensor | None = None  # the past row each row continues; applied with the next step's append
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        self.order = rows if self.order is None else self.order[rows]
+
+    def keep_clips(self, clips: torch.Tensor, rows: torch.Tensor, frames: int) -> None:
+        self.memory = [(k[clips, :, :frames], v[clips, :, :frames]) for k, v in self.memory]
+        self.memory_mask = self.memory_mask[clips, ..., :frames]
+        self.select_rows(rows.nonzero().flatten())
 
 
 class TransformerDecoder(nn.Module):
@@ -1190,17 +1261,19 @@ class TransformerDecoder(nn.Module):
             x = block(x, self_mask, memory, memory_mask)
         return self.output_layer(self.after_norm(x))
 
-    def forward_one_step(self, tokens, memory, memory_mask=None, cache=None):
-        """tokens B x L -> (B x V log-probs of the next token, cache). cache[i] holds block i's outputs
-        (B x L-1 x d) from the previous call, so only the newest position is computed."""
-        self_mask = causal_mask(tokens.size(1), tokens.device)
-        memory_mask = None if memory_mask is None else memory_mask[:, None, None, :]
-        x = self.embed(tokens)
-        new_cache = []
+    def start(self, memory, memory_mask) -> DecoderCache:
+        """Incremental decoding begins: the encoder output is projected once per block, not once per step."""
+        return DecoderCache([block.src_attn.project_memory(memory) for block in self.decoders],
+                            memory_mask[:, None, None, :], [None] * len(self.decoders))
+
+    def step(self, tokens, position: int, cache: DecoderCache) -> torch.Tensor:
+        """R newest tokens (at `position`; R a multiple of the clips in `cache`) -> R x V log-probs of the
+        next ones, the same as `forward` on the whole prefixes gives; `cache` moves one position on."""
+        x = self.embed[1](self.embed[0](tokens[:, None]), offset=position)
         for i, block in enumerate(self.decoders):
-            x = block(x, self_mask, memory, memory_mask, None if cache is None else cache[i])
-            new_cache.append(x)
-        return self.output_layer(self.after_norm(x[:, -1])).log_softmax(-1), new_cache
+            x, cache.past[i] = block.step(x, cache.past[i], cache.order, cache.memory[i], cache.memory_mask)
+        cache.order = None
+        return self.output_layer(self.after_norm(x[:, 0])).log_softmax(-1)
 
 
 # Whole models -----------------------------------------------------------------------------------------------
@@ -1334,36 +1407,231 @@ def joint_loss(model: nn.Module, enc, mask, ctc_logits, lengths, targets, vocab:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 7. Decoding and scoring: greedy CTC and greedy attention over a whole batch; CER, WER, per-clip CER.
+# 7. Decoding and scoring: greedy CTC, greedy attention and the joint CTC/attention beam search, each over a
+#    whole batch of clips at once; CER, WER, per-clip CER.
 # ---------------------------------------------------------------------------------------------------------
 
 
-def greedy_ctc(ctc_logits: torch.Tensor, lengths: torch.Tensor, blank: int) -> list[list[int]]:
-    best = ctc_logits.argmax(-1).cpu()
+def greedy_ctc(ctc_logits: torch.Tensor, lengths: torch.Tensor, blank: int) -> list[tuple[list[int], float]]:
+    """The best label of every frame, repeats merged and blanks dropped; scored by its path's log-prob."""
+    best_lp, best = ctc_logits.float().log_softmax(-1).max(-1)
     out = []
     for b, n in enumerate(lengths.tolist()):
         path = best[b, :n].tolist()
-        out.append([t for i, t in enumerate(path) if t != blank and (i == 0 or t != path[i - 1])])
+        out.append(([t for i, t in enumerate(path) if t != blank and (i == 0 or t != path[i - 1])],
+                    float(best_lp[b, :n].sum())))
     return out
 
 
 @torch.no_grad()
-def greedy_attention(model: nn.Module, enc, mask, lengths, sos_eos: int) -> list[list[int]]:
+def greedy_attention(model: nn.Module, enc, mask, lengths, sos_eos: int) -> list[tuple[list[int], float]]:
     """The decoder's best next token, step by step for all clips at once, up to one token a frame."""
-    tokens = torch.full((enc.size(0), 1), sos_eos, dtype=torch.long, device=enc.device)
-    done = torch.zeros(enc.size(0), dtype=torch.bool, device=enc.device)
-    cache = None
-    for _ in range(int(lengths.max())):
-        log_probs, cache = model.decoder.forward_one_step(tokens, enc, mask, cache)
-        token = log_probs.argmax(-1).masked_fill(done, sos_eos)
+    n = enc.size(0)
+    tokens = torch.full((n, 1), sos_eos, dtype=torch.long, device=enc.device)
+    score = torch.zeros(n, device=enc.device)
+    done = torch.zeros(n, dtype=torch.bool, device=enc.device)
+    cache = model.decoder.start(enc, mask)
+    for step in range(int(lengths.max())):
+        best_lp, token = model.decoder.step(tokens[:, -1], step, cache).float().max(-1)
+        score += best_lp.masked_fill(done | (step >= lengths), 0.0)
+        token = token.masked_fill(done, sos_eos)
         tokens = torch.cat([tokens, token[:, None]], 1)
         done |= token == sos_eos
         if done.all():
             break
     out = []
-    for row, n in zip(tokens[:, 1:].tolist(), lengths.tolist()):
-        out.append((row[:row.index(sos_eos)] if sos_eos in row else row)[:n])
+    for row, n_frames, sc in zip(tokens[:, 1:].tolist(), lengths.tolist(), score.tolist()):
+        out.append(((row[:row.index(sos_eos)] if sos_eos in row else row)[:n_frames], sc))
     return out
+
+
+# Joint CTC/attention beam search -----------------------------------------------------------------------------
+# Auto-AVSR's search (ESPnet's BatchBeamSearch with CTCPrefixScorer) gives each clip its own search; here one
+# search runs a whole batch: rows are (clip, beam slot) pairs, a free slot carries the score -inf.
+
+LOGZERO = -1e10  # ESPnet's log(0): finite, so impossible tokens keep comparable (and identical) scores
+
+
+def ctc_log_probs(model: nn.Module, enc: torch.Tensor, lengths: torch.Tensor, blank: int) -> torch.Tensor:
+    """B x T x V log-probs; past a clip's end only blank is possible (at no cost), so the prefix recursion
+    runs through the padding without changing a clip's scores."""
+    lp = model.ctc(enc).float().log_softmax(-1)
+    pad = torch.arange(lp.size(1), device=lp.device)[None] >= lengths.to(lp.device)[:, None]
+    lp = lp.masked_fill(pad[..., None], LOGZERO)
+    lp[..., blank] = lp[..., blank].masked_fill(pad, 0.0)
+    return lp
+
+
+def ctc_prefix_scores(r, last, ids, lp, clip, prefix_len: int, blank: int):
+    """CTC prefix scores of every row's prefix extended by each of its candidate tokens, over time in one
+    vectorised recursion (time-major, so that each step reads contiguous memory). r: T x R x 2 (non-blank,
+    blank) forward log-probs of each row's prefix; last: R last tokens; ids: R x S candidates; lp: clips x V x T
+    log-probs, row r reading clip[r]'s. -> psi R x S, and the candidates' forward log-probs, two T x R x S."""
+    T = lp.size(2)
+    x_c = lp[clip[:, None], ids].permute(2, 0, 1).contiguous()  # T x R x S
+    x_blank = lp[clip, blank].t()[..., None]
+    prefix = torch.logaddexp(r[..., 0], r[..., 1])[..., None]
+    # a repeated token must pass through a blank first, so only the prefix's blank-ending paths extend it
+    phi = torch.where((ids == last[:, None])[None], r[..., 1:], prefix)
+    r_nb = torch.full_like(x_c, LOGZERO)
+    r_b = torch.full_like(x_c, LOGZERO)
+    if prefix_len == 0:
+        r_nb[0] = x_c[0]
+    start = max(prefix_len, 1)
+    for t in range(start, T):
+        r_nb[t] = torch.logaddexp(r_nb[t - 1], phi[t - 1]) + x_c[t]
+        r_b[t] = torch.logaddexp(r_nb[t - 1], r_b[t - 1]) + x_blank[t]
+    psi = torch.cat([phi[start - 1:T - 1] + x_c[start:], r_nb[start - 1:start]]).logsumexp(0)
+    return psi, (r_nb, r_b)
+
+
+def end_detected(ended: list[tuple[float, int]], step: int, m: int = 3, d_end: float = -10.0) -> bool:
+    """ESPnet's end detection: the best hypotheses that ended in each of the last m steps all score d_end or
+    more below the best ended so far. `ended` holds (score, length with sos and eos)."""
+    if not ended:
+        return False
+    best = max(s for s, _ in ended)
+    count = 0
+    for length in range(step, step - m, -1):
+        same = [s for s, n in ended if n == length]
+        count += bool(same) and max(same) - best < d_end
+    return count == m
+
+
+class Beams:
+    """The search state of a batch of clips, K rows per clip (row = clip * K + slot)."""
+
+    def __init__(self, lp, lengths, beam: int, sos: int, blank: int, decoder_cache: DecoderCache | None):
+        """lp: clips x V x T CTC log-probs."""
+        n, k = lp.size(0), beam
+        self.k, self.clips = k, torch.arange(n)  # clips: each live clip's position in the caller's batch
+        self.lp, self.lengths, self.cache = lp, lengths.cpu(), decoder_cache
+        self.row_clip = torch.arange(n, device=lp.device).repeat_interleave(k)
+        self.tokens = torch.full((n * k, 1), sos, dtype=torch.long, device=lp.device)
+        self.score = torch.full((n, k), -math.inf, device=lp.device)
+        self.score[:, 0] = 0.0  # one hypothesis (sos) to start from
+        self.r = lp.new_full((lp.size(2), n * k, 2), LOGZERO)  # time-major: T x rows x (non-blank, blank)
+        self.r[..., 1] = lp[:, blank].cumsum(1).repeat_interleave(k, 0).t()
+        self.psi = lp.new_zeros(n * k)  # the CTC prefix score of each row's prefix
+
+    def keep(self, live: torch.Tensor) -> None:
+        """Drop finished clips (live: bool per current clip), and the frames no live clip has."""
+        live = live.to(self.lp.device)
+        rows = live.repeat_interleave(self.k)
+        T = int(self.lengths[live.cpu()].max())
+        self.clips, self.lengths = self.clips[live.cpu()], self.lengths[live.cpu()]
+        self.lp, self.score = self.lp[live, :, :T], self.score[live]
+        self.row_clip = torch.arange(len(self.clips), device=self.lp.device).repeat_interleave(self.k)
+        self.tokens, self.r, self.psi = self.tokens[rows], self.r[:T, rows], self.psi[rows]
+        if self.cache is not None:
+            self.cache.keep_clips(live, rows, T)
+
+
+def search_settings(model: nn.Module, cfg: Config, vocab_size: int) -> SimpleNamespace:
+    w = 1.0 if model.decoder is None else cfg.beam_ctc_weight  # a CTC-only model gets a CTC prefix search
+    pre_beam = int(1.5 * cfg.beam_size)
+    return SimpleNamespace(w=w, use_decoder=w < 1, use_ctc=w > 0,
+                           pre_beam=pre_beam if w < 1 and pre_beam < vocab_size else 0)
+
+
+def joint_scores(model, beams: Beams, s: SimpleNamespace, cfg: Config, vocab: Vocabulary, step: int):
+    """Every row's total score for each next token, summed in ESPnet's order (decoder, length bonus, CTC,
+    the row's own score), and the CTC side's (candidates, psi over the vocabulary, forward variables)."""
+    R, V, device = beams.tokens.size(0), vocab.size, beams.lp.device
+    weighted = torch.zeros(R, V, device=device)
+    if s.use_decoder:
+        weighted += (1 - s.w) * model.decoder.step(beams.tokens[:, -1], step, beams.cache).float()
+    if cfg.length_bonus:
+        weighted += cfg.length_bonus
+    ctc = None
+    if s.use_ctc:
+        ids = weighted.topk(s.pre_beam, -1).indices if s.pre_beam else torch.arange(V, device=device).expand(R, V)
+        psi, r_new = ctc_prefix_scores(beams.r, beams.tokens[:, -1], ids, beams.lp, beams.row_clip, step, vocab.blank)
+        psi_full = psi.new_full((R, V), LOGZERO).scatter_(1, ids, psi)
+        ends = beams.lengths.to(device)[beams.row_clip] - 1  # eos: every path of the prefix, to the clip's end
+        psi_full[:, vocab.sos_eos] = torch.logaddexp(beams.r[..., 0], beams.r[..., 1])[ends, torch.arange(R, device=device)]
+        psi_full[:, vocab.blank] = LOGZERO
+        weighted += s.w * (psi_full - beams.psi[:, None])
+        ctc = (ids, psi_full, r_new)
+    return weighted + beams.score.view(R, 1), ctc
+
+
+def record_ended(ended: list, rows: list[int], beams: Beams, parent, token, score, last_step, eos: int) -> None:
+    """Add the hypotheses of `rows` that have just finished to their clip's list: (score, length, tokens)."""
+    tokens = torch.cat([beams.tokens[parent, 1:], token[:, None]], 1)[rows].tolist()
+    for row, seq, value in zip(rows, tokens, score.view(-1)[rows].tolist()):
+        clip = row // beams.k
+        # at a clip's last step eos is appended to every hypothesis, even to one that has just chosen it
+        length = len(seq) + 1 + bool(last_step[clip])
+        ended[int(beams.clips[clip])].append((value, length, [t for t in seq if t != eos]))
+
+
+def advance(beams: Beams, parent, token, score, done_row, ctc) -> None:
+    """Move the beams to the chosen extensions; finished ones free their slots."""
+    if ctc is not None:
+        ids, psi_full, (r_nb, r_b) = ctc
+        slot = (ids[parent] == token[:, None]).float().argmax(1)  # where the token sat among its row's candidates
+        beams.r = torch.stack([r_nb[:, parent, slot], r_b[:, parent, slot]], -1)
+        beams.psi = psi_full[parent, token]
+    beams.tokens = torch.cat([beams.tokens[parent], token[:, None]], 1)
+    beams.score = score.masked_fill(done_row.view(score.shape), -math.inf)
+    if beams.cache is not None:
+        beams.cache.select_rows(parent)
+
+
+@torch.no_grad()
+def beam_search_batch(model, enc, mask, lengths, vocab: Vocabulary, cfg: Config) -> list[list[tuple[list[int], float]]]:
+    """The n-best (tokens, score) of each clip, best first, by Auto-AVSR's joint CTC/attention search."""
+    s = search_settings(model, cfg, vocab.size)
+    K, V, eos = cfg.beam_size, vocab.size, vocab.sos_eos
+    lengths = lengths.cpu()
+    max_len = lengths if cfg.max_length_ratio == 0 else (lengths * cfg.max_length_ratio).long().clamp(min=1)
+    min_len = (lengths * cfg.min_length_ratio).long()
+    beams = Beams(ctc_log_probs(model, enc, lengths, vocab.blank).transpose(1, 2).contiguous(), lengths, K, eos, vocab.blank,
+                  model.decoder.start(enc, mask) if s.use_decoder else None)
+    ended: list[list[tuple[float, int, list[int]]]] = [[] for _ in lengths]  # (score, length, tokens) per clip
+    for step in range(int(max_len.max())):
+        weighted, ctc = joint_scores(model, beams, s, cfg, vocab, step)
+        weighted[(step < min_len[beams.clips]).repeat_interleave(K).to(weighted.device), eos] = -math.inf
+        score, flat = weighted.view(-1, K * V).topk(K, -1)
+        parent = (flat // V + torch.arange(len(beams.clips), device=flat.device)[:, None] * K).view(-1)
+        token = (flat % V).view(-1)
+        last_step = step == max_len[beams.clips] - 1
+        done_row = (token == eos) | last_step.repeat_interleave(K).to(token.device)
+        finished = (done_row & (score.view(-1) > -math.inf)).nonzero().flatten().tolist()
+        if finished:
+            record_ended(ended, finished, beams, parent, token, score, last_step, eos)
+        advance(beams, parent, token, score, done_row, ctc)
+        live = torch.tensor([not (last_step[j] or beams.score[j].max() == -math.inf or
+                                  (cfg.max_length_ratio == 0 and end_detected([e[:2] for e in ended[c]], step)))
+                             for j, c in enumerate(beams.clips.tolist())])
+        if not live.any():
+            break
+        if not live.all():
+            beams.keep(live)
+    return [[(seq, score) for score, _, seq in sorted(e, key=lambda h: -h[0])[:cfg.nbest]] for e in ended]
+
+
+BEAM_MEMORY = 2 ** 30  # bytes one beam search may hold in its largest tensors
+
+
+def beam_chunk_clips(cfg: Config, vocab_size: int, frames: int, d_model: int) -> int:
+    """Clips searched at once: the CTC candidates' forward variables (and their temporaries) and the
+    decoder's rows stay within BEAM_MEMORY bytes."""
+    candidates = vocab_size if cfg.beam_ctc_weight == 1 else max(int(1.5 * cfg.beam_size), 1)
+    per_clip = 4 * cfg.beam_size * frames * (6 * candidates + 8 * d_model)
+    return max(1, BEAM_MEMORY // per_clip)
+
+
+def decode(model: nn.Module, enc, mask, lengths, vocab: Vocabulary, cfg: Config) -> list[list[tuple[list[int], float]]]:
+    """Test's and decode's one entry point: each clip's n-best (tokens, score), best first, by --decoder."""
+    if cfg.decoder == "attention" and model.decoder is not None:
+        return [[h] for h in greedy_attention(model, enc, mask, lengths, vocab.sos_eos)]
+    if cfg.decoder != "beam":
+        return [[h] for h in greedy_ctc(model.ctc(enc), lengths, vocab.blank)]
+    step = beam_chunk_clips(cfg, vocab.size, enc.size(1), enc.size(2))
+    return [hyps for i in range(0, enc.size(0), step)
+            for hyps in beam_search_batch(model, enc[i:i + step], mask[i:i + step], lengths[i:i + step], vocab, cfg)]
 
 
 def words_of(ids: list[int], vocab: Vocabulary) -> list[tuple[int, ...]]:
@@ -1399,11 +1667,15 @@ def eval_batches(ds: Dataset, index: list[int], cfg: Config) -> list[list[int]]:
 
 
 @torch.no_grad()
-def evaluate(model, ds: Dataset, index: list[int], vocab: Vocabulary, cfg: Config, device) -> dict:
-    """Loss and error rates on clips seen without augmentation; hypotheses by greedy CTC and attention."""
+def evaluate(model, ds: Dataset, index: list[int], vocab: Vocabulary, cfg: Config, device,
+             decoders: tuple[str, ...] = ("ctc", "attention")) -> dict:
+    """Loss, and error rates and n-best lists per decoder, on clips seen without augmentation. Every epoch
+    asks for the two greedy decoders; test adds the one it reports."""
     model.eval()
     augment = Augment(cfg, train=False)
-    totals, seen, refs, hyp_ctc, hyp_att, order = Counter(), 0, [], [], [], []
+    decoders = tuple(d for d in decoders if d != "attention" or model.decoder is not None)
+    totals, seen, refs, order = Counter(), 0, [], []
+    nbest: dict[str, list] = {d: [] for d in decoders}
     for batch in eval_batches(ds, index, cfg):
         chosen = [index[i] for i in batch]
         frames, lengths = ds.bank.batch(chosen)
@@ -1411,21 +1683,17 @@ def evaluate(model, ds: Dataset, index: list[int], vocab: Vocabulary, cfg: Confi
         targets = [ds.samples[i].ids for i in chosen]
         with autocast(device, cfg):
             enc, mask = model.encode(x, lengths.to(device))
-            ctc_logits = model.ctc(enc)
-            parts = joint_loss(model, enc, mask, ctc_logits, lengths.to(device), targets, vocab, cfg)
+            parts = joint_loss(model, enc, mask, model.ctc(enc), lengths.to(device), targets, vocab, cfg)
+            for d in decoders:
+                nbest[d] += decode(model, enc, mask, lengths.to(device), vocab, dataclasses.replace(cfg, decoder=d))
         for k, v in parts.items():
             totals[k] += v.item() * len(chosen)
         seen += len(chosen)
         refs += targets
         order += chosen
-        hyp_ctc += greedy_ctc(ctc_logits.float(), lengths, vocab.blank)
-        if model.decoder is not None:
-            with autocast(device, cfg):
-                hyp_att += greedy_attention(model, enc, mask, lengths.to(device), vocab.sos_eos)
     result = {k: v / max(seen, 1) for k, v in totals.items()}
-    result["ctc"] = error_rates(refs, hyp_ctc, vocab)
-    result["att"] = error_rates(refs, hyp_att, vocab) if hyp_att else None
-    result["rows"] = {"order": order, "refs": refs, "ctc": hyp_ctc, "attention": hyp_att or None}
+    result.update({d: error_rates(refs, [hyps[0][0] for hyps in nbest[d]], vocab) for d in decoders})
+    result["rows"] = {"order": order, "refs": refs, **nbest}
     return result
 
 
@@ -1582,7 +1850,7 @@ def steps_per_epoch(ds: Dataset, cfg: Config) -> int:
 
 
 def epoch_row(epoch, train, val, lr, seconds) -> dict:
-    att = (val or {}).get("att") or {}
+    att = (val or {}).get("attention") or {}
     ctc = (val or {}).get("ctc") or {}
     return {"epoch": epoch, "train_loss": train["loss"], "train_ctc": train["ctc"], "train_att": train["att"],
             "val_loss": (val or {}).get("loss"), "val_cer_ctc": ctc.get("cer"), "val_cer_att": att.get("cer"),
@@ -1612,8 +1880,11 @@ def write_metrics(history: list[dict], work: Path) -> None:
 
 
 def selection_cer(row: dict, decoder: str) -> float:
-    """best.pt is the epoch whose validation CER is lowest under the decoder that will be used (--decoder)."""
-    value = row["val_cer_att"] if decoder == "attention" and row["val_cer_att"] is not None else row["val_cer_ctc"]
+    """best.pt is the epoch whose validation CER (greedy, for speed) is lowest for the decoder that will be used."""
+    ctc, att = row["val_cer_ctc"], row["val_cer_att"]
+    if decoder == "beam" and att is not None and ctc is not None:  # the joint search tracks the better of its two scorers
+        return min(ctc, att)
+    value = att if decoder == "attention" and att is not None else ctc
     return math.inf if value is None else value
 
 
@@ -1797,7 +2068,7 @@ def read_config_file(path: str) -> dict:
 CHOICES = {"mode": ("train", "test", "decode", "stats", "vocab", "synth"), "data": ("auto", "files", "synthetic"),
            "units": ("diacritized", "letters"), "unknown_units": ("skip", "map"), "arch": ("conformer", "baseline"),
            "preset": ("tiny", "small", "base"), "amp": ("auto", "off"), "split": ("train", "val", "test", "all"),
-           "decoder": ("attention", "ctc")}
+           "decoder": ("beam", "attention", "ctc")}
 
 
 def validate(cfg: Config) -> Config:
@@ -1810,6 +2081,11 @@ def validate(cfg: Config) -> Config:
     if not problems:  # the ranges can only be compared once the types are right
         checks = [(cfg.accum_steps >= 1, "--accum-steps must be 1 or more"),
                   (0 <= cfg.ctc_weight <= 1, "--ctc-weight must lie in [0, 1]"),
+                  (0 <= cfg.beam_ctc_weight <= 1, "--beam-ctc-weight must lie in [0, 1]"),
+                  (cfg.beam_size >= 1 and cfg.nbest >= 1, "--beam-size and --nbest must be 1 or more"),
+                  (cfg.nbest <= cfg.beam_size, "--nbest cannot exceed --beam-size"),
+                  (0 <= cfg.min_length_ratio <= 1 and 0 <= cfg.max_length_ratio <= 1,
+                   "--min-length-ratio and --max-length-ratio must lie in [0, 1] (CTC emits at most a unit a frame)"),
                   (cfg.input_size <= cfg.crop_size <= cfg.frame_size, "sizes must satisfy input <= crop <= frame size")]
         problems = [why for ok, why in checks if not ok]
     if problems:
@@ -1827,7 +2103,8 @@ def parse_config(argv: list[str]) -> Config:
 
 def run_stats(cfg: Config) -> dict:
     vocab = load_vocabulary(cfg)
-    stats = dataset_stats(load_dataset(cfg, vocab, torch.device("cpu")), vocab)
+    full_frames = dataclasses.replace(cfg, input_size=cfg.crop_size)  # pixel figures of the clips as they are
+    stats = dataset_stats(load_dataset(full_frames, vocab, torch.device("cpu")), vocab)
     print_stats(stats)
     work = Path(cfg.work_dir)
     write_json(work / "stats.json", stats)
@@ -1877,66 +2154,98 @@ def checkpoint_path(cfg: Config) -> Path:
     return Path(cfg.checkpoint) if cfg.checkpoint else Path(cfg.work_dir) / "checkpoints" / "best.pt"
 
 
+def decoding_settings(model: nn.Module, cfg: Config) -> dict:
+    if cfg.decoder != "beam":
+        return {"decoder": cfg.decoder if model.decoder is not None else "ctc", "search": "greedy"}
+    return {"decoder": "beam", "beam_size": cfg.beam_size, "ctc_weight": search_settings(model, cfg, 0).w,
+            "max_length_ratio": cfg.max_length_ratio, "min_length_ratio": cfg.min_length_ratio,
+            "length_bonus": cfg.length_bonus, "nbest": cfg.nbest}
+
+
 def run_test(cfg: Config, ds: Dataset | None = None) -> dict:
-    """Score a checkpoint on a split: predictions.csv, test_metrics.json, and `CER=... WER=... n=...` last."""
+    """Score a checkpoint on a split: predictions.csv (and nbest.csv), test_metrics.json, and
+    `CER=... WER=... n=...` as the last line."""
     device = pick_device(cfg.device)
     model, vocab, model_cfg = model_from_checkpoint(checkpoint_path(cfg), cfg, device)
     ds = ds or load_dataset(model_cfg, vocab, device)
     index = list(range(len(ds.samples))) if cfg.split == "all" else ds.subset(cfg.split)
     if not index:
         raise UserError(f"The {cfg.split} split has no clips; choose another with --split (train, val, test, all).")
-    result = evaluate(model, ds, index, vocab, model_cfg, device)
-    decoder = "attention" if cfg.decoder == "attention" and result["att"] else "ctc"
-    scores = result["att"] if decoder == "attention" else result["ctc"]
-    order, refs, hyps = result["rows"]["order"], result["rows"]["refs"], result["rows"][decoder]
+    decoding = decoding_settings(model, model_cfg)
+    t0 = time.perf_counter()
+    result = evaluate(model, ds, index, vocab, model_cfg, device, tuple(dict.fromkeys(("ctc", decoding["decoder"]))))
+    seconds = time.perf_counter() - t0
+    order, refs, nbest = result["rows"]["order"], result["rows"]["refs"], result["rows"][decoding["decoder"]]
     work = Path(cfg.work_dir)
 
     def write_predictions(tmp):
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
-            writer.writerow(["id", "reference", "hypothesis", "cer"])
-            for i, ref, hyp in zip(order, refs, hyps):
-                writer.writerow([ds.samples[i].stem, vocab.decode(ref), vocab.decode(hyp),
-                                 round(error_rates([ref], [hyp], vocab)["cer"], 4)])
+            writer.writerow(["id", "reference", "hypothesis", "cer", "score"])
+            for i, ref, hyps in zip(order, refs, nbest):
+                writer.writerow([ds.samples[i].stem, vocab.decode(ref), vocab.decode(hyps[0][0]),
+                                 round(error_rates([ref], [hyps[0][0]], vocab)["cer"], 4), round(hyps[0][1], 4)])
+
+    def write_nbest(tmp):
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["id", "rank", "hypothesis", "cer", "score"])
+            for i, ref, hyps in zip(order, refs, nbest):
+                writer.writerows([ds.samples[i].stem, rank, vocab.decode(hyp),
+                                  round(error_rates([ref], [hyp], vocab)["cer"], 4), round(score, 4)]
+                                 for rank, (hyp, score) in enumerate(hyps, 1))
     atomic_write(work / "predictions.csv", write_predictions)
-    decoding = {"decoder": decoder, "search": "greedy"}
+    if model_cfg.nbest > 1 and decoding["decoder"] == "beam":
+        atomic_write(work / "nbest.csv", write_nbest)
+    scores = result[decoding["decoder"]]
     metrics = {**{k: scores[k] for k in ("cer", "wer", "cer_mean_per_clip", "n")}, "split": cfg.split,
                "checkpoint": str(checkpoint_path(cfg)), "decoding": decoding,
-               "cer_greedy_ctc": result["ctc"]["cer"]}
+               "cer_greedy_ctc": result["ctc"]["cer"], "seconds": round(seconds, 2)}
     write_json(work / "test_metrics.json", metrics)
     print(f"CER={metrics['cer']:.4f} WER={fmt(metrics['wer'], '.4f')} n={metrics['n']}")
     return metrics
 
 
-def run_decode(cfg: Config) -> list[tuple[str, str]]:
-    """One hypothesis per clip of --input (a clip or a folder), printed as `name<TAB>text`."""
-    source = Path(cfg.input)
-    if not cfg.input or not source.exists():
-        raise UserError(f"--mode decode needs --input, a clip or a folder of clips ({cfg.input!r} not found).")
-    device = pick_device(cfg.device)
-    model, vocab, model_cfg = model_from_checkpoint(checkpoint_path(cfg), cfg, device)
+def read_clips_to_decode(source: Path, frame_size: int) -> list[tuple[str, np.ndarray]]:
+    """Every readable clip of --input with the frame size the model wants; the others are named and skipped."""
     paths = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.suffix.lower() in VIDEO_EXTS)
-    out = []
+    clips = []
     for path in paths:
         try:
             frames = read_video(path)
         except ValueError as e:
             print(f"Skipped {path}: {e}", file=sys.stderr)
             continue
-        if frames.shape[1:] != (model_cfg.frame_size, model_cfg.frame_size):
+        if frames.shape[1:] != (frame_size, frame_size):
             print(f"Skipped {path}: frames are {frames.shape[2]} x {frames.shape[1]}, the model wants "
-                  f"{model_cfg.frame_size} x {model_cfg.frame_size} mouth crops.", file=sys.stderr)
+                  f"{frame_size} x {frame_size} mouth crops.", file=sys.stderr)
             continue
-        x, lengths = Augment(model_cfg, train=False)(torch.from_numpy(frames)[None].to(device),
-                                                      torch.tensor([len(frames)]))
+        clips.append((path.stem, frames))
+    return clips
+
+
+def run_decode(cfg: Config) -> list[tuple[str, list[tuple[str, float]]]]:
+    """The hypotheses of every clip of --input (a clip or a folder), printed `name<TAB>text`, or with
+    --nbest N, N lines `name<TAB>rank<TAB>score<TAB>text` a clip."""
+    source = Path(cfg.input)
+    if not cfg.input or not source.exists():
+        raise UserError(f"--mode decode needs --input, a clip or a folder of clips ({cfg.input!r} not found).")
+    device = pick_device(cfg.device)
+    model, vocab, model_cfg = model_from_checkpoint(checkpoint_path(cfg), cfg, device)
+    clips = read_clips_to_decode(source, model_cfg.frame_size)
+    augment, out = Augment(model_cfg, train=False), []
+    for batch in frame_budget_batches([len(f) for _, f in clips], model_cfg.max_frames, random.Random(0)):
+        frames, lengths = ClipBank([clips[i][1] for i in batch], device).batch(list(range(len(batch))))
+        x, lengths = augment(frames, lengths)
         with torch.no_grad(), autocast(device, model_cfg):
             enc, mask = model.encode(x, lengths.to(device))
-            if model.decoder is not None and cfg.decoder == "attention":
-                hyp = greedy_attention(model, enc, mask, lengths.to(device), vocab.sos_eos)[0]
-            else:
-                hyp = greedy_ctc(model.ctc(enc).float(), lengths, vocab.blank)[0]
-        out.append((path.stem, vocab.decode(hyp)))
-        print(f"{path.stem}\t{out[-1][1]}", flush=True)
+            nbest = decode(model, enc, mask, lengths.to(device), vocab, model_cfg)
+        for i, hyps in zip(batch, nbest):
+            out.append((clips[i][0], [(vocab.decode(ids), score) for ids, score in hyps]))
+    out.sort()
+    for name, hyps in out:
+        for rank, (text, score) in enumerate(hyps, 1):
+            print(f"{name}\t{text}" if model_cfg.nbest == 1 else f"{name}\t{rank}\t{score:.4f}\t{text}")
     return out
 
 

@@ -34,10 +34,11 @@ for label in ("first run (decode every clip, fill the cache)", "later runs (from
 
 print(f"\nbatches from memory on {device}, frame budget {cfg.max_frames}:")
 print(f"{'preset':8} {'input':>6} {'batch':>6} {'data ms':>8} {'step s':>8} {'data %':>7}")
-for preset in args.presets.split(","):
-    for size in map(int, args.input_sizes.split(",")):
-        run = m.dataclasses.replace(cfg, preset=preset, input_size=size)
-        r = time_training_steps(run, ds, vocab, device, steps=args.steps)
+for size in map(int, args.input_sizes.split(",")):
+    sized = m.dataclasses.replace(cfg, input_size=size)
+    ds = m.load_dataset(sized, vocab, device)  # from the cache; the bank keeps frames at the scale they are used
+    for preset in args.presets.split(","):
+        r = time_training_steps(m.dataclasses.replace(sized, preset=preset), ds, vocab, device, steps=args.steps)
         print(f"{preset:8} {size:6d} {r['batch']:6.0f} {r['data_ms']:8.1f} {r['step_s']:8.2f} "
               f"{100 * r['data_share']:6.1f}%", flush=True)
 shutil.rmtree(scratch)

@@ -111,3 +111,20 @@ def test_time_warp_runs_in_the_augmentation_when_switched_on():
     lengths = torch.full((16,), 30)
     x, new = m.Augment(cfg, train=True)(frames, lengths, torch.full((16,), 12))
     assert (new != 30).any() and x.shape[1] == int(new.max()) and torch.all(new >= 12)
+
+
+def test_frames_kept_shrunk_give_the_input_the_full_size_path_gives():
+    """With input 44 from crop 88, the bank keeps 56 x 56 frames and cuts 44 directly: the same picture as
+    cutting 88 from 112 and area-resizing, up to uint8 rounding."""
+    cfg = m.Config(input_size=44)
+    assert m.stored_size(cfg) == 56 and m.stored_size(m.Config(input_size=40)) == 112
+    rng = __import__("numpy").random.default_rng(0)
+    clips = [rng.integers(0, 256, (n, 112, 112), dtype="uint8") for n in (30, 25)]
+    full = m.ClipBank(clips, torch.device("cpu")).batch([0, 1])
+    small = m.ClipBank(clips, torch.device("cpu"), m.stored_size(cfg)).batch([0, 1])
+    assert small[0].shape == (2, 30, 56, 56)
+    expected, _ = m.Augment(cfg, train=False)(*full)
+    x, _ = m.Augment(cfg, train=False)(*small)
+    assert x.shape == expected.shape == (2, 30, 44, 44)
+    assert (x - expected).abs().max() < 1 / (255 * cfg.std) + 1e-5
+    assert x[1, 25:].abs().sum() == 0

@@ -1,14 +1,18 @@
-"""Section 7: greedy decoding and the error rates, on cases worked out by hand."""
+"""Section 7: greedy decoding, the batched beam search against a one-clip reference of Auto-AVSR's search,
+and the error rates on cases worked out by hand."""
+import dataclasses
+
 import pytest
 import torch
 
+from beam_reference import beam_search_one_clip
 from conftest import m
 
 
 def test_greedy_ctc_collapses_repeats_and_drops_blanks_within_each_clip():
     path = torch.tensor([[0, 3, 3, 0, 3, 4, 4, 0], [5, 5, 0, 6, 9, 9, 9, 9]])
     logits = torch.nn.functional.one_hot(path, 10).float()
-    assert m.greedy_ctc(logits, torch.tensor([8, 4]), 0) == [[3, 3, 4], [5, 6]]
+    assert [ids for ids, _ in m.greedy_ctc(logits, torch.tensor([8, 4]), 0)] == [[3, 3, 4], [5, 6]]
 
 
 def test_error_rates_count_units_without_word_boundaries_words_and_per_clip():
@@ -34,11 +38,151 @@ def test_greedy_attention_stops_at_eos_and_matches_one_clip_at_a_time():
         for b in range(3):
             n = int(lengths[b])
             alone_enc, alone_mask = model.encode(x[b:b + 1, :n], lengths[b:b + 1])
-            assert m.greedy_attention(model, alone_enc, alone_mask, lengths[b:b + 1], 29) == [together[b]]
-    assert all(29 not in hyp and len(hyp) <= n for hyp, n in zip(together, lengths.tolist()))
+            [(ids, score)] = m.greedy_attention(model, alone_enc, alone_mask, lengths[b:b + 1], 29)
+            assert ids == together[b][0] and score == pytest.approx(together[b][1], abs=1e-4)
+    assert all(29 not in hyp and len(hyp) <= n for (hyp, _), n in zip(together, lengths.tolist()))
 
 
 def test_wer_is_not_reported_without_word_boundaries():
     vocab = m.Vocabulary.seed()
     rates = m.error_rates([[1, 2, 3]], [[1, 2]], vocab)
     assert rates["wer"] is None and rates["cer"] == pytest.approx(1 / 3)
+
+
+# Beam search -------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def clips():
+    """Frames of four clips of different lengths, padded into one batch."""
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.tensor([18, 11, 15, 8])
+    return torch.randn(4, 18, 44, 44, generator=g), lengths
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model fitted to 4 built-in clips (60 steps): peaked outputs and hypotheses that end by
+    themselves, unlike an untrained model's."""
+    torch.manual_seed(0)
+    cfg = m.Config(preset="tiny", input_size=44, synthetic_clips=8, lr=3e-3, warmup_epochs=0, ctc_weight=0.3,
+                   work_dir=str(tmp_path_factory.mktemp("work")))
+    vocab = m.load_vocabulary(cfg)
+    ds = m.load_dataset(cfg, vocab, torch.device("cpu"))
+    model = m.build_model(cfg, vocab.size)
+    optimizer, scheduler = m.make_optimizer(model, cfg, 1000)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    x, lengths, targets = m.training_batch(ds, [0, 1, 2, 3], m.Augment(cfg, train=False), torch.device("cpu"))
+    model.train()
+    for _ in range(60):
+        m.backward_pass(model, x, lengths, targets, vocab, cfg, torch.device("cpu"), scaler)
+        m.optimizer_step(model, optimizer, scheduler, scaler, cfg)
+    model.eval()
+    with torch.no_grad():
+        hyps = [ids for ids, _ in m.greedy_ctc(model.ctc(model.encode(x, lengths)[0]), lengths, vocab.blank)]
+    assert m.error_rates(targets, hyps, vocab)["cer"] < 0.3  # it did learn
+    return model, x, lengths
+
+
+def untrained_model():
+    torch.manual_seed(2)
+    return m.build_model(m.Config(preset="tiny", input_size=44), m.Vocabulary.seed().size).eval()
+
+
+def searched(model, x, lengths, **settings):
+    vocab = m.Vocabulary.seed()
+    cfg = m.Config(preset="tiny", input_size=44, **settings)
+    with torch.no_grad():
+        enc, mask = model.encode(x, lengths)
+        return m.beam_search_batch(model, enc, mask, lengths, vocab, cfg)
+
+
+def reference(model, x, lengths, beam, ctc_weight, **settings):
+    vocab, out = m.Vocabulary.seed(), []
+    with torch.no_grad():
+        for b, n in enumerate(lengths.tolist()):
+            enc, _ = model.encode(x[b:b + 1, :n], lengths[b:b + 1])  # the clip alone, as Auto-AVSR decodes
+            out.append(beam_search_one_clip(model, enc, beam, ctc_weight, vocab.sos_eos, vocab.blank, **settings))
+    return out
+
+
+@pytest.mark.parametrize("which", ["untrained", "trained"])
+@pytest.mark.parametrize("beam", [1, 3, 10])
+def test_batched_search_gives_the_one_clip_reference_best_hypothesis_and_score(which, beam, clips, trained):
+    model, x, lengths = (untrained_model(), *clips) if which == "untrained" else trained
+    eos = m.Vocabulary.seed().sos_eos
+    for w in (0.0, 0.1, 0.3, 0.5, 1.0):
+        got = searched(model, x, lengths, beam_size=beam, beam_ctc_weight=w)
+        for b, ended in enumerate(reference(model, x, lengths, beam, w)):
+            best = ended[0]
+            assert got[b][0][0] == [t for t in best["yseq"][1:] if t != eos], (which, beam, w, b)
+            assert got[b][0][1] == pytest.approx(best["score"], abs=1e-4), (which, beam, w, b)
+
+
+def test_length_bonus_and_max_length_ratio_follow_the_reference(trained):
+    model, x, lengths = trained
+    eos = m.Vocabulary.seed().sos_eos
+    for settings in ({"length_bonus": 2.0}, {"max_length_ratio": 0.3}):
+        got = searched(model, x, lengths, beam_size=4, beam_ctc_weight=0.3, **settings)
+        for b, ended in enumerate(reference(model, x, lengths, 4, 0.3, **settings)):
+            assert got[b][0][0] == [t for t in ended[0]["yseq"][1:] if t != eos]
+            assert got[b][0][1] == pytest.approx(ended[0]["score"], abs=1e-4)
+
+
+def test_a_finished_hypothesis_ctc_prefix_score_is_minus_its_ctc_loss(trained):
+    """With CTC alone, a hypothesis that chose eos scores the sum of its CTC steps: log p_ctc(tokens | clip)."""
+    model, x, lengths = trained
+    vocab = m.Vocabulary.seed()
+    nbest = searched(model, x, lengths, beam_size=5, beam_ctc_weight=1.0, nbest=5)
+    with torch.no_grad():
+        log_probs = model.ctc(model.encode(x, lengths)[0]).log_softmax(-1)
+    checked = 0
+    for b, hyps in enumerate(nbest):
+        for ids, score in hyps:
+            if not ids or len(ids) >= int(lengths[b]) - 1:  # empty or cut at the last step: not ended by eos
+                continue
+            loss = torch.nn.functional.ctc_loss(log_probs[b:b + 1, :lengths[b]].transpose(0, 1),
+                                                torch.tensor([ids]), lengths[b:b + 1], torch.tensor([len(ids)]),
+                                                blank=vocab.blank, reduction="sum")
+            assert score == pytest.approx(-loss.item(), abs=1e-3)
+            checked += 1
+    assert checked >= 4
+
+
+def test_nbest_lists_are_distinct_and_sorted_and_min_length_holds(trained):
+    model, x, lengths = trained
+    nbest = searched(model, x, lengths, beam_size=6, beam_ctc_weight=0.3, nbest=4)
+    for hyps in nbest:
+        assert 1 <= len(hyps) <= 4
+        assert [s for _, s in hyps] == sorted((s for _, s in hyps), reverse=True)
+        assert len({tuple(ids) for ids, _ in hyps}) == len(hyps)
+    longer = searched(model, x, lengths, beam_size=6, beam_ctc_weight=0.3, min_length_ratio=0.5)
+    assert all(len(hyps[0][0]) >= int(0.5 * n) for hyps, n in zip(longer, lengths.tolist()))
+
+
+def test_chunks_give_the_same_answers_as_one_search(trained, monkeypatch):
+    model, x, lengths = trained
+    vocab = m.Vocabulary.seed()
+    cfg = m.Config(preset="tiny", input_size=44, beam_size=5, nbest=3)
+    with torch.no_grad():
+        enc, mask = model.encode(x, lengths)
+        whole = m.decode(model, enc, mask, lengths, vocab, cfg)
+        monkeypatch.setattr(m, "BEAM_MEMORY", 1)  # one clip a chunk
+        assert m.beam_chunk_clips(cfg, vocab.size, enc.size(1), enc.size(2)) == 1
+        chunked = m.decode(model, enc, mask, lengths, vocab, cfg)
+    assert [[ids for ids, _ in h] for h in chunked] == [[ids for ids, _ in h] for h in whole]
+    assert [s for h in chunked for _, s in h] == pytest.approx([s for h in whole for _, s in h], abs=1e-4)
+
+
+def test_one_entry_point_for_every_decoder_and_a_ctc_search_for_the_baseline(trained):
+    model, x, lengths = trained
+    vocab = m.Vocabulary.seed()
+    with torch.no_grad():
+        enc, mask = model.encode(x, lengths)
+        ctc = m.decode(model, enc, mask, lengths, vocab, m.Config(decoder="ctc"))
+        att = m.decode(model, enc, mask, lengths, vocab, m.Config(decoder="attention"))
+        assert ctc == [[h] for h in m.greedy_ctc(model.ctc(enc), lengths, vocab.blank)]
+        assert att == [[h] for h in m.greedy_attention(model, enc, mask, lengths, vocab.sos_eos)]
+        baseline = m.build_model(m.Config(arch="baseline", preset="tiny", input_size=44), vocab.size).eval()
+        enc, mask = baseline.encode(x, lengths)
+        beam = m.decode(baseline, enc, mask, lengths, vocab, m.Config(decoder="beam", beam_size=3))
+    assert len(beam) == 4 and all(len(h) == 1 and vocab.blank not in h[0][0] for h in beam)

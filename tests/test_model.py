@@ -109,16 +109,18 @@ def test_clip_alone_equals_clip_in_padded_batch(arch):
 
 
 def test_incremental_decoding_equals_full_recomputation():
+    """Stepwise decoding (keys and values cached, the encoder output projected once per clip and shared by
+    the clip's rows) gives what the whole prefix gives, for several rows per clip."""
     decoder = tiny().decoder
     memory, memory_mask = torch.randn(3, 10, 64), padding_mask(torch.tensor([10, 6, 8]), 10)
-    tokens = torch.randint(0, 40, (3, 7))
+    tokens = torch.randint(0, 40, (6, 7))  # two rows per clip
     with torch.no_grad():
-        full = decoder(tokens, memory, memory_mask).log_softmax(-1)
-        cache = None
-        for i in range(1, tokens.size(1) + 1):
-            log_probs, cache = decoder.forward_one_step(tokens[:, :i], memory, memory_mask, cache)
-            assert [c.shape for c in cache] == [(3, i, 64)]
-            assert torch.allclose(log_probs, full[:, i - 1], atol=1e-5)
+        full = decoder(tokens, memory.repeat_interleave(2, 0), memory_mask.repeat_interleave(2, 0)).log_softmax(-1)
+        cache = decoder.start(memory, memory_mask)
+        for i in range(tokens.size(1)):
+            log_probs = decoder.step(tokens[:, i], i, cache)
+            assert [k.shape for k, _ in cache.past] == [(6, 2, i + 1, 32)]
+            assert torch.allclose(log_probs, full[:, i], atol=1e-5)
 
 
 def test_the_baseline_takes_the_reduced_input_size_too():

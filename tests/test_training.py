@@ -111,17 +111,27 @@ def test_time_budget_stops_cleanly_with_a_checkpoint(tmp_path, capsys):
 def test_test_and_decode_modes_use_the_checkpoint(tmp_path, capsys):
     work = tmp_path / "w"
     m.train(fast_cfg(work, epochs=1))
-    metrics = m.run_test(fast_cfg(work, split="all"))
+    metrics = m.run_test(fast_cfg(work, split="all", nbest=3, beam_size=4))
     rows = list(csv.DictReader(open(work / "predictions.csv", encoding="utf-8")))
-    assert len(rows) == metrics["n"] == 48 and set(rows[0]) == {"id", "reference", "hypothesis", "cer"}
+    assert len(rows) == metrics["n"] == 48 and set(rows[0]) == {"id", "reference", "hypothesis", "cer", "score"}
+    assert metrics["decoding"] == {"decoder": "beam", "beam_size": 4, "ctc_weight": 0.3, "max_length_ratio": 0.0,
+                                   "min_length_ratio": 0.0, "length_bonus": 0.0, "nbest": 3}
     assert capsys.readouterr().out.strip().splitlines()[-1] == (
         f"CER={metrics['cer']:.4f} WER={metrics['wer']:.4f} n=48")
+    nbest = list(csv.DictReader(open(work / "nbest.csv", encoding="utf-8")))
+    first = [r for r in nbest if r["id"] == rows[0]["id"]]
+    assert [r["rank"] for r in first] == ["1", "2", "3"] and first[0]["hypothesis"] == rows[0]["hypothesis"]
+    assert float(first[0]["score"]) >= float(first[1]["score"]) >= float(first[2]["score"])
     clips = tmp_path / "clips"
     m.write_synthetic_dataset(m.Config(output=str(clips), synthetic_clips=3), m.Vocabulary.seed())
-    decoded = m.run_decode(fast_cfg(work, input=str(clips / "Preprocessed_Video")))
+    for decoder in ("beam", "attention", "ctc"):
+        decoded = m.run_decode(fast_cfg(work, input=str(clips / "Preprocessed_Video"), decoder=decoder))
+        lines = capsys.readouterr().out.rstrip("\n").splitlines()  # an untrained model may say nothing
+        assert [d[0] for d in decoded] == ["synth_00000", "synth_00001", "synth_00002"]
+        assert lines[-3:] == [f"{stem}\t{hyps[0][0]}" for stem, hyps in decoded]
+    decoded = m.run_decode(fast_cfg(work, input=str(clips / "Preprocessed_Video"), nbest=2, beam_size=3))
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [d[0] for d in decoded] == ["synth_00000", "synth_00001", "synth_00002"]
-    assert lines[-3:] == [f"{stem}\t{text}" for stem, text in decoded]
+    assert len(lines) == 6 and lines[0].startswith("synth_00000\t1\t") and lines[1].startswith("synth_00000\t2\t")
 
 
 def test_a_second_run_in_the_same_work_dir_must_say_resume(tmp_path):
