@@ -1527,8 +1527,13 @@ class Beams:
             self.cache.keep_clips(live, rows, T)
 
 
+def search_ctc_weight(model: nn.Module, cfg: Config) -> float:
+    return 1.0 if model.decoder is None else cfg.beam_ctc_weight  # a CTC-only model gets a CTC prefix search
+
+
 def search_settings(model: nn.Module, cfg: Config, vocab_size: int) -> SimpleNamespace:
-    w = 1.0 if model.decoder is None else cfg.beam_ctc_weight  # a CTC-only model gets a CTC prefix search
+    """ESPnet's choices: no pre-beam without a decoder, or when the pre-beam would hold the whole vocabulary."""
+    w = search_ctc_weight(model, cfg)
     pre_beam = int(1.5 * cfg.beam_size)
     return SimpleNamespace(w=w, use_decoder=w < 1, use_ctc=w > 0,
                            pre_beam=pre_beam if w < 1 and pre_beam < vocab_size else 0)
@@ -1615,10 +1620,10 @@ def beam_search_batch(model, enc, mask, lengths, vocab: Vocabulary, cfg: Config)
 BEAM_MEMORY = 2 ** 30  # bytes one beam search may hold in its largest tensors
 
 
-def beam_chunk_clips(cfg: Config, vocab_size: int, frames: int, d_model: int) -> int:
+def beam_chunk_clips(model: nn.Module, cfg: Config, vocab_size: int, frames: int, d_model: int) -> int:
     """Clips searched at once: the CTC candidates' forward variables (and their temporaries) and the
     decoder's rows stay within BEAM_MEMORY bytes."""
-    candidates = vocab_size if cfg.beam_ctc_weight == 1 else max(int(1.5 * cfg.beam_size), 1)
+    candidates = search_settings(model, cfg, vocab_size).pre_beam or vocab_size
     per_clip = 4 * cfg.beam_size * frames * (6 * candidates + 8 * d_model)
     return max(1, BEAM_MEMORY // per_clip)
 
@@ -1629,7 +1634,7 @@ def decode(model: nn.Module, enc, mask, lengths, vocab: Vocabulary, cfg: Config)
         return [[h] for h in greedy_attention(model, enc, mask, lengths, vocab.sos_eos)]
     if cfg.decoder != "beam":
         return [[h] for h in greedy_ctc(model.ctc(enc), lengths, vocab.blank)]
-    step = beam_chunk_clips(cfg, vocab.size, enc.size(1), enc.size(2))
+    step = beam_chunk_clips(model, cfg, vocab.size, enc.size(1), enc.size(2))
     return [hyps for i in range(0, enc.size(0), step)
             for hyps in beam_search_batch(model, enc[i:i + step], mask[i:i + step], lengths[i:i + step], vocab, cfg)]
 
@@ -2157,7 +2162,7 @@ def checkpoint_path(cfg: Config) -> Path:
 def decoding_settings(model: nn.Module, cfg: Config) -> dict:
     if cfg.decoder != "beam":
         return {"decoder": cfg.decoder if model.decoder is not None else "ctc", "search": "greedy"}
-    return {"decoder": "beam", "beam_size": cfg.beam_size, "ctc_weight": search_settings(model, cfg, 0).w,
+    return {"decoder": "beam", "beam_size": cfg.beam_size, "ctc_weight": search_ctc_weight(model, cfg),
             "max_length_ratio": cfg.max_length_ratio, "min_length_ratio": cfg.min_length_ratio,
             "length_bonus": cfg.length_bonus, "nbest": cfg.nbest}
 

@@ -167,7 +167,7 @@ def test_chunks_give_the_same_answers_as_one_search(trained, monkeypatch):
         enc, mask = model.encode(x, lengths)
         whole = m.decode(model, enc, mask, lengths, vocab, cfg)
         monkeypatch.setattr(m, "BEAM_MEMORY", 1)  # one clip a chunk
-        assert m.beam_chunk_clips(cfg, vocab.size, enc.size(1), enc.size(2)) == 1
+        assert m.beam_chunk_clips(model, cfg, vocab.size, enc.size(1), enc.size(2)) == 1
         chunked = m.decode(model, enc, mask, lengths, vocab, cfg)
     assert [[ids for ids, _ in h] for h in chunked] == [[ids for ids, _ in h] for h in whole]
     assert [s for h in chunked for _, s in h] == pytest.approx([s for h in whole for _, s in h], abs=1e-4)
