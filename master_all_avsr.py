@@ -897,20 +897,25 @@ class Augment:
     than Kornia's warp of float frames. Only the crop is converted to float."""
 
     def __init__(self, cfg: Config, train: bool):
+        import kornia.augmentation as K
         self.cfg, self.train = cfg, train
+        self.random_crops = {}  # one Kornia sampler per crop size met (full or shrunken frames)
+        self.flip = K.RandomHorizontalFlip(p=cfg.hflip_prob) if train and cfg.hflip_prob > 0 else None
 
     def crop_boxes(self, shape: torch.Size, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Top, left and flip of every clip: drawn when training, the center crop otherwise."""
         import kornia.augmentation as K
-        batch, cfg = shape[0], self.cfg
-        if self.train and cfg.random_crop:
-            corner = K.RandomCrop((size, size)).forward_parameters(shape)["src"][:, 0].long()  # B x (x, y)
+        batch = shape[0]
+        if self.train and self.cfg.random_crop:
+            if size not in self.random_crops:
+                self.random_crops[size] = K.RandomCrop((size, size))
+            corner = self.random_crops[size].forward_parameters(shape)["src"][:, 0].long()  # B x (x, y)
             top, left = corner[:, 1], corner[:, 0]
         else:
             top, left = torch.full((batch,), (shape[2] - size) // 2), torch.full((batch,), (shape[3] - size) // 2)
         flip = torch.zeros(batch, dtype=torch.bool)
-        if self.train and cfg.hflip_prob > 0:
-            flip = K.RandomHorizontalFlip(p=cfg.hflip_prob).forward_parameters(shape)["batch_prob"].bool()
+        if self.flip is not None:
+            flip = self.flip.forward_parameters(shape)["batch_prob"].bool()
         return top, left, flip
 
     def __call__(self, frames: torch.Tensor, lengths: torch.Tensor, min_lengths: torch.Tensor | None = None):
