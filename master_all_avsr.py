@@ -11,7 +11,8 @@ Mouth-region clips in, diacritized Arabic text out. The file reads top to bottom
     7. decoding        greedy and batched beam search decoding, CER / WER
     8. training        optimizer, schedule, mixed precision, checkpoints, resume, time budget
     9. diagnostics     dataset statistics, learning curves
-   10. cli             modes, flags and the entry point
+   10. preprocessing   raw face videos -> mouth clips (dlib landmarks, followed from frame to frame)
+   11. cli             modes, flags and the entry point
 
 Run `python master_all_avsr.py --help` for the flags. With no arguments it trains the default (small) model on
 built-in synthetic clips, a GPU's demo; on a CPU, README.md's first command is the quick one.
@@ -51,7 +52,7 @@ import torch.nn.functional as F
 @dataclass
 class Config:
     # run
-    mode: str = "train"  # train | test | decode | stats | vocab | synth
+    mode: str = "train"  # train | test | decode | stats | vocab | synth | preprocess
     work_dir: str = "runs/demo"  # everything a run writes goes here
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 1337
@@ -122,6 +123,15 @@ class Config:
     min_length_ratio: float = 0.0  # units per frame at least (no end before)
     length_bonus: float = 0.0  # added per unit; > 0 favours longer hypotheses
     nbest: int = 1  # hypotheses kept per clip (nbest.csv, decode's output)
+    # preprocessing: raw face videos -> mouth clips (--mode preprocess --input RAW --output DIR)
+    landmark_model: str = ""  # dlib's shape_predictor_68_face_landmarks.dat; searched for when not given
+    detect_every: int = 10  # the face detector runs every N frames; the landmarks follow the face in between
+    detect_scale: float = 0.5  # the detector sees the frame shrunk by this (the full frame when it finds nothing)
+    mouth_scale: float = 1.24  # crop side / distance between the outer eye corners: the user's crops (README)
+    smooth_frames: int = 5  # landmarks averaged over this many neighbouring frames before the cut
+    save_landmarks: bool = False  # also write <stem>.npz: landmarks, frames with a face, the crop of every frame
+    workers: int = 0  # preprocessing processes; 0: one per CPU core
+    preprocess: bool = False  # --mode decode: --input holds raw face videos; cut their mouths out first
 
     @property
     def cache_path(self) -> Path:
@@ -312,6 +322,7 @@ def load_vocabulary(cfg: Config) -> Vocabulary:
 # ---------------------------------------------------------------------------------------------------------
 
 VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".npy", ".npz"}
+CLIP_FPS = 25  # the user's clips, and what preprocessing writes
 LABEL_EXTS = {".csv"}
 
 
@@ -421,6 +432,11 @@ def to_gray(frame: np.ndarray) -> np.ndarray:
 
 def read_video(path: Path) -> np.ndarray:
     """T x H x W uint8 from a video file or a saved array; ValueError says what is wrong with it."""
+    return read_frames(path)[0]
+
+
+def read_frames(path: Path) -> tuple[np.ndarray, float]:
+    """Gray frames and frames per second (a saved array counts as 25 fps)."""
     suffix = path.suffix.lower()
     if suffix in (".npy", ".npz"):
         try:
@@ -431,12 +447,13 @@ def read_video(path: Path) -> np.ndarray:
             raise ValueError(f"unreadable video: {e}") from e
         if arr.dtype != np.uint8 or arr.ndim not in (3, 4) or len(arr) == 0 or (arr.ndim == 4 and arr.shape[3] > 4):
             raise ValueError(f"unreadable video: array of {arr.dtype} {arr.shape}, expected uint8 T x H x W")
-        return np.stack([to_gray(f) for f in arr]) if arr.ndim == 4 else arr
+        return (np.stack([to_gray(f) for f in arr]) if arr.ndim == 4 else arr), CLIP_FPS
     import cv2
     cap = cv2.VideoCapture(str(path))
     if not cap.isOpened():
         raise ValueError("unreadable video: it cannot be opened (corrupt, truncated or not a video)")
     declared = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+    fps = cap.get(cv2.CAP_PROP_FPS)
     frames = []
     while True:
         ok, frame = cap.read()
@@ -448,7 +465,7 @@ def read_video(path: Path) -> np.ndarray:
         raise ValueError("unreadable video: no frame could be decoded")
     if declared > len(frames) + max(1, declared // 20):  # some containers only estimate their frame count
         raise ValueError(f"truncated video: its header declares {declared} frames, only {len(frames)} decode")
-    return np.stack(frames)
+    return np.stack(frames), (fps if 1 <= fps <= 1000 else CLIP_FPS)
 
 
 def frames_needed(ids: list[int]) -> int:
@@ -2044,7 +2061,342 @@ def print_stats(stats: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 10. CLI: flags from the Config fields, one function per mode, and the entry point.
+# 10. Preprocessing: raw face videos -> the 112 x 112 gray 25 fps mouth clips the model reads, cut the way the
+#     user's own crops were: dlib's 68 landmarks on every frame, the crop centred on the mouth (points 48-67),
+#     sized and turned by the eyes.
+# ---------------------------------------------------------------------------------------------------------
+
+LANDMARK_FILE = "shape_predictor_68_face_landmarks.dat"
+MOUTH = slice(48, 68)
+OUTER_EYE_CORNERS = (36, 45)
+RAW_VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".mpg", ".mpeg", ".m4v"}
+SAME_FACE_OVERLAP = 0.3  # a detection overlapping the followed face this much (IoU) is the same face
+SAME_LOOK = 0.5  # below this correlation with the previous frame's face, the followed face is lost
+KAGGLE_INPUT = Path("/kaggle/input")  # read-only; attached datasets (and the landmark model) sit under it
+
+
+def import_dlib():
+    try:
+        import dlib
+    except ImportError as e:
+        raise UserError("Preprocessing needs dlib: `pip install dlib-bin` (prebuilt wheels; `pip install dlib` "
+                        "compiles for many minutes). Kaggle's image has it.") from e
+    return dlib
+
+
+def landmark_model_places() -> list[Path]:
+    """Where the landmark model usually lives: the working folder, beside this script, and inside the
+    face_recognition_models package, looked up on sys.path rather than imported (its import fails on recent
+    setuptools)."""
+    here = globals().get("__file__")
+    folders = [Path.cwd()] + ([Path(here).resolve().parent] if here else [])
+    folders += [Path(p) / "face_recognition_models" / "models" for p in sys.path if p]
+    return [folder / LANDMARK_FILE for folder in dict.fromkeys(folders)]
+
+
+def find_landmark_model(cfg: Config) -> Path:
+    """--landmark-model, else the usual places, else any copy under /kaggle/input; a clear error otherwise."""
+    if cfg.landmark_model:
+        if not Path(cfg.landmark_model).is_file():
+            raise UserError(f"--landmark-model {cfg.landmark_model}: no such file.")
+        return Path(cfg.landmark_model)
+    places = landmark_model_places()
+    found = next((p for p in places if p.is_file()), None)
+    if found is None and KAGGLE_INPUT.is_dir():
+        found = next(iter(sorted(KAGGLE_INPUT.rglob(LANDMARK_FILE))), None)
+        places.append(KAGGLE_INPUT / "**" / LANDMARK_FILE)
+    if found is None:
+        looked = "\n  ".join(map(str, places))
+        raise UserError(
+            f"dlib's 68-point landmark model ({LANDMARK_FILE}) was not found. Looked in:\n  {looked}\n"
+            f"Get it with `pip install face_recognition_models` (the package ships the file), or download "
+            f"http://dlib.net/files/{LANDMARK_FILE}.bz2, unpack it (bunzip2) and pass --landmark-model PATH. "
+            f"On Kaggle, attach a dataset that holds the file.")
+    return found
+
+
+def box_of(points: np.ndarray) -> np.ndarray:
+    """left, top, right, bottom of a set of points."""
+    return np.concatenate([points.min(0), points.max(0)])
+
+
+def overlap(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two boxes."""
+    inter = np.clip(np.minimum(a[2:], b[2:]) - np.maximum(a[:2], b[:2]), 0, None).prod()
+    union = (a[2:] - a[:2]).prod() + (b[2:] - b[:2]).prod() - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+def face_box(points: np.ndarray) -> np.ndarray:
+    """The box dlib's detector would draw around a face, placed from its inner landmarks (brows, eyes, nose,
+    mouth: 1.32 x their width, centred 0.04 of it below theirs, as measured on LRC-AR's full-size detections).
+    The jaw line is left out: it follows the box it was fitted in, and a box drawn around it grows frame by frame."""
+    inner = box_of(points[17:])
+    width = inner[2] - inner[0]
+    centre = (inner[:2] + inner[2:]) / 2 + np.array([0.01, 0.037]) * width
+    return np.concatenate([centre - 0.66 * width, centre + 0.66 * width])
+
+
+def face_look(gray: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """The face inside box as a small standardised patch: what the next frame's face is compared with."""
+    import cv2
+    h, w = gray.shape
+    l, t, r, b = np.round(box).astype(int)
+    patch = gray[max(t, 0):min(b, h), max(l, 0):min(r, w)]
+    if patch.size < 16:
+        return np.zeros((24, 24), np.float32)
+    patch = cv2.resize(patch, (24, 24), interpolation=cv2.INTER_AREA).astype(np.float32)
+    return (patch - patch.mean()) / (patch.std() + 1e-3)
+
+
+@dataclass
+class FaceTrack:
+    points: np.ndarray  # T x 68 x 2 landmarks, NaN on frames without the face
+    detections: int  # times the detector ran
+    most_faces: int  # the most faces one detection saw
+
+
+class FaceFollower:
+    """dlib's 68 landmarks on every frame. The detector runs on a shrunk frame every `detect_every` frames (on
+    the full frame when the shrunk one shows no face); in between, the face's box is carried over from the last
+    landmarks, and when the face stops looking like itself (a cut, the face gone) the detector runs at once. Of
+    several faces the largest is taken, and then the same one is followed."""
+
+    def __init__(self, model_path: Path, cfg: Config):
+        dlib = import_dlib()
+        self.rectangle = dlib.rectangle
+        self.detector = dlib.get_frontal_face_detector()
+        self.predictor = dlib.shape_predictor(str(model_path))
+        self.every, self.scale = max(cfg.detect_every, 1), cfg.detect_scale
+
+    def faces(self, gray: np.ndarray) -> list[np.ndarray]:
+        import cv2
+        if self.scale < 1:
+            small = cv2.resize(gray, None, fx=self.scale, fy=self.scale, interpolation=cv2.INTER_AREA)
+            found = self.detector(small, 0)
+            if found:
+                return [np.array([f.left(), f.top(), f.right(), f.bottom()]) / self.scale for f in found]
+        return [np.array([f.left(), f.top(), f.right(), f.bottom()], float) for f in self.detector(gray, 0)]
+
+    def landmarks(self, gray: np.ndarray, box: np.ndarray) -> np.ndarray:
+        shape = self.predictor(gray, self.rectangle(*(int(round(v)) for v in box)))
+        return np.array([(p.x, p.y) for p in shape.parts()], np.float32)
+
+    def track(self, frames: np.ndarray) -> FaceTrack:
+        points = np.full((len(frames), 68, 2), np.nan, np.float32)
+        detections, most_faces = 0, 0
+        box = followed = look = None  # detector-style box to use now; the face's last box; its look
+        for t, gray in enumerate(frames):
+            p = None
+            if box is not None and t % self.every:
+                p = self.landmarks(gray, box)
+                if (face_look(gray, box_of(p)) * look).mean() < SAME_LOOK:
+                    p = None
+            if p is None:
+                faces = self.faces(gray)
+                detections, most_faces = detections + 1, max(most_faces, len(faces))
+                if followed is not None:
+                    faces = [f for f in faces if overlap(f, followed) > SAME_FACE_OVERLAP]
+                if not faces:
+                    box = None
+                    continue
+                largest = max(faces, key=lambda f: (f[2:] - f[:2]).prod())
+                # a box found on a shrunk frame is coarse: fit once, then again in the box that fit implies
+                p = self.landmarks(gray, face_box(self.landmarks(gray, largest)))
+            points[t] = p
+            box = followed = face_box(p)
+            look = face_look(gray, box_of(p))
+        return FaceTrack(points, detections, most_faces)
+
+
+def fill_gaps(points: np.ndarray) -> np.ndarray:
+    """Frames without a face get landmarks interpolated from their neighbours (the nearest at either end)."""
+    have = ~np.isnan(points[:, 0, 0])
+    t = np.arange(len(points))
+    flat = points.reshape(len(points), -1)
+    filled = np.stack([np.interp(t, t[have], flat[have, k]) for k in range(flat.shape[1])], 1)
+    return filled.reshape(points.shape).astype(np.float32)
+
+
+def smooth_over_time(points: np.ndarray, frames: int) -> np.ndarray:
+    """Each frame's landmarks averaged with up to frames // 2 neighbours either side (fewer near the ends, so
+    the window stays centred)."""
+    half = frames // 2
+    sums = np.concatenate([np.zeros_like(points[:1]), np.cumsum(points, 0)])
+    out = np.empty_like(points)
+    for t in range(len(points)):
+        k = min(half, t, len(points) - 1 - t)
+        out[t] = (sums[t + k + 1] - sums[t - k]) / (2 * k + 1)
+    return out
+
+
+def mouth_crops(points: np.ndarray, scale: float) -> np.ndarray:
+    """T x 4: crop centre x, y (mean of the mouth points), side (scale x the outer eye corners' distance) and
+    angle in degrees (the eye line's tilt, turned level)."""
+    centre = points[:, MOUTH].mean(1)
+    eyes = points[:, OUTER_EYE_CORNERS[1]] - points[:, OUTER_EYE_CORNERS[0]]
+    side = scale * np.linalg.norm(eyes, axis=1)
+    angle = np.degrees(np.arctan2(eyes[:, 1], eyes[:, 0]))
+    return np.column_stack([centre, side, angle]).astype(np.float32)
+
+
+def cut_mouth(gray: np.ndarray, crop: np.ndarray, size: int) -> np.ndarray:
+    import cv2
+    cx, cy, side, angle = (float(v) for v in crop)
+    if side > 2 * size:  # shrink first: warpAffine's bilinear sampling would alias
+        f = 2 * size / side
+        gray, cx, cy, side = cv2.resize(gray, None, fx=f, fy=f, interpolation=cv2.INTER_AREA), cx * f, cy * f, side * f
+    m = cv2.getRotationMatrix2D((cx, cy), angle, size / side)
+    m[:, 2] += (size / 2 - cx, size / 2 - cy)
+    return cv2.warpAffine(gray, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+def at_clip_rate(frames: np.ndarray, fps: float) -> np.ndarray:
+    """The frames a 25 fps camera would have taken (nearest frame in time)."""
+    if abs(fps - CLIP_FPS) < 0.01:
+        return frames
+    n = max(1, int(round(len(frames) * CLIP_FPS / fps)))
+    return frames[np.minimum((np.arange(n) * fps / CLIP_FPS).round().astype(int), len(frames) - 1)]
+
+
+def write_clip(path: Path, frames: np.ndarray) -> None:
+    """An mp4 of gray frames stored as 3 channels, as the user's crops are."""
+    import cv2
+
+    def write(tmp):
+        h, w = frames.shape[1:]
+        writer = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), CLIP_FPS, (w, h), True)
+        if not writer.isOpened():
+            raise OSError(f"OpenCV cannot write mp4 files here ({tmp})")
+        for frame in frames:
+            writer.write(cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR))
+        writer.release()
+    atomic_write(path, write)
+
+
+def frame_ranges(frames: np.ndarray) -> str:
+    """[3, 4, 5, 9] -> '3-5, 9'."""
+    runs, start = [], None
+    for i, f in enumerate(frames):
+        if start is None:
+            start = f
+        if i + 1 == len(frames) or frames[i + 1] != f + 1:
+            runs.append(f"{start}-{f}" if f > start else f"{f}")
+            start = None
+    return ", ".join(runs)
+
+
+FOLLOWERS: dict = {}  # one FaceFollower per worker process, built on its first video
+
+
+def follower_for(cfg: Config) -> FaceFollower:
+    key = (cfg.landmark_model, cfg.detect_every, cfg.detect_scale)
+    if key not in FOLLOWERS:
+        FOLLOWERS[key] = FaceFollower(Path(cfg.landmark_model), cfg)
+    return FOLLOWERS[key]
+
+
+def report_row(path: Path, status: str = "failed", note: str = "", **counts) -> dict:
+    return {"video": str(path), "status": status, "frames": "", "faces": "", "detections": "", "filled": "",
+            "output": "", "note": note, **counts}
+
+
+def preprocess_video(path: Path, out_dir: Path, cfg: Config) -> dict:
+    """Cut one video's mouth clip; the report row says what happened, in words where something went wrong."""
+    import cv2
+    cv2.setNumThreads(1)  # the parallelism is one video per process
+    try:
+        frames, fps = read_frames(path)
+    except ValueError as e:
+        return report_row(path, note=f"{e}. Re-encode it (ffmpeg -i IN -c:v libx264 OUT.mp4) or remove it.")
+    frames = at_clip_rate(frames, fps)
+    track = follower_for(cfg).track(frames)
+    missing = np.flatnonzero(np.isnan(track.points[:, 0, 0]))
+    counts = dict(frames=len(frames), faces=track.most_faces, detections=track.detections, filled=len(missing))
+    if len(missing) == len(frames):
+        return report_row(path, note=f"no face found on any of its {len(frames)} frames: the detector needs a "
+                                     f"frontal face about 40 pixels wide or more.", **counts)
+    points = smooth_over_time(fill_gaps(track.points), cfg.smooth_frames)
+    crops = mouth_crops(points, cfg.mouth_scale)
+    mouths = np.stack([cut_mouth(f, c, cfg.frame_size) for f, c in zip(frames, crops)])
+    out = out_dir / f"{path.stem}.mp4"
+    write_clip(out, mouths)
+    if cfg.save_landmarks:
+        arrays = {"landmarks": points, "found": ~np.isnan(track.points[:, 0, 0]), "crops": crops}
+        atomic_write(out.with_suffix(".npz"), lambda tmp: np.savez(tmp, **arrays))
+    notes = [f"resampled from {fps:g} fps"] if abs(fps - CLIP_FPS) >= 0.01 else []
+    if len(missing):
+        notes.append(f"face lost on frame(s) {frame_ranges(missing)} of {len(frames)}: landmarks interpolated")
+    if track.most_faces > 1:
+        notes.append(f"{track.most_faces} faces seen: followed the largest")
+    if len(frames) == 1:
+        notes.append("a single frame: written, but too short to lip-read (training skips clips this short)")
+    return report_row(path, "done", "; ".join(notes), output=str(out), **counts)
+
+
+def preprocess_one(args) -> dict:
+    path, out_dir, cfg = args
+    try:
+        return preprocess_video(path, out_dir, cfg)
+    except Exception as e:  # one bad video must not end a run over thousands
+        return report_row(path, note=f"{type(e).__name__}: {e}")
+
+
+def raw_videos(source: Path) -> list[Path]:
+    """--input's videos (one file, or a folder searched recursively); two of one name cannot share an output."""
+    if source.is_file():
+        return [source]
+    found = files_by_stem(source, RAW_VIDEO_EXTS, set())
+    refuse_ambiguous(found, "video", "--input")
+    return [paths[0] for _, paths in sorted(found.items())]
+
+
+def write_preprocess_report(path: Path, rows: list[dict]) -> None:
+    def write(tmp):
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    atomic_write(path, write)
+
+
+def preprocess_videos(cfg: Config, out_dir: Path) -> list[dict]:
+    """Every video of --input cut into out_dir, in parallel processes; videos already done are kept."""
+    source = Path(cfg.input)
+    if not cfg.input or not source.exists():
+        raise UserError(f"--mode preprocess needs --input, a face video or a folder of them ({cfg.input!r} not found).")
+    videos = raw_videos(source)
+    if not videos:
+        raise UserError(f"No videos ({', '.join(sorted(RAW_VIDEO_EXTS))}) under {source}.")
+    cfg = dataclasses.replace(cfg, landmark_model=str(find_landmark_model(cfg)))
+    import_dlib()
+    done = [v for v in videos if (out_dir / f"{v.stem}.mp4").exists()
+            and (not cfg.save_landmarks or (out_dir / f"{v.stem}.npz").exists())]
+    todo = [v for v in videos if v not in done]
+    kept = [report_row(v, "kept", "done by an earlier run", output=str(out_dir / f"{v.stem}.mp4")) for v in done]
+    workers = min(cfg.workers or os.cpu_count() or 1, max(len(todo), 1))
+    jobs = [(v, out_dir, cfg) for v in todo]
+    if workers == 1:
+        rows = [preprocess_one(job) for job in progress(jobs, "preprocess")]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            rows = list(progress(pool.map(preprocess_one, jobs, chunksize=4), "preprocess"))
+    rows = sorted(kept + rows, key=lambda r: r["video"])
+    write_preprocess_report(out_dir / "preprocess_report.csv", rows)
+    for r in rows:
+        if r["status"] == "failed" or (r["status"] == "done" and r["note"]):
+            print(f"{r['video']}: {r['status']}{': ' + r['note'] if r['note'] else ''}", file=sys.stderr)
+    counts = Counter(r["status"] for r in rows)
+    print(f"Preprocessed {counts['done']} video(s) into {out_dir} ({counts['kept']} kept from an earlier run, "
+          f"{counts['failed']} failed); each one is listed in {out_dir / 'preprocess_report.csv'}")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 11. CLI: flags from the Config fields, one function per mode, and the entry point.
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -2075,8 +2427,8 @@ def read_config_file(path: str) -> dict:
     return settings
 
 
-CHOICES = {"mode": ("train", "test", "decode", "stats", "vocab", "synth"), "data": ("auto", "files", "synthetic"),
-           "units": ("diacritized", "letters"), "unknown_units": ("skip", "map"), "arch": ("conformer", "baseline"),
+CHOICES = {"mode": ("train", "test", "decode", "stats", "vocab", "synth", "preprocess"),
+           "data": ("auto", "files", "synthetic"), "units": ("diacritized", "letters"), "unknown_units": ("skip", "map"), "arch": ("conformer", "baseline"),
            "preset": ("tiny", "small", "base"), "amp": ("auto", "off"), "split": ("train", "val", "test", "all"),
            "decoder": ("beam", "attention", "ctc")}
 
@@ -2096,7 +2448,11 @@ def validate(cfg: Config) -> Config:
                   (cfg.nbest <= cfg.beam_size, "--nbest cannot exceed --beam-size"),
                   (0 <= cfg.min_length_ratio <= 1 and 0 <= cfg.max_length_ratio <= 1,
                    "--min-length-ratio and --max-length-ratio must lie in [0, 1] (CTC emits at most a unit a frame)"),
-                  (cfg.input_size <= cfg.crop_size <= cfg.frame_size, "sizes must satisfy input <= crop <= frame size")]
+                  (cfg.input_size <= cfg.crop_size <= cfg.frame_size, "sizes must satisfy input <= crop <= frame size"),
+                  (cfg.detect_every >= 1 and cfg.smooth_frames >= 1 and cfg.workers >= 0,
+                   "--detect-every and --smooth-frames must be 1 or more, --workers 0 or more"),
+                  (0 < cfg.detect_scale <= 1 and cfg.mouth_scale > 0,
+                   "--detect-scale must lie in (0, 1] and --mouth-scale be above 0")]
         problems = [why for ok, why in checks if not ok]
     if problems:
         raise UserError("Settings that cannot work:\n  " + "\n  ".join(problems))
@@ -2216,9 +2572,23 @@ def run_test(cfg: Config, ds: Dataset | None = None) -> dict:
     return metrics
 
 
-def read_clips_to_decode(source: Path, frame_size: int) -> list[tuple[str, np.ndarray]]:
-    """Every readable clip of --input with the frame size the model wants; the others are named and skipped."""
-    paths = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.suffix.lower() in VIDEO_EXTS)
+def run_preprocess(cfg: Config) -> list[dict]:
+    return preprocess_videos(cfg, Path(cfg.output) if cfg.output else Path(cfg.work_dir) / "mouths")
+
+
+def clips_to_decode(cfg: Config) -> list[Path]:
+    """--input's clips; with --preprocess, the mouth clips cut from --input's face videos into <work-dir>/mouths."""
+    source = Path(cfg.input)
+    if not cfg.input or not source.exists():
+        raise UserError(f"--mode decode needs --input, a clip or a folder of clips ({cfg.input!r} not found).")
+    if cfg.preprocess:
+        rows = preprocess_videos(cfg, Path(cfg.work_dir) / "mouths")
+        return [Path(r["output"]) for r in rows if r["output"]]
+    return [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.suffix.lower() in VIDEO_EXTS)
+
+
+def read_clips_to_decode(paths: list[Path], frame_size: int) -> list[tuple[str, np.ndarray]]:
+    """Every readable clip with the frame size the model wants; the others are named and skipped."""
     clips = []
     for path in paths:
         try:
@@ -2228,7 +2598,7 @@ def read_clips_to_decode(source: Path, frame_size: int) -> list[tuple[str, np.nd
             continue
         if frames.shape[1:] != (frame_size, frame_size):
             print(f"Skipped {path}: frames are {frames.shape[2]} x {frames.shape[1]}, the model wants "
-                  f"{frame_size} x {frame_size} mouth crops.", file=sys.stderr)
+                  f"{frame_size} x {frame_size} mouth crops (for face videos, add --preprocess).", file=sys.stderr)
             continue
         clips.append((path.stem, frames))
     return clips
@@ -2237,12 +2607,10 @@ def read_clips_to_decode(source: Path, frame_size: int) -> list[tuple[str, np.nd
 def run_decode(cfg: Config) -> list[tuple[str, list[tuple[str, float]]]]:
     """The hypotheses of every clip of --input (a clip or a folder), printed `name<TAB>text`, or with
     --nbest N, N lines `name<TAB>rank<TAB>score<TAB>text` a clip."""
-    source = Path(cfg.input)
-    if not cfg.input or not source.exists():
-        raise UserError(f"--mode decode needs --input, a clip or a folder of clips ({cfg.input!r} not found).")
     device = pick_device(cfg.device)
     model, vocab, model_cfg = model_from_checkpoint(checkpoint_path(cfg), cfg, device)
-    clips = read_clips_to_decode(source, model_cfg.frame_size)
+    paths = clips_to_decode(cfg)
+    clips = read_clips_to_decode(paths, model_cfg.frame_size)
     augment, out = Augment(model_cfg, train=False), []
     for batch in frame_budget_batches([len(f) for _, f in clips], model_cfg.max_frames, random.Random(0)):
         frames, lengths = ClipBank([clips[i][1] for i in batch], device).batch(list(range(len(batch))))
@@ -2260,7 +2628,7 @@ def run_decode(cfg: Config) -> list[tuple[str, list[tuple[str, float]]]]:
 
 
 MODES = {"train": run_train, "test": run_test, "decode": run_decode, "stats": run_stats, "vocab": run_vocab,
-         "synth": run_synth}
+         "synth": run_synth, "preprocess": run_preprocess}
 
 
 def in_notebook() -> bool:

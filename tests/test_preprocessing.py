@@ -1,0 +1,217 @@
+"""Section 10: raw face videos to mouth clips. A real face (scikit-image's `astronaut` photograph, shipped
+inside that package) is moved and scaled across frames to make videos; the crop must land on its mouth, and
+every kind of bad video gets its line in the report while the run goes on."""
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import m
+
+cv2 = pytest.importorskip("cv2")
+skimage_data = pytest.importorskip("skimage.data")
+pytest.importorskip("dlib")
+
+LIPS = (208, 238, 137, 154)  # x0, x1, y0, y1 of the astronaut's lips in the 512 x 512 photograph, read by eye
+EYE_CORNERS = ((195, 101), (255, 104))  # her outer eye corners, read by eye
+
+
+@pytest.fixture(scope="module")
+def astronaut() -> np.ndarray:
+    return cv2.cvtColor(skimage_data.astronaut(), cv2.COLOR_RGB2GRAY)
+
+
+def moves(n: int) -> list[np.ndarray]:
+    """2 x 3 maps from the photograph into a 256 x 256 frame: the face drifts right and down and grows."""
+    out = []
+    for t in range(n):
+        s = 1.1 + 0.2 * t / max(n - 1, 1)
+        tx, ty = 100 + 40 * t / max(n - 1, 1) - s * 222, 120 + 15 * t / max(n - 1, 1) - s * 127
+        out.append(np.array([[s, 0, tx], [0, s, ty]]))
+    return out
+
+
+def face_video(photo: np.ndarray, n: int = 30, size=(256, 256)) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    maps = moves(n)
+    return [cv2.warpAffine(photo, a, size, borderMode=cv2.BORDER_REFLECT) for a in maps], maps
+
+
+def write_video(path: Path, frames: list[np.ndarray], fps: float = 25) -> Path:
+    h, w = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h), True)
+    for f in frames:
+        writer.write(cv2.cvtColor(f, cv2.COLOR_GRAY2BGR) if f.ndim == 2 else f)
+    writer.release()
+    return path
+
+
+def preprocess(folder: Path, out: Path, **settings) -> dict[str, dict]:
+    rows = m.preprocess_videos(m.Config(input=str(folder), workers=1, save_landmarks=True, **settings), out)
+    report = list(csv.DictReader(open(out / "preprocess_report.csv", encoding="utf-8")))
+    assert [r["video"] for r in report] == [r["video"] for r in rows]
+    return {Path(r["video"]).stem: r for r in report}
+
+
+def apply(a: np.ndarray, x: float, y: float) -> np.ndarray:
+    return a @ np.array([x, y, 1.0])
+
+
+def test_the_crop_lands_on_the_mouth_of_a_moving_face(astronaut, tmp_path):
+    frames, maps = face_video(astronaut)
+    (tmp_path / "raw").mkdir()
+    write_video(tmp_path / "raw" / "face.mp4", frames)
+    rows = preprocess(tmp_path / "raw", tmp_path / "out")
+    assert rows["face"]["status"] == "done" and rows["face"]["filled"] == "0" and rows["face"]["faces"] == "1"
+    assert int(rows["face"]["detections"]) == 3  # every 10th frame; the landmarks followed the face in between
+    clip = m.read_video(tmp_path / "out" / "face.mp4")
+    assert clip.shape == (30, 112, 112)
+    crops = np.load(tmp_path / "out" / "face.npz")["crops"]
+    for a, (cx, cy, side, angle) in zip(maps, crops):
+        x0, y0 = apply(a, LIPS[0], LIPS[2])
+        x1, y1 = apply(a, LIPS[1], LIPS[3])
+        assert x0 < cx < x1 and y0 < cy < y1
+        eyes = np.linalg.norm(apply(a, *EYE_CORNERS[1]) - apply(a, *EYE_CORNERS[0]))
+        assert side == pytest.approx(1.24 * eyes, rel=0.1)
+        assert abs(angle - np.degrees(np.arctan2(3, 60))) < 3
+    # the picture itself: the lips (darker than the skin around them) sit in the middle rows of the crop
+    rows_mean = clip.astype(float).mean(axis=(0, 2))
+    assert 40 <= int(np.argmin(rows_mean[20:92])) + 20 <= 72
+
+
+def test_followed_and_detected_every_frame_give_the_same_crop(astronaut, tmp_path):
+    frames, _ = face_video(astronaut)
+    (tmp_path / "raw").mkdir()
+    write_video(tmp_path / "raw" / "face.mp4", frames)
+    followed = preprocess(tmp_path / "raw", tmp_path / "a")
+    detected = preprocess(tmp_path / "raw", tmp_path / "b", detect_every=1, detect_scale=1.0)
+    assert int(detected["face"]["detections"]) == 30 and int(followed["face"]["detections"]) == 3
+    a, b = np.load(tmp_path / "a" / "face.npz")["crops"], np.load(tmp_path / "b" / "face.npz")["crops"]
+    assert np.abs(a[:, :2] - b[:, :2]).max() < 2
+
+
+def test_bad_videos_each_get_a_line_and_the_run_goes_on(astronaut, tmp_path, capsys):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    frames, maps = face_video(astronaut)
+    write_video(raw / "good.mp4", frames)
+    write_video(raw / "noface.mp4", [np.full((256, 256), 120, np.uint8)] * 20)
+    lost = [f if not 10 <= t < 15 else np.full_like(f, 90) for t, f in enumerate(frames)]
+    write_video(raw / "lost.mp4", lost)
+    (raw / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
+    write_video(raw / "oneframe.mp4", frames[:1])
+    write_video(raw / "fast.mp4", face_video(astronaut, 36)[0], fps=30)
+    rows = preprocess(raw, tmp_path / "out")
+    assert rows["good"]["status"] == "done" and rows["good"]["note"] == ""
+    assert rows["noface"]["status"] == "failed" and "no face" in rows["noface"]["note"]
+    assert rows["lost"]["status"] == "done" and rows["lost"]["filled"] == "5"
+    assert "face lost on frame(s) 10-14 of 30" in rows["lost"]["note"]
+    assert rows["corrupt"]["status"] == "failed" and "unreadable" in rows["corrupt"]["note"]
+    assert "Re-encode" in rows["corrupt"]["note"]
+    assert rows["oneframe"]["status"] == "done" and "single frame" in rows["oneframe"]["note"]
+    assert m.read_video(tmp_path / "out" / "oneframe.mp4").shape == (1, 112, 112)
+    assert rows["fast"]["frames"] == "30" and "resampled from 30 fps" in rows["fast"]["note"]
+    # the lost frames' crops come from their neighbours, so they stay on the mouth's path
+    crops = np.load(tmp_path / "out" / "lost.npz")["crops"]
+    found = np.load(tmp_path / "out" / "lost.npz")["found"]
+    assert found.sum() == 25 and not found[10:15].any()
+    for a, (cx, cy, _, _) in zip(maps, crops):
+        assert np.linalg.norm(apply(a, 223, 145.5) - (cx, cy)) < 6
+    err = capsys.readouterr().err
+    for name in ("noface", "lost", "corrupt", "oneframe"):
+        assert str(raw / f"{name}.mp4") in err
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no half-written file
+
+
+def test_of_several_faces_the_largest_is_followed_even_when_another_grows(astronaut, tmp_path):
+    frames = []
+    for t in range(30):
+        frame = np.full((256, 512), 128, np.uint8)
+        big = cv2.resize(astronaut[40:230, 130:320], (150, 150))
+        side = 110 if t < 15 else 190
+        other = cv2.resize(astronaut[40:230, 130:320], (side, side))
+        frame[40:190, 20:170] = big
+        frame[20:20 + side, 300:300 + side] = other
+        frames.append(frame)
+    (tmp_path / "raw").mkdir()
+    write_video(tmp_path / "raw" / "two.mp4", frames)
+    rows = preprocess(tmp_path / "raw", tmp_path / "out")
+    assert rows["two"]["status"] == "done" and int(rows["two"]["faces"]) == 2
+    assert "2 faces seen: followed the largest" in rows["two"]["note"]
+    crops = np.load(tmp_path / "out" / "two.npz")["crops"]
+    assert (crops[:, 0] < 170).all()
+
+
+def test_a_second_run_keeps_what_is_done(astronaut, tmp_path):
+    (tmp_path / "raw").mkdir()
+    write_video(tmp_path / "raw" / "face.mp4", face_video(astronaut, 12)[0])
+    (tmp_path / "raw" / "broken.mp4").write_bytes(b"not a video")
+    preprocess(tmp_path / "raw", tmp_path / "out")
+    before = (tmp_path / "out" / "face.mp4").stat().st_mtime_ns
+    rows = preprocess(tmp_path / "raw", tmp_path / "out")
+    assert rows["face"]["status"] == "kept" and rows["broken"]["status"] == "failed"
+    assert (tmp_path / "out" / "face.mp4").stat().st_mtime_ns == before
+
+
+def test_parallel_workers_give_the_same_clips(astronaut, tmp_path):
+    (tmp_path / "raw").mkdir()
+    for i in range(3):
+        write_video(tmp_path / "raw" / f"v{i}.mp4", face_video(astronaut, 10 + i)[0])
+    one = preprocess(tmp_path / "raw", tmp_path / "one")
+    two = m.preprocess_videos(m.Config(input=str(tmp_path / "raw"), workers=2, save_landmarks=True), tmp_path / "two")
+    assert [r["status"] for r in two] == ["done"] * 3 and len(one) == 3
+    for i in range(3):
+        a, b = np.load(tmp_path / "one" / f"v{i}.npz"), np.load(tmp_path / "two" / f"v{i}.npz")
+        assert np.array_equal(a["crops"], b["crops"])
+
+
+def test_the_landmark_model_is_found_or_the_error_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(m.sys, "path", [str(tmp_path / "nothing")])
+    monkeypatch.setattr(m, "KAGGLE_INPUT", tmp_path / "kaggle" / "input")
+    monkeypatch.setitem(m.__dict__, "__file__", str(tmp_path / "script" / "master_all_avsr.py"))
+    with pytest.raises(m.UserError) as e:
+        m.find_landmark_model(m.Config())
+    assert "pip install face_recognition_models" in str(e.value) and "--landmark-model" in str(e.value)
+    assert str(tmp_path / "nothing" / "face_recognition_models" / "models" / m.LANDMARK_FILE) in str(e.value)
+    hidden = tmp_path / "kaggle" / "input" / "dlib-models" / "v1" / m.LANDMARK_FILE
+    hidden.parent.mkdir(parents=True)
+    hidden.write_bytes(b"x")
+    assert m.find_landmark_model(m.Config()) == hidden
+    package = tmp_path / "site" / "face_recognition_models" / "models" / m.LANDMARK_FILE
+    package.parent.mkdir(parents=True)
+    package.write_bytes(b"x")
+    monkeypatch.setattr(m.sys, "path", [str(tmp_path / "site")])
+    assert m.find_landmark_model(m.Config()) == package
+    with pytest.raises(m.UserError, match="no such file"):
+        m.find_landmark_model(m.Config(landmark_model=str(tmp_path / "missing.dat")))
+
+
+def test_helpers_fill_smooth_and_name_frame_ranges():
+    points = np.zeros((5, 68, 2), np.float32)
+    points[:, :, 0] = np.arange(5)[:, None] * 2.0
+    points[[0, 2], :, :] = np.nan
+    filled = m.fill_gaps(points)
+    assert filled[:, 0, 0].tolist() == [2.0, 2.0, 4.0, 6.0, 8.0]
+    smooth = m.smooth_over_time(filled, 3)
+    assert smooth[:, 0, 0].tolist() == pytest.approx([2.0, 8 / 3, 4.0, 6.0, 8.0])
+    assert m.frame_ranges(np.array([3, 4, 5, 9, 11, 12])) == "3-5, 9, 11-12"
+    assert len(m.at_clip_rate(np.zeros((60, 2, 2)), 50.0)) == 30 and len(m.at_clip_rate(np.zeros((7, 2, 2)), 25)) == 7
+
+
+def test_decode_cuts_the_mouth_out_of_face_videos_first(astronaut, tmp_path, capsys):
+    work = tmp_path / "w"
+    fast = ["--preset", "tiny", "--input-size", "44", "--synthetic-clips", "24", "--max-frames", "400",
+            "--epochs", "1", "--work-dir", str(work)]
+    m.train(m.parse_config(fast))
+    (tmp_path / "raw").mkdir()
+    write_video(tmp_path / "raw" / "face.mp4", face_video(astronaut)[0])
+    (tmp_path / "raw" / "broken.mp4").write_bytes(b"not a video")
+    plain = m.run_decode(m.parse_config(fast + ["--mode", "decode", "--input", str(tmp_path / "raw")]))
+    assert plain == [] and "add --preprocess" in capsys.readouterr().err
+    decoded = m.run_decode(m.parse_config(fast + ["--mode", "decode", "--input", str(tmp_path / "raw"),
+                                                  "--preprocess", "--decoder", "ctc"]))
+    assert [name for name, _ in decoded] == ["face"]
+    assert m.read_video(work / "mouths" / "face.mp4").shape == (30, 112, 112)
+    out = capsys.readouterr()
+    assert "broken.mp4: failed" in out.err and out.out.rstrip("\n").splitlines()[-1].startswith("face\t")
