@@ -2167,16 +2167,17 @@ class FaceFollower:
         self.rectangle = dlib.rectangle
         self.detector = dlib.get_frontal_face_detector()
         self.predictor = dlib.shape_predictor(str(model_path))
-        self.every, self.scale = max(cfg.detect_every, 1), cfg.detect_scale
+        self.every, self.scale = cfg.detect_every, cfg.detect_scale
 
     def faces(self, gray: np.ndarray) -> list[np.ndarray]:
         import cv2
+        found, scale = [], 1.0
         if self.scale < 1:
             small = cv2.resize(gray, None, fx=self.scale, fy=self.scale, interpolation=cv2.INTER_AREA)
-            found = self.detector(small, 0)
-            if found:
-                return [np.array([f.left(), f.top(), f.right(), f.bottom()]) / self.scale for f in found]
-        return [np.array([f.left(), f.top(), f.right(), f.bottom()], float) for f in self.detector(gray, 0)]
+            found, scale = self.detector(small, 0), self.scale
+        if not found:
+            found, scale = self.detector(gray, 0), 1.0
+        return [np.array([f.left(), f.top(), f.right(), f.bottom()], float) / scale for f in found]
 
     def landmarks(self, gray: np.ndarray, box: np.ndarray) -> np.ndarray:
         shape = self.predictor(gray, self.rectangle(*(int(round(v)) for v in box)))
