@@ -52,7 +52,7 @@ import torch.nn.functional as F
 @dataclass
 class Config:
     # run
-    mode: str = "train"  # train | test | decode | stats | vocab | synth | preprocess
+    mode: str = "train"  # train | test | decode | diagnose | sanity | stats | vocab | synth | preprocess
     work_dir: str = "runs/demo"  # everything a run writes goes here
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 1337
@@ -95,7 +95,9 @@ class Config:
     # model
     arch: str = "conformer"  # conformer (Auto-AVSR's) | baseline (seed 000's CNN + BiLSTM, CTC only)
     preset: str = "small"  # tiny | small | base (base has the exact shapes of Auto-AVSR's released model)
+    frontend: str = "cnn"  # cnn | noise (features fixed by each frame's pixels, no visual sense) | linear (pixels)
     dropout: float = 0.1
+    freeze: str = ""  # module groups whose weights stay fixed, e.g. frontend or frontend,encoder
     # loss: ctc_weight * CTC + (1 - ctc_weight) * label-smoothed attention loss
     ctc_weight: float = 0.3  # measured on LRC-AR against Auto-AVSR's 0.1 (README)
     label_smoothing: float = 0.1  # Auto-AVSR's
@@ -112,6 +114,14 @@ class Config:
     accum_steps: int = 1  # optimizer step every accum_steps batches
     amp: str = "auto"  # auto: bf16 where the GPU has it, fp16 + GradScaler where not (T4, P100), fp32 on CPU | off
     resume: bool = False  # continue from <work_dir>/checkpoints/last.pt
+    # diagnostics (seed 001's checklist), every epoch and in --mode diagnose / sanity
+    diagnostics: bool = True  # off: no training-subset scores, gradient flow, worst clips or confusions
+    train_eval_clips: int = 100  # fixed training clips scored without augmentation each epoch (learning curves)
+    worst_k: int = 5  # worst validation clips shown each epoch
+    patience: int = 3  # epochs the over/under-fitting verdict looks back over
+    log_param_updates: bool = False  # per optimizer step: gradient, parameter and update norms a module group
+    sanity_clips: int = 10  # --mode sanity: training clips to overfit
+    sanity_epochs: int = 300  # --mode sanity: at most this many passes over them (one optimizer step each)
     # test and decode
     checkpoint: str = ""  # default <work_dir>/checkpoints/best.pt
     split: str = "test"  # train | val | test | all
@@ -1052,6 +1062,43 @@ class VideoFrontend(nn.Module):
         return x.view(B, T, -1)
 
 
+class NoiseFrontend(nn.Module):
+    """`--frontend noise`: random features fixed by each frame's pixels. Nothing visual survives (frames that
+    look alike get unrelated features), yet a clip always gives the same features, so a sanity run can still
+    memorise its clips: what the rest of the model learns without sight."""
+
+    def __init__(self, frame_size: int, out_dim: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("key", torch.randn(frame_size * frame_size, generator=g, dtype=torch.float64), False)
+        self.register_buffer("freqs", 1e3 + 1e4 * torch.rand(out_dim, generator=g, dtype=torch.float64), False)
+        self.register_buffer("phases", 2 * math.pi * torch.rand(out_dim, generator=g, dtype=torch.float64), False)
+
+    def forward(self, video):
+        key = video.flatten(2).double() @ self.key  # B x T; float64 stays out of autocast
+        return (math.sqrt(2) * torch.sin(key[..., None] * self.freqs + self.phases)).float()
+
+
+class LinearFrontend(nn.Module):
+    """`--frontend linear`: a learned linear map of each frame's pixels, the simplest frontend that can see."""
+
+    def __init__(self, frame_size: int, out_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(frame_size * frame_size, out_dim)
+
+    def forward(self, video):
+        return self.proj(video.flatten(2))
+
+
+def make_frontend(dims: SimpleNamespace) -> nn.Module:
+    out_dim = dims.frontend_channels[-1]
+    if dims.frontend == "noise":
+        return NoiseFrontend(dims.input_size, out_dim)
+    if dims.frontend == "linear":
+        return LinearFrontend(dims.input_size, out_dim)
+    return VideoFrontend(dims.frontend_channels)
+
+
 # Attention --------------------------------------------------------------------------------------------------
 
 class MultiHeadAttention(nn.Module):
@@ -1313,7 +1360,7 @@ class CTCHead(nn.Module):
 class AVSRModel(nn.Module):
     def __init__(self, cfg: SimpleNamespace):
         super().__init__()
-        self.frontend = VideoFrontend(cfg.frontend_channels)
+        self.frontend = make_frontend(cfg)
         self.proj_encoder = nn.Linear(cfg.frontend_channels[-1], cfg.d_model)
         self.encoder = ConformerEncoder(cfg)
         self.decoder = TransformerDecoder(cfg)
@@ -1367,15 +1414,52 @@ class BaselineModel(nn.Module):
 def model_dims(cfg: Config, vocab_size: int) -> SimpleNamespace:
     if cfg.preset not in PRESETS:
         raise UserError(f"--preset {cfg.preset!r} is not known; choose one of {', '.join(PRESETS)}.")
-    return SimpleNamespace(vocab_size=vocab_size, dropout=cfg.dropout, **PRESETS[cfg.preset])
+    return SimpleNamespace(vocab_size=vocab_size, dropout=cfg.dropout, frontend=cfg.frontend,
+                           input_size=cfg.input_size, **PRESETS[cfg.preset])
 
 
 def build_model(cfg: Config, vocab_size: int) -> nn.Module:
     if cfg.arch == "conformer":
-        return AVSRModel(model_dims(cfg, vocab_size))
-    if cfg.arch == "baseline":
-        return BaselineModel(vocab_size)
-    raise UserError(f"--arch {cfg.arch!r} is not known; choose conformer or baseline.")
+        model = AVSRModel(model_dims(cfg, vocab_size))
+    elif cfg.arch == "baseline":
+        if cfg.frontend != "cnn":
+            raise UserError(f"--frontend {cfg.frontend} swaps the conformer's frontend; the baseline has its own CNN.")
+        model = BaselineModel(vocab_size)
+    else:
+        raise UserError(f"--arch {cfg.arch!r} is not known; choose conformer or baseline.")
+    freeze(model, cfg.freeze)
+    return model
+
+
+def module_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Parameters by the model's top-level part: frontend, proj_encoder, encoder, decoder, ctc (the
+    baseline: cnn, lstm, ctc). Gradient flow and freezing speak of these."""
+    groups: dict[str, list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        groups.setdefault(name.split(".")[0], []).append(p)
+    return groups
+
+
+def freeze(model: nn.Module, parts: str) -> None:
+    names = [n.strip() for n in parts.split(",") if n.strip()]
+    known = list(module_groups(model))
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise UserError(f"--freeze {parts}: this model has no part {', '.join(unknown)}; its parts are "
+                        f"{', '.join(known)}.")
+    for n in names:
+        getattr(model, n).requires_grad_(False)
+
+
+def frozen_parts(model: nn.Module) -> list[str]:
+    return [n for n, params in module_groups(model).items() if not any(p.requires_grad for p in params)]
+
+
+def train_mode(model: nn.Module) -> None:
+    """Training mode, except frozen parts: their BatchNorm statistics and dropout stay as they are."""
+    model.train()
+    for n in frozen_parts(model):
+        getattr(model, n).eval()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1718,7 +1802,7 @@ def evaluate(model, ds: Dataset, index: list[int], vocab: Vocabulary, cfg: Confi
         seen += len(chosen)
         refs += targets
         order += chosen
-    result = {k: v / max(seen, 1) for k, v in totals.items()}
+    result = {("loss" if k == "loss" else f"loss_{k}"): v / max(seen, 1) for k, v in totals.items()}
     result.update({d: error_rates(refs, [hyps[0][0] for hyps in nbest[d]], vocab) for d in decoders})
     result["rows"] = {"order": order, "refs": refs, **nbest}
     return result
@@ -1728,6 +1812,9 @@ def evaluate(model, ds: Dataset, index: list[int], vocab: Vocabulary, cfg: Confi
 # 8. Training: AdamW + WarmupCosine per optimizer step, mixed precision by GPU, checkpoints that resume
 #    exactly, a time budget, and one log line, one metrics row and one redrawn plot per epoch.
 # ---------------------------------------------------------------------------------------------------------
+
+
+REDRAW_EVERY = 30.0  # seconds: curves.png and confusions.png are redrawn after an epoch at most this often
 
 
 def amp_dtype(device: torch.device, cfg: Config):
@@ -1776,7 +1863,7 @@ def set_rng_state(state: dict) -> None:
 
 
 # What a checkpoint fixes: its model, and the data it saw (the same clips, split and preprocessing)
-MODEL_SETTINGS = ("arch", "preset", "units", "word_boundary")
+MODEL_SETTINGS = ("arch", "preset", "frontend", "units", "word_boundary")
 DATA_SETTINGS = ("split_seed", "val_fraction", "test_fraction", "split_lists", "frame_size", "crop_size",
                  "input_size", "mean", "std", "seed", "synthetic_clips", "synthetic_words", "synthetic_speakers")
 
@@ -1801,9 +1888,9 @@ def load_checkpoint(path: Path) -> dict:
 
 def check_compatible(state: dict, cfg: Config, vocab: Vocabulary, path: Path) -> None:
     """Refuse a checkpoint whose vocabulary or architecture differs, saying which."""
-    saved = state["config"]
-    diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r}" for k in MODEL_SETTINGS + DATA_SETTINGS
-             if saved.get(k) != getattr(cfg, k)]
+    saved = {**dataclasses.asdict(Config()), **state["config"]}  # settings added since it was written: defaults
+    diffs = [f"{k}: checkpoint {saved[k]!r}, now {getattr(cfg, k)!r}" for k in MODEL_SETTINGS + DATA_SETTINGS
+             if saved[k] != getattr(cfg, k)]
     if diffs:
         raise UserError(f"The checkpoint {path} was trained with other settings ({'; '.join(diffs)}). "
                         "Use the same flags, or another --work-dir to start afresh.")
@@ -1812,12 +1899,19 @@ def check_compatible(state: dict, cfg: Config, vocab: Vocabulary, path: Path) ->
                         f"units, now {len(vocab.ids)}). Pass the --vocab it was trained with.")
 
 
-def model_from_checkpoint(path: Path, cfg: Config, device) -> tuple[nn.Module, Vocabulary, Config]:
+def saved_config(state: dict) -> Config:
+    """The settings a checkpoint was trained with (settings added since: their defaults)."""
+    return Config(**{k: v for k, v in state["config"].items() if k in {f.name for f in dataclasses.fields(Config)}})
+
+
+def model_from_checkpoint(path: Path, cfg: Config, device, state: dict | None = None
+                          ) -> tuple[nn.Module, Vocabulary, Config]:
     """The model, vocabulary and settings a checkpoint was trained with; model and data settings come from the
     checkpoint (so the test split is the one it was trained beside), the rest (data folders, decoding) from now."""
-    state = load_checkpoint(path)
-    saved = Config(**{k: v for k, v in state["config"].items() if k in {f.name for f in dataclasses.fields(Config)}})
-    model_cfg = dataclasses.replace(cfg, **{k: getattr(saved, k) for k in MODEL_SETTINGS + DATA_SETTINGS + ("dropout",)})
+    state = state or load_checkpoint(path)
+    saved = saved_config(state)
+    kept = MODEL_SETTINGS + DATA_SETTINGS + ("dropout", "freeze")
+    model_cfg = dataclasses.replace(cfg, **{k: getattr(saved, k) for k in kept})
     vocab = Vocabulary(state["vocab"]["units"], state["vocab"]["specials"], state["vocab"].get("letters_only", False))
     model = build_model(model_cfg, vocab.size)
     model.load_state_dict(state["model"])
@@ -1841,33 +1935,58 @@ def backward_pass(model, x, lengths, targets, vocab, cfg: Config, device, scaler
     return parts
 
 
-def optimizer_step(model, optimizer, scheduler, scaler, cfg: Config) -> None:
+def group_grad_norms(model: nn.Module) -> torch.Tensor:
+    """The gradient norm of each module group (0 where no gradient reached it), on the model's device."""
+    norms = []
+    for params in module_groups(model).values():
+        grads = [p.grad for p in params if p.grad is not None]
+        norms.append(torch.nn.utils.get_total_norm(grads).float() if grads else params[0].new_zeros(()).float())
+    return torch.stack(norms)
+
+
+def optimizer_step(model, optimizer, scheduler, scaler, cfg: Config) -> torch.Tensor:
+    """Clip, step, advance the schedule; -> each module group's gradient norm (unscaled, before clipping),
+    which the clipping needs anyway: gradient flow is watched for free."""
     scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    norms = group_grad_norms(model)
+    torch.nn.utils.clip_grads_with_norm_(model.parameters(), cfg.grad_clip, torch.linalg.vector_norm(norms))
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
+    return norms
 
 
-def train_epoch(model, ds: Dataset, vocab, cfg: Config, device, optimizer, scheduler, scaler, epoch: int) -> dict:
-    model.train()
+def train_epoch(model, ds: Dataset, vocab, cfg: Config, device, optimizer, scheduler, scaler, epoch: int,
+                updates: list | None = None) -> dict:
+    """One pass over the training split -> mean losses, clips seen, and each module group's mean gradient norm
+    (`grad_<group>`); with `updates` (--log-param-updates), a row per optimizer step and group is added to it."""
+    train_mode(model)
     augment = Augment(cfg, train=True)
+    groups = module_groups(model)
     train_index = ds.subset("train")
     batches = frame_budget_batches([ds.samples[i].frames for i in train_index], cfg.max_frames,
                                    random.Random(cfg.seed * 1000 + epoch))
     totals, seen = Counter(), 0
+    grad_sums, grad_steps = torch.zeros(len(groups), device=device), torch.zeros(len(groups), device=device)
     optimizer.zero_grad(set_to_none=True)
     for n, batch in enumerate(progress(batches, f"epoch {epoch}"), 1):
         chosen = [train_index[i] for i in batch]
         x, lengths, targets = training_batch(ds, chosen, augment, device)
         parts = backward_pass(model, x, lengths, targets, vocab, cfg, device, scaler)
         if n % cfg.accum_steps == 0 or n == len(batches):
-            optimizer_step(model, optimizer, scheduler, scaler, cfg)
+            before, lr = (snapshot(groups) if updates is not None else None), optimizer.param_groups[0]["lr"]
+            norms = optimizer_step(model, optimizer, scheduler, scaler, cfg)
+            finite = torch.isfinite(norms)  # an fp16 step the GradScaler skipped has inf gradients
+            grad_sums += torch.where(finite, norms, 0.0)
+            grad_steps += finite
+            if updates is not None:
+                updates += param_update_rows(groups, before, norms, epoch, scheduler.last_epoch, lr)
         for k, v in parts.items():
             totals[k] += v.detach() * len(chosen)  # summed on the device: one GPU sync per epoch, not per step
         seen += len(chosen)
-    return {k: float(v) / max(seen, 1) for k, v in totals.items()} | {"clips": seen}
+    grads = {f"grad_{g}": s / max(c, 1) for g, s, c in zip(groups, grad_sums.tolist(), grad_steps.tolist())}
+    return {k: float(v) / max(seen, 1) for k, v in totals.items()} | {"clips": seen} | grads
 
 
 def steps_per_epoch(ds: Dataset, cfg: Config) -> int:
@@ -1876,12 +1995,19 @@ def steps_per_epoch(ds: Dataset, cfg: Config) -> int:
     return math.ceil(n_batches / cfg.accum_steps)
 
 
-def epoch_row(epoch, train, val, lr, seconds) -> dict:
-    att = (val or {}).get("attention") or {}
-    ctc = (val or {}).get("ctc") or {}
+def epoch_row(epoch, train, val, probe, lr, seconds, cfg: Config) -> dict:
+    """Everything metrics.csv keeps of an epoch; `probe` scores the fixed training clips (None without
+    diagnostics)."""
+    scores = lambda result, decoder: ((result or {}).get(decoder) or {})
+    att, ctc = scores(val, "attention"), scores(val, "ctc")
+    weighted_ctc, weighted_att = cfg.ctc_weight * train["ctc"], (1 - cfg.ctc_weight) * train["att"]
     return {"epoch": epoch, "train_loss": train["loss"], "train_ctc": train["ctc"], "train_att": train["att"],
+            "ctc_share": weighted_ctc / max(weighted_ctc + weighted_att, 1e-12),
+            "train_eval_loss": (probe or {}).get("loss"), "train_cer_ctc": scores(probe, "ctc").get("cer"),
+            "train_cer_att": scores(probe, "attention").get("cer"),
             "val_loss": (val or {}).get("loss"), "val_cer_ctc": ctc.get("cer"), "val_cer_att": att.get("cer"),
             "val_wer": (att or ctc).get("wer"), "val_cer_mean_per_clip": (att or ctc).get("cer_mean_per_clip"),
+            **{k: v for k, v in train.items() if k.startswith("grad_")},
             "lr": lr, "epoch_s": seconds, "clips_per_s": train["clips"] / max(seconds, 1e-9)}
 
 
@@ -1890,25 +2016,33 @@ def fmt(v, spec=".3f") -> str:
 
 
 def log_epoch(row: dict) -> None:
+    probe = (f" | train CER ctc {fmt(row['train_cer_ctc'])} att {fmt(row['train_cer_att'])}"
+             if row.get("train_cer_ctc") is not None else "")
     print(f"epoch {row['epoch']:3d} | train loss {fmt(row['train_loss'])} (ctc {fmt(row['train_ctc'])}, "
-          f"att {fmt(row['train_att'])}) | val loss {fmt(row['val_loss'])} | val CER ctc {fmt(row['val_cer_ctc'])} "
-          f"att {fmt(row['val_cer_att'])} WER {fmt(row['val_wer'])} | lr {row['lr']:.2e} | "
+          f"att {fmt(row['train_att'])}){probe} | val loss {fmt(row['val_loss'])} | val CER ctc "
+          f"{fmt(row['val_cer_ctc'])} att {fmt(row['val_cer_att'])} WER {fmt(row['val_wer'])} | lr {row['lr']:.2e} | "
           f"{row['epoch_s']:.0f}s {row['clips_per_s']:.1f} clips/s", flush=True)
 
 
-def write_metrics(history: list[dict], work: Path) -> None:
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """Rows to CSV, atomically; the columns are every key any row has, in order of appearance."""
     def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
             writer.writeheader()
-            writer.writerows(history)
-    atomic_write(work / "metrics.csv", write)
-    plot_curves(history, work / "curves.png")
+            writer.writerows(rows)
+    atomic_write(path, write)
 
 
-def selection_cer(row: dict, decoder: str) -> float:
+def write_metrics(history: list[dict], work: Path, draw: bool = True) -> None:
+    write_csv(work / "metrics.csv", history)
+    if draw:
+        plot_curves(history, work / "curves.png")
+
+
+def selection_cer(row: dict, decoder: str, split: str = "val") -> float:
     """best.pt is the epoch whose validation CER (greedy, for speed) is lowest for the decoder that will be used."""
-    ctc, att = row["val_cer_ctc"], row["val_cer_att"]
+    ctc, att = row.get(f"{split}_cer_ctc"), row.get(f"{split}_cer_att")
     if decoder == "beam" and att is not None and ctc is not None:  # the joint search tracks the better of its two scorers
         return min(ctc, att)
     value = att if decoder == "attention" and att is not None else ctc
@@ -1931,11 +2065,12 @@ def previous_run(cfg: Config, vocab: Vocabulary) -> dict | None:
     return state
 
 
-def train(cfg: Config) -> dict:
+def train(cfg: Config, ds: Dataset | None = None, done=None) -> dict:
+    """Train on `ds` (default: the dataset cfg names); `done(row)`, when given, ends training after an epoch."""
     device = pick_device(cfg.device)
     vocab = load_vocabulary(cfg)
     state = previous_run(cfg, vocab)
-    ds = load_dataset(cfg, vocab, device)
+    ds = ds or load_dataset(cfg, vocab, device)
     if not ds.subset("train"):
         raise UserError("The training split is empty: add clips, or change --val-fraction / --test-fraction.")
     model = build_model(cfg, vocab.size).to(device)
@@ -1954,31 +2089,454 @@ def train(cfg: Config) -> dict:
         print(f"Resumed from {ckpt_dir / 'last.pt'} after epoch {state['epoch']}")
     print(f"{cfg.arch}/{cfg.preset}: {sum(p.numel() for p in model.parameters()):,} parameters on {device}; "
           f"{len(ds.subset('train'))} train / {len(ds.subset('val'))} val / {len(ds.subset('test'))} test clips")
-    began, slowest = time.time(), 0.0
+    report_setup(model, ds, cfg, work / "diagnostics" / "setup.txt")
+    probe = training_probe(ds, cfg) if cfg.diagnostics else []
+    began, slowest, drawn = time.time(), 0.0, 0.0
     for epoch in range(start, cfg.epochs + 1):
-        if cfg.time_budget and (time.time() - began + 1.2 * slowest) / 60 > cfg.time_budget:
-            print(f"Stopping before epoch {epoch}: the next one would overrun --time-budget {cfg.time_budget} min. "
-                  f"Continue with --resume.")
-            break
         t0 = time.time()
-        train_stats = train_epoch(model, ds, vocab, cfg, device, optimizer, scheduler, scaler, epoch)
+        updates = [] if cfg.log_param_updates else None
+        train_stats = train_epoch(model, ds, vocab, cfg, device, optimizer, scheduler, scaler, epoch, updates)
         val = evaluate(model, ds, ds.subset("val"), vocab, cfg, device) if ds.subset("val") else None
+        probe_scores = evaluate(model, ds, probe, vocab, cfg, device) if probe else None
         seconds = time.time() - t0
         slowest = max(slowest, seconds)
-        row = epoch_row(epoch, train_stats, val, optimizer.param_groups[0]["lr"], seconds)
+        row = epoch_row(epoch, train_stats, val, probe_scores, optimizer.param_groups[0]["lr"], seconds, cfg)
         history.append(row)
+        notes, pairs = diagnose_epoch(history, val, ds, vocab, model, cfg) if cfg.diagnostics else ([], None)
+        reached = done is not None and done(row)
+        out_of_time = cfg.time_budget and (time.time() - began + 1.2 * slowest) / 60 > cfg.time_budget
+        last = reached or out_of_time or epoch == cfg.epochs
+        draw = last or time.time() - drawn >= REDRAW_EVERY  # short epochs would spend their time drawing
         log_epoch(row)
-        write_metrics(history, work)
+        for line in notes:
+            print(line, flush=True)
+        write_metrics(history, work, draw)
+        if draw and pairs is not None:
+            plot_confusions(pairs, work / "diagnostics" / "confusions.png")
+        drawn = time.time() if draw else drawn
+        if updates is not None:
+            append_rows(work / "diagnostics" / "param_updates.csv", updates, epoch)
         save_checkpoint(ckpt_dir / "last.pt", model, optimizer, scheduler, scaler, epoch, history, cfg, vocab)
         if selection_cer(row, cfg.decoder) <= min(selection_cer(r, cfg.decoder) for r in history):
             atomic_write(ckpt_dir / "best.pt", lambda tmp: shutil.copyfile(ckpt_dir / "last.pt", tmp))
+        if out_of_time and epoch < cfg.epochs:
+            print(f"Stopping after epoch {epoch}: the next one would overrun --time-budget {cfg.time_budget} min. "
+                  f"Continue with --resume.")
+        if last:
+            break
     return {"history": history, "model": model, "vocab": vocab, "dataset": ds}
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 9. Diagnostics: what the data looks like (seed 001's figures) and how training went, as numbers and plots.
+# 9. Diagnostics: what the data looks like (seed 001's figures) and seed 001's checklist for a stuck model,
+#    run every epoch and by --mode diagnose / sanity: learning curves and a verdict in words, gradient flow,
+#    the worst clips, unit confusions (by letter and by diacritic), the settings' sanity, parameter updates.
 # ---------------------------------------------------------------------------------------------------------
 
+OVERFIT_GAP = 0.15  # val CER this far above train CER: the model knows its training clips, not the task
+HIGH_CER = 0.5  # train CER above this: the model does not even fit its training clips
+COLLAPSED = 0.5  # this share of validation clips given one and the same hypothesis: the video is ignored
+VANISHING = 1e-3  # a trainable part's rms gradient this far below the liveliest part's has vanished
+DOMINANT = 0.9  # one loss making this share of the objective drowns the other's signal
+SANITY_CER = 0.01  # "about 0" for --mode sanity
+
+
+def training_probe(ds: Dataset, cfg: Config) -> list[int]:
+    """The fixed training clips scored each epoch without augmentation: the train side of the curves."""
+    train = ds.subset("train")
+    return sorted(random.Random(cfg.seed).sample(train, min(cfg.train_eval_clips, len(train))))
+
+
+def report_setup(model: nn.Module, ds: Dataset, cfg: Config, path: Path) -> list[str]:
+    """Seed 001's hyperparameter sanity check: what one step and one epoch are, in numbers, with warnings;
+    printed and written to `path`."""
+    train = ds.subset("train")
+    batches = len(frame_budget_batches([ds.samples[i].frames for i in train], cfg.max_frames, random.Random(0)))
+    clips_per_batch = len(train) / max(batches, 1)
+    steps = math.ceil(batches / cfg.accum_steps)
+    warmup, total = max(int(cfg.warmup_epochs * steps), 1), cfg.epochs * steps
+    counts = {g: sum(p.numel() for p in params) for g, params in module_groups(model).items()}
+    frozen = frozen_parts(model)
+    w = cfg.ctc_weight
+    lines = [
+        f"batch: {clips_per_batch:.1f} clips on average (frame budget {cfg.max_frames}), x {cfg.accum_steps} "
+        f"accumulated = effective batch {clips_per_batch * cfg.accum_steps:.1f} clips",
+        f"steps: {steps} optimizer steps an epoch, {total} in {cfg.epochs} epochs; warmup {warmup} steps "
+        f"({cfg.warmup_epochs:g} epochs), then cosine to 0",
+        f"optimizer: AdamW, peak learning rate {cfg.lr:g}, betas {cfg.beta1}/{cfg.beta2}, eps {cfg.adam_eps:g}, "
+        f"weight decay {cfg.weight_decay:g}, gradient clip {cfg.grad_clip:g}",
+        f"loss: {w:g} x CTC + {1 - w:g} x attention (label smoothing {cfg.label_smoothing:g})"
+        if model.decoder is not None else "loss: CTC only (the model has no decoder)",
+        f"parameters: {sum(n for g, n in counts.items() if g not in frozen):,} trainable, "
+        f"{sum(n for g, n in counts.items() if g in frozen):,} frozen ("
+        + ", ".join(f"{g} {n:,}{' frozen' if g in frozen else ''}" for g, n in counts.items()) + ")",
+    ]
+    warnings = [
+        (cfg.lr > 5e-3, f"a peak learning rate of {cfg.lr:g} is high for a Transformer under AdamW (Auto-AVSR: 1e-3)"),
+        (cfg.lr < 1e-5, f"a peak learning rate of {cfg.lr:g} barely moves the weights"),
+        (warmup >= total, "the warmup never ends: --warmup-epochs is not below --epochs"),
+        (total < 100, f"only {total} optimizer steps in all: more epochs or a smaller --max-frames"),
+        (clips_per_batch * cfg.accum_steps < 4, "an effective batch under 4 clips makes noisy steps: raise "
+                                                "--max-frames or --accum-steps"),
+        (model.decoder is not None and w == 0 and cfg.decoder != "attention",
+         "--ctc-weight 0 leaves the CTC head untrained, yet greedy CTC and the beam search use it"),
+        (model.decoder is not None and w == 1, "--ctc-weight 1 leaves the attention decoder untrained"),
+    ]
+    lines += [f"warning: {why}" for bad, why in warnings if bad]
+    for line in lines:
+        print(line)
+    atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n", encoding="utf-8"))
+    return lines
+
+
+# Parameter updates (--log-param-updates, as seed 002 offers) ------------------------------------------------
+
+def snapshot(groups: dict[str, list[nn.Parameter]]) -> dict[str, list[torch.Tensor]]:
+    return {g: [p.detach().clone() for p in params] for g, params in groups.items()}
+
+
+def param_update_rows(groups, before, grad_norms: torch.Tensor, epoch: int, step: int, lr: float) -> list[dict]:
+    """Per module group: the gradient norm, the parameter norm after the step, and how far the step moved
+    the parameters relative to their size (about 1e-3 is healthy; far below, that part hardly learns)."""
+    rows = []
+    for (g, params), grad in zip(groups.items(), grad_norms.tolist()):
+        size = torch.nn.utils.get_total_norm([p.detach() for p in params]).item()
+        moved = torch.nn.utils.get_total_norm([p.detach() - b for p, b in zip(params, before[g])]).item()
+        rows.append({"epoch": epoch, "step": step, "lr": lr, "group": g, "grad_norm": grad, "param_norm": size,
+                     "update_norm": moved, "update_ratio": moved / max(size, 1e-12)})
+    return rows
+
+
+def append_rows(path: Path, rows: list[dict], epoch: int) -> None:
+    """Add an epoch's rows to a per-epoch CSV; rows a killed run wrote for this epoch or later are dropped,
+    so a resumed run's file reads as if it had never stopped."""
+    kept = []
+    if path.exists():
+        with open(path, newline="", encoding="utf-8") as f:
+            kept = [r for r in csv.DictReader(f) if int(r["epoch"]) < epoch]
+    write_csv(path, kept + rows)
+
+
+# Over/under-fitting verdict -------------------------------------------------------------------------------
+
+def same_hypothesis_share(result: dict, decoder: str) -> float:
+    """The share of clips given the most common hypothesis: near 1, the model answers without looking."""
+    hyps = [tuple(nbest[0][0]) for nbest in result["rows"][decoder]]
+    return Counter(hyps).most_common(1)[0][1] / len(hyps) if hyps else 0.0
+
+
+def fit_verdict(history: list[dict], cfg: Config) -> str:
+    """Seed 001's reading of the learning curves, in words, from the better greedy CER of each epoch."""
+    row, k = history[-1], cfg.patience
+    val, train = selection_cer(row, "beam"), selection_cer(row, "beam", "train")
+    if math.isinf(val) or math.isinf(train):
+        return "no verdict: it needs validation clips and the training probe (--diagnostics)"
+    vals = [selection_cer(r, "beam") for r in history]
+    best = min(range(len(vals)), key=lambda i: vals[i])
+    stalled = len(vals) > k and min(vals[-k:]) > min(vals[:-k]) - 0.005
+    rising = next((n for n in range(len(vals) - 1) if vals[-1 - n] <= vals[-2 - n]), len(vals) - 1)
+    change = f"{vals[-1] - vals[max(len(vals) - 1 - k, 0)]:+.3f} in the last {min(k, len(vals) - 1)} epochs"
+    cers = f"train CER {train:.3f}, val CER {val:.3f}"
+    if row.get("val_same_hyp", 0) >= COLLAPSED:
+        early = " (usual while the learning rate warms up)" if row["epoch"] <= cfg.warmup_epochs + 1 else ""
+        return (f"collapsed{early}: {row['val_same_hyp']:.0%} of validation clips get the same hypothesis; "
+                f"{cers}. The model answers without looking: check --mode sanity, the learning rate and the labels")
+    if val - train >= OVERFIT_GAP and stalled:
+        trend = f"rising for {rising} epochs" if rising > 1 else f"not better for {len(vals) - 1 - best} epochs"
+        return (f"overfitting: {cers} and {trend} (best {vals[best]:.3f} at epoch {history[best]['epoch']}). "
+                "best.pt keeps the best epoch; more augmentation, dropout or data, or a smaller model")
+    if val - train >= OVERFIT_GAP:
+        return f"overfitting begins: {cers} (val {change}); val still improves"
+    if stalled and train >= HIGH_CER:
+        return (f"stuck, underfitting: {cers}, neither better in the last {k} epochs. The model does not fit even "
+                "its training clips: check the gradient flow, the learning rate, and --mode sanity")
+    if stalled:
+        return f"converged: {cers}, not better in the last {k} epochs"
+    if train >= HIGH_CER:
+        return f"underfitting: {cers} (val {change}), both high and still falling: train longer or a larger model"
+    return f"learning: {cers} (val {change})"
+
+
+# Gradient flow and the two losses ----------------------------------------------------------------------------
+
+def gradient_notes(row: dict, model: nn.Module) -> list[str]:
+    """The epoch's gradient norm per module group, and a warning for a trainable group whose gradients vanish
+    or a frozen group that gets any."""
+    groups, frozen = module_groups(model), frozen_parts(model)
+    norms = {g: row[f"grad_{g}"] for g in groups if f"grad_{g}" in row}
+    rms = {g: n / math.sqrt(sum(p.numel() for p in groups[g])) for g, n in norms.items()}
+    liveliest = max((v for g, v in rms.items() if g not in frozen), default=0.0)
+    lines = ["gradient norm: " + ", ".join(f"{g} {n:.2e}{' (frozen)' if g in frozen else ''}"
+                                           for g, n in norms.items())]
+    for g, n in norms.items():
+        if g in frozen and n > 0:
+            lines.append(f"warning: {g} is frozen but its gradients are not zero (norm {n:.2e})")
+        elif g not in frozen and (n == 0 or rms[g] < VANISHING * liveliest):
+            lines.append(f"warning: {g}'s gradients vanish (rms {rms[g]:.1e} a weight, the liveliest part's "
+                         f"{liveliest:.1e}): it hardly learns; check its learning rate, normalisation or freezing")
+    return lines
+
+
+def loss_note(row: dict, cfg: Config, model: nn.Module) -> list[str]:
+    if model.decoder is None:
+        return []
+    share = row["ctc_share"]
+    line = (f"losses: ctc {row['train_ctc']:.2f} x {cfg.ctc_weight:g} = {share:.0%} of the objective, "
+            f"attention {row['train_att']:.2f} x {1 - cfg.ctc_weight:g} = {1 - share:.0%}")
+    if 0 < cfg.ctc_weight < 1 and max(share, 1 - share) >= DOMINANT:
+        loud = "CTC" if share > 0.5 else "attention"
+        line += (f"\nwarning: the {loud} loss makes {max(share, 1 - share):.0%} of the objective and drowns the "
+                 f"other; move --ctc-weight {'down' if loud == 'CTC' else 'up'}")
+    return [line]
+
+
+# Worst clips -----------------------------------------------------------------------------------------------
+
+def scored_clips(result: dict, ds: Dataset, vocab: Vocabulary, decoder: str) -> list[dict]:
+    """Every clip of an evaluation, side by side with its hypothesis, worst first."""
+    rows = result["rows"]
+    clips = []
+    for i, ref, nbest in zip(rows["order"], rows["refs"], rows[decoder]):
+        hyp, score = nbest[0]
+        clips.append({"id": ds.samples[i].stem, "frames": ds.samples[i].frames, "decoder": decoder,
+                      "cer": round(error_rates([ref], [hyp], vocab)["cer"], 4), "score": round(score, 3),
+                      "reference": vocab.decode(ref), "hypothesis": vocab.decode(hyp)})
+    return sorted(clips, key=lambda c: (-c["cer"], c["id"]))
+
+
+def worst_lines(worst: list[dict]) -> list[str]:
+    lines = [f"worst {len(worst)} clips ({worst[0]['decoder']} decoding):"] if worst else []
+    for c in worst:
+        lines.append(f"  {c['id']}  {c['frames']} frames  CER {c['cer']:.2f}  score {c['score']:.1f}\n"
+                     f"    ref: {c['reference']}\n    hyp: {c['hypothesis']}")
+    return lines
+
+
+# Unit confusions --------------------------------------------------------------------------------------------
+
+def alignment(ref: list[str], hyp: list[str]) -> list[tuple]:
+    """A minimal edit-distance alignment: (reference unit, hypothesis unit) pairs, None on the side without
+    one (a deletion or an insertion). Among the minimal ones it pairs units that share their letter or their
+    diacritic, so that a confusion is counted as the one it most likely was."""
+    bonus = 1 / (2 * (len(ref) + len(hyp) + 1))  # all bonuses together stay below one edit
+    cost = lambda r, h: 0.0 if r == h else 1 - bonus * ((base_letter(r) == base_letter(h))
+                                                       + (diacritic_of(r) == diacritic_of(h))) / 2
+    d = np.zeros((len(ref) + 1, len(hyp) + 1))
+    d[:, 0], d[0, :] = np.arange(len(ref) + 1), np.arange(len(hyp) + 1)
+    for i in range(1, len(ref) + 1):
+        for j in range(1, len(hyp) + 1):
+            d[i, j] = min(d[i - 1, j] + 1, d[i, j - 1] + 1, d[i - 1, j - 1] + cost(ref[i - 1], hyp[j - 1]))
+    pairs, i, j = [], len(ref), len(hyp)
+    while i or j:  # retrace the choices: each d[i, j] is exactly one of its three candidates
+        if i and j and d[i, j] == d[i - 1, j - 1] + cost(ref[i - 1], hyp[j - 1]):
+            pairs.append((ref[i - 1], hyp[j - 1]))
+            i, j = i - 1, j - 1
+        elif i and d[i, j] == d[i - 1, j] + 1:
+            pairs.append((ref[i - 1], None))
+            i -= 1
+        else:
+            pairs.append((None, hyp[j - 1]))
+            j -= 1
+    return pairs[::-1]
+
+
+def diacritic_of(unit: str) -> str:
+    """A unit's marks by name ("shadda+fatha"), "none" for a bare letter."""
+    return "+".join(unicodedata.name(m, f"U+{ord(m):04X}").removeprefix("ARABIC ").lower()
+                    for m in unit[1:]) or "none"
+
+
+def unit_pairs(refs: list[list[int]], hyps: list[list[int]], vocab: Vocabulary) -> Counter:
+    """(reference unit, hypothesis unit) -> count over every clip's alignment; word boundaries left out,
+    as the CER leaves them out."""
+    text = lambda ids: [vocab.itos[i] for i in ids if i != vocab.space]
+    pairs: Counter = Counter()
+    for r, h in zip(refs, hyps):
+        pairs.update(alignment(text(r), text(h)))
+    return pairs
+
+
+def reference_counts(pairs: Counter) -> Counter:
+    """How often each reference unit (letter, diacritic) occurs in the aligned pairs."""
+    counts: Counter = Counter()
+    for (r, _), n in pairs.items():
+        if r:
+            counts[r] += n
+    return counts
+
+
+def pairs_by(pairs: Counter, part) -> Counter:
+    """Unit pairs seen through `part` (base_letter or diacritic_of): letter or diacritic confusions."""
+    out: Counter = Counter()
+    for (r, h), n in pairs.items():
+        out[(r and part(r), h and part(h))] += n
+    return out
+
+
+def confusion_summary(pairs: Counter) -> dict:
+    """The edits, and whether the letters or the diacritics go wrong: on units aligned to a unit, how often
+    the letter (the diacritic) is right, against always guessing the most common one."""
+    aligned = Counter({(r, h): n for (r, h), n in pairs.items() if r and h})
+    subs = Counter({(r, h): n for (r, h), n in aligned.items() if r != h})
+    total = lambda counts, test=lambda r, h: True: sum(n for (r, h), n in counts.items() if test(r, h))
+    same_letter = lambda r, h: base_letter(r) == base_letter(h)
+    same_marks = lambda r, h: diacritic_of(r) == diacritic_of(h)
+    n_aligned, n_subs = max(total(aligned), 1), max(total(subs), 1)
+    summary = {"reference_units": total(pairs, lambda r, h: r is not None), "substitutions": total(subs),
+               "deletions": total(pairs, lambda r, h: h is None), "insertions": total(pairs, lambda r, h: r is None),
+               "letter_right": total(aligned, same_letter) / n_aligned,
+               "diacritic_right": total(aligned, same_marks) / n_aligned,
+               "substitutions_only_diacritic": total(subs, lambda r, h: same_letter(r, h) and not same_marks(r, h)) / n_subs,
+               "substitutions_only_letter": total(subs, lambda r, h: same_marks(r, h) and not same_letter(r, h)) / n_subs}
+    for name, part in (("letter", base_letter), ("diacritic", diacritic_of)):
+        by_reference = reference_counts(pairs_by(aligned, part))
+        top, n = by_reference.most_common(1)[0] if by_reference else ("", 0)
+        summary[f"most_common_{name}"], summary[f"most_common_{name}_share"] = top, n / n_aligned
+    return summary
+
+
+def confusion_headline(s: dict) -> str:
+    if not s["most_common_letter"]:
+        return "confusions: no unit recognised yet"
+    return (f"confusions: letter right on {s['letter_right']:.0%} of aligned units, diacritic on "
+            f"{s['diacritic_right']:.0%} (always guessing {s['most_common_diacritic']}: "
+            f"{s['most_common_diacritic_share']:.0%})")
+
+
+def confusion_lines(pairs: Counter, top: int = 15) -> list[str]:
+    """confusions.txt: the summary, the most confused pairs, and deletions and insertions per unit."""
+    s, ref_counts = confusion_summary(pairs), reference_counts(pairs)
+    lines = [f"{s['reference_units']} reference units: {s['substitutions']} substituted, {s['deletions']} deleted, "
+             f"{s['insertions']} inserted"]
+    if not s["most_common_letter"]:
+        return lines + ["no reference unit was recognised as any unit: nothing to compare"]
+    lines += [
+             f"letter right on {s['letter_right']:.1%} of aligned units (always {s['most_common_letter']}: "
+             f"{s['most_common_letter_share']:.1%})",
+             f"diacritic right on {s['diacritic_right']:.1%} of aligned units (always {s['most_common_diacritic']}: "
+             f"{s['most_common_diacritic_share']:.1%})",
+             f"substitutions: {s['substitutions_only_diacritic']:.1%} only the diacritic wrong, "
+             f"{s['substitutions_only_letter']:.1%} only the letter wrong, the rest both"]
+    for title, part in (("units", str), ("letters", base_letter), ("diacritics", diacritic_of)):
+        counts = pairs if part is str else pairs_by(pairs, part)
+        swapped = [(n, r, h) for (r, h), n in counts.items() if r and h and r != h]
+        lines.append(f"\nmost confused {title} (reference -> hypothesis: count)")
+        lines += [f"  {r} -> {h}: {n}" for n, r, h in sorted(swapped, reverse=True)[:top]]
+    for title, side in (("deleted", 0), ("inserted", 1)):
+        counts = Counter()
+        for pair, n in pairs.items():
+            if pair[1 - side] is None:
+                counts[pair[side]] += n
+        lines.append(f"\nmost {title} units (count" + (", share of the unit's occurrences)" if side == 0 else ")"))
+        lines += [f"  {u}: {n}" + (f" ({n / ref_counts[u]:.0%})" if side == 0 else "") for u, n in counts.most_common(top)]
+    return lines
+
+
+def confusion_rows(pairs: Counter) -> list[dict]:
+    """confusions.csv: every pair at the three levels; an empty side is a deletion or an insertion."""
+    rows = []
+    for level, part in (("unit", str), ("letter", base_letter), ("diacritic", diacritic_of)):
+        counts = pairs if part is str else pairs_by(pairs, part)
+        rows += [{"level": level, "reference": r or "", "hypothesis": h or "", "count": n}
+                 for (r, h), n in sorted(counts.items(), key=lambda kv: -kv[1])]
+    return rows
+
+
+def confusion_matrix(counts: Counter, labels: list[str]) -> np.ndarray:
+    """Rows: reference labels; columns: the same labels, then "other" and "deleted"; each row sums to 1."""
+    where = {label: i for i, label in enumerate(labels)}
+    matrix = np.zeros((len(labels), len(labels) + 2))
+    for (r, h), n in counts.items():
+        if r in where:
+            matrix[where[r], len(labels) + 1 if h is None else where.get(h, len(labels))] += n
+    return matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+
+
+def drawable(label: str) -> str:
+    """The label, or its characters' names where matplotlib's font lacks one (alef wasla, for one)."""
+    from matplotlib import font_manager, ft2font
+    font = ft2font.FT2Font(font_manager.findfont(font_manager.FontProperties()))
+    if all(font.get_char_index(ord(ch)) for ch in label):
+        return label
+    return "+".join(unicodedata.name(ch, f"U+{ord(ch):04X}").removeprefix("ARABIC ").lower() for ch in label)
+
+
+def plot_confusions(pairs: Counter, path: Path, units: int = 30) -> None:
+    """Heatmaps of how each reference unit (the most frequent), letter and diacritic was recognised."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(24, 8.5))
+    for n, (title, part, limit) in enumerate((("units", str, units), ("letters", base_letter, 60),
+                                               ("diacritics", diacritic_of, 30))):
+        counts = pairs if part is str else pairs_by(pairs, part)
+        labels = [label for label, _ in reference_counts(counts).most_common(limit)]
+        names = [drawable(label) for label in labels]
+        ax = fig.add_subplot(1, 3, n + 1)
+        ax.imshow(confusion_matrix(counts, labels), cmap="viridis", vmin=0, vmax=1)
+        ax.set_yticks(range(len(labels)), names, fontsize=7)
+        ax.set_xticks(range(len(labels) + 2), names + ["other", "deleted"], fontsize=7, rotation=90)
+        ax.set_title(f"{title}: reference (rows) recognised as (columns), share of the row", fontsize=9)
+    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.14, top=0.95, wspace=0.25)  # tight_layout costs 0.4 s
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
+
+
+def write_confusions(pairs: Counter, folder: Path, heading: str, draw: bool = True) -> None:
+    lines = [heading] + confusion_lines(pairs)
+    atomic_write(folder / "confusions.txt", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n", encoding="utf-8"))
+    write_csv(folder / "confusions.csv", confusion_rows(pairs))
+    if draw:
+        plot_confusions(pairs, folder / "confusions.png")
+
+
+# Every epoch ------------------------------------------------------------------------------------------------
+
+def better_greedy_decoder(result: dict) -> str:
+    return min((d for d in ("ctc", "attention") if d in result), key=lambda d: result[d]["cer"])
+
+
+def diagnose_epoch(history: list[dict], val: dict | None, ds: Dataset, vocab: Vocabulary, model: nn.Module,
+                   cfg: Config) -> tuple[list[str], Counter | None]:
+    """The checklist on an epoch just finished: the verdict and same-answer share go into its metrics row,
+    the worst clips and the confusions into <work-dir>/diagnostics; -> the lines for the console, and the
+    validation's unit pairs for the heatmap (drawn when the curves are)."""
+    row, folder = history[-1], Path(cfg.work_dir) / "diagnostics"
+    lines, pairs = [], None
+    if val is not None:
+        decoder = better_greedy_decoder(val)
+        row["val_same_hyp"] = same_hypothesis_share(val, decoder)
+        worst = scored_clips(val, ds, vocab, decoder)[:cfg.worst_k]
+        append_rows(folder / "worst_samples.csv", [{"epoch": row["epoch"], **c} for c in worst], row["epoch"])
+        pairs = unit_pairs(val["rows"]["refs"], [nbest[0][0] for nbest in val["rows"][decoder]], vocab)
+        summary = confusion_summary(pairs)
+        write_confusions(pairs, folder, f"epoch {row['epoch']}, validation, {decoder} decoding", draw=False)
+        lines += worst_lines(worst)
+        lines.append(confusion_headline(summary) + f"; {folder / 'confusions.txt'}")
+    row["verdict"] = fit_verdict(history, cfg)
+    return [f"verdict: {row['verdict']}"] + gradient_notes(row, model) + loss_note(row, cfg, model) + lines, pairs
+
+
+def gradient_flow(model: nn.Module, ds: Dataset, index: list[int], vocab: Vocabulary, cfg: Config, device) -> dict:
+    """--mode diagnose: each module group's mean gradient norm over the split's batches (no step is taken)."""
+    groups = module_groups(model)
+    train_mode(model)
+    augment, sums, batches = Augment(cfg, train=False), torch.zeros(len(groups), device=device), 0
+    for batch in eval_batches(ds, index, cfg):
+        chosen = [index[i] for i in batch]
+        frames, lengths = ds.bank.batch(chosen)
+        x, lengths = augment(frames.to(device), lengths)
+        model.zero_grad(set_to_none=True)
+        with autocast(device, cfg):
+            enc, mask = model.encode(x, lengths.to(device))
+            loss = joint_loss(model, enc, mask, model.ctc(enc), lengths.to(device),
+                              [ds.samples[i].ids for i in chosen], vocab, cfg)["loss"]
+        loss.backward()
+        sums += group_grad_norms(model)
+        batches += 1
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    return {f"grad_{g}": v / max(batches, 1) for g, v in zip(groups, sums.tolist())}
+
+
+# Dataset statistics -----------------------------------------------------------------------------------------
 
 def pixel_mean_std(bank: ClipBank) -> tuple[float, float]:
     """Exact, from the 256-bin histogram of all frames (/255)."""
@@ -2007,10 +2565,9 @@ def dataset_stats(ds: Dataset, vocab: Vocabulary) -> dict:
 
 
 def plot_stats(stats: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4), gridspec_kw={"width_ratios": [1, 1, 2.5]})
+    from matplotlib.figure import Figure  # not pyplot: no global state, no display needed
+    fig = Figure(figsize=(15, 4))
+    axes = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1, 1, 2.5]})
     for ax, key, title in ((axes[0], "frames", "frames a clip"), (axes[1], "label_units", "units a label")):
         hist = stats[key]["histogram"]
         ax.bar(list(hist), list(hist.values()))
@@ -2021,31 +2578,42 @@ def plot_stats(stats: dict, path: Path) -> None:
     axes[2].set_title(f"unit frequency by rank, top {len(top)} of {stats['distinct_units']} (names in stats.json)")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
-    """Loss, error rates and learning rate per epoch, train beside validation."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """The learning curves side by side: loss and CER, training (the fixed probe, no augmentation) against
+    validation; gradient norm per module group; learning rate. The title is the last epoch's verdict."""
+    from matplotlib.figure import Figure
     epochs = [r["epoch"] for r in history]
-    series = lambda key: [np.nan if r.get(key) is None else r[key] for r in history]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for key, label in (("train_loss", "train"), ("val_loss", "val")):
-        axes[0].plot(epochs, series(key), marker=".", label=label)
-    for key, label in (("val_cer_ctc", "val CER, greedy CTC"), ("val_cer_att", "val CER, attention"),
-                       ("val_wer", "val WER")):
-        axes[1].plot(epochs, series(key), marker=".", label=label)
-    axes[2].plot(epochs, series("lr"), marker=".")
-    for ax, title in zip(axes, ("loss", "error rate", "learning rate (end of epoch)")):
+    fig = Figure(figsize=(20, 4.6))
+    axes = fig.subplots(1, 4)
+
+    def line(ax, key, label=None, style="-"):
+        values = [np.nan if r.get(key) in (None, "") else float(r[key]) for r in history]
+        if not np.isnan(values).all():  # a series the run does not have (no probe, no decoder) stays out
+            ax.plot(epochs, values, style, marker=".", label=label)
+
+    for key, label, style in (("train_loss", "train (augmented)", ":"), ("train_eval_loss", "train probe", "--"),
+                              ("val_loss", "val", "-")):
+        line(axes[0], key, label, style)
+    for key, label, style in (("train_cer_ctc", "train probe, greedy CTC", "--"),
+                              ("train_cer_att", "train probe, attention", "--"), ("val_cer_ctc", "val, greedy CTC", "-"),
+                              ("val_cer_att", "val, attention", "-"), ("val_wer", "val WER", ":")):
+        line(axes[1], key, label, style)
+    axes[1].set_ylim(0, min(axes[1].get_ylim()[1], 1.5))  # past 1 an error rate only says "worse than nothing"
+    for key in [k for k in history[-1] if k.startswith("grad_")]:
+        line(axes[2], key, key.removeprefix("grad_"))
+    axes[2].set_yscale("log")
+    line(axes[3], "lr")
+    for ax, title in zip(axes, ("loss", "error rate", "gradient norm by part", "learning rate (end of epoch)")):
         ax.set_title(title)
         ax.set_xlabel("epoch")
-        if ax is not axes[2]:
-            ax.legend()
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
+        if ax.get_legend_handles_labels()[0] and ax is not axes[3]:
+            ax.legend(fontsize=8)
+    if history[-1].get("verdict"):
+        fig.suptitle(f"epoch {epochs[-1]}: {history[-1]['verdict'][:160]}", fontsize=10)
+    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.12, top=0.86, wspace=0.22)  # tight_layout costs 0.4 s
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
 
 
 def print_stats(stats: dict) -> None:
@@ -2428,7 +2996,8 @@ def read_config_file(path: str) -> dict:
     return settings
 
 
-CHOICES = {"mode": ("train", "test", "decode", "stats", "vocab", "synth", "preprocess"),
+CHOICES = {"mode": ("train", "test", "decode", "diagnose", "sanity", "stats", "vocab", "synth", "preprocess"),
+           "frontend": ("cnn", "noise", "linear"),
            "data": ("auto", "files", "synthetic"), "units": ("diacritized", "letters"), "unknown_units": ("skip", "map"), "arch": ("conformer", "baseline"),
            "preset": ("tiny", "small", "base"), "amp": ("auto", "off"), "split": ("train", "val", "test", "all"),
            "decoder": ("beam", "attention", "ctc")}
@@ -2452,6 +3021,10 @@ def validate(cfg: Config) -> Config:
                   (cfg.input_size <= cfg.crop_size <= cfg.frame_size, "sizes must satisfy input <= crop <= frame size"),
                   (cfg.detect_every >= 1 and cfg.smooth_frames >= 1 and cfg.workers >= 0,
                    "--detect-every and --smooth-frames must be 1 or more, --workers 0 or more"),
+                  (min(cfg.train_eval_clips, cfg.worst_k) >= 0 and min(cfg.patience, cfg.sanity_clips,
+                                                                         cfg.sanity_epochs) >= 1,
+                   "--train-eval-clips and --worst-k must be 0 or more; --patience, --sanity-clips and "
+                   "--sanity-epochs 1 or more"),
                   (0 < cfg.detect_scale <= 1 and cfg.mouth_scale > 0,
                    "--detect-scale must lie in (0, 1] and --mouth-scale be above 0")]
         problems = [why for ok, why in checks if not ok]
@@ -2529,15 +3102,20 @@ def decoding_settings(model: nn.Module, cfg: Config) -> dict:
             "length_bonus": cfg.length_bonus, "nbest": cfg.nbest}
 
 
+def split_index(ds: Dataset, split: str) -> list[int]:
+    index = list(range(len(ds.samples))) if split == "all" else ds.subset(split)
+    if not index:
+        raise UserError(f"The {split} split has no clips; choose another with --split (train, val, test, all).")
+    return index
+
+
 def run_test(cfg: Config, ds: Dataset | None = None) -> dict:
     """Score a checkpoint on a split: predictions.csv (and nbest.csv), test_metrics.json, and
     `CER=... WER=... n=...` as the last line."""
     device = pick_device(cfg.device)
     model, vocab, model_cfg = model_from_checkpoint(checkpoint_path(cfg), cfg, device)
     ds = ds or load_dataset(model_cfg, vocab, device)
-    index = list(range(len(ds.samples))) if cfg.split == "all" else ds.subset(cfg.split)
-    if not index:
-        raise UserError(f"The {cfg.split} split has no clips; choose another with --split (train, val, test, all).")
+    index = split_index(ds, cfg.split)
     decoding = decoding_settings(model, model_cfg)
     t0 = time.perf_counter()
     result = evaluate(model, ds, index, vocab, model_cfg, device, tuple(dict.fromkeys(("ctc", decoding["decoder"]))))
@@ -2571,6 +3149,100 @@ def run_test(cfg: Config, ds: Dataset | None = None) -> dict:
     write_json(work / "test_metrics.json", metrics)
     print(f"CER={metrics['cer']:.4f} WER={fmt(metrics['wer'], '.4f')} n={metrics['n']}")
     return metrics
+
+
+def run_diagnose(cfg: Config) -> dict:
+    """Seed 001's checklist on a trained checkpoint over --split: its settings, losses, CER by greedy CTC,
+    greedy attention and the --decoder search, the worst clips, unit confusions, gradient flow, and its run's
+    learning curves with their verdict. Everything goes to <work-dir>/diagnose_<split>/."""
+    device = pick_device(cfg.device)
+    path = checkpoint_path(cfg)
+    state = load_checkpoint(path)
+    model, vocab, model_cfg = model_from_checkpoint(path, cfg, device, state)
+    trained = dataclasses.replace(saved_config(state), **{k: getattr(model_cfg, k) for k in ("device", "split")})
+    ds = load_dataset(model_cfg, vocab, device)
+    index, folder = split_index(ds, cfg.split), Path(cfg.work_dir) / f"diagnose_{cfg.split}"
+    print(f"Diagnosing {path} (epoch {state['epoch']}) on {len(index)} {cfg.split} clips; the settings it was "
+          "trained with:")
+    report_setup(model, ds, trained, folder / "setup.txt")
+    decoding = decoding_settings(model, model_cfg)["decoder"]
+    result = evaluate(model, ds, index, vocab, model_cfg, device, tuple(dict.fromkeys(("ctc", "attention", decoding))))
+    cers = {d: result[d]["cer"] for d in ("ctc", "attention", "beam") if d in result}
+    lines = ["CER " + ", ".join(f"{d} {v:.3f}" for d, v in cers.items()) + f" (WER {fmt(result[decoding]['wer'])}, "
+             f"mean per clip {result[decoding]['cer_mean_per_clip']:.3f})"]
+    if cers["ctc"] >= HIGH_CER and min(cers.values()) >= HIGH_CER:
+        lines.append("greedy CTC is as poor as the decoder: the problem lies upstream of the decoder, in the "
+                     "frontend's features or the encoder (seed 001, check 4)")
+    losses = {"train_ctc": result["loss_ctc"], "train_att": result["loss_att"]}
+    weighted = trained.ctc_weight * losses["train_ctc"]
+    losses["ctc_share"] = weighted / max(weighted + (1 - trained.ctc_weight) * losses["train_att"], 1e-12)
+    lines += loss_note(losses, trained, model)
+    clips = scored_clips(result, ds, vocab, decoding)
+    write_csv(folder / "clips_by_cer.csv", clips)
+    lines += worst_lines(clips[:cfg.worst_k])
+    pairs = unit_pairs(result["rows"]["refs"], [nbest[0][0] for nbest in result["rows"][decoding]], vocab)
+    write_confusions(pairs, folder, f"{path}, {cfg.split} split, {decoding} decoding")
+    lines.append(confusion_headline(confusion_summary(pairs)) + f"; {folder / 'confusions.txt'}")
+    grads = gradient_flow(model, ds, index, vocab, trained, device)
+    lines += gradient_notes(grads, model)
+    history = state["history"]
+    if history:
+        history[-1].setdefault("verdict", fit_verdict(history, trained))
+        lines.append(f"verdict of its last epoch ({history[-1]['epoch']}): {history[-1]['verdict']}")
+        plot_curves(history, folder / "curves.png")
+    for line in lines:
+        print(line)
+    report = {"checkpoint": str(path), "epoch": state["epoch"], "split": cfg.split, "clips": len(index),
+              "cer": cers, "loss": result["loss"], **losses, **grads, **confusion_summary(pairs),
+              "verdict": history[-1]["verdict"] if history else None}
+    write_json(folder / "report.json", report)
+    print(f"Wrote {folder}: report.json, setup.txt, clips_by_cer.csv, confusions.txt/.csv/.png, curves.png")
+    return report
+
+
+def run_sanity(cfg: Config) -> dict:
+    """Seed 001's quick sanity model: train on --sanity-clips training clips, without augmentation, until every
+    decoder recognises them (CER about 0) or --sanity-epochs pass. A model that cannot memorise 10 clips has a
+    bug or a setting that stops learning. With --frontend noise it shows what the rest learns without sight."""
+    device = pick_device(cfg.device)
+    vocab = load_vocabulary(cfg)
+    work = Path(cfg.work_dir) / "sanity"
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)  # a sanity run is a scratch run: always afresh
+    ds = load_dataset(cfg, vocab, device)
+    train_index = ds.subset("train")
+    if not train_index:
+        raise UserError("The training split is empty: --mode sanity needs training clips.")
+    clips = sorted(random.Random(cfg.seed).sample(train_index, min(cfg.sanity_clips, len(train_index))))
+    few = Dataset(ds.samples, ds.bank, {"train": clips, "val": clips})
+    plain = dataclasses.replace(cfg, work_dir=str(work), epochs=cfg.sanity_epochs, random_crop=False, hflip_prob=0.0,
+                                time_mask=False, time_warp=False, diagnostics=False, resume=False)
+    decoders = lambda row: {d: row[f"val_cer_{k}"] for d, k in (("greedy CTC", "ctc"), ("attention", "att"))
+                            if row[f"val_cer_{k}"] is not None}
+    began = time.time()
+    history = train(plain, few, lambda row: max(decoders(row).values()) <= SANITY_CER)["history"]
+    seconds, steps_each = time.time() - began, steps_per_epoch(few, plain)
+    learnt = {d: next((r["epoch"] for r in history if decoders(r)[d] <= SANITY_CER), None) for d in decoders(history[-1])}
+    best = {d: min(decoders(r)[d] for r in history) for d in learnt}
+    what = f"the {len(clips)} clips" + (f" (--frontend {cfg.frontend})" if cfg.frontend != "cnn" else "")
+    lines = [f"  {d}: " + (f"CER about 0 after {e} epochs ({e * steps_each} optimizer steps)" if e else
+                           f"best CER {best[d]:.3f}, never about 0") for d, e in learnt.items()]
+    passed = all(learnt.values())
+    if passed:
+        verdict = f"sanity passed in {seconds:.0f} s: {what} were learnt; the model, the loss and the optimizer work."
+    elif any(learnt.values()):
+        verdict = (f"sanity partly passed: {what} were learnt by one decoder, not the other within "
+                   f"{history[-1]['epoch']} epochs: that part learns slowly or not at all; give it more --sanity-epochs, "
+                   "or look at its loss weight (--ctc-weight) and learning rate.")
+    else:
+        verdict = (f"sanity FAILED: {what} were not learnt in {history[-1]['epoch']} epochs ({seconds:.0f} s). Something "
+                   f"stops learning: check --lr ({cfg.lr:g}), --ctc-weight, --freeze, these clips' labels, and whether "
+                   "--frontend noise learns them (then the frontend is at fault).")
+    print(verdict + "\n" + "\n".join(lines))
+    result = {"passed": passed, "clips": [ds.samples[i].stem for i in clips], "epochs_to_learn": learnt,
+              "best_cer": best, "epochs": history[-1]["epoch"], "optimizer_steps_per_epoch": steps_each,
+              "seconds": round(seconds, 1), "frontend": cfg.frontend, "verdict": verdict}
+    write_json(work / "sanity.json", result)
+    return result
 
 
 def run_preprocess(cfg: Config) -> list[dict]:
@@ -2628,8 +3300,8 @@ def run_decode(cfg: Config) -> list[tuple[str, list[tuple[str, float]]]]:
     return out
 
 
-MODES = {"train": run_train, "test": run_test, "decode": run_decode, "stats": run_stats, "vocab": run_vocab,
-         "synth": run_synth, "preprocess": run_preprocess}
+MODES = {"train": run_train, "test": run_test, "decode": run_decode, "diagnose": run_diagnose, "sanity": run_sanity,
+         "stats": run_stats, "vocab": run_vocab, "synth": run_synth, "preprocess": run_preprocess}
 
 
 def in_notebook() -> bool:

@@ -127,3 +127,27 @@ def test_the_baseline_takes_the_reduced_input_size_too():
     model = build_model("baseline", 30).eval()
     ctc_logits, _ = model(torch.randn(2, 10, 44, 44), torch.tensor([10, 7]))
     assert ctc_logits.shape == (2, 10, 30)
+
+
+def test_the_noise_frontend_is_fixed_by_each_frame_yet_blind_to_what_it_shows():
+    frontend = m.NoiseFrontend(8, 16)
+    video = torch.randn(2, 5, 8, 8)
+    features = frontend(video)
+    assert features.shape == (2, 5, 16) and not list(frontend.parameters())
+    assert torch.equal(frontend(video[1:]), features[1:])  # the same frames give the same features in any batch
+    nudged = frontend(video + 1e-3 * torch.randn_like(video))  # frames that look the same...
+    assert abs(torch.corrcoef(torch.stack([features.flatten(), nudged.flatten()]))[0, 1]) < 0.2  # ...unrelated
+
+
+def test_the_linear_frontend_and_frozen_parts_in_training_mode():
+    model = m.build_model(m.Config(preset="tiny", input_size=44, frontend="linear", freeze="frontend"), 230)
+    assert model.frontend.proj.in_features == 44 * 44
+    enc, mask = model.encode(torch.randn(2, 6, 44, 44), torch.tensor([6, 4]))
+    assert enc.shape == (2, 6, 64)
+    cnn = m.build_model(m.Config(preset="tiny", freeze="frontend,encoder"), 230)
+    m.train_mode(cnn)
+    assert cnn.decoder.training and not cnn.frontend.frontend3D[1].training and not cnn.encoder.training
+    assert not any(p.requires_grad for p in [*cnn.frontend.parameters(), *cnn.encoder.parameters()])
+    assert all(p.requires_grad for p in cnn.decoder.parameters())
+    with pytest.raises(m.UserError, match="the baseline has its own CNN"):
+        m.build_model(m.Config(arch="baseline", frontend="noise"), 230)

@@ -89,6 +89,8 @@ def test_resume_after_sigkill_ends_where_the_uninterrupted_run_ends(tmp_path):
     a = torch.load(killed_dir / "checkpoints" / "last.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "whole" / "checkpoints" / "last.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise on CPU
+    for name in ("worst_samples.csv", "confusions.txt", "confusions.csv"):  # each epoch's rows once, as unbroken
+        assert (killed_dir / "diagnostics" / name).read_bytes() == (tmp_path / "whole" / "diagnostics" / name).read_bytes()
 
 
 def test_a_checkpoint_from_another_architecture_or_vocabulary_is_refused(tmp_path):
