@@ -10,7 +10,8 @@ Mouth-region clips in, diacritized Arabic text out. The file reads top to bottom
     6. loss            w * CTC + (1 - w) * label-smoothed attention
     7. decoding        greedy and batched beam search decoding, CER / WER
     8. training        optimizer, schedule, mixed precision, checkpoints, resume, time budget
-    9. diagnostics     dataset statistics, learning curves
+    9. diagnostics     dataset statistics; seed 001's checklist for a stuck model (every epoch, and --mode
+                       diagnose / sanity): curves and a verdict, gradient flow, worst clips, confusions
    10. preprocessing   raw face videos -> mouth clips (dlib landmarks, followed from frame to frame)
    11. cli             modes, flags and the entry point
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -116,7 +118,7 @@ class Config:
     resume: bool = False  # continue from <work_dir>/checkpoints/last.pt
     # diagnostics (seed 001's checklist), every epoch and in --mode diagnose / sanity
     diagnostics: bool = True  # off: no training-subset scores, gradient flow, worst clips or confusions
-    train_eval_clips: int = 100  # fixed training clips scored without augmentation each epoch (learning curves)
+    train_eval_clips: int = 64  # fixed training clips scored without augmentation each epoch (learning curves)
     worst_k: int = 5  # worst validation clips shown each epoch
     patience: int = 3  # epochs the over/under-fitting verdict looks back over
     log_param_updates: bool = False  # per optimizer step: gradient, parameter and update norms a module group
@@ -169,6 +171,16 @@ def atomic_write(path: Path, write) -> None:
 
 def write_json(path: Path, obj) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, ensure_ascii=False, indent=1), encoding="utf-8"))
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """Rows to CSV, atomically; the columns are every key any row has, in order of appearance."""
+    def write(tmp):
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+            writer.writeheader()
+            writer.writerows(rows)
+    atomic_write(path, write)
 
 
 def pick_device(name: str) -> torch.device:
@@ -1814,7 +1826,9 @@ def evaluate(model, ds: Dataset, index: list[int], vocab: Vocabulary, cfg: Confi
 # ---------------------------------------------------------------------------------------------------------
 
 
-REDRAW_EVERY = 30.0  # seconds: curves.png and confusions.png are redrawn after an epoch at most this often
+# seconds: after an epoch, curves.png and confusions.png are redrawn at most this often (and after the last),
+# so that short epochs do not spend their time drawing (a heatmap of Arabic labels takes 0.6 s on a CPU)
+REDRAW_CURVES, REDRAW_HEATMAP = 30.0, 300.0
 
 
 def amp_dtype(device: torch.device, cfg: Config):
@@ -2024,22 +2038,6 @@ def log_epoch(row: dict) -> None:
           f"{row['epoch_s']:.0f}s {row['clips_per_s']:.1f} clips/s", flush=True)
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    """Rows to CSV, atomically; the columns are every key any row has, in order of appearance."""
-    def write(tmp):
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-            writer.writeheader()
-            writer.writerows(rows)
-    atomic_write(path, write)
-
-
-def write_metrics(history: list[dict], work: Path, draw: bool = True) -> None:
-    write_csv(work / "metrics.csv", history)
-    if draw:
-        plot_curves(history, work / "curves.png")
-
-
 def selection_cer(row: dict, decoder: str, split: str = "val") -> float:
     """best.pt is the epoch whose validation CER (greedy, for speed) is lowest for the decoder that will be used."""
     ctc, att = row.get(f"{split}_cer_ctc"), row.get(f"{split}_cer_att")
@@ -2091,7 +2089,7 @@ def train(cfg: Config, ds: Dataset | None = None, done=None) -> dict:
           f"{len(ds.subset('train'))} train / {len(ds.subset('val'))} val / {len(ds.subset('test'))} test clips")
     report_setup(model, ds, cfg, work / "diagnostics" / "setup.txt")
     probe = training_probe(ds, cfg) if cfg.diagnostics else []
-    began, slowest, drawn = time.time(), 0.0, 0.0
+    began, slowest, curves_drawn, heatmap_drawn = time.time(), 0.0, 0.0, 0.0
     for epoch in range(start, cfg.epochs + 1):
         t0 = time.time()
         updates = [] if cfg.log_param_updates else None
@@ -2106,14 +2104,16 @@ def train(cfg: Config, ds: Dataset | None = None, done=None) -> dict:
         reached = done is not None and done(row)
         out_of_time = cfg.time_budget and (time.time() - began + 1.2 * slowest) / 60 > cfg.time_budget
         last = reached or out_of_time or epoch == cfg.epochs
-        draw = last or time.time() - drawn >= REDRAW_EVERY  # short epochs would spend their time drawing
         log_epoch(row)
         for line in notes:
             print(line, flush=True)
-        write_metrics(history, work, draw)
-        if draw and pairs is not None:
+        if last or time.time() - curves_drawn >= REDRAW_CURVES:
+            curves_drawn = time.time()
+            plot_curves(history, work / "curves.png")
+        if pairs is not None and (last or time.time() - heatmap_drawn >= REDRAW_HEATMAP):
+            heatmap_drawn = time.time()
             plot_confusions(pairs, work / "diagnostics" / "confusions.png")
-        drawn = time.time() if draw else drawn
+        write_csv(work / "metrics.csv", history)
         if updates is not None:
             append_rows(work / "diagnostics" / "param_updates.csv", updates, epoch)
         save_checkpoint(ckpt_dir / "last.pt", model, optimizer, scheduler, scaler, epoch, history, cfg, vocab)
@@ -2229,14 +2229,17 @@ def fit_verdict(history: list[dict], cfg: Config) -> str:
     """Seed 001's reading of the learning curves, in words, from the better greedy CER of each epoch."""
     row, k = history[-1], cfg.patience
     val, train = selection_cer(row, "beam"), selection_cer(row, "beam", "train")
-    if math.isinf(val) or math.isinf(train):
-        return "no verdict: it needs validation clips and the training probe (--diagnostics)"
+    if math.isinf(val):
+        return "no verdict: there are no validation clips"
     vals = [selection_cer(r, "beam") for r in history]
     best = min(range(len(vals)), key=lambda i: vals[i])
     stalled = len(vals) > k and min(vals[-k:]) > min(vals[:-k]) - 0.005
     rising = next((n for n in range(len(vals) - 1) if vals[-1 - n] <= vals[-2 - n]), len(vals) - 1)
     change = f"{vals[-1] - vals[max(len(vals) - 1 - k, 0)]:+.3f} in the last {min(k, len(vals) - 1)} epochs"
     cers = f"train CER {train:.3f}, val CER {val:.3f}"
+    if math.isinf(train):  # a run without the training probe (--no-diagnostics, or older): validation alone
+        trend = f"not better in the last {k} epochs" if stalled else change
+        return f"val CER {val:.3f}, {trend}; over- or underfitting needs the training probe (--diagnostics)"
     if row.get("val_same_hyp", 0) >= COLLAPSED:
         early = " (usual while the learning rate warms up)" if row["epoch"] <= cfg.warmup_epochs + 1 else ""
         return (f"collapsed{early}: {row['val_same_hyp']:.0%} of validation clips get the same hypothesis; "
@@ -2452,13 +2455,18 @@ def confusion_matrix(counts: Counter, labels: list[str]) -> np.ndarray:
     return matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
 
 
+@functools.cache
+def plot_font():
+    from matplotlib import font_manager, ft2font
+    return ft2font.FT2Font(font_manager.findfont(font_manager.FontProperties()))
+
+
 def drawable(label: str) -> str:
     """The label, or its characters' names where matplotlib's font lacks one (alef wasla, for one)."""
-    from matplotlib import font_manager, ft2font
-    font = ft2font.FT2Font(font_manager.findfont(font_manager.FontProperties()))
-    if all(font.get_char_index(ord(ch)) for ch in label):
+    if all(plot_font().get_char_index(ord(ch)) for ch in label):
         return label
-    return "+".join(unicodedata.name(ch, f"U+{ord(ch):04X}").removeprefix("ARABIC ").lower() for ch in label)
+    names = (unicodedata.name(ch, f"U+{ord(ch):04X}").removeprefix("ARABIC ").removeprefix("LETTER ") for ch in label)
+    return "+".join(names).lower()
 
 
 def plot_confusions(pairs: Counter, path: Path, units: int = 30) -> None:
@@ -2593,7 +2601,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
         if not np.isnan(values).all():  # a series the run does not have (no probe, no decoder) stays out
             ax.plot(epochs, values, style, marker=".", label=label)
 
-    for key, label, style in (("train_loss", "train (augmented)", ":"), ("train_eval_loss", "train probe", "--"),
+    for key, label, style in (("train_loss", "training batches", ":"), ("train_eval_loss", "train probe", "--"),
                               ("val_loss", "val", "-")):
         line(axes[0], key, label, style)
     for key, label, style in (("train_cer_ctc", "train probe, greedy CTC", "--"),
@@ -2920,15 +2928,6 @@ def raw_videos(source: Path) -> list[Path]:
     return [paths[0] for _, paths in sorted(found.items())]
 
 
-def write_preprocess_report(path: Path, rows: list[dict]) -> None:
-    def write(tmp):
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    atomic_write(path, write)
-
-
 def preprocess_videos(cfg: Config, out_dir: Path) -> list[dict]:
     """Every video of --input cut into out_dir, in parallel processes; videos already done are kept."""
     source = Path(cfg.input)
@@ -2954,7 +2953,7 @@ def preprocess_videos(cfg: Config, out_dir: Path) -> list[dict]:
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
             rows = list(progress(pool.map(preprocess_one, jobs, chunksize=4), "preprocess"))
     rows = sorted(kept + rows, key=lambda r: r["video"])
-    write_preprocess_report(out_dir / "preprocess_report.csv", rows)
+    write_csv(out_dir / "preprocess_report.csv", rows)
     for r in rows:
         if r["status"] == "failed" or (r["status"] == "done" and r["note"]):
             print(f"{r['video']}: {r['status']}{': ' + r['note'] if r['note'] else ''}", file=sys.stderr)
@@ -3230,9 +3229,10 @@ def run_sanity(cfg: Config) -> dict:
     if passed:
         verdict = f"sanity passed in {seconds:.0f} s: {what} were learnt; the model, the loss and the optimizer work."
     elif any(learnt.values()):
-        verdict = (f"sanity partly passed: {what} were learnt by one decoder, not the other within "
-                   f"{history[-1]['epoch']} epochs: that part learns slowly or not at all; give it more --sanity-epochs, "
-                   "or look at its loss weight (--ctc-weight) and learning rate.")
+        yes, no = ([d for d, e in learnt.items() if bool(e) == knew] for knew in (True, False))
+        verdict = (f"sanity partly passed: {what} were learnt by {', '.join(yes)}, not by {', '.join(no)} within "
+                   f"{history[-1]['epoch']} epochs: that part learns slowly or not at all; give it more "
+                   "--sanity-epochs, or look at its loss weight (--ctc-weight) and the learning rate.")
     else:
         verdict = (f"sanity FAILED: {what} were not learnt in {history[-1]['epoch']} epochs ({seconds:.0f} s). Something "
                    f"stops learning: check --lr ({cfg.lr:g}), --ctc-weight, --freeze, these clips' labels, and whether "
