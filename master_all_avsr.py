@@ -1514,6 +1514,12 @@ def attention_loss(dec_logits: torch.Tensor, ys_out: torch.Tensor, smoothing: fl
     return ((entropy_term - cross) * keep).sum() / ys_out.size(0)
 
 
+def ctc_share(ctc: float, att: float, cfg: Config) -> float:
+    """CTC's weighted part of the joint objective (the rest is attention's)."""
+    weighted_ctc = cfg.ctc_weight * ctc
+    return weighted_ctc / max(weighted_ctc + (1 - cfg.ctc_weight) * att, 1e-12)
+
+
 def joint_loss(model: nn.Module, enc, mask, ctc_logits, lengths, targets, vocab: Vocabulary, cfg: Config) -> dict:
     """{'loss', 'ctc', 'att'} from the encoder's output; a CTC-only model (the baseline) has att = 0."""
     ctc = ctc_loss(ctc_logits, lengths, targets, vocab.blank)
@@ -2014,9 +2020,8 @@ def epoch_row(epoch, train, val, probe, lr, seconds, cfg: Config) -> dict:
     diagnostics)."""
     scores = lambda result, decoder: ((result or {}).get(decoder) or {})
     att, ctc = scores(val, "attention"), scores(val, "ctc")
-    weighted_ctc, weighted_att = cfg.ctc_weight * train["ctc"], (1 - cfg.ctc_weight) * train["att"]
     return {"epoch": epoch, "train_loss": train["loss"], "train_ctc": train["ctc"], "train_att": train["att"],
-            "ctc_share": weighted_ctc / max(weighted_ctc + weighted_att, 1e-12),
+            "ctc_share": ctc_share(train["ctc"], train["att"], cfg),
             "train_eval_loss": (probe or {}).get("loss"), "train_cer_ctc": scores(probe, "ctc").get("cer"),
             "train_cer_att": scores(probe, "attention").get("cer"),
             "val_loss": (val or {}).get("loss"), "val_cer_ctc": ctc.get("cer"), "val_cer_att": att.get("cer"),
@@ -2524,24 +2529,17 @@ def diagnose_epoch(history: list[dict], val: dict | None, ds: Dataset, vocab: Vo
 
 def gradient_flow(model: nn.Module, ds: Dataset, index: list[int], vocab: Vocabulary, cfg: Config, device) -> dict:
     """--mode diagnose: each module group's mean gradient norm over the split's batches (no step is taken)."""
-    groups = module_groups(model)
     train_mode(model)
-    augment, sums, batches = Augment(cfg, train=False), torch.zeros(len(groups), device=device), 0
+    one_step, unscaled = dataclasses.replace(cfg, accum_steps=1), torch.amp.GradScaler(device.type, enabled=False)
+    augment, norms = Augment(cfg, train=False), []
     for batch in eval_batches(ds, index, cfg):
-        chosen = [index[i] for i in batch]
-        frames, lengths = ds.bank.batch(chosen)
-        x, lengths = augment(frames.to(device), lengths)
         model.zero_grad(set_to_none=True)
-        with autocast(device, cfg):
-            enc, mask = model.encode(x, lengths.to(device))
-            loss = joint_loss(model, enc, mask, model.ctc(enc), lengths.to(device),
-                              [ds.samples[i].ids for i in chosen], vocab, cfg)["loss"]
-        loss.backward()
-        sums += group_grad_norms(model)
-        batches += 1
+        x, lengths, targets = training_batch(ds, [index[i] for i in batch], augment, device)
+        backward_pass(model, x, lengths, targets, vocab, one_step, device, unscaled)
+        norms.append(group_grad_norms(model))
     model.zero_grad(set_to_none=True)
     model.eval()
-    return {f"grad_{g}": v / max(batches, 1) for g, v in zip(groups, sums.tolist())}
+    return {f"grad_{g}": v for g, v in zip(module_groups(model), torch.stack(norms).mean(0).tolist())}
 
 
 # Dataset statistics -----------------------------------------------------------------------------------------
@@ -3173,8 +3171,7 @@ def run_diagnose(cfg: Config) -> dict:
         lines.append("greedy CTC is as poor as the decoder: the problem lies upstream of the decoder, in the "
                      "frontend's features or the encoder (seed 001, check 4)")
     losses = {"train_ctc": result["loss_ctc"], "train_att": result["loss_att"]}
-    weighted = trained.ctc_weight * losses["train_ctc"]
-    losses["ctc_share"] = weighted / max(weighted + (1 - trained.ctc_weight) * losses["train_att"], 1e-12)
+    losses["ctc_share"] = ctc_share(losses["train_ctc"], losses["train_att"], trained)
     lines += loss_note(losses, trained, model)
     clips = scored_clips(result, ds, vocab, decoding)
     write_csv(folder / "clips_by_cer.csv", clips)
