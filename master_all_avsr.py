@@ -1857,12 +1857,17 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(step - warmup, total - warmup) / max(total - warmup, 1)))
 
 
+def schedule_steps(cfg: Config, epoch_steps: int) -> tuple[int, int]:
+    """(warmup steps, optimizer steps in all) of the WarmupCosine schedule."""
+    return max(int(cfg.warmup_epochs * epoch_steps), 1), cfg.epochs * epoch_steps
+
+
 def make_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
                                   weight_decay=cfg.weight_decay)
-    warmup = max(int(cfg.warmup_epochs * steps_per_epoch), 1)
-    total = max(cfg.epochs * steps_per_epoch, warmup + 1)
+    warmup, total = schedule_steps(cfg, steps_per_epoch)
+    total = max(total, warmup + 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: warmup_cosine(k + 1, warmup, total))
     return optimizer, scheduler
 
@@ -2158,8 +2163,8 @@ def report_setup(model: nn.Module, ds: Dataset, cfg: Config, path: Path) -> list
     train = ds.subset("train")
     batches = len(frame_budget_batches([ds.samples[i].frames for i in train], cfg.max_frames, random.Random(0)))
     clips_per_batch = len(train) / max(batches, 1)
-    steps = math.ceil(batches / cfg.accum_steps)
-    warmup, total = max(int(cfg.warmup_epochs * steps), 1), cfg.epochs * steps
+    steps = steps_per_epoch(ds, cfg)
+    warmup, total = schedule_steps(cfg, steps)
     counts = {g: sum(p.numel() for p in params) for g, params in module_groups(model).items()}
     frozen = frozen_parts(model)
     w = cfg.ctc_weight
@@ -2224,9 +2229,14 @@ def append_rows(path: Path, rows: list[dict], epoch: int) -> None:
 
 # Over/under-fitting verdict -------------------------------------------------------------------------------
 
+def best_hypotheses(result: dict, decoder: str) -> list[list[int]]:
+    """Each clip's first hypothesis from an evaluation's n-best lists."""
+    return [nbest[0][0] for nbest in result["rows"][decoder]]
+
+
 def same_hypothesis_share(result: dict, decoder: str) -> float:
     """The share of clips given the most common hypothesis: near 1, the model answers without looking."""
-    hyps = [tuple(nbest[0][0]) for nbest in result["rows"][decoder]]
+    hyps = [tuple(h) for h in best_hypotheses(result, decoder)]
     return Counter(hyps).most_common(1)[0][1] / len(hyps) if hyps else 0.0
 
 
@@ -2492,12 +2502,11 @@ def plot_confusions(pairs: Counter, path: Path, units: int = 30) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
 
 
-def write_confusions(pairs: Counter, folder: Path, heading: str, draw: bool = True) -> None:
+def write_confusions(pairs: Counter, folder: Path, heading: str) -> None:
+    """confusions.txt and confusions.csv (the heatmap is drawn apart: it costs 0.6 s)."""
     lines = [heading] + confusion_lines(pairs)
     atomic_write(folder / "confusions.txt", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n", encoding="utf-8"))
     write_csv(folder / "confusions.csv", confusion_rows(pairs))
-    if draw:
-        plot_confusions(pairs, folder / "confusions.png")
 
 
 # Every epoch ------------------------------------------------------------------------------------------------
@@ -2510,7 +2519,7 @@ def diagnose_epoch(history: list[dict], val: dict | None, ds: Dataset, vocab: Vo
                    cfg: Config) -> tuple[list[str], Counter | None]:
     """The checklist on an epoch just finished: the verdict and same-answer share go into its metrics row,
     the worst clips and the confusions into <work-dir>/diagnostics; -> the lines for the console, and the
-    validation's unit pairs for the heatmap (drawn when the curves are)."""
+    validation's unit pairs for the heatmap (training redraws it at most every REDRAW_HEATMAP seconds)."""
     row, folder = history[-1], Path(cfg.work_dir) / "diagnostics"
     lines, pairs = [], None
     if val is not None:
@@ -2518,9 +2527,9 @@ def diagnose_epoch(history: list[dict], val: dict | None, ds: Dataset, vocab: Vo
         row["val_same_hyp"] = same_hypothesis_share(val, decoder)
         worst = scored_clips(val, ds, vocab, decoder)[:cfg.worst_k]
         append_rows(folder / "worst_samples.csv", [{"epoch": row["epoch"], **c} for c in worst], row["epoch"])
-        pairs = unit_pairs(val["rows"]["refs"], [nbest[0][0] for nbest in val["rows"][decoder]], vocab)
+        pairs = unit_pairs(val["rows"]["refs"], best_hypotheses(val, decoder), vocab)
         summary = confusion_summary(pairs)
-        write_confusions(pairs, folder, f"epoch {row['epoch']}, validation, {decoder} decoding", draw=False)
+        write_confusions(pairs, folder, f"epoch {row['epoch']}, validation, {decoder} decoding")
         lines += worst_lines(worst)
         lines.append(confusion_headline(summary) + f"; {folder / 'confusions.txt'}")
     row["verdict"] = fit_verdict(history, cfg)
@@ -3176,8 +3185,9 @@ def run_diagnose(cfg: Config) -> dict:
     clips = scored_clips(result, ds, vocab, decoding)
     write_csv(folder / "clips_by_cer.csv", clips)
     lines += worst_lines(clips[:cfg.worst_k])
-    pairs = unit_pairs(result["rows"]["refs"], [nbest[0][0] for nbest in result["rows"][decoding]], vocab)
+    pairs = unit_pairs(result["rows"]["refs"], best_hypotheses(result, decoding), vocab)
     write_confusions(pairs, folder, f"{path}, {cfg.split} split, {decoding} decoding")
+    plot_confusions(pairs, folder / "confusions.png")
     lines.append(confusion_headline(confusion_summary(pairs)) + f"; {folder / 'confusions.txt'}")
     grads = gradient_flow(model, ds, index, vocab, trained, device)
     lines += gradient_notes(grads, model)
