@@ -9,11 +9,12 @@ Mouth-region clips in, diacritized Arabic text out. The file reads top to bottom
     5. model           Auto-AVSR's CNN + Conformer encoder + Transformer decoder + CTC; the BiLSTM baseline
     6. loss            w * CTC + (1 - w) * label-smoothed attention
     7. decoding        greedy and batched beam search decoding, CER / WER
-    8. training        optimizer, schedule, mixed precision, checkpoints, resume, time budget
+    8. training        optimizer, schedule, mixed precision, checkpoints, resume, time budget, several GPUs
     9. diagnostics     dataset statistics; seed 001's checklist for a stuck model (every epoch, and --mode
                        diagnose / sanity): curves and a verdict, gradient flow, worst clips, confusions
    10. preprocessing   raw face videos -> mouth clips (dlib landmarks, followed from frame to frame)
-   11. cli             modes, flags and the entry point
+   11. kaggle          a Kaggle session's defaults: data searched, outputs kept, 12 h, resume, all its GPUs
+   12. cli             modes, flags and the entry point
 
 Run `python master_all_avsr.py --help` for the flags. With no arguments it trains the default (small) model on
 built-in synthetic clips, a GPU's demo; on a CPU, README.md's first command is the quick one.
@@ -21,15 +22,19 @@ built-in synthetic clips, a GPU's demo; on a CPU, README.md's first command is t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
+import datetime
 import functools
 import hashlib
 import json
 import math
 import os
 import random
+import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +48,7 @@ os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # our own messages name b
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -116,6 +122,9 @@ class Config:
     accum_steps: int = 1  # optimizer step every accum_steps batches
     amp: str = "auto"  # auto: bf16 where the GPU has it, fp16 + GradScaler where not (T4, P100), fp32 on CPU | off
     resume: bool = False  # continue from <work_dir>/checkpoints/last.pt
+    processes: int = 0  # train in N processes under torchrun (one per GPU); 0: one per GPU on Kaggle, else 1
+    compile: bool = False  # torch.compile the encoding (not on GPUs before compute capability 7); not measured faster
+    sync_batchnorm: bool = False  # under torchrun: BatchNorm statistics of the global batch, not of each share
     # diagnostics (seed 001's checklist), every epoch and in --mode diagnose / sanity
     diagnostics: bool = True  # off: no training-subset scores, gradient flow, worst clips or confusions
     train_eval_clips: int = 64  # fixed training clips scored without augmentation each epoch (learning curves)
@@ -184,11 +193,39 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+    """cpu or cuda; under torchrun, the GPU of this process's local rank. A GPU this torch build cannot run
+    stops here, with the fix, rather than deep in the first batch."""
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu or auto.")
-    return torch.device(name)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    problem = gpu_build_problem(torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device),
+                                torch.cuda.get_arch_list(), torch.__version__, torch.version.cuda)
+    if problem:
+        raise UserError(problem)
+    torch.cuda.set_device(device)
+    return device
+
+
+# CUDA 12.8+ builds of torch dropped Maxwell and Pascal (compute capability 5.x-6.x, the P100); 12.6 builds keep them
+OLD_GPU_BUILD = "pip install torch torchvision --index-url https://download.pytorch.org/whl/cu126"
+
+
+def gpu_build_problem(name: str, capability: tuple[int, int], arch_list: list[str], version: str,
+                      cuda: str | None) -> str | None:
+    """Why this torch build cannot run on this GPU, or None. A GPU runs code built for its own major version
+    and an equal or lower minor one (sm_XY), or PTX for an equal or lower capability (compute_XY), JIT-compiled."""
+    major, minor = capability
+    built = [(a.split("_")[0], int(a.split("_")[1][:-1]), int(a.split("_")[1][-1])) for a in arch_list]
+    if not built or any((kind == "sm" and a == major and b <= minor) or (kind == "compute" and (a, b) <= (major, minor))
+                        for kind, a, b in built):
+        return None
+    fix = (f"install a build that has it: {OLD_GPU_BUILD} (CUDA 12.6 builds still run compute capability 5.0-6.x)"
+           if 5 <= major < 7 else "install the torch build for this GPU (https://pytorch.org/get-started/locally)")
+    return (f"The GPU {name} (compute capability {major}.{minor}) cannot run this torch {version} (CUDA {cuda}, "
+            f"built for {' '.join(arch_list)}). To use it, {fix}; on Kaggle, choose GPU T4 x2; or run with "
+            "--device cpu.")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1524,7 +1561,7 @@ def joint_loss(model: nn.Module, enc, mask, ctc_logits, lengths, targets, vocab:
     """{'loss', 'ctc', 'att'} from the encoder's output; a CTC-only model (the baseline) has att = 0."""
     ctc = ctc_loss(ctc_logits, lengths, targets, vocab.blank)
     if model.decoder is None:
-        return {"loss": ctc, "ctc": ctc, "att": torch.zeros(())}
+        return {"loss": ctc, "ctc": ctc, "att": ctc.new_zeros(())}
     ys_in, ys_out = decoder_io(targets, vocab.sos_eos, enc.device)
     att = attention_loss(model.decoder(ys_in, enc, mask), ys_out, cfg.label_smoothing)
     return {"loss": cfg.ctc_weight * ctc + (1 - cfg.ctc_weight) * att, "ctc": ctc, "att": att}
@@ -1850,6 +1887,16 @@ def autocast(device: torch.device, cfg: Config):
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
+def compile_model(model: nn.Module, device: torch.device) -> None:
+    """torch.compile the encoding (frontend and encoder, where the time goes), where Triton can: not on GPUs
+    before compute capability 7 (P100)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (7, 0):
+        print(f"--compile is skipped: torch.compile needs compute capability 7.0 or more, and "
+              f"{torch.cuda.get_device_name(device)} has {'.'.join(map(str, torch.cuda.get_device_capability(device)))}.")
+        return
+    model.encode = torch.compile(model.encode)  # a second graph once batch size or length varies, then no more
+
+
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
     """Auto-AVSR's WarmupCosineScheduler factor for optimizer step `step` (counted from 1)."""
     if step < warmup:
@@ -1943,6 +1990,98 @@ def model_from_checkpoint(path: Path, cfg: Config, device, state: dict | None = 
     return model.to(device).eval(), vocab, model_cfg
 
 
+# Several processes (torchrun, one per GPU) ------------------------------------------------------------------
+# Every process holds the whole dataset and the whole model; rank 0 alone evaluates, draws, writes checkpoints
+# and decides when to stop, and tells the others.
+
+def rank_and_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def join_process_group(device_name: str) -> None:
+    """Join torchrun's process group (NCCL between GPUs, gloo between CPU processes). Only rank 0 prints."""
+    cuda = device_name != "cpu" and torch.cuda.is_available()
+    # rank 0 evaluates and draws while the others wait in their next gradient exchange: allow it time
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
+    if dist.get_rank() > 0:
+        sys.stdout = open(os.devnull, "w")
+
+
+def unwrapped(objective: nn.Module) -> nn.Module:
+    """The model inside an Objective, itself maybe inside DistributedDataParallel."""
+    return getattr(objective, "module", objective).model
+
+
+def all_ranks_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def rank0_says(flag: bool, device) -> bool:
+    """Rank 0's decision, for every process."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.broadcast(t, 0)
+    return bool(t.item())
+
+
+class AllRanksSum(torch.autograd.Function):
+    """A sum over the processes that autograd sees through: every process's loss depends on the sum, so the
+    gradient reaching each process's part is the sum of all their gradients."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return all_ranks_sum(t.clone())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_ranks_sum(grad.clone())
+
+
+class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """What torch's SyncBatchNorm (GPUs only) does, for CPU processes (gloo): sums and counts all-reduced with
+    autograd, so every process normalises by the mean and variance of the global batch."""
+
+    def _check_input_dim(self, x):  # any of BatchNorm1d/2d/3d's shapes
+        pass
+
+    def forward(self, x):
+        if not (self.training and dist.is_initialized()):
+            return super().forward(x)
+        c, dims, shape = x.shape[1], [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
+        xd = x.double()  # E[x^2] - E[x]^2 cancels badly in float32
+        stats = AllRanksSum.apply(torch.cat([xd.sum(dims), (xd * xd).sum(dims), xd.new_tensor([x.numel() / c])]))
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = (stats[c:2 * c] / n - mean ** 2).to(x.dtype)
+        mean = mean.to(x.dtype)
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)
+        return (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps) * self.weight.view(shape) \
+            + self.bias.view(shape)
+
+
+def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Every BatchNorm of `model` synchronised across processes; same parameters, buffers and state_dict keys."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in model.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            synced = CPUSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                      child.track_running_stats)
+            synced.load_state_dict(child.state_dict())
+            synced.weight.requires_grad_(child.weight.requires_grad)
+            synced.bias.requires_grad_(child.bias.requires_grad)
+            setattr(model, name, synced.train(child.training))
+        else:
+            sync_batchnorm(child, device)
+    return model
+
+
 def training_batch(ds: Dataset, chosen: list[int], augment: Augment, device) -> tuple:
     """Frames from memory, augmented on the device: (x, lengths, targets)."""
     targets = [ds.samples[i].ids for i in chosen]
@@ -1952,11 +2091,23 @@ def training_batch(ds: Dataset, chosen: list[int], augment: Augment, device) -> 
     return x, lengths.to(device), targets
 
 
-def backward_pass(model, x, lengths, targets, vocab, cfg: Config, device, scaler) -> dict:
+class Objective(nn.Module):
+    """The model and its joint loss as one forward pass, the unit DistributedDataParallel synchronises."""
+
+    def __init__(self, model: nn.Module, vocab: Vocabulary, cfg: Config):
+        super().__init__()
+        self.model, self.vocab, self.cfg = model, vocab, cfg
+
+    def forward(self, x, lengths, targets) -> dict:
+        enc, mask = self.model.encode(x, lengths)
+        return joint_loss(self.model, enc, mask, self.model.ctc(enc), lengths, targets, self.vocab, self.cfg)
+
+
+def backward_pass(objective: nn.Module, x, lengths, targets, cfg: Config, device, scaler, weight: float = 1.0) -> dict:
+    """Loss parts of the batch; its gradient, times `weight` (this process's share of a global batch), added."""
     with autocast(device, cfg):
-        enc, mask = model.encode(x, lengths)
-        parts = joint_loss(model, enc, mask, model.ctc(enc), lengths, targets, vocab, cfg)
-    scaler.scale(parts["loss"] / cfg.accum_steps).backward()
+        parts = objective(x, lengths, targets)
+    scaler.scale(parts["loss"] * (weight / cfg.accum_steps)).backward()
     return parts
 
 
@@ -1982,10 +2133,24 @@ def optimizer_step(model, optimizer, scheduler, scaler, cfg: Config) -> torch.Te
     return norms
 
 
-def train_epoch(model, ds: Dataset, vocab, cfg: Config, device, optimizer, scheduler, scaler, epoch: int,
+def rank_share(batch_size: int) -> tuple[list[int], float]:
+    """The rows of a global batch this process trains on (every world_size-th), and the weight that makes the
+    averaged gradients those of the whole batch. A batch smaller than the world gives a spare process one row
+    at weight 0, so that every process still joins the gradient exchange."""
+    rank, world = rank_and_world()
+    rows = list(range(rank, batch_size, world))
+    return (rows, len(rows) * world / batch_size) if rows else ([0], 0.0)
+
+
+def train_epoch(objective: nn.Module, ds: Dataset, cfg: Config, device, optimizer, scheduler, scaler, epoch: int,
                 updates: list | None = None) -> dict:
     """One pass over the training split -> mean losses, clips seen, and each module group's mean gradient norm
-    (`grad_<group>`); with `updates` (--log-param-updates), a row per optimizer step and group is added to it."""
+    (`grad_<group>`); with `updates` (--log-param-updates), a row per optimizer step and group is added to it.
+
+    Under torchrun every process draws and augments the same global batches (same seeds) and trains on its
+    own rows of each: the run follows a one-process run with the same --max-frames, the same padding and
+    (with --sync-batchnorm) the same statistics."""
+    model = unwrapped(objective)
     train_mode(model)
     augment = Augment(cfg, train=True)
     groups = module_groups(model)
@@ -1998,8 +2163,12 @@ def train_epoch(model, ds: Dataset, vocab, cfg: Config, device, optimizer, sched
     for n, batch in enumerate(progress(batches, f"epoch {epoch}"), 1):
         chosen = [train_index[i] for i in batch]
         x, lengths, targets = training_batch(ds, chosen, augment, device)
-        parts = backward_pass(model, x, lengths, targets, vocab, cfg, device, scaler)
-        if n % cfg.accum_steps == 0 or n == len(batches):
+        rows, weight = rank_share(len(chosen))
+        x, lengths, targets = x[rows], lengths[rows], [targets[i] for i in rows]
+        step = n % cfg.accum_steps == 0 or n == len(batches)
+        with contextlib.nullcontext() if step or not hasattr(objective, "no_sync") else objective.no_sync():
+            parts = backward_pass(objective, x, lengths, targets, cfg, device, scaler, weight)
+        if step:
             before, lr = (snapshot(groups) if updates is not None else None), optimizer.param_groups[0]["lr"]
             norms = optimizer_step(model, optimizer, scheduler, scaler, cfg)
             finite = torch.isfinite(norms)  # an fp16 step the GradScaler skipped has inf gradients
@@ -2007,11 +2176,13 @@ def train_epoch(model, ds: Dataset, vocab, cfg: Config, device, optimizer, sched
             grad_steps += finite
             if updates is not None:
                 updates += param_update_rows(groups, before, norms, epoch, scheduler.last_epoch, lr)
-        for k, v in parts.items():
-            totals[k] += v.detach() * len(chosen)  # summed on the device: one GPU sync per epoch, not per step
+        for k, v in parts.items():  # summed on the device: one GPU sync per epoch, not per step
+            totals[k] += v.detach() * (weight * len(chosen) / rank_and_world()[1])
         seen += len(chosen)
+    keys = sorted(totals)
+    summed = all_ranks_sum(torch.stack([totals[k].float() for k in keys])).tolist()
     grads = {f"grad_{g}": s / max(c, 1) for g, s, c in zip(groups, grad_sums.tolist(), grad_steps.tolist())}
-    return {k: float(v) / max(seen, 1) for k, v in totals.items()} | {"clips": seen} | grads
+    return {k: v / max(seen, 1) for k, v in zip(keys, summed)} | {"clips": seen} | grads
 
 
 def steps_per_epoch(ds: Dataset, cfg: Config) -> int:
@@ -2061,7 +2232,7 @@ def previous_run(cfg: Config, vocab: Vocabulary) -> dict | None:
     """The checkpoint to continue (checked before any data is read), or None for a fresh run."""
     ckpt_dir = Path(cfg.work_dir) / "checkpoints"
     for stale in ckpt_dir.glob(".*.pt.*"):  # temporary files of a run killed while saving
-        stale.unlink()
+        stale.unlink(missing_ok=True)  # (another process of the run may have got there first)
     last = ckpt_dir / "last.pt"
     if not cfg.resume:
         if last.exists():
@@ -2073,15 +2244,30 @@ def previous_run(cfg: Config, vocab: Vocabulary) -> dict | None:
     return state
 
 
+def load_dataset_once(cfg: Config, vocab: Vocabulary, device) -> Dataset:
+    """The dataset; under torchrun rank 0 reads it first (filling the clip cache), the others then from the cache."""
+    rank, world = rank_and_world()
+    if rank > 0:
+        dist.barrier()
+    ds = load_dataset(cfg, vocab, device)
+    if rank == 0 and world > 1:
+        dist.barrier()
+    return ds
+
+
 def train(cfg: Config, ds: Dataset | None = None, done=None) -> dict:
-    """Train on `ds` (default: the dataset cfg names); `done(row)`, when given, ends training after an epoch."""
+    """Train on `ds` (default: the dataset cfg names); `done(row)`, when given, ends training after an epoch.
+    Under torchrun, rank 0's result has the history; the other processes' is empty."""
     device = pick_device(cfg.device)
+    rank, world = rank_and_world()
     vocab = load_vocabulary(cfg)
     state = previous_run(cfg, vocab)
-    ds = ds or load_dataset(cfg, vocab, device)
+    ds = ds or load_dataset_once(cfg, vocab, device)
     if not ds.subset("train"):
         raise UserError("The training split is empty: add clips, or change --val-fraction / --test-fraction.")
     model = build_model(cfg, vocab.size).to(device)
+    if cfg.sync_batchnorm and world > 1:
+        model = sync_batchnorm(model, device)
     optimizer, scheduler = make_optimizer(model, cfg, steps_per_epoch(ds, cfg))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device, cfg) == torch.float16)
     work, ckpt_dir = Path(cfg.work_dir), Path(cfg.work_dir) / "checkpoints"
@@ -2095,15 +2281,29 @@ def train(cfg: Config, ds: Dataset | None = None, done=None) -> dict:
         set_rng_state(state["rng"])
         history, start = state["history"], state["epoch"] + 1
         print(f"Resumed from {ckpt_dir / 'last.pt'} after epoch {state['epoch']}")
-    print(f"{cfg.arch}/{cfg.preset}: {sum(p.numel() for p in model.parameters()):,} parameters on {device}; "
-          f"{len(ds.subset('train'))} train / {len(ds.subset('val'))} val / {len(ds.subset('test'))} test clips")
-    report_setup(model, ds, cfg, work / "diagnostics" / "setup.txt")
-    probe = training_probe(ds, cfg) if cfg.diagnostics else []
+    objective = Objective(model, vocab, cfg)
+    if world > 1:
+        objective = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.index is not None
+                                                        else None)
+    if cfg.compile:
+        compile_model(model, device)
+    print(f"{cfg.arch}/{cfg.preset}: {sum(p.numel() for p in model.parameters()):,} parameters on {device}"
+          f"{f' x {world} processes' if world > 1 else ''}; {len(ds.subset('train'))} train / "
+          f"{len(ds.subset('val'))} val / {len(ds.subset('test'))} test clips")
+    if rank == 0:
+        report_setup(model, ds, cfg, work / "diagnostics" / "setup.txt")
+    probe = training_probe(ds, cfg) if cfg.diagnostics and rank == 0 else []
     began, slowest, curves_drawn, heatmap_drawn = time.time(), 0.0, 0.0, 0.0
     for epoch in range(start, cfg.epochs + 1):
         t0 = time.time()
-        updates = [] if cfg.log_param_updates else None
-        train_stats = train_epoch(model, ds, vocab, cfg, device, optimizer, scheduler, scaler, epoch, updates)
+        updates = [] if cfg.log_param_updates and rank == 0 else None
+        if world > 1 and device.type == "cuda":  # own dropout masks per GPU; augmentation draws (CPU) stay shared
+            torch.cuda.manual_seed((cfg.seed * 10_000 + epoch) * 64 + rank)
+        train_stats = train_epoch(objective, ds, cfg, device, optimizer, scheduler, scaler, epoch, updates)
+        if rank > 0:
+            if rank0_says(False, device):
+                break
+            continue
         val = evaluate(model, ds, ds.subset("val"), vocab, cfg, device) if ds.subset("val") else None
         probe_scores = evaluate(model, ds, probe, vocab, cfg, device) if probe else None
         seconds = time.time() - t0
@@ -2132,7 +2332,7 @@ def train(cfg: Config, ds: Dataset | None = None, done=None) -> dict:
         if out_of_time and epoch < cfg.epochs:
             print(f"Stopping after epoch {epoch}: the next one would overrun --time-budget {cfg.time_budget} min. "
                   f"Continue with --resume.")
-        if last:
+        if rank0_says(last, device):
             break
     return {"history": history, "model": model, "vocab": vocab, "dataset": ds}
 
@@ -2544,7 +2744,7 @@ def gradient_flow(model: nn.Module, ds: Dataset, index: list[int], vocab: Vocabu
     for batch in eval_batches(ds, index, cfg):
         model.zero_grad(set_to_none=True)
         x, lengths, targets = training_batch(ds, [index[i] for i in batch], augment, device)
-        backward_pass(model, x, lengths, targets, vocab, one_step, device, unscaled)
+        backward_pass(Objective(model, vocab, cfg), x, lengths, targets, one_step, device, unscaled)
         norms.append(group_grad_norms(model))
     model.zero_grad(set_to_none=True)
     model.eval()
@@ -2655,7 +2855,6 @@ OUTER_EYE_CORNERS = (36, 45)
 RAW_VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".mpg", ".mpeg", ".m4v"}
 SAME_FACE_OVERLAP = 0.3  # a detection overlapping the followed face this much (IoU) is the same face
 SAME_LOOK = 0.5  # below this correlation with the previous frame's face, the followed face is lost
-KAGGLE_INPUT = Path("/kaggle/input")  # read-only; attached datasets (and the landmark model) sit under it
 
 
 def import_dlib():
@@ -2971,7 +3170,156 @@ def preprocess_videos(cfg: Config, out_dir: Path) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 11. CLI: flags from the Config fields, one function per mode, and the entry point.
+# 11. Kaggle: what a Kaggle session changes. Attached datasets and earlier outputs are under /kaggle/input
+#     (read-only), outputs go to /kaggle/working, a session ends after 12 h; so the defaults search the input
+#     for clips and labels, write to the working folder, stop in time, continue the newest attached run, and a
+#     kernel that sees several GPUs starts itself under torchrun.
+# ---------------------------------------------------------------------------------------------------------
+
+KAGGLE_INPUT = Path("/kaggle/input")  # attached datasets, earlier outputs, the landmark model
+KAGGLE_WORKING = Path("/kaggle/working")  # kept as the session's output (20 GB)
+KAGGLE_SCRATCH = Path("/tmp/master_all_avsr_cache")  # the clip cache: rebuilt in a minute, not worth output space
+KAGGLE_BUDGET = 11 * 60.0  # minutes of training; the rest of the 12 h reads the data, tests and saves the output
+SETTINGS_FILE = "master_all_avsr.json"  # a pushed kernel's --config, found in any attached dataset
+DATA_MODES = ("train", "test", "diagnose", "sanity", "stats", "vocab")
+CHECKPOINT_MODES = ("test", "diagnose", "decode")
+
+
+def on_kaggle() -> bool:
+    return "KAGGLE_KERNEL_RUN_TYPE" in os.environ  # set in every Kaggle session, interactive or batch
+
+
+def kaggle_files(pattern: str) -> list[Path]:
+    return sorted(KAGGLE_INPUT.rglob(pattern)) if KAGGLE_INPUT.is_dir() else []
+
+
+def kaggle_settings_file() -> str:
+    found = kaggle_files(SETTINGS_FILE)
+    if found:
+        print(f"Kaggle: settings from {found[0]}")
+    return str(found[0]) if found else ""
+
+
+def earlier_runs() -> list[Path]:
+    """Run folders (holding checkpoints/last.pt) in the earlier outputs attached to this session, newest first:
+    by the epochs they trained, then by time."""
+    runs = [last.parent.parent for last in kaggle_files("last.pt") if last.parent.name == "checkpoints"]
+    def progress_of(run: Path):
+        try:
+            epoch = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=False, mmap=True)["epoch"]
+        except Exception:  # unreadable: tried last; resuming from it gives the clear error
+            epoch = -1
+        return epoch, (run / "checkpoints" / "last.pt").stat().st_mtime
+    return sorted(runs, key=progress_of, reverse=True)
+
+
+def label_has_marks(path: Path) -> bool:
+    try:
+        return any(unicodedata.category(ch) == "Mn" for ch in read_label(path))
+    except (ValueError, UnicodeDecodeError, csv.Error):
+        return False
+
+
+def clip_size_fits(path: Path, size: int) -> bool:
+    try:
+        return read_video(path).shape[1:] == (size, size)
+    except ValueError:
+        return False
+
+
+def find_kaggle_data(cfg: Config) -> dict:
+    """videos_dir and labels_dir under /kaggle/input: the folder of CSV labels and the folder of clips that
+    share the most file stems, preferring labels with diacritics (for --units diacritized) and clips of
+    --frame-size (mouth crops, not the raw face videos that ship beside them). Earlier outputs are skipped."""
+    clips, labels = {}, {}
+    for folder, subdirs, files in os.walk(KAGGLE_INPUT):
+        if "checkpoints" in subdirs:  # an earlier output: its CSVs are reports, its .npy files a cache
+            subdirs.clear()
+            continue
+        for name in files:
+            stem, ext = os.path.splitext(name)
+            kind = labels if ext.lower() in LABEL_EXTS else clips if ext.lower() in VIDEO_EXTS else None
+            if kind is not None:
+                kind.setdefault(Path(folder), {})[stem] = Path(folder) / name
+    pairs = []
+    for label_dir, label_files in labels.items():
+        for clip_dir, clip_files in clips.items():
+            shared = sorted(set(label_files) & set(clip_files))
+            if shared:
+                pairs.append((len(shared), label_dir, clip_dir, label_files[shared[0]], clip_files[shared[0]]))
+    if not pairs:
+        raise UserError(f"No clips with CSV labels of the same names were found under {KAGGLE_INPUT}. Attach your "
+                        "dataset to the notebook (Add Input, or dataset_sources in kernel-metadata.json; README: "
+                        "Kaggle), or pass --data-dir, or --data synthetic for the built-in clips.")
+    marks = cfg.units == "diacritized"
+    best = max(pairs, key=lambda p: (clip_size_fits(p[4], cfg.frame_size), label_has_marks(p[3]) == marks, p[0]))
+    print(f"Kaggle: {best[0]} clips in {best[2]}, labels in {best[1]} (searched {KAGGLE_INPUT})")
+    return {"videos_dir": str(best[2]), "labels_dir": str(best[1])}
+
+
+def kaggle_defaults(given: dict) -> dict:
+    """Settings a Kaggle session changes, for those not given by flags or --config."""
+    cfg = Config(**given)
+    out = {"work_dir": str(KAGGLE_WORKING / "run"), "cache_dir": str(KAGGLE_SCRATCH), "time_budget": KAGGLE_BUDGET}
+    out = {k: v for k, v in out.items() if k not in given}
+    work = Path(given.get("work_dir", out.get("work_dir")))
+    if cfg.mode in DATA_MODES and not given.keys() & {"data", "data_dir", "videos_dir", "labels_dir"}:
+        out |= find_kaggle_data(cfg)
+    if cfg.mode == "train" and "resume" not in given:
+        out["resume"] = (work / "checkpoints" / "last.pt").exists() or bool(earlier_runs())
+    if cfg.mode in CHECKPOINT_MODES and "checkpoint" not in given and not (work / "checkpoints" / "best.pt").exists():
+        runs = earlier_runs()
+        if runs:
+            out["checkpoint"] = str(runs[0] / "checkpoints" / "best.pt")
+    return out
+
+
+def adopt_earlier_run(cfg: Config) -> None:
+    """--resume on Kaggle with nothing in the work dir: copy the newest attached earlier run there (read-only
+    input cannot be written to), file by file and atomically, last.pt last, so a cut copy is simply redone."""
+    work = Path(cfg.work_dir)
+    runs = earlier_runs()
+    if (work / "checkpoints" / "last.pt").exists() or not runs:
+        return
+    files = sorted((f for f in runs[0].rglob("*") if f.is_file() and "cache" not in f.relative_to(runs[0]).parts),
+                   key=lambda f: f.name == "last.pt")
+    for f in files:
+        atomic_write(work / f.relative_to(runs[0]), lambda tmp: shutil.copyfile(f, tmp))
+    print(f"Kaggle: continuing the run in {runs[0]} (copied to {work})")
+
+
+def processes_to_start(cfg: Config) -> int:
+    """Processes --mode train starts under torchrun: --processes, or on Kaggle one per GPU; 1 runs in place."""
+    if cfg.mode != "train" or "WORLD_SIZE" in os.environ:  # already one of torchrun's processes
+        return 1
+    if cfg.processes:
+        return cfg.processes
+    return torch.cuda.device_count() if on_kaggle() and cfg.device != "cpu" and torch.cuda.is_available() else 1
+
+
+def train_under_torchrun(cfg: Config, processes: int) -> dict:
+    """Start `processes` copies of this script under torchrun with the settings resolved here; rank 0 trains,
+    writes and tests as one process would."""
+    script = globals().get("__file__")
+    if script is None:  # a notebook cell has no file torchrun could start
+        print(f"{processes} processes were asked for, but a notebook cell cannot start itself under torchrun: "
+              "training in this one. For all GPUs, save the script and run in a cell: "
+              f"!torchrun --nproc_per_node {processes} master_all_avsr.py --mode train ...")
+        return {}
+    settings = Path(cfg.work_dir) / "torchrun_config.json"
+    write_json(settings, dataclasses.asdict(cfg) | {"processes": 0})
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               str(Path(script).resolve()), "--config", str(settings)]
+    print(f"Starting {processes} training processes: {' '.join(command)}", flush=True)
+    code = subprocess.run(command).returncode
+    if code:
+        raise UserError(f"The {processes} torchrun processes failed (exit code {code}; their messages are above). "
+                        "To train in one process, pass --processes 1.")
+    return {"processes": processes}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 12. CLI: flags from the Config fields, one function per mode, and the entry point.
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -3017,7 +3365,7 @@ def validate(cfg: Config) -> Config:
         if not isinstance(getattr(cfg, f.name), {"bool": bool, "int": int, "float": (int, float), "str": str}[f.type]):
             problems.append(f"{f.name} = {getattr(cfg, f.name)!r} should be a {f.type}")
     if not problems:  # the ranges can only be compared once the types are right
-        checks = [(cfg.accum_steps >= 1, "--accum-steps must be 1 or more"),
+        checks = [(cfg.accum_steps >= 1 and cfg.processes >= 0, "--accum-steps must be 1 or more, --processes 0 or more"),
                   (0 <= cfg.ctc_weight <= 1, "--ctc-weight must lie in [0, 1]"),
                   (0 <= cfg.beam_ctc_weight <= 1, "--beam-ctc-weight must lie in [0, 1]"),
                   (cfg.beam_size >= 1 and cfg.nbest >= 1, "--beam-size and --nbest must be 1 or more"),
@@ -3040,10 +3388,14 @@ def validate(cfg: Config) -> Config:
 
 
 def parse_config(argv: list[str]) -> Config:
+    """Flags over --config over (on Kaggle) the session's defaults over Config's."""
     args = vars(build_parser().parse_args(argv))
-    config_file = args.pop("config")
+    config_file = args.pop("config") or (kaggle_settings_file() if on_kaggle() else "")
     settings = read_config_file(config_file) if config_file else {}
     settings.update({k: v for k, v in args.items() if v is not None})
+    if on_kaggle():
+        validate(Config(**settings))  # a wrong setting is named before the input is searched
+        settings = kaggle_defaults(settings) | settings
     return validate(Config(**settings))
 
 
@@ -3088,8 +3440,20 @@ def run_synth(cfg: Config) -> Path:
 
 
 def run_train(cfg: Config) -> dict:
-    """Train, then score the best checkpoint on the test split."""
+    """Train, then score the best checkpoint on the test split (under torchrun: rank 0, once the others are done)."""
+    if on_kaggle() and cfg.resume:
+        adopt_earlier_run(cfg)
+    processes = processes_to_start(cfg)
+    if processes > 1:
+        started = train_under_torchrun(cfg, processes)
+        if started:
+            return started
     result = train(cfg)
+    rank, world = rank_and_world()
+    if world > 1:
+        dist.destroy_process_group()
+    if rank > 0:
+        return result
     best = Path(cfg.work_dir) / "checkpoints" / "best.pt"
     if result["dataset"].subset("test") and best.exists():
         result["test"] = run_test(dataclasses.replace(cfg, checkpoint=str(best), split="test"), result["dataset"])
@@ -3316,11 +3680,17 @@ def in_notebook() -> bool:
 
 
 def main(argv: list[str] | None = None):
-    """Run one mode; a notebook cell's own arguments (the kernel's) are ignored."""
+    """Run one mode with the flags in $AVSR_ARGS, then the command line's; a notebook cell's own arguments (the
+    kernel's) are ignored, so in a notebook $AVSR_ARGS (`%env AVSR_ARGS=--preset tiny`) carries the flags."""
     if argv is None:
-        argv = [] if in_notebook() else sys.argv[1:]
+        argv = shlex.split(os.environ.get("AVSR_ARGS", "")) + ([] if in_notebook() else sys.argv[1:])
     try:
         cfg = parse_config(argv)
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+            if cfg.mode != "train":
+                raise UserError(f"torchrun starts several processes for --mode train only; run --mode {cfg.mode} "
+                                "with plain python.")
+            join_process_group(cfg.device)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         return MODES[cfg.mode](cfg)

@@ -60,7 +60,7 @@ def fit(model, cfg, x, lengths, targets):
     scaler = torch.amp.GradScaler(device.type, enabled=m.amp_dtype(device, cfg) == torch.float16)
     model.train()
     for _ in range(args.fit_steps):
-        m.backward_pass(model, x, lengths, targets, vocab, cfg, device, scaler)
+        m.backward_pass(m.Objective(model, vocab, cfg), x, lengths, targets, cfg, device, scaler)
         m.optimizer_step(model, optimizer, scheduler, scaler, cfg)
 
 

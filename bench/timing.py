@@ -43,7 +43,7 @@ def time_training_steps(cfg: m.Config, ds: m.Dataset, vocab: m.Vocabulary, devic
         x, lengths, targets = m.training_batch(ds, chosen, augment, device)
         sync(device)
         t1 = time.perf_counter()
-        m.backward_pass(model, x, lengths, targets, vocab, cfg, device, scaler)
+        m.backward_pass(m.Objective(model, vocab, cfg), x, lengths, targets, cfg, device, scaler)
         m.optimizer_step(model, optimizer, scheduler, scaler, cfg)
         sync(device)
         t2 = time.perf_counter()

@@ -74,7 +74,7 @@ def trained(tmp_path_factory):
     x, lengths, targets = m.training_batch(ds, [0, 1, 2, 3], m.Augment(cfg, train=False), torch.device("cpu"))
     model.train()
     for _ in range(60):
-        m.backward_pass(model, x, lengths, targets, vocab, cfg, torch.device("cpu"), scaler)
+        m.backward_pass(m.Objective(model, vocab, cfg), x, lengths, targets, cfg, torch.device("cpu"), scaler)
         m.optimizer_step(model, optimizer, scheduler, scaler, cfg)
     model.eval()
     with torch.no_grad():

@@ -156,3 +156,72 @@ def test_resume_refuses_other_data_settings(tmp_path):
     m.train(fast_cfg(tmp_path / "w", epochs=1))
     with pytest.raises(m.UserError, match="split_seed: checkpoint 0, now 3"):
         m.train(fast_cfg(tmp_path / "w", epochs=2, resume=True, split_seed=3))
+
+
+DDP = FAST + ["--epochs", "3", "--max-frames", "300", "--dropout", "0", "--sync-batchnorm", "--decoder", "ctc",
+              "--mode", "train"]
+LOSSES = ("train_loss", "train_ctc", "train_att", "train_eval_loss", "val_loss")
+
+
+def torchrun(args, processes=2, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             f"--nproc_per_node={processes}", str(ROOT / "master_all_avsr.py"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def finished(process) -> str:
+    output = process.stdout.read()
+    assert process.wait(timeout=600) == 0, output
+    return output
+
+
+def test_torchrun_two_processes_train_as_one_with_the_same_global_batch_and_resume(tmp_path):
+    """Augmentation on (every process draws the global batch alike); dropout off, as its masks are per process."""
+    one = finished(run_script(DDP + ["--work-dir", str(tmp_path / "one")]))
+    two = finished(torchrun(DDP + ["--work-dir", str(tmp_path / "two")]))
+    assert "x 2 processes" in two and two.count("epoch   1 |") == 1  # rank 0 alone speaks
+    assert two.strip().splitlines()[-1].startswith("CER=")  # then tests, once
+    single, double = history_without_timings(tmp_path / "one"), history_without_timings(tmp_path / "two")
+    assert len(single) == len(double) == 3
+    for a, b in zip(single, double):
+        for k in LOSSES:
+            assert b[k] == pytest.approx(a[k], rel=1e-4), (a["epoch"], k)
+
+    killed_dir = tmp_path / "killed"
+    killed = torchrun(DDP + ["--work-dir", str(killed_dir)], start_new_session=True)
+    last = killed_dir / "checkpoints" / "last.pt"
+    while not last.exists() and killed.poll() is None:
+        time.sleep(0.05)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert torch.load(last, weights_only=False)["epoch"] < 3
+    assert "Resumed from" in finished(torchrun(DDP + ["--work-dir", str(killed_dir), "--resume"]))
+    assert history_without_timings(killed_dir) == double
+
+
+CU128 = ["sm_70", "sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]  # torch 2.8-2.10's CUDA 12.8 wheels
+CU126 = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]
+
+
+def test_a_gpu_the_torch_build_cannot_run_is_named_with_the_fix():
+    problem = m.gpu_build_problem("Tesla P100-PCIE-16GB", (6, 0), CU128, "2.10.0+cu128", "12.8")
+    assert "Tesla P100-PCIE-16GB" in problem and "6.0" in problem and "2.10.0+cu128" in problem
+    assert "whl/cu126" in problem and "sm_120" in problem
+    assert m.gpu_build_problem("Tesla T4", (7, 5), CU128, "2.10.0+cu128", "12.8") is None
+    assert m.gpu_build_problem("Tesla P100", (6, 0), CU126, "2.10.0+cu126", "12.6") is None
+    assert m.gpu_build_problem("GTX 1080", (6, 1), CU126, "2.10.0+cu126", "12.6") is None  # sm_60 runs on 6.1
+    assert m.gpu_build_problem("RTX 3090", (8, 6), ["sm_80"], "x", "12.8") is None
+    assert m.gpu_build_problem("RTX 5090", (12, 0), ["sm_80", "compute_90"], "x", "12.8") is None  # PTX, JIT
+    assert "get-started" in m.gpu_build_problem("RTX 5090", (12, 0), CU126, "x", "12.6")
+
+
+def test_compile_wraps_the_encoding_and_skips_gpus_before_compute_capability_7(monkeypatch, capsys):
+    model = m.build_model(m.Config(preset="tiny", input_size=44), m.Vocabulary.seed().size)
+    plain = model.encode
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla P100")
+    m.compile_model(model, torch.device("cuda", 0))
+    assert model.encode == plain and "Tesla P100 has 6.0" in capsys.readouterr().out
+    m.compile_model(model, torch.device("cpu"))
+    assert model.encode != plain and getattr(model.encode, "_torchdynamo_orig_callable", None) == plain
+    assert set(model.state_dict()) == set(m.build_model(m.Config(preset="tiny"), m.Vocabulary.seed().size).state_dict())

@@ -1,0 +1,3705 @@
+"""master_all_avsr.py: Arabic lip reading on one GPU, in one file.
+
+Mouth-region clips in, diacritized Arabic text out. The file reads top to bottom in pipeline order:
+
+    1. config          one dataclass for every setting, and the small helpers everything shares
+    2. vocabulary      diacritized-character units <-> ids
+    3. data            finding, checking, caching, splitting and batching clips; built-in synthetic clips
+    4. augmentation    per-clip crops, flips, time masks and time warps on the training device
+    5. model           Auto-AVSR's CNN + Conformer encoder + Transformer decoder + CTC; the BiLSTM baseline
+    6. loss            w * CTC + (1 - w) * label-smoothed attention
+    7. decoding        greedy and batched beam search decoding, CER / WER
+    8. training        optimizer, schedule, mixed precision, checkpoints, resume, time budget, several GPUs
+    9. diagnostics     dataset statistics; seed 001's checklist for a stuck model (every epoch, and --mode
+                       diagnose / sanity): curves and a verdict, gradient flow, worst clips, confusions
+   10. preprocessing   raw face videos -> mouth clips (dlib landmarks, followed from frame to frame)
+   11. kaggle          a Kaggle session's defaults: data searched, outputs kept, 12 h, resume, all its GPUs
+   12. cli             modes, flags and the entry point
+
+Run `python master_all_avsr.py --help` for the flags. With no arguments it trains the default (small) model on
+built-in synthetic clips, a GPU's demo; on a CPU, README.md's first command is the quick one.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import datetime
+import functools
+import hashlib
+import json
+import math
+import os
+import random
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # our own messages name bad files; FFmpeg's noise does not
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. Config: every setting of every mode lives in `Config`; each field is also a command-line flag.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    # run
+    mode: str = "train"  # train | test | decode | diagnose | sanity | stats | vocab | synth | preprocess
+    work_dir: str = "runs/demo"  # everything a run writes goes here
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 1337
+    # data: where clips and labels are
+    data: str = "auto"  # auto (files when a folder is given, else synthetic) | files | synthetic
+    data_dir: str = ""  # searched recursively for clips and CSV labels, paired by file stem
+    videos_dir: str = ""  # settles which folder holds the clips when several do
+    labels_dir: str = ""  # settles which folder holds the labels when several do
+    cache_dir: str = ""  # decoded clips as uint8; default <work_dir>/cache
+    output: str = ""  # --mode synth: where the generated dataset goes
+    # data: what a clip and a label must be
+    frame_size: int = 112  # clips must be frame_size x frame_size gray mouth crops
+    vocab: str = ""  # vocabulary JSON; default vocab.json beside this script, else the built-in one
+    units: str = "diacritized"  # diacritized | letters (diacritics stripped, the seed-000 granularity)
+    word_boundary: bool = True  # a <space> unit between words; off is the user's original 226-unit setting
+    unknown_units: str = "skip"  # skip a clip with a unit outside the vocabulary, or map it to <unk>
+    # data: splits
+    split_seed: int = 0  # the split depends on this and the clip's stem only, never on the other clips
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    split_lists: str = ""  # folder with train.txt, val.txt, test.txt (one stem a line) to use instead
+    # data: built-in synthetic clips
+    synthetic_clips: int = 2000
+    synthetic_words: int = 100  # lexicon size: words repeat across clips, as in the real data
+    synthetic_speakers: int = 24
+    # batching
+    max_frames: int = 1200  # frame budget of one batch (clips x padded length)
+    # augmentation (training only; validation and test get the center crop and normalisation)
+    crop_size: int = 88
+    input_size: int = 88  # the crop is area-resized to this before the model (44: 4x less compute, for CPUs)
+    random_crop: bool = True
+    hflip_prob: float = 0.5
+    mean: float = 0.419232189655303955078125
+    std: float = 0.133925855159759521484375
+    time_mask: bool = True
+    time_mask_window: int = 10  # Auto-AVSR's AdaptiveTimeMask: up to window-1 frames...
+    time_mask_stride: int = 25  # ...once per stride frames
+    time_warp: bool = False
+    time_warp_max: float = 0.1  # speed factor drawn from [1 - max, 1 + max]
+    # model
+    arch: str = "conformer"  # conformer (Auto-AVSR's) | baseline (seed 000's CNN + BiLSTM, CTC only)
+    preset: str = "small"  # tiny | small | base (base has the exact shapes of Auto-AVSR's released model)
+    frontend: str = "cnn"  # cnn | noise (features fixed by each frame's pixels, no visual sense) | linear (pixels)
+    dropout: float = 0.1
+    freeze: str = ""  # module groups whose weights stay fixed, e.g. frontend or frontend,encoder
+    # loss: ctc_weight * CTC + (1 - ctc_weight) * label-smoothed attention loss
+    ctc_weight: float = 0.3  # measured on LRC-AR against Auto-AVSR's 0.1 (README)
+    label_smoothing: float = 0.1  # Auto-AVSR's
+    # training
+    epochs: int = 30
+    time_budget: float = 0.0  # minutes; stop with a checkpoint before they run out (0: no limit)
+    lr: float = 1e-3
+    warmup_epochs: float = 3.0
+    weight_decay: float = 0.01
+    adam_eps: float = 1e-9
+    beta1: float = 0.9
+    beta2: float = 0.98
+    grad_clip: float = 10.0
+    accum_steps: int = 1  # optimizer step every accum_steps batches
+    amp: str = "auto"  # auto: bf16 where the GPU has it, fp16 + GradScaler where not (T4, P100), fp32 on CPU | off
+    resume: bool = False  # continue from <work_dir>/checkpoints/last.pt
+    processes: int = 0  # train in N processes under torchrun (one per GPU); 0: one per GPU on Kaggle, else 1
+    compile: bool = False  # torch.compile the encoding (not on GPUs before compute capability 7); not measured faster
+    sync_batchnorm: bool = False  # under torchrun: BatchNorm statistics of the global batch, not of each share
+    # diagnostics (seed 001's checklist), every epoch and in --mode diagnose / sanity
+    diagnostics: bool = True  # off: no training-subset scores, gradient flow, worst clips or confusions
+    train_eval_clips: int = 64  # fixed training clips scored without augmentation each epoch (learning curves)
+    worst_k: int = 5  # worst validation clips shown each epoch
+    patience: int = 3  # epochs the over/under-fitting verdict looks back over
+    log_param_updates: bool = False  # per optimizer step: gradient, parameter and update norms a module group
+    sanity_clips: int = 10  # --mode sanity: training clips to overfit
+    sanity_epochs: int = 300  # --mode sanity: at most this many passes over them (one optimizer step each)
+    # test and decode
+    checkpoint: str = ""  # default <work_dir>/checkpoints/best.pt
+    split: str = "test"  # train | val | test | all
+    input: str = ""  # --mode decode: a clip or a folder of clips
+    decoder: str = "beam"  # beam (Auto-AVSR's joint CTC/attention search) | attention | ctc (greedy); picks best.pt
+    beam_size: int = 20  # measured on LRC-AR (README): 10 is 1 point of CER worse and twice as fast
+    beam_ctc_weight: float = 0.3  # CTC's share of the search score (1: a CTC prefix search); Auto-AVSR's is 0.1
+    max_length_ratio: float = 0.0  # units per frame at most; 0: one a frame, stopping once longer ones fall behind
+    min_length_ratio: float = 0.0  # units per frame at least (no end before)
+    length_bonus: float = 0.0  # added per unit; > 0 favours longer hypotheses
+    nbest: int = 1  # hypotheses kept per clip (nbest.csv, decode's output)
+    # preprocessing: raw face videos -> mouth clips (--mode preprocess --input RAW --output DIR)
+    landmark_model: str = ""  # dlib's shape_predictor_68_face_landmarks.dat; searched for when not given
+    detect_every: int = 10  # the face detector runs every N frames; the landmarks follow the face in between
+    detect_scale: float = 0.5  # the detector sees the frame shrunk by this (the full frame when it finds nothing)
+    mouth_scale: float = 1.24  # crop side / distance between the outer eye corners: the user's crops (README)
+    smooth_frames: int = 5  # landmarks averaged over this many neighbouring frames before the cut
+    save_landmarks: bool = False  # also write <stem>.npz: landmarks, frames with a face, the crop of every frame
+    workers: int = 0  # preprocessing processes; 0: one per CPU core
+    preprocess: bool = False  # --mode decode: --input holds raw face videos; cut their mouths out first
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else Path(self.work_dir) / "cache"
+
+
+class UserError(Exception):
+    """A problem the user can fix: the message says what and how; the CLI prints it without a traceback."""
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write through `write(tmp_path)` and rename, so a killed run never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide results from the other users of a shared machine
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, ensure_ascii=False, indent=1), encoding="utf-8"))
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """Rows to CSV, atomically; the columns are every key any row has, in order of appearance."""
+    def write(tmp):
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+            writer.writeheader()
+            writer.writerows(rows)
+    atomic_write(path, write)
+
+
+def pick_device(name: str) -> torch.device:
+    """cpu or cuda; under torchrun, the GPU of this process's local rank. A GPU this torch build cannot run
+    stops here, with the fix, rather than deep in the first batch."""
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu or auto.")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    problem = gpu_build_problem(torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device),
+                                torch.cuda.get_arch_list(), torch.__version__, torch.version.cuda)
+    if problem:
+        raise UserError(problem)
+    torch.cuda.set_device(device)
+    return device
+
+
+# CUDA 12.8+ builds of torch dropped Maxwell and Pascal (compute capability 5.x-6.x, the P100); 12.6 builds keep them
+OLD_GPU_BUILD = "pip install torch torchvision --index-url https://download.pytorch.org/whl/cu126"
+
+
+def gpu_build_problem(name: str, capability: tuple[int, int], arch_list: list[str], version: str,
+                      cuda: str | None) -> str | None:
+    """Why this torch build cannot run on this GPU, or None. A GPU runs code built for its own major version
+    and an equal or lower minor one (sm_XY), or PTX for an equal or lower capability (compute_XY), JIT-compiled."""
+    major, minor = capability
+    built = [(a.split("_")[0], int(a.split("_")[1][:-1]), int(a.split("_")[1][-1])) for a in arch_list]
+    if not built or any((kind == "sm" and a == major and b <= minor) or (kind == "compute" and (a, b) <= (major, minor))
+                        for kind, a, b in built):
+        return None
+    fix = (f"install a build that has it: {OLD_GPU_BUILD} (CUDA 12.6 builds still run compute capability 5.0-6.x)"
+           if 5 <= major < 7 else "install the torch build for this GPU (https://pytorch.org/get-started/locally)")
+    return (f"The GPU {name} (compute capability {major}.{minor}) cannot run this torch {version} (CUDA {cuda}, "
+            f"built for {' '.join(arch_list)}). To use it, {fix}; on Kaggle, choose GPU T4 x2; or run with "
+            "--device cpu.")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. Vocabulary: a unit is a base letter with the marks that follow it; ids 1..226 are the user's own.
+# ---------------------------------------------------------------------------------------------------------
+
+# The user's 226 units in id order (id = position + 1), exactly as seed 001 numbers them.
+SEED_UNITS = """
+ٱ يْ يّْ يِّ يُّ يَّ يٌّ يِ يُ يَ يٌ ي ى وْ وِّ وُّ وَّ وِ وُ وَ
+وً و هْ هُّ هِ هُ هَ نۢ نْ نِّ نُّ نَّ نِ نُ نَ مْ مّْ مِّ مُّ مَّ
+مِ مُ مَ مٍ مٌ مً لْ لّْ لِّ لُّ لَّ لِ لُ لَ لٍ لٌ لً كْ كِّ كَّ
+كِ كُ كَ قْ قَّ قِ قُ قَ قٍ قً فْ فِّ فَّ فِ فُ فَ غْ غِ غَ عْ
+عَّ عِ عُ عَ عٍ ظْ ظِّ ظَّ ظِ ظُ ظَ طْ طِّ طَّ طِ طُ طَ ضْ ضِّ ضُّ
+ضَّ ضِ ضُ ضَ ضً صْ صّْ صِّ صُّ صَّ صِ صُ صَ صٍ صً شْ شِّ شُّ شَّ شِ
+شُ شَ سْ سّْ سِّ سُّ سَّ سِ سُ سَ سٍ زْ زَّ زِ زُ زَ رْ رِّ رُّ رَّ
+رِ رُ رَ رٍ رٌ رً ذْ ذَّ ذِ ذُ ذَ دْ دِّ دُّ دَّ دًّ دِ دُ دَ دٍ
+دٌ دً خْ خِ خُ خَ حْ حَّ حِ حُ حَ جْ جِّ جُّ جَّ جِ جُ جَ ثْ ثِّ
+ثُّ ثَّ ثِ ثُ ثَ تْ تِّ تُّ تَّ تِ تُ تَ تٍ تٌ ةْ ةِ ةُ ةَ ةٍ ةٌ
+ةً بْ بِّ بَّ بِ بُ بَ بٍ بً ا ئْ ئِ ئَ ئً إِ ؤْ ؤُ ؤَ أْ أُ
+أَ آ ءْ ءِ ءَ ءً
+""".split()
+
+# Blank is 0 because CTC and padding want it there; the others sit just above the user's ids.
+# (Shadda comes first in every unit above: an editor that normalises to NFC would undo that; a test checks.)
+SPECIALS = {"<blank>": 0, "<space>": 227, "<unk>": 228, "<sos/eos>": 229}
+SHADDA, TATWEEL = "\u0651", "\u0640"
+
+
+def normalize_unit(unit: str) -> str:
+    """One spelling per unit: shadda first, the other marks in their written order (the seed's convention).
+
+    Unicode's canonical order puts the vowel before the shadda; both spellings must find the same id."""
+    base, marks = unit[:1], unit[1:]
+    return base + "".join(sorted(marks, key=lambda m: m != SHADDA))
+
+
+def split_units(text: str) -> list[list[str]]:
+    """Text -> words -> units. NFC joins decomposed letters (alef + hamza -> أ); tatweel and spacing drop."""
+    text = unicodedata.normalize("NFC", text).replace(TATWEEL, "")
+    words = []
+    for word in text.split():
+        units: list[str] = []
+        for ch in word:
+            if unicodedata.category(ch) == "Mn" and units:
+                units[-1] += ch
+            else:
+                units.append(ch)
+        words.append([normalize_unit(u) for u in units])
+    return words
+
+
+def base_letter(unit: str) -> str:
+    return unit[:1]
+
+
+class Vocabulary:
+    """Units and special tokens with fixed ids; `view` derives the letters-only vocabulary."""
+
+    def __init__(self, ids: dict[str, int], specials: dict[str, int] = SPECIALS, letters_only: bool = False):
+        self.specials, self.letters_only = dict(specials), letters_only
+        self.ids = {normalize_unit(u): i for u, i in ids.items()}
+        taken = sorted(list(self.ids.values()) + list(self.specials.values()))
+        if len(set(taken)) != len(taken):
+            raise UserError("The vocabulary gives the same id to two units; every unit needs its own id.")
+        self.size = taken[-1] + 1
+        self.itos = [""] * self.size
+        for u, i in {**self.ids, **self.specials}.items():
+            self.itos[i] = u
+        self.blank, self.space = specials["<blank>"], specials["<space>"]
+        self.unk, self.sos_eos = specials["<unk>"], specials["<sos/eos>"]
+
+    @classmethod
+    def seed(cls) -> "Vocabulary":
+        return cls({u: i + 1 for i, u in enumerate(SEED_UNITS)})
+
+    @classmethod
+    def load(cls, path: Path) -> "Vocabulary":
+        try:
+            obj = json.loads(Path(path).read_text(encoding="utf-8"))
+            return cls(obj["units"], obj["specials"], obj.get("letters_only", False))
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"Cannot read the vocabulary {path}: {e}. It must be JSON with 'units' and "
+                            "'specials' (unit -> id), as written by --mode vocab.") from e
+
+    def to_json(self) -> dict:
+        units = sorted(self.ids.items(), key=lambda kv: kv[1])
+        return {"specials": self.specials, "units": dict(units), "letters_only": self.letters_only}
+
+    def save(self, path: Path) -> None:
+        write_json(path, self.to_json())
+
+    def view(self, units: str) -> "Vocabulary":
+        """`letters`: every unit collapses to its base letter, numbered in order of first appearance."""
+        if units == "diacritized":
+            return self
+        if units != "letters":
+            raise UserError(f"--units {units!r} is not known; use diacritized or letters.")
+        letters: dict[str, int] = {}
+        for u, _ in sorted(self.ids.items(), key=lambda kv: kv[1]):
+            letters.setdefault(base_letter(u), len(letters) + 1)
+        n = len(letters)
+        return Vocabulary(letters, {"<blank>": 0, "<space>": n + 1, "<unk>": n + 2, "<sos/eos>": n + 3}, True)
+
+    def with_units(self, new_units) -> "Vocabulary":
+        """Add units after every id in use, so that ids already known (and trained rows) never move."""
+        ids = dict(self.ids)
+        for u in new_units:
+            if normalize_unit(u) not in ids:
+                ids[normalize_unit(u)] = max(list(ids.values()) + list(self.specials.values())) + 1
+        return Vocabulary(ids, self.specials, self.letters_only)
+
+    def encode(self, text: str, word_boundary: bool = True) -> tuple[list[int], list[str]]:
+        """Ids of `text`, and the units the vocabulary lacks (each one becomes <unk>)."""
+        ids, unknown = [], []
+        for w, word in enumerate(split_units(text)):
+            if w and word_boundary:
+                ids.append(self.space)
+            for unit in word:
+                key = base_letter(unit) if self.letters_only else unit
+                if key in self.ids:
+                    ids.append(self.ids[key])
+                else:
+                    ids.append(self.unk)
+                    unknown.append(unit)
+        return ids, unknown
+
+    def decode(self, ids) -> str:
+        out = []
+        for i in ids:
+            i = int(i)
+            if i == self.space:
+                out.append(" ")
+            elif i not in (self.blank, self.sos_eos) and 0 <= i < self.size:
+                out.append(self.itos[i])
+        return " ".join("".join(out).split())
+
+
+def default_vocab_path() -> Path | None:
+    here = globals().get("__file__")  # absent when the script runs as a notebook cell
+    path = Path(here).with_name("vocab.json") if here else None
+    return path if path and path.exists() else None
+
+
+def load_vocabulary(cfg: Config) -> Vocabulary:
+    path = Path(cfg.vocab) if cfg.vocab else default_vocab_path()
+    if cfg.vocab and not path.exists():
+        raise UserError(f"--vocab {cfg.vocab}: no such file. Build one with --mode vocab --data-dir DIR.")
+    return (Vocabulary.load(path) if path else Vocabulary.seed()).view(cfg.units)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. Data: files on disk (or generated clips) -> checked samples -> uint8 frames in memory -> batches.
+# ---------------------------------------------------------------------------------------------------------
+
+VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".npy", ".npz"}
+CLIP_FPS = 25  # the user's clips, and what preprocessing writes
+LABEL_EXTS = {".csv"}
+
+
+@dataclass
+class Sample:
+    stem: str
+    text: str
+    ids: list[int]
+    frames: int
+
+
+class BadSamples:
+    """Every skipped file with its reason; written as JSON to the work dir and summed up on the console."""
+
+    def __init__(self):
+        self.entries: list[dict] = []
+
+    def add(self, file, reason: str) -> None:
+        self.entries.append({"file": str(file), "reason": reason})
+
+    def write(self, work_dir: Path, found: int) -> None:
+        path = Path(work_dir) / "data_report.json"
+        write_json(path, {"found": found, "skipped": len(self.entries), "entries": self.entries})
+        if self.entries:
+            kinds = Counter(e["reason"].split(":")[0] for e in self.entries)
+            summary = ", ".join(f"{n} {k}" for k, n in kinds.most_common())
+            print(f"Skipped {len(self.entries)} file(s) ({summary}); each one is listed in {path}")
+
+
+def files_by_stem(root: Path, exts: set[str], skip: set[Path]) -> dict[str, list[Path]]:
+    """Files under root by stem, leaving out our own outputs (`skip`), hidden files and macOS metadata."""
+    found: dict[str, list[Path]] = {}
+    for dirpath, dirnames, filenames in os.walk(Path(root).resolve()):
+        d = Path(dirpath)
+        dirnames[:] = sorted(n for n in dirnames if not n.startswith(".") and n != "__MACOSX" and d / n not in skip)
+        for name in sorted(filenames):
+            p = d / name
+            if p.suffix.lower() in exts and not name.startswith("."):
+                found.setdefault(p.stem, []).append(p)
+    return found
+
+
+def own_outputs(cfg: Config) -> set[Path]:
+    return {Path(cfg.work_dir).resolve(), cfg.cache_path.resolve()}
+
+
+def refuse_ambiguous(found: dict[str, list[Path]], what: str, flag: str) -> None:
+    """Several files for one stem means the folder holds more than one dataset: make the user choose."""
+    clashes = {s: ps for s, ps in found.items() if len(ps) > 1}
+    if not clashes:
+        return
+    same_folder = next((ps for ps in clashes.values() if len({p.parent for p in ps}) < len(ps)), None)
+    if same_folder:
+        raise UserError(f"Two {what}s of the same name sit in one folder: {', '.join(map(str, same_folder))}. "
+                        f"Keep one of them (or move the other format elsewhere).")
+    folders = Counter(str(p.parent) for ps in clashes.values() for p in ps)
+    lines = "\n".join(f"  {folder}  ({n} of them)" for folder, n in folders.most_common())
+    example = next(iter(clashes.values()))
+    raise UserError(
+        f"The same {what} name appears in several places ({len(clashes)} names, e.g. "
+        f"{', '.join(str(p) for p in example)}). Candidate folders:\n{lines}\n"
+        f"Say which one to use with {flag} FOLDER (e.g. {flag} \"{folders.most_common(1)[0][0]}\").")
+
+
+def discover_pairs(cfg: Config, bad: BadSamples) -> list[tuple[str, Path, Path]]:
+    """(stem, video, label) for every stem with both; a file without its partner is reported, not fatal."""
+    root = Path(cfg.data_dir) if cfg.data_dir else None
+    video_root = Path(cfg.videos_dir) if cfg.videos_dir else root
+    label_root = Path(cfg.labels_dir) if cfg.labels_dir else root
+    if video_root is None or label_root is None:
+        raise UserError("No data given: pass --data-dir ROOT (or both --videos-dir and --labels-dir), "
+                        "or --data synthetic for the built-in clips.")
+    for r in (video_root, label_root):
+        if not r.is_dir():
+            raise UserError(f"Data folder {r} does not exist or is not a folder.")
+    videos = files_by_stem(video_root, VIDEO_EXTS, own_outputs(cfg))
+    labels = files_by_stem(label_root, LABEL_EXTS, own_outputs(cfg))
+    refuse_ambiguous(videos, "clip", "--videos-dir")
+    refuse_ambiguous(labels, "label", "--labels-dir")
+    for stem in sorted(set(videos) - set(labels)):
+        bad.add(videos[stem][0], "no label: no CSV with the same name was found")
+    for stem in sorted(set(labels) - set(videos)):
+        bad.add(labels[stem][0], "no clip: no video with the same name was found")
+    return [(s, videos[s][0], labels[s][0]) for s in sorted(set(videos) & set(labels))]
+
+
+def read_label(path: Path) -> str:
+    """A CSV with a `word` column (one word a row) or a `text` column."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return ""
+    column = next((c for c in ("word", "text") if c in rows[0]), None)
+    if column is None:
+        raise ValueError(f"no 'word' or 'text' column (columns: {', '.join(rows[0])})")
+    return " ".join((r[column] or "").strip() for r in rows).strip()
+
+
+def to_gray(frame: np.ndarray) -> np.ndarray:
+    if frame.ndim == 2:
+        return frame
+    if frame.shape[2] == 1:
+        return frame[..., 0]
+    import cv2
+    return cv2.cvtColor(frame[..., :3], cv2.COLOR_BGR2GRAY)
+
+
+def read_video(path: Path) -> np.ndarray:
+    """T x H x W uint8 from a video file or a saved array; ValueError says what is wrong with it."""
+    return read_frames(path)[0]
+
+
+def read_frames(path: Path) -> tuple[np.ndarray, float]:
+    """Gray frames and frames per second (a saved array counts as 25 fps)."""
+    suffix = path.suffix.lower()
+    if suffix in (".npy", ".npz"):
+        try:
+            arr = np.load(path)
+            if suffix == ".npz":
+                arr = arr["frames"] if "frames" in arr.files else arr[arr.files[0]]
+        except (OSError, EOFError, ValueError, IndexError, KeyError) as e:
+            raise ValueError(f"unreadable video: {e}") from e
+        if arr.dtype != np.uint8 or arr.ndim not in (3, 4) or len(arr) == 0 or (arr.ndim == 4 and arr.shape[3] > 4):
+            raise ValueError(f"unreadable video: array of {arr.dtype} {arr.shape}, expected uint8 T x H x W")
+        return (np.stack([to_gray(f) for f in arr]) if arr.ndim == 4 else arr), CLIP_FPS
+    import cv2
+    cap = cv2.VideoCapture(str(path))
+    if not cap.isOpened():
+        raise ValueError("unreadable video: it cannot be opened (corrupt, truncated or not a video)")
+    declared = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+    fps = cap.get(cv2.CAP_PROP_FPS)
+    frames = []
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        frames.append(to_gray(frame))
+    cap.release()
+    if not frames:
+        raise ValueError("unreadable video: no frame could be decoded")
+    if declared > len(frames) + max(1, declared // 20):  # some containers only estimate their frame count
+        raise ValueError(f"truncated video: its header declares {declared} frames, only {len(frames)} decode")
+    return np.stack(frames), (fps if 1 <= fps <= 1000 else CLIP_FPS)
+
+
+def frames_needed(ids: list[int]) -> int:
+    """CTC emits one unit a frame and needs a blank between equal neighbours."""
+    return len(ids) + sum(a == b for a, b in zip(ids, ids[1:]))
+
+
+def check_sample(cfg: Config, vocab: Vocabulary, text: str, frames: np.ndarray) -> tuple[list[int], str]:
+    """The clip's ids, or '' and the reason to skip it."""
+    if not text:
+        return [], "empty label: the CSV has no words"
+    t, h, w = frames.shape
+    if (h, w) != (cfg.frame_size, cfg.frame_size):
+        return [], (f"wrong frame size: {w} x {h}, expected {cfg.frame_size} x {cfg.frame_size} mouth crops "
+                    "(a raw face video? crop it first, or point --videos-dir at the crops)")
+    ids, unknown = vocab.encode(text, cfg.word_boundary)
+    if unknown and cfg.unknown_units == "skip":
+        return [], (f"unknown units: {' '.join(sorted(set(unknown)))} are not in the vocabulary "
+                    "(extend it with --mode vocab, or map them to <unk> with --unknown-units map)")
+    if frames_needed(ids) > t:
+        return [], f"label too long: {frames_needed(ids)} CTC steps for a clip of {t} frames"
+    return ids, ""
+
+
+class ClipCache:
+    """Decoded clips as uint8 .npy files, one per source file, keyed by its path, size and mtime.
+
+    A changed or added file refreshes only its own entry; entries are written atomically."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.index_path = self.folder / "index.json"
+        try:
+            self.index = json.loads(self.index_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # none yet, or damaged: every clip is decoded again
+            self.index = {}
+        self.hits = self.misses = 0
+
+    def _entry(self, path: Path) -> tuple[str, list]:
+        st = path.stat()
+        key = str(path.resolve())
+        return key, [st.st_size, st.st_mtime_ns]
+
+    def load(self, path: Path) -> np.ndarray:
+        key, stamp = self._entry(path)
+        file = self.folder / (hashlib.sha1(key.encode()).hexdigest()[:20] + ".npy")
+        if self.index.get(key) == stamp:
+            try:
+                frames = np.load(file)
+                self.hits += 1
+                return frames
+            except (OSError, ValueError, EOFError):  # a damaged entry is decoded again
+                pass
+        frames = read_video(path)
+        try:
+            atomic_write(file, lambda tmp: np.save(tmp, frames))
+        except OSError as e:
+            raise UserError(f"Cannot write the clip cache in {self.folder} ({e}). Free some space, or point "
+                            "--cache-dir at a writable folder.") from e
+        self.index[key] = stamp
+        self.misses += 1
+        return frames
+
+    def save_index(self) -> None:
+        if self.misses:
+            write_json(self.index_path, self.index)
+
+
+def split_of(stem: str, cfg: Config) -> str:
+    """train/val/test from a hash of the stem alone, so adding clips never moves the others."""
+    u = int(hashlib.sha1(f"{cfg.split_seed}:{stem}".encode()).hexdigest()[:12], 16) / 16 ** 12
+    return "test" if u < cfg.test_fraction else "val" if u < cfg.test_fraction + cfg.val_fraction else "train"
+
+
+def read_split_lists(folder: Path) -> dict[str, str]:
+    stems = {}
+    for split in ("train", "val", "test"):
+        path = Path(folder) / f"{split}.txt"
+        if not path.exists():
+            raise UserError(f"--split-lists {folder}: {path.name} is missing; it needs train.txt, val.txt "
+                            "and test.txt, one clip name (or path) a line.")
+        try:
+            names = path.read_text(encoding="utf-8").split()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"Cannot read {path} ({e}); it needs one clip name a line, in UTF-8.") from e
+        for line in names:
+            if stems.setdefault(Path(line).stem, split) != split:
+                raise UserError(f"{Path(line).stem} is listed in both {stems[Path(line).stem]}.txt and {path.name}.")
+    return stems
+
+
+def stored_size(cfg: Config) -> int:
+    """Frames are kept at the scale the model sees them (112 -> 56 when 88-pixel crops are shrunk to 44), so a
+    crop is cut at its final size: four times fewer bytes per batch and no resize on the training device."""
+    size = cfg.frame_size * cfg.input_size / cfg.crop_size
+    return int(size) if size.is_integer() else cfg.frame_size
+
+
+def shrink(clip: np.ndarray, size: int) -> np.ndarray:
+    import cv2
+    if clip.shape[1:] == (size, size):
+        return clip
+    return np.stack([cv2.resize(f, (size, size), interpolation=cv2.INTER_AREA) for f in clip])
+
+
+class ClipBank:
+    """All clips of a dataset in one uint8 tensor, concatenated over time, on the training device if it fits.
+
+    A batch is one gather from this tensor: no loader processes, no per-batch decoding."""
+
+    def __init__(self, clips: list[np.ndarray], device: torch.device, size: int | None = None):
+        if size is not None:
+            clips = [shrink(c, size) for c in clips]
+        self.lengths = torch.tensor([len(c) for c in clips], dtype=torch.long)
+        self.offsets = torch.cumsum(self.lengths, 0) - self.lengths
+        frames = torch.from_numpy(np.concatenate(clips)) if clips else torch.zeros(0, 1, 1, dtype=torch.uint8)
+        self.device = device if self._fits(frames, device) else torch.device("cpu")
+        self.frames = frames.to(self.device)
+
+    @staticmethod
+    def _fits(frames: torch.Tensor, device: torch.device) -> bool:
+        if device.type != "cuda":
+            return True
+        free, _ = torch.cuda.mem_get_info(device)
+        return frames.numel() < 0.3 * free  # leave the rest to the model
+
+    def batch(self, index: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """B x Tmax x H x W uint8 (zero-padded) and the B lengths."""
+        idx = torch.as_tensor(index, dtype=torch.long)
+        lengths = self.lengths[idx]
+        t = torch.arange(int(lengths.max()))
+        rows = self.offsets[idx, None] + torch.minimum(t[None], lengths[:, None] - 1)
+        out = self.frames.index_select(0, rows.flatten().to(self.device))  # 3x faster than indexing with rows
+        out = out.view(len(idx), len(t), *self.frames.shape[1:])
+        out.masked_fill_((t[None] >= lengths[:, None]).to(self.device)[..., None, None], 0)
+        return out, lengths
+
+
+@dataclass
+class Dataset:
+    samples: list[Sample]
+    bank: ClipBank
+    splits: dict[str, list[int]] = field(default_factory=dict)
+
+    def subset(self, split: str) -> list[int]:
+        return self.splits.get(split, [])
+
+
+def load_dataset(cfg: Config, vocab: Vocabulary, device: torch.device) -> Dataset:
+    """Find, check and decode every clip; assign splits; put the frames in memory."""
+    bad = BadSamples()
+    if data_kind(cfg) == "synthetic":
+        generated = synthesize_dataset(cfg, vocab)
+        samples, clips, found = [], [], len(generated)
+        for stem, text, frames in generated:
+            ids, why = check_sample(cfg, vocab, text, frames)
+            if why:
+                bad.add(f"synthetic:{stem}", why)
+                continue
+            samples.append(Sample(stem, text, ids, len(frames)))
+            clips.append(frames)
+    else:
+        pairs = discover_pairs(cfg, bad)
+        found = len(pairs) + len(bad.entries)
+        cache = ClipCache(cfg.cache_path)
+        samples, clips = [], []
+        for stem, video, label in progress(pairs, "reading clips"):
+            try:
+                text = read_label(label)
+            except (ValueError, UnicodeDecodeError, csv.Error) as e:
+                bad.add(label, f"unreadable label: {e}")
+                continue
+            try:
+                frames = cache.load(video)
+            except ValueError as e:
+                bad.add(video, str(e))
+                continue
+            ids, why = check_sample(cfg, vocab, text, frames)
+            if why:
+                bad.add(label if why.startswith(("empty", "unknown", "label")) else video, why)
+                continue
+            samples.append(Sample(stem, text, ids, len(frames)))
+            clips.append(frames)
+        cache.save_index()
+    bad.write(cfg.work_dir, found)
+    if not samples:
+        raise UserError(f"No usable clip was found (see {Path(cfg.work_dir) / 'data_report.json'}).")
+    listed = read_split_lists(Path(cfg.split_lists)) if cfg.split_lists else None
+    splits: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    for i, s in enumerate(samples):
+        split = listed.get(s.stem) if listed is not None else split_of(s.stem, cfg)
+        if split:
+            splits[split].append(i)
+    if listed is not None:
+        unlisted = sum(1 for s in samples if s.stem not in listed)
+        if unlisted:
+            print(f"{unlisted} usable clip(s) are in none of the lists in {cfg.split_lists} and are left out.")
+        missing = sorted(set(listed) - {s.stem for s in samples})
+        if missing:
+            print(f"{len(missing)} clip(s) named in {cfg.split_lists} were not found or were skipped, "
+                  f"e.g. {', '.join(missing[:5])}")
+    return Dataset(samples, ClipBank(clips, device, stored_size(cfg)), splits)
+
+
+def data_kind(cfg: Config) -> str:
+    if cfg.data != "auto":
+        return cfg.data
+    return "files" if (cfg.data_dir or cfg.videos_dir or cfg.labels_dir) else "synthetic"
+
+
+def progress(items, desc: str):
+    """tqdm bars in a terminal or a notebook; the plain list in logs (a Kaggle batch run) or without tqdm."""
+    try:
+        from tqdm.auto import tqdm
+        return tqdm(items, desc=desc, leave=False, disable=not (sys.stderr.isatty() or in_notebook()))
+    except ImportError:
+        return items
+
+
+def frame_budget_batches(lengths: list[int], max_frames: int, rng: random.Random) -> list[list[int]]:
+    """Length-sorted clips (ties shuffled) cut into batches whose padded size stays within the budget."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], rng.random()))
+    batches, current, longest = [], [], 0
+    for i in order:
+        longest_if_added = max(longest, lengths[i])
+        if current and longest_if_added * (len(current) + 1) > max_frames:
+            batches.append(current)
+            current, longest_if_added = [], lengths[i]
+        current.append(i)
+        longest = longest_if_added
+    if current:
+        batches.append(current)
+    rng.shuffle(batches)
+    return batches
+
+
+# Built-in synthetic clips -------------------------------------------------------------------------------
+# Mouth shapes come from visemes, as on real lips: letters articulated at the same place look nearly the same
+# (ب م: closed lips; ت د ط ض ن ل ر ز س ص: teeth; ...; each letter differs from its class by a small offset),
+# so the word list does much of the telling apart, and vowels change the opening and rounding. Shapes blend
+# from unit to unit over time (coarticulation), units take a varying number of frames (fast speakers fit more
+# words into a clip), and speakers differ in position, scale, lighting and noise: no per-frame lookup reads
+# the text off a clip.
+
+VISEMES = {  # base letter -> (opening, width, rounding, teeth, tongue), each in [0, 1]
+    **dict.fromkeys("بم", (0.0, 0.5, 0.1, 0.0, 0.0)),
+    "ف": (0.12, 0.5, 0.0, 1.0, 0.0),
+    **dict.fromkeys("ثذظ", (0.25, 0.55, 0.0, 0.6, 1.0)),
+    **dict.fromkeys("تدطضنلرزسصة", (0.2, 0.6, 0.0, 0.9, 0.3)),
+    **dict.fromkeys("شج", (0.22, 0.35, 0.6, 0.7, 0.0)),
+    **dict.fromkeys("كقغخ", (0.4, 0.5, 0.1, 0.3, 0.5)),
+    **dict.fromkeys("عحهءأإآؤئ", (0.6, 0.55, 0.1, 0.2, 0.2)),
+    **dict.fromkeys("اٱى", (0.75, 0.7, 0.0, 0.3, 0.1)),
+    "و": (0.2, 0.2, 1.0, 0.0, 0.0),
+    "ي": (0.15, 0.9, 0.0, 0.8, 0.1),
+}
+VOWELS = {  # mark -> (opening, width, rounding) the vowel moves towards after the consonant
+    "\u064e": (0.65, 0.65, 0.0), "\u064b": (0.65, 0.65, 0.0),  # fatha, fathatan
+    "\u0650": (0.3, 0.9, 0.0), "\u064d": (0.3, 0.9, 0.0),  # kasra, kasratan
+    "\u064f": (0.3, 0.25, 0.9), "\u064c": (0.3, 0.25, 0.9),  # damma, dammatan
+}
+TANWEEN = "\u064b\u064c\u064d"
+LETTER_OFFSET = 0.12  # how far a letter's shape strays from its viseme class
+SPEECH_RATE = 0.5  # units (and word boundaries) a frame at most; the real clips average 0.46 units a frame
+
+
+def unit_keyframes(unit: str) -> list[tuple[float, np.ndarray]]:
+    """(relative duration, shape) targets a unit passes through; unknown letters get a stable made-up viseme."""
+    letter = base_letter(unit)
+    h = np.frombuffer(hashlib.sha1(letter.encode()).digest()[:5], np.uint8) / 255
+    if letter in VISEMES:  # alike within the class, not identical: a letter's own small offset
+        shape = np.clip(np.array(VISEMES[letter]) + LETTER_OFFSET * (2 * h - 1), 0, 1).astype(np.float32)
+    else:
+        shape = h.astype(np.float32)
+    keys = [(1.0, shape)]
+    vowel = next((VOWELS[m] for m in unit[1:] if m in VOWELS), None)
+    if vowel is not None:
+        keys.append((1.0, np.array([*vowel, shape[3] * 0.5, 0.0], np.float32)))
+    if any(m in TANWEEN for m in unit) or "\u06e2" in unit:  # a trailing n (or the small meem) closes in
+        keys.append((0.7, np.array(VISEMES["ن"], np.float32)))
+    if SHADDA in unit:  # a doubled consonant is held longer
+        keys[0] = (2.0, shape)
+    return keys
+
+
+def synthetic_lexicon(vocab: Vocabulary, n_words: int, rng: np.random.Generator) -> list[list[str]]:
+    """Arabic-looking words of 2-6 units: consonant + vowel mostly, sukun to close, some with ٱلْ."""
+    units = [u for u in vocab.ids if len(u) > 0]
+    weights = np.array([3.0 if any(m in VOWELS for m in u[1:]) else 1.0 for u in units])
+    words = set()
+    while len(words) < n_words:
+        n = int(rng.integers(2, 7))
+        word = tuple(units[i] for i in rng.choice(len(units), n, p=weights / weights.sum()))
+        if rng.random() < 0.25 and "ٱ" in vocab.ids and "لْ" in vocab.ids:
+            word = ("ٱ", "لْ") + word[: 4]
+        words.add(word)
+    return [list(w) for w in sorted(words)]
+
+
+def speaker_style(rng: np.random.Generator) -> dict:
+    return {
+        "center": rng.uniform([50, 54], [62, 64]), "scale": rng.uniform(0.8, 1.2),
+        "skin": rng.uniform(0.45, 0.62), "lip": rng.uniform(0.28, 0.4), "light": rng.uniform(-0.15, 0.15),
+        "noise": rng.uniform(0.01, 0.04), "rate": rng.uniform(0.85, 1.15), "lip_width": rng.uniform(0.9, 1.1),
+    }
+
+
+def shape_track(words: list[list[str]], n_frames: int, rng: np.random.Generator) -> np.ndarray:
+    """n_frames x 5 mouth parameters: keyframes laid out in time, blended linearly, then smoothed."""
+    keys = [(1.5, np.array([0.05, 0.5, 0.1, 0.0, 0.0], np.float32))]  # at rest before speaking
+    for w, word in enumerate(words):
+        if w:
+            keys.append((0.4, np.array([0.1, 0.5, 0.1, 0.0, 0.0], np.float32)))
+        for unit in word:
+            keys += [(d * rng.uniform(0.7, 1.3), s) for d, s in unit_keyframes(unit)]
+    keys.append((1.5, np.array([0.05, 0.5, 0.1, 0.0, 0.0], np.float32)))
+    durations = np.array([d for d, _ in keys])
+    times = (np.cumsum(durations) - durations / 2) / durations.sum() * (n_frames - 1)
+    shapes = np.stack([s for _, s in keys])
+    frame_t = np.arange(n_frames)
+    track = np.stack([np.interp(frame_t, times, shapes[:, k]) for k in range(shapes.shape[1])], 1)
+    kernel = np.array([1, 2, 1]) / 4  # coarticulation: each frame leans towards its neighbours
+    padded = np.pad(track, ((1, 1), (0, 0)), mode="edge")
+    return sum(k * padded[i:i + n_frames] for i, k in enumerate(kernel)).astype(np.float32)
+
+
+def render_mouth(track: np.ndarray, style: dict, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Draw lips, cavity, teeth and tongue for every frame at once; T x size x size uint8."""
+    t = len(track)
+    f32 = lambda v: np.float32(v)
+    opening, width, rounding, teeth, tongue = (track[:, k, None, None] for k in range(5))
+    drift = np.cumsum(rng.normal(0, 0.4, (t, 2)), 0).astype(np.float32)
+    cx = f32(style["center"][0]) + drift[:, 0, None, None]
+    cy = f32(style["center"][1]) + drift[:, 1, None, None]
+    s = f32(style["scale"] * size / 112)
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    half_w = s * (24 + 12 * width - 9 * rounding) * f32(style["lip_width"])
+    half_h = s * (1.0 + 15 * opening)
+    thick = s * (8 + 4 * rounding)
+    inner = ((x - cx) / half_w) ** 2 + ((y - cy) / half_h) ** 2
+    outer = ((x - cx) / (half_w + thick)) ** 2 + ((y - cy) / (half_h + thick)) ** 2
+    soft = lambda d: np.clip(0.5 - d, 0, 1)  # a one-pixel ramp keeps edges smooth and is cheap
+    lips, cavity = soft((outer - 1) * 6), soft((inner - 1) * 6)
+    upper = soft((y - (cy - half_h * 0.45)) / s)
+    lower = 1 - soft((y - (cy + half_h * 0.3)) / s)
+    img = f32(style["skin"]) * (1 + f32(style["light"]) * (x - size / 2) / size)
+    img = img * (1 - lips) + f32(style["lip"]) * lips
+    inside = np.minimum(0.08 + 0.75 * teeth * upper + 0.3 * tongue * lower, 0.9)
+    img = img * (1 - cavity) + inside * cavity
+    img += f32(style["noise"]) * rng.standard_normal(img.shape, dtype=np.float32)
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+def synthesize_dataset(cfg: Config, vocab: Vocabulary) -> list[tuple[str, str, np.ndarray]]:
+    """(stem, text, T x H x W uint8) for cfg.synthetic_clips clips; the same seed gives the same clips."""
+    rng = np.random.default_rng(cfg.seed)
+    full = Vocabulary.seed() if vocab.letters_only else vocab  # letters are drawn as units, to show vowels
+    lexicon = synthetic_lexicon(full, cfg.synthetic_words, rng)
+    zipf = 1 / np.arange(1, len(lexicon) + 1) ** 0.7
+    speakers = [speaker_style(rng) for _ in range(cfg.synthetic_speakers)]
+    out = []
+    for n in range(cfg.synthetic_clips):
+        style = speakers[int(rng.integers(len(speakers)))]
+        n_frames = int(rng.integers(29, 39))
+        words = [lexicon[i] for i in rng.choice(len(lexicon), int(rng.integers(1, 6)), p=zipf / zipf.sum())]
+        while sum(map(len, words)) + len(words) - 1 > n_frames * SPEECH_RATE * style["rate"] and len(words) > 1:
+            words.pop()
+        track = shape_track(words, n_frames, rng)
+        out.append((f"synth_{n:05d}", " ".join("".join(w) for w in words),
+                    render_mouth(track, style, cfg.frame_size, rng)))
+    return out
+
+
+def write_synthetic_dataset(cfg: Config, vocab: Vocabulary) -> Path:
+    """The built-in clips as files in the real dataset's layout (mp4 + one CSV a clip, column `word`)."""
+    import cv2
+    if not cfg.output:
+        raise UserError("--mode synth needs --output DIR, the folder to write the clips to.")
+    root = Path(cfg.output)
+    (root / "Preprocessed_Video").mkdir(parents=True, exist_ok=True)
+    (root / "Csv").mkdir(parents=True, exist_ok=True)
+    for stem, text, frames in synthesize_dataset(cfg, vocab):
+        def write_video(tmp, frames=frames):
+            writer = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), 25, frames.shape[1:][::-1], False)
+            if not writer.isOpened():
+                raise UserError("This OpenCV build cannot write mp4 (codec mp4v); install opencv-python-headless.")
+            for f in frames:
+                writer.write(f)
+            writer.release()
+        atomic_write(root / "Preprocessed_Video" / f"{stem}.mp4", write_video)
+        csv_text = "word\n" + "\n".join(text.split()) + "\n"
+        atomic_write(root / "Csv" / f"{stem}.csv", lambda tmp: Path(tmp).write_text(csv_text, encoding="utf-8"))
+    print(f"Wrote {cfg.synthetic_clips} synthetic clips to {root}")
+    return root
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. Augmentation: one spatial transform per clip (all its frames alike), on the device the batch is on.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def adaptive_time_mask(clip: torch.Tensor, length: int, window: int, stride: int) -> torch.Tensor:
+    """Auto-AVSR's AdaptiveTimeMask on the first `length` frames, draw for draw (torch for the two widths,
+    Python's `random` for the start), so the same seeds mask the same frames as Auto-AVSR does."""
+    n_masks = int((length + stride - 0.1) // stride)
+    for t, t_len in torch.randint(0, window, (n_masks, 2)).tolist():
+        if length - t <= 0:
+            continue
+        start = random.randrange(0, length - t)
+        if t == 0:
+            continue
+        clip[start:start + t_len] = 0
+    return clip
+
+
+def time_warp_lengths(lengths: torch.Tensor, min_lengths: torch.Tensor, max_change: float) -> torch.Tensor:
+    """New clip lengths for a random speed change, never shorter than the label needs."""
+    factor = 1 + (torch.rand(len(lengths)) * 2 - 1) * max_change
+    return torch.maximum((lengths.float() / factor).round().long(), torch.minimum(min_lengths, lengths))
+
+
+def resample_frames(frames: torch.Tensor, lengths: torch.Tensor, new_lengths: torch.Tensor) -> torch.Tensor:
+    """Speed change by picking frames: clip b's new frame j shows old frame floor(j * L_b / L'_b)."""
+    t = torch.arange(int(new_lengths.max()))
+    src = (t[None] * lengths[:, None] / new_lengths[:, None]).floor().long()
+    src = torch.minimum(src, lengths[:, None] - 1).to(frames.device)
+    out = torch.gather(frames, 1, src[..., None, None].expand(-1, -1, *frames.shape[2:]))
+    return out * (t[None] < new_lengths[:, None]).to(frames.device)[..., None, None]
+
+
+def crop_and_flip(frames: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: int, flip: torch.Tensor):
+    """B x T x H x W -> B x T x size x size: clip b cut at (top[b], left[b]) and mirrored where flip[b]. Exact
+    pixels (no interpolation), in the frames' own dtype; a slice per clip beats one broadcast gather 6x."""
+    out = torch.stack([clip[:, y:y + size, x:x + size] for clip, y, x in zip(frames, top.tolist(), left.tolist())])
+    flip = flip.to(out.device)
+    out[flip] = out[flip].flip(-1)
+    return out
+
+
+class Augment:
+    """uint8 B x T x H x W -> float B x T x input_size x input_size, normalised; padded frames are 0. Frames
+    come at frame_size or already shrunk by input_size / crop_size (see `stored_size`).
+
+    Kornia's samplers draw each clip's crop box and flip (frames are its channels, so one draw covers a whole
+    clip); the pixels are then cut from the uint8 frames, which is exact and, on a CPU, several times faster
+    than Kornia's warp of float frames. Only the crop is converted to float."""
+
+    def __init__(self, cfg: Config, train: bool):
+        import kornia.augmentation as K
+        self.cfg, self.train = cfg, train
+        self.random_crops = {}  # one Kornia sampler per crop size met (full or shrunken frames)
+        self.flip = K.RandomHorizontalFlip(p=cfg.hflip_prob) if train and cfg.hflip_prob > 0 else None
+
+    def crop_boxes(self, shape: torch.Size, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top, left and flip of every clip: drawn when training, the center crop otherwise."""
+        import kornia.augmentation as K
+        batch = shape[0]
+        if self.train and self.cfg.random_crop:
+            if size not in self.random_crops:
+                self.random_crops[size] = K.RandomCrop((size, size))
+            corner = self.random_crops[size].forward_parameters(shape)["src"][:, 0].long()  # B x (x, y)
+            top, left = corner[:, 1], corner[:, 0]
+        else:
+            top, left = torch.full((batch,), (shape[2] - size) // 2), torch.full((batch,), (shape[3] - size) // 2)
+        flip = torch.zeros(batch, dtype=torch.bool)
+        if self.flip is not None:
+            flip = self.flip.forward_parameters(shape)["batch_prob"].bool()
+        return top, left, flip
+
+    def __call__(self, frames: torch.Tensor, lengths: torch.Tensor, min_lengths: torch.Tensor | None = None):
+        cfg = self.cfg
+        if self.train and cfg.time_warp:
+            needed = min_lengths if min_lengths is not None else torch.ones_like(lengths)
+            new_lengths = time_warp_lengths(lengths, needed, cfg.time_warp_max)
+            frames, lengths = resample_frames(frames, lengths, new_lengths), new_lengths
+        crop = round(cfg.crop_size * frames.shape[-1] / cfg.frame_size)  # the bank may hold shrunken frames
+        top, left, flip = self.crop_boxes(frames.shape, crop)
+        x = crop_and_flip(frames, top, left, crop, flip)
+        if self.train and cfg.time_mask:  # zeroed frames stay black, before normalisation, as in Auto-AVSR
+            for b, length in enumerate(lengths.tolist()):
+                adaptive_time_mask(x[b], length, cfg.time_mask_window, cfg.time_mask_stride)
+        x = x.float()
+        if crop != cfg.input_size:
+            x = F.interpolate(x, size=(cfg.input_size, cfg.input_size), mode="area")
+        x = x.mul_(1 / (255 * cfg.std)).sub_(cfg.mean / cfg.std)  # (x / 255 - mean) / std in two passes
+        valid = torch.arange(x.shape[1], device=x.device)[None] < lengths.to(x.device)[:, None]
+        return x * valid[..., None, None], lengths
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. Model: Auto-AVSR's video model under its own state_dict names (3D-conv + ResNet-18 frontend, Conformer
+#    encoder, Transformer decoder, CTC head), in three sizes, and the user's earlier CNN + BiLSTM baseline.
+# ---------------------------------------------------------------------------------------------------------
+
+PRESETS = {
+    "base": dict(d_model=768, n_heads=12, d_ff=3072, n_encoder_layers=12, n_decoder_layers=6,
+                 conv_kernel=31, frontend_channels=(64, 128, 256, 512)),
+    "small": dict(d_model=256, n_heads=4, d_ff=1024, n_encoder_layers=6, n_decoder_layers=3,
+                  conv_kernel=31, frontend_channels=(32, 64, 128, 256)),
+    "tiny": dict(d_model=64, n_heads=2, d_ff=256, n_encoder_layers=2, n_decoder_layers=1,
+                 conv_kernel=15, frontend_channels=(8, 16, 32, 64)),
+}
+
+
+def padding_mask(lengths, max_len):
+    """B x max_len, True at real frames/tokens."""
+    return torch.arange(max_len, device=lengths.device) < lengths[:, None]
+
+
+def causal_mask(size, device):
+    return torch.ones(size, size, dtype=torch.bool, device=device).tril()
+
+
+def sinusoids(positions, d):
+    """ESPnet's table: sin(pos * f_i) at even channels, cos(pos * f_i) at odd ones."""
+    freqs = torch.exp(torch.arange(0, d, 2, device=positions.device) * -(math.log(10000.0) / d))
+    angles = positions.float()[:, None] * freqs
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1)
+
+
+def layer_norm(d):
+    return nn.LayerNorm(d, eps=1e-12)
+
+
+# Frontend ---------------------------------------------------------------------------------------------------
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.downsample = None
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        residual = x if self.downsample is None else self.downsample(x)
+        out = F.silu(self.bn1(self.conv1(x)))
+        return F.silu(self.bn2(self.conv2(out)) + residual)
+
+
+def resnet_layer(c_in, c_out, stride):
+    return nn.Sequential(BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1))
+
+
+class ResNetTrunk(nn.Module):
+    """ResNet-18 on single frames, globally average-pooled to one vector per frame."""
+
+    def __init__(self, channels):
+        super().__init__()
+        c0, c1, c2, c3 = channels
+        self.layer1 = resnet_layer(c0, c0, 1)
+        self.layer2 = resnet_layer(c0, c1, 2)
+        self.layer3 = resnet_layer(c1, c2, 2)
+        self.layer4 = resnet_layer(c2, c3, 2)
+
+    def forward(self, x):
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return x.mean(dim=(2, 3))
+
+
+class VideoFrontend(nn.Module):
+    """B x T x 1 x H x W (or B x T x H x W) gray frames -> B x T x channels[-1]."""
+
+    def __init__(self, channels):
+        super().__init__()
+        c0 = channels[0]
+        self.trunk = ResNetTrunk(channels)  # registered first, as in auto_avsr's state_dict
+        self.frontend3D = nn.Sequential(
+            nn.Conv3d(1, c0, (5, 7, 7), (1, 2, 2), (2, 3, 3), bias=False),
+            nn.BatchNorm3d(c0),
+            nn.SiLU(),
+            nn.MaxPool3d((1, 3, 3), (1, 2, 2), (0, 1, 1)),
+        )
+
+    def forward(self, video):
+        if video.dim() == 4:
+            video = video.unsqueeze(2)
+        B, T = video.shape[:2]
+        x = self.frontend3D(video.transpose(1, 2))  # B x C x T x H' x W'
+        x = self.trunk(x.transpose(1, 2).flatten(0, 1))  # per frame
+        return x.view(B, T, -1)
+
+
+class NoiseFrontend(nn.Module):
+    """`--frontend noise`: random features fixed by each frame's pixels. Nothing visual survives (frames that
+    look alike get unrelated features), yet a clip always gives the same features, so a sanity run can still
+    memorise its clips: what the rest of the model learns without sight."""
+
+    def __init__(self, frame_size: int, out_dim: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("key", torch.randn(frame_size * frame_size, generator=g, dtype=torch.float64), False)
+        self.register_buffer("freqs", 1e3 + 1e4 * torch.rand(out_dim, generator=g, dtype=torch.float64), False)
+        self.register_buffer("phases", 2 * math.pi * torch.rand(out_dim, generator=g, dtype=torch.float64), False)
+
+    def forward(self, video):
+        key = video.flatten(2).double() @ self.key  # B x T; float64 stays out of autocast
+        return (math.sqrt(2) * torch.sin(key[..., None] * self.freqs + self.phases)).float()
+
+
+class LinearFrontend(nn.Module):
+    """`--frontend linear`: a learned linear map of each frame's pixels, the simplest frontend that can see."""
+
+    def __init__(self, frame_size: int, out_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(frame_size * frame_size, out_dim)
+
+    def forward(self, video):
+        return self.proj(video.flatten(2))
+
+
+def make_frontend(dims: SimpleNamespace) -> nn.Module:
+    out_dim = dims.frontend_channels[-1]
+    if dims.frontend == "noise":
+        return NoiseFrontend(dims.input_size, out_dim)
+    if dims.frontend == "linear":
+        return LinearFrontend(dims.input_size, out_dim)
+    return VideoFrontend(dims.frontend_channels)
+
+
+# Attention --------------------------------------------------------------------------------------------------
+
+class MultiHeadAttention(nn.Module):
+    """Masks are boolean, True where attending is allowed, broadcastable to B x heads x Tq x Tk."""
+
+    def __init__(self, d, n_heads, dropout):
+        super().__init__()
+        self.n_heads, self.d_head, self.dropout = n_heads, d // n_heads, dropout
+        self.linear_q = nn.Linear(d, d)
+        self.linear_k = nn.Linear(d, d)
+        self.linear_v = nn.Linear(d, d)
+        self.linear_out = nn.Linear(d, d)
+
+    def split_heads(self, x):  # B x T x d -> B x heads x T x d_head
+        return x.view(x.size(0), -1, self.n_heads, self.d_head).transpose(1, 2)
+
+    def attend(self, q, k, v, mask):
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        return self.linear_out(y.transpose(1, 2).flatten(2))
+
+    def project(self, query, key, value):
+        split = self.split_heads
+        return split(self.linear_q(query)), split(self.linear_k(key)), split(self.linear_v(value))
+
+    def forward(self, query, key, value, mask=None):
+        return self.attend(*self.project(query, key, value), mask)
+
+    def project_memory(self, memory):
+        return self.split_heads(self.linear_k(memory)), self.split_heads(self.linear_v(memory))
+
+    def attend_grouped(self, query, k, v, mask):
+        """query R x 1 x d, R = clips x beam rows; k, v: clips x heads x T x d_head, projected once per clip.
+        A clip's rows ask its keys together, as the query positions of one attention."""
+        n, R = k.size(0), query.size(0)
+        q = self.split_heads(self.linear_q(query)).reshape(n, R // n, self.n_heads, self.d_head).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # clips x heads x beam x d_head
+        return self.linear_out(y.transpose(1, 2).reshape(R, 1, -1))
+
+
+def relative_shift(scores):
+    """B x h x T x (2T-1) scores against positions T-1 .. -(T-1) -> B x h x T x T scores for offset i - j."""
+    T = scores.size(-2)
+    i = torch.arange(T, device=scores.device)
+    index = (T - 1) - i[:, None] + i[None, :]
+    return scores.gather(-1, index.expand(*scores.shape[:2], T, T))
+
+
+class RelPositionAttention(MultiHeadAttention):
+    """Transformer-XL self-attention, ESPnet's current variant: (q+u).k + (q+v).W_pos p(i-j)."""
+
+    def __init__(self, d, n_heads, dropout):
+        super().__init__(d, n_heads, dropout)
+        self.linear_pos = nn.Linear(d, d, bias=False)
+        self.pos_bias_u = nn.Parameter(torch.empty(n_heads, self.d_head))
+        self.pos_bias_v = nn.Parameter(torch.empty(n_heads, self.d_head))
+        nn.init.xavier_uniform_(self.pos_bias_u)
+        nn.init.xavier_uniform_(self.pos_bias_v)
+
+    def forward(self, x, pos_emb, mask):
+        q, k, v = self.project(x, x, x)
+        p = self.split_heads(self.linear_pos(pos_emb))
+        position_scores = (q + self.pos_bias_v[:, None]) @ p.transpose(-2, -1)
+        position_scores = relative_shift(position_scores) / math.sqrt(self.d_head)
+        position_scores = position_scores.masked_fill(~mask, float("-inf"))
+        return self.attend(q + self.pos_bias_u[:, None], k, v, position_scores)
+
+
+# Encoder ----------------------------------------------------------------------------------------------------
+
+class FeedForward(nn.Module):
+    def __init__(self, d, d_ff, dropout):
+        super().__init__()
+        self.w_1 = nn.Linear(d, d_ff)
+        self.w_2 = nn.Linear(d_ff, d)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.w_2(self.dropout(F.relu(self.w_1(x))))
+
+
+class ConvModule(nn.Module):
+    def __init__(self, d, kernel):
+        super().__init__()
+        self.pointwise_cov1 = nn.Conv1d(d, 2 * d, 1)  # "cov" (sic): ESPnet's state_dict name
+        self.depthwise_conv = nn.Conv1d(d, d, kernel, padding=(kernel - 1) // 2, groups=d)
+        self.norm = nn.BatchNorm1d(d)
+        self.pointwise_cov2 = nn.Conv1d(d, d, 1)
+
+    def forward(self, x, mask):  # x: B x T x d, mask: B x T
+        x = F.glu(self.pointwise_cov1(x.transpose(1, 2)), dim=1)
+        x = x.masked_fill(~mask[:, None, :], 0.0)  # padded frames would leak into real ones through the kernel
+        x = F.silu(self.norm(self.depthwise_conv(x)))
+        return self.pointwise_cov2(x).transpose(1, 2)
+
+
+class ConformerBlock(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        d = cfg.d_model
+        self.self_attn = RelPositionAttention(d, cfg.n_heads, 0.0)  # Auto-AVSR drops no encoder attention weights
+        self.feed_forward = FeedForward(d, cfg.d_ff, cfg.dropout)
+        self.conv_module = ConvModule(d, cfg.conv_kernel)
+        self.norm_ff = layer_norm(d)
+        self.norm_mha = layer_norm(d)
+        self.feed_forward_macaron = FeedForward(d, cfg.d_ff, cfg.dropout)
+        self.norm_ff_macaron = layer_norm(d)
+        self.norm_conv = layer_norm(d)
+        self.norm_final = layer_norm(d)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, pos_emb, mask):
+        x = x + 0.5 * self.dropout(self.feed_forward_macaron(self.norm_ff_macaron(x)))
+        x = x + self.dropout(self.self_attn(self.norm_mha(x), pos_emb, mask[:, None, None, :]))
+        x = x + self.dropout(self.conv_module(self.norm_conv(x), mask))
+        x = x + 0.5 * self.dropout(self.feed_forward(self.norm_ff(x)))
+        return self.norm_final(x)
+
+
+class ConformerEncoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.encoders = nn.ModuleList(ConformerBlock(cfg) for _ in range(cfg.n_encoder_layers))
+        self.after_norm = layer_norm(cfg.d_model)
+
+    def forward(self, x, mask):  # x: B x T x d, mask: B x T
+        T, d = x.shape[1:]
+        offsets = torch.arange(T - 1, -T, -1, device=x.device)
+        pos_emb = self.dropout(sinusoids(offsets, d).to(x.dtype)[None])
+        x = self.dropout(x * math.sqrt(d))
+        for block in self.encoders:
+            x = block(x, pos_emb, mask)
+        return self.after_norm(x)
+
+
+# Decoder ----------------------------------------------------------------------------------------------------
+
+class PositionalEncoding(nn.Module):
+    def __init__(self, d, dropout):
+        super().__init__()
+        self.d = d
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, offset: int = 0):
+        pe = sinusoids(torch.arange(offset, offset + x.size(1), device=x.device), self.d).to(x.dtype)
+        return self.dropout(x * math.sqrt(self.d) + pe)
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        d = cfg.d_model
+        self.self_attn = MultiHeadAttention(d, cfg.n_heads, cfg.dropout)
+        self.src_attn = MultiHeadAttention(d, cfg.n_heads, cfg.dropout)
+        self.feed_forward = FeedForward(d, cfg.d_ff, cfg.dropout)
+        self.norm1 = layer_norm(d)
+        self.norm2 = layer_norm(d)
+        self.norm3 = layer_norm(d)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, self_mask, memory, memory_mask):
+        h = self.norm1(x)
+        x = x + self.dropout(self.self_attn(h, h, h, self_mask))
+        x = x + self.dropout(self.src_attn(self.norm2(x), memory, memory, memory_mask))
+        return x + self.dropout(self.feed_forward(self.norm3(x)))
+
+    def step(self, x, past, order, memory_kv, memory_mask):
+        """The newest position only (x: R x 1 x d), attending to the keys and values of the earlier ones
+        (past, None at the first step; row r continues past row order[r]). -> (output, keys and values up to
+        this position)."""
+        h = self.norm1(x)
+        q, k, v = self.self_attn.project(h, h, h)
+        if past is not None:
+            k, v = append_position(past[0], k, order), append_position(past[1], v, order)
+        x = x + self.self_attn.attend(q, k, v, None)
+        x = x + self.src_attn.attend_grouped(self.norm2(x), *memory_kv, memory_mask)
+        return x + self.feed_forward(self.norm3(x)), (k, v)
+
+
+def append_position(past, new, order):
+    """R x heads x L x d_head keys (or values) with rows picked by `order` (None: as they are), and the newest
+    position appended: one copy, where reordering and concatenating would make two."""
+    out = new.new_empty(new.size(0), past.size(1), past.size(2) + 1, past.size(3))
+    if order is None:
+        out[:, :, :-1] = past
+    else:
+        torch.index_select(past, 0, order, out=out[:, :, :-1])
+    out[:, :, -1:] = new
+    return out
+
+
+@dataclass
+class DecoderCache:
+    """What incremental decoding keeps between steps: every block's projected encoder output (one copy per
+    clip, shared by the clip's rows) and the self-attention keys and values of each row's positions so far."""
+    memory: list[tuple[torch.Tensor, torch.Tensor]]
+    memory_mask: torch.Tensor  # clips x 1 x 1 x T
+    past: list
+    order: torch.Tensor | None = None  # the past row each row continues; applied with the next step's append
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        self.order = rows if self.order is None else self.order[rows]
+
+    def keep_clips(self, clips: torch.Tensor, rows: torch.Tensor, frames: int) -> None:
+        self.memory = [(k[clips, :, :frames], v[clips, :, :frames]) for k, v in self.memory]
+        self.memory_mask = self.memory_mask[clips, ..., :frames]
+        self.select_rows(rows.nonzero().flatten())
+
+
+class TransformerDecoder(nn.Module):
+    """Token ids must be valid everywhere; pad ys_in with eos as ESPnet does, targets with ignore_id."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        d = cfg.d_model
+        self.embed = nn.Sequential(nn.Embedding(cfg.vocab_size, d), PositionalEncoding(d, cfg.dropout))
+        self.decoders = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.n_decoder_layers))
+        self.after_norm = layer_norm(d)
+        self.output_layer = nn.Linear(d, cfg.vocab_size)
+
+    def forward(self, ys_in, memory, memory_mask=None):
+        """Teacher forcing: B x L tokens -> B x L x V logits. Padded tokens trail the real ones, so the
+        causal mask already keeps them out of every real position (ESPnet's target mask adds nothing)."""
+        self_mask = causal_mask(ys_in.size(1), ys_in.device)
+        memory_mask = None if memory_mask is None else memory_mask[:, None, None, :]
+        x = self.embed(ys_in)
+        for block in self.decoders:
+            x = block(x, self_mask, memory, memory_mask)
+        return self.output_layer(self.after_norm(x))
+
+    def start(self, memory, memory_mask) -> DecoderCache:
+        """Incremental decoding begins: the encoder output is projected once per block, not once per step."""
+        return DecoderCache([block.src_attn.project_memory(memory) for block in self.decoders],
+                            memory_mask[:, None, None, :], [None] * len(self.decoders))
+
+    def step(self, tokens, position: int, cache: DecoderCache) -> torch.Tensor:
+        """R newest tokens (at `position`; R a multiple of the clips in `cache`) -> R x V log-probs of the
+        next ones, the same as `forward` on the whole prefixes gives; `cache` moves one position on."""
+        x = self.embed[1](self.embed[0](tokens[:, None]), offset=position)
+        for i, block in enumerate(self.decoders):
+            x, cache.past[i] = block.step(x, cache.past[i], cache.order, cache.memory[i], cache.memory_mask)
+        cache.order = None
+        return self.output_layer(self.after_norm(x[:, 0])).log_softmax(-1)
+
+
+# Whole models -----------------------------------------------------------------------------------------------
+
+class CTCHead(nn.Module):
+    def __init__(self, d, vocab_size, dropout):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.ctc_lo = nn.Linear(d, vocab_size)
+
+    def forward(self, x):  # B x T x d -> B x T x V logits
+        return self.ctc_lo(self.dropout(x))
+
+
+class AVSRModel(nn.Module):
+    def __init__(self, cfg: SimpleNamespace):
+        super().__init__()
+        self.frontend = make_frontend(cfg)
+        self.proj_encoder = nn.Linear(cfg.frontend_channels[-1], cfg.d_model)
+        self.encoder = ConformerEncoder(cfg)
+        self.decoder = TransformerDecoder(cfg)
+        self.ctc = CTCHead(cfg.d_model, cfg.vocab_size, cfg.dropout)
+
+    def encode(self, video, lengths):
+        """-> (B x T x d, B x T mask True at real frames); time is never subsampled."""
+        mask = padding_mask(lengths, video.size(1))
+        # the stem's temporal kernel reaches 2 frames past a clip's end: make them the zeros a lone clip sees
+        video = video * mask.view(*mask.shape, *[1] * (video.dim() - 2)).to(video.dtype)
+        x = self.proj_encoder(self.frontend(video))
+        return self.encoder(x, mask), mask
+
+    def forward(self, video, lengths, ys_in):
+        """-> (B x T x V CTC logits, B x L x V decoder logits)."""
+        enc, mask = self.encode(video, lengths)
+        return self.ctc(enc), self.decoder(ys_in, enc, mask)
+
+
+class BaselineModel(nn.Module):
+    """The earlier per-frame CNN + BiLSTM + CTC model, for 88x88 frames; CTC only (decoder is None)."""
+
+    decoder = None
+
+    def __init__(self, vocab_size, dropout=0.3):
+        super().__init__()
+        layers, c_in = [], 1
+        for c in (32, 64, 96, 128):
+            layers += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(), nn.MaxPool2d(2)]
+            c_in = c
+        # 88 x 88 frames pool to 5 x 5, as in the seed; the adaptive pool lets --input-size 44 in as well
+        self.cnn = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(5), nn.Flatten(), nn.Linear(128 * 5 * 5, 512),
+                                 nn.ReLU(), nn.Dropout(dropout))
+        self.lstm = nn.LSTM(512, 256, num_layers=2, batch_first=True, bidirectional=True, dropout=dropout)
+        self.ctc = CTCHead(512, vocab_size, 0.0)
+
+    def encode(self, video, lengths):
+        """-> (B x T x 512, B x T mask True at real frames)."""
+        B, T = video.shape[:2]
+        x = self.cnn(video.reshape(B * T, 1, *video.shape[-2:])).view(B, T, -1)
+        # packing keeps the backward LSTM from starting in the padding
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        x, _ = nn.utils.rnn.pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=T)
+        return x, padding_mask(lengths, T)
+
+    def forward(self, video, lengths, ys_in=None):
+        """-> (B x T x V CTC logits, None)."""
+        return self.ctc(self.encode(video, lengths)[0]), None
+
+
+def model_dims(cfg: Config, vocab_size: int) -> SimpleNamespace:
+    if cfg.preset not in PRESETS:
+        raise UserError(f"--preset {cfg.preset!r} is not known; choose one of {', '.join(PRESETS)}.")
+    return SimpleNamespace(vocab_size=vocab_size, dropout=cfg.dropout, frontend=cfg.frontend,
+                           input_size=cfg.input_size, **PRESETS[cfg.preset])
+
+
+def build_model(cfg: Config, vocab_size: int) -> nn.Module:
+    if cfg.arch == "conformer":
+        model = AVSRModel(model_dims(cfg, vocab_size))
+    elif cfg.arch == "baseline":
+        if cfg.frontend != "cnn":
+            raise UserError(f"--frontend {cfg.frontend} swaps the conformer's frontend; the baseline has its own CNN.")
+        model = BaselineModel(vocab_size)
+    else:
+        raise UserError(f"--arch {cfg.arch!r} is not known; choose conformer or baseline.")
+    freeze(model, cfg.freeze)
+    return model
+
+
+def module_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Parameters by the model's top-level part: frontend, proj_encoder, encoder, decoder, ctc (the
+    baseline: cnn, lstm, ctc). Gradient flow and freezing speak of these."""
+    groups: dict[str, list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        groups.setdefault(name.split(".")[0], []).append(p)
+    return groups
+
+
+def freeze(model: nn.Module, parts: str) -> None:
+    names = [n.strip() for n in parts.split(",") if n.strip()]
+    known = list(module_groups(model))
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise UserError(f"--freeze {parts}: this model has no part {', '.join(unknown)}; its parts are "
+                        f"{', '.join(known)}.")
+    for n in names:
+        getattr(model, n).requires_grad_(False)
+
+
+def frozen_parts(model: nn.Module) -> list[str]:
+    return [n for n, params in module_groups(model).items() if not any(p.requires_grad for p in params)]
+
+
+def train_mode(model: nn.Module) -> None:
+    """Training mode, except frozen parts: their BatchNorm statistics and dropout stay as they are."""
+    model.train()
+    for n in frozen_parts(model):
+        getattr(model, n).eval()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. Loss: Auto-AVSR's joint objective, w * CTC + (1 - w) * label-smoothed attention, both summed / batch.
+# ---------------------------------------------------------------------------------------------------------
+
+IGNORE = -1  # target padding, as in ESPnet
+
+
+def decoder_io(targets: list[list[int]], sos_eos: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher forcing: input [sos] + y padded with eos, output y + [eos] padded with IGNORE."""
+    longest = max(len(t) for t in targets) + 1
+    ys_in = torch.full((len(targets), longest), sos_eos, dtype=torch.long)
+    ys_out = torch.full((len(targets), longest), IGNORE, dtype=torch.long)
+    for b, t in enumerate(targets):
+        ys_in[b, 1:len(t) + 1] = torch.tensor(t, dtype=torch.long)
+        ys_out[b, :len(t) + 1] = torch.tensor(t + [sos_eos], dtype=torch.long)
+    return ys_in.to(device), ys_out.to(device)
+
+
+def ctc_loss(ctc_logits: torch.Tensor, lengths: torch.Tensor, targets: list[list[int]], blank: int):
+    log_probs = ctc_logits.float().log_softmax(-1).transpose(0, 1)
+    flat = torch.tensor([i for t in targets for i in t], dtype=torch.long)
+    target_lengths = torch.tensor([len(t) for t in targets], dtype=torch.long)
+    loss = F.ctc_loss(log_probs, flat, lengths.cpu(), target_lengths, blank=blank, reduction="sum",
+                      zero_infinity=True)
+    return loss / len(targets)
+
+
+def attention_loss(dec_logits: torch.Tensor, ys_out: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """KL divergence to a smoothed target (1 - s on the token, s / (V - 1) on every other), as ESPnet."""
+    log_probs = dec_logits.float().log_softmax(-1)
+    vocab_size = log_probs.size(-1)
+    keep = ys_out != IGNORE
+    target_lp = log_probs.gather(-1, ys_out.clamp(min=0)[..., None])[..., 0]
+    confidence, spread = 1.0 - smoothing, smoothing / (vocab_size - 1)
+    xlogx = lambda p: p * math.log(p) if p > 0 else 0.0
+    entropy_term = xlogx(confidence) + (vocab_size - 1) * xlogx(spread)
+    cross = confidence * target_lp + spread * (log_probs.sum(-1) - target_lp)
+    return ((entropy_term - cross) * keep).sum() / ys_out.size(0)
+
+
+def ctc_share(ctc: float, att: float, cfg: Config) -> float:
+    """CTC's weighted part of the joint objective (the rest is attention's)."""
+    weighted_ctc = cfg.ctc_weight * ctc
+    return weighted_ctc / max(weighted_ctc + (1 - cfg.ctc_weight) * att, 1e-12)
+
+
+def joint_loss(model: nn.Module, enc, mask, ctc_logits, lengths, targets, vocab: Vocabulary, cfg: Config) -> dict:
+    """{'loss', 'ctc', 'att'} from the encoder's output; a CTC-only model (the baseline) has att = 0."""
+    ctc = ctc_loss(ctc_logits, lengths, targets, vocab.blank)
+    if model.decoder is None:
+        return {"loss": ctc, "ctc": ctc, "att": ctc.new_zeros(())}
+    ys_in, ys_out = decoder_io(targets, vocab.sos_eos, enc.device)
+    att = attention_loss(model.decoder(ys_in, enc, mask), ys_out, cfg.label_smoothing)
+    return {"loss": cfg.ctc_weight * ctc + (1 - cfg.ctc_weight) * att, "ctc": ctc, "att": att}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 7. Decoding and scoring: greedy CTC, greedy attention and the joint CTC/attention beam search, each over a
+#    whole batch of clips at once; CER, WER, per-clip CER.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def greedy_ctc(ctc_logits: torch.Tensor, lengths: torch.Tensor, blank: int) -> list[tuple[list[int], float]]:
+    """The best label of every frame, repeats merged and blanks dropped; scored by its path's log-prob."""
+    best_lp, best = ctc_logits.float().log_softmax(-1).max(-1)
+    out = []
+    for b, n in enumerate(lengths.tolist()):
+        path = best[b, :n].tolist()
+        out.append(([t for i, t in enumerate(path) if t != blank and (i == 0 or t != path[i - 1])],
+                    float(best_lp[b, :n].sum())))
+    return out
+
+
+@torch.no_grad()
+def greedy_attention(model: nn.Module, enc, mask, lengths, sos_eos: int) -> list[tuple[list[int], float]]:
+    """The decoder's best next token, step by step for all clips at once, up to one token a frame."""
+    n = enc.size(0)
+    tokens = torch.full((n, 1), sos_eos, dtype=torch.long, device=enc.device)
+    score = torch.zeros(n, device=enc.device)
+    done = torch.zeros(n, dtype=torch.bool, device=enc.device)
+    cache = model.decoder.start(enc, mask)
+    for step in range(int(lengths.max())):
+        best_lp, token = model.decoder.step(tokens[:, -1], step, cache).float().max(-1)
+        score += best_lp.masked_fill(done | (step >= lengths), 0.0)
+        token = token.masked_fill(done, sos_eos)
+        tokens = torch.cat([tokens, token[:, None]], 1)
+        done |= token == sos_eos
+        if done.all():
+            break
+    out = []
+    for row, n_frames, sc in zip(tokens[:, 1:].tolist(), lengths.tolist(), score.tolist()):
+        out.append(((row[:row.index(sos_eos)] if sos_eos in row else row)[:n_frames], sc))
+    return out
+
+
+# Joint CTC/attention beam search -----------------------------------------------------------------------------
+# Auto-AVSR's search (ESPnet's BatchBeamSearch with CTCPrefixScorer) gives each clip its own search; here one
+# search runs a whole batch: rows are (clip, beam slot) pairs, a free slot carries the score -inf.
+
+LOGZERO = -1e10  # ESPnet's log(0): finite, so impossible tokens keep comparable (and identical) scores
+
+
+def ctc_log_probs(model: nn.Module, enc: torch.Tensor, lengths: torch.Tensor, blank: int) -> torch.Tensor:
+    """B x T x V log-probs; past a clip's end only blank is possible (at no cost), so the prefix recursion
+    runs through the padding without changing a clip's scores."""
+    lp = model.ctc(enc).float().log_softmax(-1)
+    pad = torch.arange(lp.size(1), device=lp.device)[None] >= lengths.to(lp.device)[:, None]
+    lp = lp.masked_fill(pad[..., None], LOGZERO)
+    lp[..., blank] = lp[..., blank].masked_fill(pad, 0.0)
+    return lp
+
+
+def ctc_prefix_scores(r, last, ids, lp, clip, prefix_len: int, blank: int):
+    """CTC prefix scores of every row's prefix extended by each of its candidate tokens, over time in one
+    vectorised recursion (time-major, so that each step reads contiguous memory). r: T x R x 2 (non-blank,
+    blank) forward log-probs of each row's prefix; last: R last tokens; ids: R x S candidates; lp: clips x V x T
+    log-probs, row r reading clip[r]'s. -> psi R x S, and the candidates' forward log-probs, two T x R x S."""
+    T = lp.size(2)
+    x_c = lp[clip[:, None], ids].permute(2, 0, 1).contiguous()  # T x R x S
+    x_blank = lp[clip, blank].t()[..., None]
+    prefix = torch.logaddexp(r[..., 0], r[..., 1])[..., None]
+    # a repeated token must pass through a blank first, so only the prefix's blank-ending paths extend it
+    phi = torch.where((ids == last[:, None])[None], r[..., 1:], prefix)
+    r_nb = torch.full_like(x_c, LOGZERO)
+    r_b = torch.full_like(x_c, LOGZERO)
+    if prefix_len == 0:
+        r_nb[0] = x_c[0]
+    start = max(prefix_len, 1)
+    for t in range(start, T):
+        r_nb[t] = torch.logaddexp(r_nb[t - 1], phi[t - 1]) + x_c[t]
+        r_b[t] = torch.logaddexp(r_nb[t - 1], r_b[t - 1]) + x_blank[t]
+    psi = torch.cat([phi[start - 1:T - 1] + x_c[start:], r_nb[start - 1:start]]).logsumexp(0)
+    return psi, (r_nb, r_b)
+
+
+def end_detected(ended: list[tuple[float, int]], step: int, m: int = 3, d_end: float = -10.0) -> bool:
+    """ESPnet's end detection: the best hypotheses that ended in each of the last m steps all score d_end or
+    more below the best ended so far. `ended` holds (score, length with sos and eos)."""
+    if not ended:
+        return False
+    best = max(s for s, _ in ended)
+    count = 0
+    for length in range(step, step - m, -1):
+        same = [s for s, n in ended if n == length]
+        count += bool(same) and max(same) - best < d_end
+    return count == m
+
+
+class Beams:
+    """The search state of a batch of clips, K rows per clip (row = clip * K + slot)."""
+
+    def __init__(self, lp, lengths, beam: int, sos: int, blank: int, decoder_cache: DecoderCache | None):
+        """lp: clips x V x T CTC log-probs."""
+        n, k = lp.size(0), beam
+        self.k, self.clips = k, torch.arange(n)  # clips: each live clip's position in the caller's batch
+        self.lp, self.lengths, self.cache = lp, lengths.cpu(), decoder_cache
+        self.row_clip = torch.arange(n, device=lp.device).repeat_interleave(k)
+        self.tokens = torch.full((n * k, 1), sos, dtype=torch.long, device=lp.device)
+        self.score = torch.full((n, k), -math.inf, device=lp.device)
+        self.score[:, 0] = 0.0  # one hypothesis (sos) to start from
+        self.r = lp.new_full((lp.size(2), n * k, 2), LOGZERO)  # time-major: T x rows x (non-blank, blank)
+        self.r[..., 1] = lp[:, blank].cumsum(1).repeat_interleave(k, 0).t()
+        self.psi = lp.new_zeros(n * k)  # the CTC prefix score of each row's prefix
+
+    def keep(self, live: torch.Tensor) -> None:
+        """Drop finished clips (live: bool per current clip), and the frames no live clip has."""
+        live = live.to(self.lp.device)
+        rows = live.repeat_interleave(self.k)
+        T = int(self.lengths[live.cpu()].max())
+        self.clips, self.lengths = self.clips[live.cpu()], self.lengths[live.cpu()]
+        self.lp, self.score = self.lp[live, :, :T], self.score[live]
+        self.row_clip = torch.arange(len(self.clips), device=self.lp.device).repeat_interleave(self.k)
+        self.tokens, self.r, self.psi = self.tokens[rows], self.r[:T, rows], self.psi[rows]
+        if self.cache is not None:
+            self.cache.keep_clips(live, rows, T)
+
+
+def search_ctc_weight(model: nn.Module, cfg: Config) -> float:
+    return 1.0 if model.decoder is None else cfg.beam_ctc_weight  # a CTC-only model gets a CTC prefix search
+
+
+def search_settings(model: nn.Module, cfg: Config, vocab_size: int) -> SimpleNamespace:
+    """ESPnet's choices: no pre-beam without a decoder, or when the pre-beam would hold the whole vocabulary."""
+    w = search_ctc_weight(model, cfg)
+    pre_beam = int(1.5 * cfg.beam_size)
+    return SimpleNamespace(w=w, use_decoder=w < 1, use_ctc=w > 0,
+                           pre_beam=pre_beam if w < 1 and pre_beam < vocab_size else 0)
+
+
+def joint_scores(model, beams: Beams, s: SimpleNamespace, cfg: Config, vocab: Vocabulary, step: int):
+    """Every row's total score for each next token, summed in ESPnet's order (decoder, length bonus, CTC,
+    the row's own score), and the CTC side's (candidates, psi over the vocabulary, forward variables)."""
+    R, V, device = beams.tokens.size(0), vocab.size, beams.lp.device
+    weighted = torch.zeros(R, V, device=device)
+    if s.use_decoder:
+        weighted += (1 - s.w) * model.decoder.step(beams.tokens[:, -1], step, beams.cache).float()
+    if cfg.length_bonus:
+        weighted += cfg.length_bonus
+    ctc = None
+    if s.use_ctc:
+        ids = weighted.topk(s.pre_beam, -1).indices if s.pre_beam else torch.arange(V, device=device).expand(R, V)
+        psi, r_new = ctc_prefix_scores(beams.r, beams.tokens[:, -1], ids, beams.lp, beams.row_clip, step, vocab.blank)
+        psi_full = psi.new_full((R, V), LOGZERO).scatter_(1, ids, psi)
+        ends = beams.lengths.to(device)[beams.row_clip] - 1  # eos: every path of the prefix, to the clip's end
+        psi_full[:, vocab.sos_eos] = torch.logaddexp(beams.r[..., 0], beams.r[..., 1])[ends, torch.arange(R, device=device)]
+        psi_full[:, vocab.blank] = LOGZERO
+        weighted += s.w * (psi_full - beams.psi[:, None])
+        ctc = (ids, psi_full, r_new)
+    return weighted + beams.score.view(R, 1), ctc
+
+
+def record_ended(ended: list, rows: list[int], beams: Beams, parent, token, score, last_step, eos: int) -> None:
+    """Add the hypotheses of `rows` that have just finished to their clip's list: (score, length, tokens)."""
+    tokens = torch.cat([beams.tokens[parent, 1:], token[:, None]], 1)[rows].tolist()
+    for row, seq, value in zip(rows, tokens, score.view(-1)[rows].tolist()):
+        clip = row // beams.k
+        # at a clip's last step eos is appended to every hypothesis, even to one that has just chosen it
+        length = len(seq) + 1 + bool(last_step[clip])
+        ended[int(beams.clips[clip])].append((value, length, [t for t in seq if t != eos]))
+
+
+def advance(beams: Beams, parent, token, score, done_row, ctc) -> None:
+    """Move the beams to the chosen extensions; finished ones free their slots."""
+    if ctc is not None:
+        ids, psi_full, (r_nb, r_b) = ctc
+        slot = (ids[parent] == token[:, None]).float().argmax(1)  # where the token sat among its row's candidates
+        beams.r = torch.stack([r_nb[:, parent, slot], r_b[:, parent, slot]], -1)
+        beams.psi = psi_full[parent, token]
+    beams.tokens = torch.cat([beams.tokens[parent], token[:, None]], 1)
+    beams.score = score.masked_fill(done_row.view(score.shape), -math.inf)
+    if beams.cache is not None:
+        beams.cache.select_rows(parent)
+
+
+@torch.no_grad()
+def beam_search_batch(model, enc, mask, lengths, vocab: Vocabulary, cfg: Config) -> list[list[tuple[list[int], float]]]:
+    """The n-best (tokens, score) of each clip, best first, by Auto-AVSR's joint CTC/attention search."""
+    s = search_settings(model, cfg, vocab.size)
+    K, V, eos = cfg.beam_size, vocab.size, vocab.sos_eos
+    lengths = lengths.cpu()
+    max_len = lengths if cfg.max_length_ratio == 0 else (lengths * cfg.max_length_ratio).long().clamp(min=1)
+    min_len = (lengths * cfg.min_length_ratio).long()
+    beams = Beams(ctc_log_probs(model, enc, lengths, vocab.blank).transpose(1, 2).contiguous(), lengths, K, eos, vocab.blank,
+                  model.decoder.start(enc, mask) if s.use_decoder else None)
+    ended: list[list[tuple[float, int, list[int]]]] = [[] for _ in lengths]  # (score, length, tokens) per clip
+    for step in range(int(max_len.max())):
+        weighted, ctc = joint_scores(model, beams, s, cfg, vocab, step)
+        weighted[(step < min_len[beams.clips]).repeat_interleave(K).to(weighted.device), eos] = -math.inf
+        score, flat = weighted.view(-1, K * V).topk(K, -1)
+        parent = (flat // V + torch.arange(len(beams.clips), device=flat.device)[:, None] * K).view(-1)
+        token = (flat % V).view(-1)
+        last_step = step == max_len[beams.clips] - 1
+        done_row = (token == eos) | last_step.repeat_interleave(K).to(token.device)
+        finished = (done_row & (score.view(-1) > -math.inf)).nonzero().flatten().tolist()
+        if finished:
+            record_ended(ended, finished, beams, parent, token, score, last_step, eos)
+        advance(beams, parent, token, score, done_row, ctc)
+        live = torch.tensor([not (last_step[j] or beams.score[j].max() == -math.inf or
+                                  (cfg.max_length_ratio == 0 and end_detected([e[:2] for e in ended[c]], step)))
+                             for j, c in enumerate(beams.clips.tolist())])
+        if not live.any():
+            break
+        if not live.all():
+            beams.keep(live)
+    return [[(seq, score) for score, _, seq in sorted(e, key=lambda h: -h[0])[:cfg.nbest]] for e in ended]
+
+
+BEAM_MEMORY = 2 ** 30  # bytes one beam search may hold in its largest tensors
+
+
+def beam_chunk_clips(model: nn.Module, cfg: Config, vocab_size: int, frames: int, d_model: int) -> int:
+    """Clips searched at once: the CTC candidates' forward variables (and their temporaries) and the
+    decoder's rows stay within BEAM_MEMORY bytes."""
+    candidates = search_settings(model, cfg, vocab_size).pre_beam or vocab_size
+    per_clip = 4 * cfg.beam_size * frames * (6 * candidates + 8 * d_model)
+    return max(1, BEAM_MEMORY // per_clip)
+
+
+def decode(model: nn.Module, enc, mask, lengths, vocab: Vocabulary, cfg: Config) -> list[list[tuple[list[int], float]]]:
+    """Test's and decode's one entry point: each clip's n-best (tokens, score), best first, by --decoder."""
+    if cfg.decoder == "attention" and model.decoder is not None:
+        return [[h] for h in greedy_attention(model, enc, mask, lengths, vocab.sos_eos)]
+    if cfg.decoder != "beam":
+        return [[h] for h in greedy_ctc(model.ctc(enc), lengths, vocab.blank)]
+    step = beam_chunk_clips(model, cfg, vocab.size, enc.size(1), enc.size(2))
+    return [hyps for i in range(0, enc.size(0), step)
+            for hyps in beam_search_batch(model, enc[i:i + step], mask[i:i + step], lengths[i:i + step], vocab, cfg)]
+
+
+def words_of(ids: list[int], vocab: Vocabulary) -> list[tuple[int, ...]]:
+    words, current = [], []
+    for i in ids + [vocab.space]:
+        if i == vocab.space:
+            if current:
+                words.append(tuple(current))
+            current = []
+        else:
+            current.append(i)
+    return words
+
+
+def error_rates(refs: list[list[int]], hyps: list[list[int]], vocab: Vocabulary) -> dict:
+    """CER over units without word boundaries (the user's count), WER over words, and the mean per-clip CER
+    (the published 23.49% is one)."""
+    import editdistance
+    units = lambda ids: [i for i in ids if i != vocab.space]
+    unit_errors = [editdistance.eval(units(r), units(h)) for r, h in zip(refs, hyps)]
+    unit_counts = [max(len(units(r)), 1) for r in refs]
+    word_errors = sum(editdistance.eval(words_of(r, vocab), words_of(h, vocab)) for r, h in zip(refs, hyps))
+    word_counts = sum(len(words_of(r, vocab)) for r in refs)
+    has_boundaries = any(vocab.space in r for r in refs)  # without them a clip is one "word": WER means nothing
+    return {"cer": sum(unit_errors) / max(sum(unit_counts), 1),
+            "wer": word_errors / max(word_counts, 1) if has_boundaries else None,
+            "cer_mean_per_clip": float(np.mean([e / n for e, n in zip(unit_errors, unit_counts)])) if refs else 0.0,
+            "n": len(refs)}
+
+
+def eval_batches(ds: Dataset, index: list[int], cfg: Config) -> list[list[int]]:
+    return frame_budget_batches([ds.samples[i].frames for i in index], cfg.max_frames, random.Random(0))
+
+
+@torch.no_grad()
+def evaluate(model, ds: Dataset, index: list[int], vocab: Vocabulary, cfg: Config, device,
+             decoders: tuple[str, ...] = ("ctc", "attention")) -> dict:
+    """Loss, and error rates and n-best lists per decoder, on clips seen without augmentation. Every epoch
+    asks for the two greedy decoders; test adds the one it reports."""
+    model.eval()
+    augment = Augment(cfg, train=False)
+    decoders = tuple(d for d in decoders if d != "attention" or model.decoder is not None)
+    totals, seen, refs, order = Counter(), 0, [], []
+    nbest: dict[str, list] = {d: [] for d in decoders}
+    for batch in eval_batches(ds, index, cfg):
+        chosen = [index[i] for i in batch]
+        frames, lengths = ds.bank.batch(chosen)
+        x, lengths = augment(frames.to(device), lengths)
+        targets = [ds.samples[i].ids for i in chosen]
+        with autocast(device, cfg):
+            enc, mask = model.encode(x, lengths.to(device))
+            parts = joint_loss(model, enc, mask, model.ctc(enc), lengths.to(device), targets, vocab, cfg)
+            for d in decoders:
+                nbest[d] += decode(model, enc, mask, lengths.to(device), vocab, dataclasses.replace(cfg, decoder=d))
+        for k, v in parts.items():
+            totals[k] += v.item() * len(chosen)
+        seen += len(chosen)
+        refs += targets
+        order += chosen
+    result = {("loss" if k == "loss" else f"loss_{k}"): v / max(seen, 1) for k, v in totals.items()}
+    result.update({d: error_rates(refs, [hyps[0][0] for hyps in nbest[d]], vocab) for d in decoders})
+    result["rows"] = {"order": order, "refs": refs, **nbest}
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 8. Training: AdamW + WarmupCosine per optimizer step, mixed precision by GPU, checkpoints that resume
+#    exactly, a time budget, and one log line, one metrics row and one redrawn plot per epoch.
+# ---------------------------------------------------------------------------------------------------------
+
+
+# seconds: after an epoch, curves.png and confusions.png are redrawn at most this often (and after the last),
+# so that short epochs do not spend their time drawing (a heatmap of Arabic labels takes 0.6 s on a CPU)
+REDRAW_CURVES, REDRAW_HEATMAP = 30.0, 300.0
+
+
+def amp_dtype(device: torch.device, cfg: Config):
+    """bf16 where the GPU has it (compute capability 8+), fp16 where not (T4, P100), none on CPU."""
+    if cfg.amp == "off" or device.type != "cuda":
+        return None
+    major, _ = torch.cuda.get_device_capability(device)
+    return torch.bfloat16 if major >= 8 else torch.float16
+
+
+def autocast(device: torch.device, cfg: Config):
+    dtype = amp_dtype(device, cfg)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def compile_model(model: nn.Module, device: torch.device) -> None:
+    """torch.compile the encoding (frontend and encoder, where the time goes), where Triton can: not on GPUs
+    before compute capability 7 (P100)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (7, 0):
+        print(f"--compile is skipped: torch.compile needs compute capability 7.0 or more, and "
+              f"{torch.cuda.get_device_name(device)} has {'.'.join(map(str, torch.cuda.get_device_capability(device)))}.")
+        return
+    model.encode = torch.compile(model.encode)  # a second graph once batch size or length varies, then no more
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """Auto-AVSR's WarmupCosineScheduler factor for optimizer step `step` (counted from 1)."""
+    if step < warmup:
+        return step / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(step - warmup, total - warmup) / max(total - warmup, 1)))
+
+
+def schedule_steps(cfg: Config, epoch_steps: int) -> tuple[int, int]:
+    """(warmup steps, optimizer steps in all) of the WarmupCosine schedule."""
+    return max(int(cfg.warmup_epochs * epoch_steps), 1), cfg.epochs * epoch_steps
+
+
+def make_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                                  weight_decay=cfg.weight_decay)
+    warmup, total = schedule_steps(cfg, steps_per_epoch)
+    total = max(total, warmup + 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: warmup_cosine(k + 1, warmup, total))
+    return optimizer, scheduler
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# What a checkpoint fixes: its model, and the data it saw (the same clips, split and preprocessing)
+MODEL_SETTINGS = ("arch", "preset", "frontend", "units", "word_boundary")
+DATA_SETTINGS = ("split_seed", "val_fraction", "test_fraction", "split_lists", "frame_size", "crop_size",
+                 "input_size", "mean", "std", "seed", "synthetic_clips", "synthetic_words", "synthetic_speakers")
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, epoch: int, history: list, cfg: Config,
+                    vocab: Vocabulary) -> None:
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
+             "epoch": epoch, "history": history, "config": dataclasses.asdict(cfg), "vocab": vocab.to_json()}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: Path) -> dict:
+    if not Path(path).exists():
+        raise UserError(f"No checkpoint at {path}: train first (--mode train), or name one with --checkpoint.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a file cut short or of another kind; torch raises many types here
+        raise UserError(f"Cannot read the checkpoint {path} ({type(e).__name__}: {e}). It may be incomplete; "
+                        "use the other checkpoint in that folder (last.pt / best.pt).") from e
+
+
+def check_compatible(state: dict, cfg: Config, vocab: Vocabulary, path: Path) -> None:
+    """Refuse a checkpoint whose vocabulary or architecture differs, saying which."""
+    saved = {**dataclasses.asdict(Config()), **state["config"]}  # settings added since it was written: defaults
+    diffs = [f"{k}: checkpoint {saved[k]!r}, now {getattr(cfg, k)!r}" for k in MODEL_SETTINGS + DATA_SETTINGS
+             if saved[k] != getattr(cfg, k)]
+    if diffs:
+        raise UserError(f"The checkpoint {path} was trained with other settings ({'; '.join(diffs)}). "
+                        "Use the same flags, or another --work-dir to start afresh.")
+    if state["vocab"] != vocab.to_json():
+        raise UserError(f"The checkpoint {path} was trained with another vocabulary ({len(state['vocab']['units'])} "
+                        f"units, now {len(vocab.ids)}). Pass the --vocab it was trained with.")
+
+
+def saved_config(state: dict) -> Config:
+    """The settings a checkpoint was trained with (settings added since: their defaults)."""
+    return Config(**{k: v for k, v in state["config"].items() if k in {f.name for f in dataclasses.fields(Config)}})
+
+
+def model_from_checkpoint(path: Path, cfg: Config, device, state: dict | None = None
+                          ) -> tuple[nn.Module, Vocabulary, Config]:
+    """The model, vocabulary and settings a checkpoint was trained with; model and data settings come from the
+    checkpoint (so the test split is the one it was trained beside), the rest (data folders, decoding) from now."""
+    state = state or load_checkpoint(path)
+    saved = saved_config(state)
+    kept = MODEL_SETTINGS + DATA_SETTINGS + ("dropout", "freeze")
+    model_cfg = dataclasses.replace(cfg, **{k: getattr(saved, k) for k in kept})
+    vocab = Vocabulary(state["vocab"]["units"], state["vocab"]["specials"], state["vocab"].get("letters_only", False))
+    model = build_model(model_cfg, vocab.size)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), vocab, model_cfg
+
+
+# Several processes (torchrun, one per GPU) ------------------------------------------------------------------
+# Every process holds the whole dataset and the whole model; rank 0 alone evaluates, draws, writes checkpoints
+# and decides when to stop, and tells the others.
+
+def rank_and_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def join_process_group(device_name: str) -> None:
+    """Join torchrun's process group (NCCL between GPUs, gloo between CPU processes). Only rank 0 prints."""
+    cuda = device_name != "cpu" and torch.cuda.is_available()
+    # rank 0 evaluates and draws while the others wait in their next gradient exchange: allow it time
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
+    if dist.get_rank() > 0:
+        sys.stdout = open(os.devnull, "w")
+
+
+def unwrapped(objective: nn.Module) -> nn.Module:
+    """The model inside an Objective, itself maybe inside DistributedDataParallel."""
+    return getattr(objective, "module", objective).model
+
+
+def all_ranks_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def rank0_says(flag: bool, device) -> bool:
+    """Rank 0's decision, for every process."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.broadcast(t, 0)
+    return bool(t.item())
+
+
+class AllRanksSum(torch.autograd.Function):
+    """A sum over the processes that autograd sees through: every process's loss depends on the sum, so the
+    gradient reaching each process's part is the sum of all their gradients."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return all_ranks_sum(t.clone())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_ranks_sum(grad.clone())
+
+
+class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """What torch's SyncBatchNorm (GPUs only) does, for CPU processes (gloo): sums and counts all-reduced with
+    autograd, so every process normalises by the mean and variance of the global batch."""
+
+    def _check_input_dim(self, x):  # any of BatchNorm1d/2d/3d's shapes
+        pass
+
+    def forward(self, x):
+        if not (self.training and dist.is_initialized()):
+            return super().forward(x)
+        c, dims, shape = x.shape[1], [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
+        xd = x.double()  # E[x^2] - E[x]^2 cancels badly in float32
+        stats = AllRanksSum.apply(torch.cat([xd.sum(dims), (xd * xd).sum(dims), xd.new_tensor([x.numel() / c])]))
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = (stats[c:2 * c] / n - mean ** 2).to(x.dtype)
+        mean = mean.to(x.dtype)
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)
+        return (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps) * self.weight.view(shape) \
+            + self.bias.view(shape)
+
+
+def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Every BatchNorm of `model` synchronised across processes; same parameters, buffers and state_dict keys."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in model.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            synced = CPUSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                      child.track_running_stats)
+            synced.load_state_dict(child.state_dict())
+            synced.weight.requires_grad_(child.weight.requires_grad)
+            synced.bias.requires_grad_(child.bias.requires_grad)
+            setattr(model, name, synced.train(child.training))
+        else:
+            sync_batchnorm(child, device)
+    return model
+
+
+def training_batch(ds: Dataset, chosen: list[int], augment: Augment, device) -> tuple:
+    """Frames from memory, augmented on the device: (x, lengths, targets)."""
+    targets = [ds.samples[i].ids for i in chosen]
+    frames, lengths = ds.bank.batch(chosen)
+    needed = torch.tensor([frames_needed(t) for t in targets])
+    x, lengths = augment(frames.to(device, non_blocking=True), lengths, needed)
+    return x, lengths.to(device), targets
+
+
+class Objective(nn.Module):
+    """The model and its joint loss as one forward pass, the unit DistributedDataParallel synchronises."""
+
+    def __init__(self, model: nn.Module, vocab: Vocabulary, cfg: Config):
+        super().__init__()
+        self.model, self.vocab, self.cfg = model, vocab, cfg
+
+    def forward(self, x, lengths, targets) -> dict:
+        enc, mask = self.model.encode(x, lengths)
+        return joint_loss(self.model, enc, mask, self.model.ctc(enc), lengths, targets, self.vocab, self.cfg)
+
+
+def backward_pass(objective: nn.Module, x, lengths, targets, cfg: Config, device, scaler, weight: float = 1.0) -> dict:
+    """Loss parts of the batch; its gradient, times `weight` (this process's share of a global batch), added."""
+    with autocast(device, cfg):
+        parts = objective(x, lengths, targets)
+    scaler.scale(parts["loss"] * (weight / cfg.accum_steps)).backward()
+    return parts
+
+
+def group_grad_norms(model: nn.Module) -> torch.Tensor:
+    """The gradient norm of each module group (0 where no gradient reached it), on the model's device."""
+    norms = []
+    for params in module_groups(model).values():
+        grads = [p.grad for p in params if p.grad is not None]
+        norms.append(torch.nn.utils.get_total_norm(grads).float() if grads else params[0].new_zeros(()).float())
+    return torch.stack(norms)
+
+
+def optimizer_step(model, optimizer, scheduler, scaler, cfg: Config) -> torch.Tensor:
+    """Clip, step, advance the schedule; -> each module group's gradient norm (unscaled, before clipping),
+    which the clipping needs anyway: gradient flow is watched for free."""
+    scaler.unscale_(optimizer)
+    norms = group_grad_norms(model)
+    torch.nn.utils.clip_grads_with_norm_(model.parameters(), cfg.grad_clip, torch.linalg.vector_norm(norms))
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return norms
+
+
+def rank_share(batch_size: int) -> tuple[list[int], float]:
+    """The rows of a global batch this process trains on (every world_size-th), and the weight that makes the
+    averaged gradients those of the whole batch. A batch smaller than the world gives a spare process one row
+    at weight 0, so that every process still joins the gradient exchange."""
+    rank, world = rank_and_world()
+    rows = list(range(rank, batch_size, world))
+    return (rows, len(rows) * world / batch_size) if rows else ([0], 0.0)
+
+
+def train_epoch(objective: nn.Module, ds: Dataset, cfg: Config, device, optimizer, scheduler, scaler, epoch: int,
+                updates: list | None = None) -> dict:
+    """One pass over the training split -> mean losses, clips seen, and each module group's mean gradient norm
+    (`grad_<group>`); with `updates` (--log-param-updates), a row per optimizer step and group is added to it.
+
+    Under torchrun every process draws and augments the same global batches (same seeds) and trains on its
+    own rows of each: the run follows a one-process run with the same --max-frames, the same padding and
+    (with --sync-batchnorm) the same statistics."""
+    model = unwrapped(objective)
+    train_mode(model)
+    augment = Augment(cfg, train=True)
+    groups = module_groups(model)
+    train_index = ds.subset("train")
+    batches = frame_budget_batches([ds.samples[i].frames for i in train_index], cfg.max_frames,
+                                   random.Random(cfg.seed * 1000 + epoch))
+    totals, seen = Counter(), 0
+    grad_sums, grad_steps = torch.zeros(len(groups), device=device), torch.zeros(len(groups), device=device)
+    optimizer.zero_grad(set_to_none=True)
+    for n, batch in enumerate(progress(batches, f"epoch {epoch}"), 1):
+        chosen = [train_index[i] for i in batch]
+        x, lengths, targets = training_batch(ds, chosen, augment, device)
+        rows, weight = rank_share(len(chosen))
+        x, lengths, targets = x[rows], lengths[rows], [targets[i] for i in rows]
+        step = n % cfg.accum_steps == 0 or n == len(batches)
+        with contextlib.nullcontext() if step or not hasattr(objective, "no_sync") else objective.no_sync():
+            parts = backward_pass(objective, x, lengths, targets, cfg, device, scaler, weight)
+        if step:
+            before, lr = (snapshot(groups) if updates is not None else None), optimizer.param_groups[0]["lr"]
+            norms = optimizer_step(model, optimizer, scheduler, scaler, cfg)
+            finite = torch.isfinite(norms)  # an fp16 step the GradScaler skipped has inf gradients
+            grad_sums += torch.where(finite, norms, 0.0)
+            grad_steps += finite
+            if updates is not None:
+                updates += param_update_rows(groups, before, norms, epoch, scheduler.last_epoch, lr)
+        for k, v in parts.items():  # summed on the device: one GPU sync per epoch, not per step
+            totals[k] += v.detach() * (weight * len(chosen) / rank_and_world()[1])
+        seen += len(chosen)
+    keys = sorted(totals)
+    summed = all_ranks_sum(torch.stack([totals[k].float() for k in keys])).tolist()
+    grads = {f"grad_{g}": s / max(c, 1) for g, s, c in zip(groups, grad_sums.tolist(), grad_steps.tolist())}
+    return {k: v / max(seen, 1) for k, v in zip(keys, summed)} | {"clips": seen} | grads
+
+
+def steps_per_epoch(ds: Dataset, cfg: Config) -> int:
+    n_batches = len(frame_budget_batches([ds.samples[i].frames for i in ds.subset("train")], cfg.max_frames,
+                                         random.Random(0)))
+    return math.ceil(n_batches / cfg.accum_steps)
+
+
+def epoch_row(epoch, train, val, probe, lr, seconds, cfg: Config) -> dict:
+    """Everything metrics.csv keeps of an epoch; `probe` scores the fixed training clips (None without
+    diagnostics)."""
+    scores = lambda result, decoder: ((result or {}).get(decoder) or {})
+    att, ctc = scores(val, "attention"), scores(val, "ctc")
+    return {"epoch": epoch, "train_loss": train["loss"], "train_ctc": train["ctc"], "train_att": train["att"],
+            "ctc_share": ctc_share(train["ctc"], train["att"], cfg),
+            "train_eval_loss": (probe or {}).get("loss"), "train_cer_ctc": scores(probe, "ctc").get("cer"),
+            "train_cer_att": scores(probe, "attention").get("cer"),
+            "val_loss": (val or {}).get("loss"), "val_cer_ctc": ctc.get("cer"), "val_cer_att": att.get("cer"),
+            "val_wer": (att or ctc).get("wer"), "val_cer_mean_per_clip": (att or ctc).get("cer_mean_per_clip"),
+            **{k: v for k, v in train.items() if k.startswith("grad_")},
+            "lr": lr, "epoch_s": seconds, "clips_per_s": train["clips"] / max(seconds, 1e-9)}
+
+
+def fmt(v, spec=".3f") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def log_epoch(row: dict) -> None:
+    probe = (f" | train CER ctc {fmt(row['train_cer_ctc'])} att {fmt(row['train_cer_att'])}"
+             if row.get("train_cer_ctc") is not None else "")
+    print(f"epoch {row['epoch']:3d} | train loss {fmt(row['train_loss'])} (ctc {fmt(row['train_ctc'])}, "
+          f"att {fmt(row['train_att'])}){probe} | val loss {fmt(row['val_loss'])} | val CER ctc "
+          f"{fmt(row['val_cer_ctc'])} att {fmt(row['val_cer_att'])} WER {fmt(row['val_wer'])} | lr {row['lr']:.2e} | "
+          f"{row['epoch_s']:.0f}s {row['clips_per_s']:.1f} clips/s", flush=True)
+
+
+def selection_cer(row: dict, decoder: str, split: str = "val") -> float:
+    """best.pt is the epoch whose validation CER (greedy, for speed) is lowest for the decoder that will be used."""
+    ctc, att = row.get(f"{split}_cer_ctc"), row.get(f"{split}_cer_att")
+    if decoder == "beam" and att is not None and ctc is not None:  # the joint search tracks the better of its two scorers
+        return min(ctc, att)
+    value = att if decoder == "attention" and att is not None else ctc
+    return math.inf if value is None else value
+
+
+def previous_run(cfg: Config, vocab: Vocabulary) -> dict | None:
+    """The checkpoint to continue (checked before any data is read), or None for a fresh run."""
+    ckpt_dir = Path(cfg.work_dir) / "checkpoints"
+    for stale in ckpt_dir.glob(".*.pt.*"):  # temporary files of a run killed while saving
+        stale.unlink(missing_ok=True)  # (another process of the run may have got there first)
+    last = ckpt_dir / "last.pt"
+    if not cfg.resume:
+        if last.exists():
+            raise UserError(f"{cfg.work_dir} already holds a run ({last}). Continue it with --resume, or start "
+                            "afresh in another --work-dir.")
+        return None
+    state = load_checkpoint(last)
+    check_compatible(state, cfg, vocab, last)
+    return state
+
+
+def load_dataset_once(cfg: Config, vocab: Vocabulary, device) -> Dataset:
+    """The dataset; under torchrun rank 0 reads it first (filling the clip cache), the others then from the cache."""
+    rank, world = rank_and_world()
+    if rank > 0:
+        dist.barrier()
+    ds = load_dataset(cfg, vocab, device)
+    if rank == 0 and world > 1:
+        dist.barrier()
+    return ds
+
+
+def train(cfg: Config, ds: Dataset | None = None, done=None) -> dict:
+    """Train on `ds` (default: the dataset cfg names); `done(row)`, when given, ends training after an epoch.
+    Under torchrun, rank 0's result has the history; the other processes' is empty."""
+    device = pick_device(cfg.device)
+    rank, world = rank_and_world()
+    vocab = load_vocabulary(cfg)
+    state = previous_run(cfg, vocab)
+    ds = ds or load_dataset_once(cfg, vocab, device)
+    if not ds.subset("train"):
+        raise UserError("The training split is empty: add clips, or change --val-fraction / --test-fraction.")
+    model = build_model(cfg, vocab.size).to(device)
+    if cfg.sync_batchnorm and world > 1:
+        model = sync_batchnorm(model, device)
+    optimizer, scheduler = make_optimizer(model, cfg, steps_per_epoch(ds, cfg))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device, cfg) == torch.float16)
+    work, ckpt_dir = Path(cfg.work_dir), Path(cfg.work_dir) / "checkpoints"
+    history, start = [], 1
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"] and scaler.is_enabled():  # empty when saved on a CPU or a bf16 GPU
+            scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        history, start = state["history"], state["epoch"] + 1
+        print(f"Resumed from {ckpt_dir / 'last.pt'} after epoch {state['epoch']}")
+    objective = Objective(model, vocab, cfg)
+    if world > 1:
+        objective = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.index is not None
+                                                        else None)
+    if cfg.compile:
+        compile_model(model, device)
+    print(f"{cfg.arch}/{cfg.preset}: {sum(p.numel() for p in model.parameters()):,} parameters on {device}"
+          f"{f' x {world} processes' if world > 1 else ''}; {len(ds.subset('train'))} train / "
+          f"{len(ds.subset('val'))} val / {len(ds.subset('test'))} test clips")
+    if rank == 0:
+        report_setup(model, ds, cfg, work / "diagnostics" / "setup.txt")
+    probe = training_probe(ds, cfg) if cfg.diagnostics and rank == 0 else []
+    began, slowest, curves_drawn, heatmap_drawn = time.time(), 0.0, 0.0, 0.0
+    for epoch in range(start, cfg.epochs + 1):
+        t0 = time.time()
+        updates = [] if cfg.log_param_updates and rank == 0 else None
+        if world > 1 and device.type == "cuda":  # own dropout masks per GPU; augmentation draws (CPU) stay shared
+            torch.cuda.manual_seed((cfg.seed * 10_000 + epoch) * 64 + rank)
+        train_stats = train_epoch(objective, ds, cfg, device, optimizer, scheduler, scaler, epoch, updates)
+        if rank > 0:
+            if rank0_says(False, device):
+                break
+            continue
+        val = evaluate(model, ds, ds.subset("val"), vocab, cfg, device) if ds.subset("val") else None
+        probe_scores = evaluate(model, ds, probe, vocab, cfg, device) if probe else None
+        seconds = time.time() - t0
+        slowest = max(slowest, seconds)
+        row = epoch_row(epoch, train_stats, val, probe_scores, optimizer.param_groups[0]["lr"], seconds, cfg)
+        history.append(row)
+        notes, pairs = diagnose_epoch(history, val, ds, vocab, model, cfg) if cfg.diagnostics else ([], None)
+        reached = done is not None and done(row)
+        out_of_time = cfg.time_budget and (time.time() - began + 1.2 * slowest) / 60 > cfg.time_budget
+        last = reached or out_of_time or epoch == cfg.epochs
+        log_epoch(row)
+        for line in notes:
+            print(line, flush=True)
+        if last or time.time() - curves_drawn >= REDRAW_CURVES:
+            curves_drawn = time.time()
+            plot_curves(history, work / "curves.png")
+        if pairs is not None and (last or time.time() - heatmap_drawn >= REDRAW_HEATMAP):
+            heatmap_drawn = time.time()
+            plot_confusions(pairs, work / "diagnostics" / "confusions.png")
+        write_csv(work / "metrics.csv", history)
+        if updates is not None:
+            append_rows(work / "diagnostics" / "param_updates.csv", updates, epoch)
+        save_checkpoint(ckpt_dir / "last.pt", model, optimizer, scheduler, scaler, epoch, history, cfg, vocab)
+        if selection_cer(row, cfg.decoder) <= min(selection_cer(r, cfg.decoder) for r in history):
+            atomic_write(ckpt_dir / "best.pt", lambda tmp: shutil.copyfile(ckpt_dir / "last.pt", tmp))
+        if out_of_time and epoch < cfg.epochs:
+            print(f"Stopping after epoch {epoch}: the next one would overrun --time-budget {cfg.time_budget} min. "
+                  f"Continue with --resume.")
+        if rank0_says(last, device):
+            break
+    return {"history": history, "model": model, "vocab": vocab, "dataset": ds}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 9. Diagnostics: what the data looks like (seed 001's figures) and seed 001's checklist for a stuck model,
+#    run every epoch and by --mode diagnose / sanity: learning curves and a verdict in words, gradient flow,
+#    the worst clips, unit confusions (by letter and by diacritic), the settings' sanity, parameter updates.
+# ---------------------------------------------------------------------------------------------------------
+
+OVERFIT_GAP = 0.15  # val CER this far above train CER: the model knows its training clips, not the task
+HIGH_CER = 0.5  # train CER above this: the model does not even fit its training clips
+COLLAPSED = 0.5  # this share of validation clips given one and the same hypothesis: the video is ignored
+VANISHING = 1e-3  # a trainable part's rms gradient this far below the liveliest part's has vanished
+DOMINANT = 0.9  # one loss making this share of the objective drowns the other's signal
+SANITY_CER = 0.01  # "about 0" for --mode sanity
+
+
+def training_probe(ds: Dataset, cfg: Config) -> list[int]:
+    """The fixed training clips scored each epoch without augmentation: the train side of the curves."""
+    train = ds.subset("train")
+    return sorted(random.Random(cfg.seed).sample(train, min(cfg.train_eval_clips, len(train))))
+
+
+def report_setup(model: nn.Module, ds: Dataset, cfg: Config, path: Path) -> list[str]:
+    """Seed 001's hyperparameter sanity check: what one step and one epoch are, in numbers, with warnings;
+    printed and written to `path`."""
+    train = ds.subset("train")
+    batches = len(frame_budget_batches([ds.samples[i].frames for i in train], cfg.max_frames, random.Random(0)))
+    clips_per_batch = len(train) / max(batches, 1)
+    steps = steps_per_epoch(ds, cfg)
+    warmup, total = schedule_steps(cfg, steps)
+    counts = {g: sum(p.numel() for p in params) for g, params in module_groups(model).items()}
+    frozen = frozen_parts(model)
+    w = cfg.ctc_weight
+    lines = [
+        f"batch: {clips_per_batch:.1f} clips on average (frame budget {cfg.max_frames}), x {cfg.accum_steps} "
+        f"accumulated = effective batch {clips_per_batch * cfg.accum_steps:.1f} clips",
+        f"steps: {steps} optimizer steps an epoch, {total} in {cfg.epochs} epochs; warmup {warmup} steps "
+        f"({cfg.warmup_epochs:g} epochs), then cosine to 0",
+        f"optimizer: AdamW, peak learning rate {cfg.lr:g}, betas {cfg.beta1}/{cfg.beta2}, eps {cfg.adam_eps:g}, "
+        f"weight decay {cfg.weight_decay:g}, gradient clip {cfg.grad_clip:g}",
+        f"loss: {w:g} x CTC + {1 - w:g} x attention (label smoothing {cfg.label_smoothing:g})"
+        if model.decoder is not None else "loss: CTC only (the model has no decoder)",
+        f"parameters: {sum(n for g, n in counts.items() if g not in frozen):,} trainable, "
+        f"{sum(n for g, n in counts.items() if g in frozen):,} frozen ("
+        + ", ".join(f"{g} {n:,}{' frozen' if g in frozen else ''}" for g, n in counts.items()) + ")",
+    ]
+    warnings = [
+        (cfg.lr > 5e-3, f"a peak learning rate of {cfg.lr:g} is high for a Transformer under AdamW (Auto-AVSR: 1e-3)"),
+        (cfg.lr < 1e-5, f"a peak learning rate of {cfg.lr:g} barely moves the weights"),
+        (warmup >= total, "the warmup never ends: --warmup-epochs is not below --epochs"),
+        (total < 100, f"only {total} optimizer steps in all: more epochs or a smaller --max-frames"),
+        (clips_per_batch * cfg.accum_steps < 4, "an effective batch under 4 clips makes noisy steps: raise "
+                                                "--max-frames or --accum-steps"),
+        (model.decoder is not None and w == 0 and cfg.decoder != "attention",
+         "--ctc-weight 0 leaves the CTC head untrained, yet greedy CTC and the beam search use it"),
+        (model.decoder is not None and w == 1, "--ctc-weight 1 leaves the attention decoder untrained"),
+    ]
+    lines += [f"warning: {why}" for bad, why in warnings if bad]
+    for line in lines:
+        print(line)
+    atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n", encoding="utf-8"))
+    return lines
+
+
+# Parameter updates (--log-param-updates, as seed 002 offers) ------------------------------------------------
+
+def snapshot(groups: dict[str, list[nn.Parameter]]) -> dict[str, list[torch.Tensor]]:
+    return {g: [p.detach().clone() for p in params] for g, params in groups.items()}
+
+
+def param_update_rows(groups, before, grad_norms: torch.Tensor, epoch: int, step: int, lr: float) -> list[dict]:
+    """Per module group: the gradient norm, the parameter norm after the step, and how far the step moved
+    the parameters relative to their size (about 1e-3 is healthy; far below, that part hardly learns)."""
+    rows = []
+    for (g, params), grad in zip(groups.items(), grad_norms.tolist()):
+        size = torch.nn.utils.get_total_norm([p.detach() for p in params]).item()
+        moved = torch.nn.utils.get_total_norm([p.detach() - b for p, b in zip(params, before[g])]).item()
+        rows.append({"epoch": epoch, "step": step, "lr": lr, "group": g, "grad_norm": grad, "param_norm": size,
+                     "update_norm": moved, "update_ratio": moved / max(size, 1e-12)})
+    return rows
+
+
+def append_rows(path: Path, rows: list[dict], epoch: int) -> None:
+    """Add an epoch's rows to a per-epoch CSV; rows a killed run wrote for this epoch or later are dropped,
+    so a resumed run's file reads as if it had never stopped."""
+    kept = []
+    if path.exists():
+        with open(path, newline="", encoding="utf-8") as f:
+            kept = [r for r in csv.DictReader(f) if int(r["epoch"]) < epoch]
+    write_csv(path, kept + rows)
+
+
+# Over/under-fitting verdict -------------------------------------------------------------------------------
+
+def best_hypotheses(result: dict, decoder: str) -> list[list[int]]:
+    """Each clip's first hypothesis from an evaluation's n-best lists."""
+    return [nbest[0][0] for nbest in result["rows"][decoder]]
+
+
+def same_hypothesis_share(result: dict, decoder: str) -> float:
+    """The share of clips given the most common hypothesis: near 1, the model answers without looking."""
+    hyps = [tuple(h) for h in best_hypotheses(result, decoder)]
+    return Counter(hyps).most_common(1)[0][1] / len(hyps) if hyps else 0.0
+
+
+def fit_verdict(history: list[dict], cfg: Config) -> str:
+    """Seed 001's reading of the learning curves, in words, from the better greedy CER of each epoch."""
+    row, k = history[-1], cfg.patience
+    val, train = selection_cer(row, "beam"), selection_cer(row, "beam", "train")
+    if math.isinf(val):
+        return "no verdict: there are no validation clips"
+    vals = [selection_cer(r, "beam") for r in history]
+    best = min(range(len(vals)), key=lambda i: vals[i])
+    stalled = len(vals) > k and min(vals[-k:]) > min(vals[:-k]) - 0.005
+    rising = next((n for n in range(len(vals) - 1) if vals[-1 - n] <= vals[-2 - n]), len(vals) - 1)
+    change = f"{vals[-1] - vals[max(len(vals) - 1 - k, 0)]:+.3f} in the last {min(k, len(vals) - 1)} epochs"
+    cers = f"train CER {train:.3f}, val CER {val:.3f}"
+    if math.isinf(train):  # a run without the training probe (--no-diagnostics, or older): validation alone
+        trend = f"not better in the last {k} epochs" if stalled else change
+        return f"val CER {val:.3f}, {trend}; over- or underfitting needs the training probe (--diagnostics)"
+    if row.get("val_same_hyp", 0) >= COLLAPSED:
+        early = " (usual while the learning rate warms up)" if row["epoch"] <= cfg.warmup_epochs + 1 else ""
+        return (f"collapsed{early}: {row['val_same_hyp']:.0%} of validation clips get the same hypothesis; "
+                f"{cers}. The model answers without looking: check --mode sanity, the learning rate and the labels")
+    if val - train >= OVERFIT_GAP and stalled:
+        trend = f"rising for {rising} epochs" if rising > 1 else f"not better for {len(vals) - 1 - best} epochs"
+        return (f"overfitting: {cers} and {trend} (best {vals[best]:.3f} at epoch {history[best]['epoch']}). "
+                "best.pt keeps the best epoch; more augmentation, dropout or data, or a smaller model")
+    if val - train >= OVERFIT_GAP:
+        return f"overfitting begins: {cers} (val {change}); val still improves"
+    if stalled and train >= HIGH_CER:
+        return (f"stuck, underfitting: {cers}, neither better in the last {k} epochs. The model does not fit even "
+                "its training clips: check the gradient flow, the learning rate, and --mode sanity")
+    if stalled:
+        return f"converged: {cers}, not better in the last {k} epochs"
+    if train >= HIGH_CER:
+        return f"underfitting: {cers} (val {change}), both high and still falling: train longer or a larger model"
+    return f"learning: {cers} (val {change})"
+
+
+# Gradient flow and the two losses ----------------------------------------------------------------------------
+
+def gradient_notes(row: dict, model: nn.Module) -> list[str]:
+    """The epoch's gradient norm per module group, and a warning for a trainable group whose gradients vanish
+    or a frozen group that gets any."""
+    groups, frozen = module_groups(model), frozen_parts(model)
+    norms = {g: row[f"grad_{g}"] for g in groups if f"grad_{g}" in row}
+    rms = {g: n / math.sqrt(sum(p.numel() for p in groups[g])) for g, n in norms.items()}
+    liveliest = max((v for g, v in rms.items() if g not in frozen), default=0.0)
+    lines = ["gradient norm: " + ", ".join(f"{g} {n:.2e}{' (frozen)' if g in frozen else ''}"
+                                           for g, n in norms.items())]
+    for g, n in norms.items():
+        if g in frozen and n > 0:
+            lines.append(f"warning: {g} is frozen but its gradients are not zero (norm {n:.2e})")
+        elif g not in frozen and (n == 0 or rms[g] < VANISHING * liveliest):
+            lines.append(f"warning: {g}'s gradients vanish (rms {rms[g]:.1e} a weight, the liveliest part's "
+                         f"{liveliest:.1e}): it hardly learns; check its learning rate, normalisation or freezing")
+    return lines
+
+
+def loss_note(row: dict, cfg: Config, model: nn.Module) -> list[str]:
+    if model.decoder is None:
+        return []
+    share = row["ctc_share"]
+    line = (f"losses: ctc {row['train_ctc']:.2f} x {cfg.ctc_weight:g} = {share:.0%} of the objective, "
+            f"attention {row['train_att']:.2f} x {1 - cfg.ctc_weight:g} = {1 - share:.0%}")
+    if 0 < cfg.ctc_weight < 1 and max(share, 1 - share) >= DOMINANT:
+        loud = "CTC" if share > 0.5 else "attention"
+        line += (f"\nwarning: the {loud} loss makes {max(share, 1 - share):.0%} of the objective and drowns the "
+                 f"other; move --ctc-weight {'down' if loud == 'CTC' else 'up'}")
+    return [line]
+
+
+# Worst clips -----------------------------------------------------------------------------------------------
+
+def scored_clips(result: dict, ds: Dataset, vocab: Vocabulary, decoder: str) -> list[dict]:
+    """Every clip of an evaluation, side by side with its hypothesis, worst first."""
+    rows = result["rows"]
+    clips = []
+    for i, ref, nbest in zip(rows["order"], rows["refs"], rows[decoder]):
+        hyp, score = nbest[0]
+        clips.append({"id": ds.samples[i].stem, "frames": ds.samples[i].frames, "decoder": decoder,
+                      "cer": round(error_rates([ref], [hyp], vocab)["cer"], 4), "score": round(score, 3),
+                      "reference": vocab.decode(ref), "hypothesis": vocab.decode(hyp)})
+    return sorted(clips, key=lambda c: (-c["cer"], c["id"]))
+
+
+def worst_lines(worst: list[dict]) -> list[str]:
+    lines = [f"worst {len(worst)} clips ({worst[0]['decoder']} decoding):"] if worst else []
+    for c in worst:
+        lines.append(f"  {c['id']}  {c['frames']} frames  CER {c['cer']:.2f}  score {c['score']:.1f}\n"
+                     f"    ref: {c['reference']}\n    hyp: {c['hypothesis']}")
+    return lines
+
+
+# Unit confusions --------------------------------------------------------------------------------------------
+
+def alignment(ref: list[str], hyp: list[str]) -> list[tuple]:
+    """A minimal edit-distance alignment: (reference unit, hypothesis unit) pairs, None on the side without
+    one (a deletion or an insertion). Among the minimal ones it pairs units that share their letter or their
+    diacritic, so that a confusion is counted as the one it most likely was."""
+    bonus = 1 / (2 * (len(ref) + len(hyp) + 1))  # all bonuses together stay below one edit
+    cost = lambda r, h: 0.0 if r == h else 1 - bonus * ((base_letter(r) == base_letter(h))
+                                                       + (diacritic_of(r) == diacritic_of(h))) / 2
+    d = np.zeros((len(ref) + 1, len(hyp) + 1))
+    d[:, 0], d[0, :] = np.arange(len(ref) + 1), np.arange(len(hyp) + 1)
+    for i in range(1, len(ref) + 1):
+        for j in range(1, len(hyp) + 1):
+            d[i, j] = min(d[i - 1, j] + 1, d[i, j - 1] + 1, d[i - 1, j - 1] + cost(ref[i - 1], hyp[j - 1]))
+    pairs, i, j = [], len(ref), len(hyp)
+    while i or j:  # retrace the choices: each d[i, j] is exactly one of its three candidates
+        if i and j and d[i, j] == d[i - 1, j - 1] + cost(ref[i - 1], hyp[j - 1]):
+            pairs.append((ref[i - 1], hyp[j - 1]))
+            i, j = i - 1, j - 1
+        elif i and d[i, j] == d[i - 1, j] + 1:
+            pairs.append((ref[i - 1], None))
+            i -= 1
+        else:
+            pairs.append((None, hyp[j - 1]))
+            j -= 1
+    return pairs[::-1]
+
+
+def diacritic_of(unit: str) -> str:
+    """A unit's marks by name ("shadda+fatha"), "none" for a bare letter."""
+    return "+".join(unicodedata.name(m, f"U+{ord(m):04X}").removeprefix("ARABIC ").lower()
+                    for m in unit[1:]) or "none"
+
+
+def unit_pairs(refs: list[list[int]], hyps: list[list[int]], vocab: Vocabulary) -> Counter:
+    """(reference unit, hypothesis unit) -> count over every clip's alignment; word boundaries left out,
+    as the CER leaves them out."""
+    text = lambda ids: [vocab.itos[i] for i in ids if i != vocab.space]
+    pairs: Counter = Counter()
+    for r, h in zip(refs, hyps):
+        pairs.update(alignment(text(r), text(h)))
+    return pairs
+
+
+def reference_counts(pairs: Counter) -> Counter:
+    """How often each reference unit (letter, diacritic) occurs in the aligned pairs."""
+    counts: Counter = Counter()
+    for (r, _), n in pairs.items():
+        if r:
+            counts[r] += n
+    return counts
+
+
+def pairs_by(pairs: Counter, part) -> Counter:
+    """Unit pairs seen through `part` (base_letter or diacritic_of): letter or diacritic confusions."""
+    out: Counter = Counter()
+    for (r, h), n in pairs.items():
+        out[(r and part(r), h and part(h))] += n
+    return out
+
+
+def confusion_summary(pairs: Counter) -> dict:
+    """The edits, and whether the letters or the diacritics go wrong: on units aligned to a unit, how often
+    the letter (the diacritic) is right, against always guessing the most common one."""
+    aligned = Counter({(r, h): n for (r, h), n in pairs.items() if r and h})
+    subs = Counter({(r, h): n for (r, h), n in aligned.items() if r != h})
+    total = lambda counts, test=lambda r, h: True: sum(n for (r, h), n in counts.items() if test(r, h))
+    same_letter = lambda r, h: base_letter(r) == base_letter(h)
+    same_marks = lambda r, h: diacritic_of(r) == diacritic_of(h)
+    n_aligned, n_subs = max(total(aligned), 1), max(total(subs), 1)
+    summary = {"reference_units": total(pairs, lambda r, h: r is not None), "substitutions": total(subs),
+               "deletions": total(pairs, lambda r, h: h is None), "insertions": total(pairs, lambda r, h: r is None),
+               "letter_right": total(aligned, same_letter) / n_aligned,
+               "diacritic_right": total(aligned, same_marks) / n_aligned,
+               "substitutions_only_diacritic": total(subs, lambda r, h: same_letter(r, h) and not same_marks(r, h)) / n_subs,
+               "substitutions_only_letter": total(subs, lambda r, h: same_marks(r, h) and not same_letter(r, h)) / n_subs}
+    for name, part in (("letter", base_letter), ("diacritic", diacritic_of)):
+        by_reference = reference_counts(pairs_by(aligned, part))
+        top, n = by_reference.most_common(1)[0] if by_reference else ("", 0)
+        summary[f"most_common_{name}"], summary[f"most_common_{name}_share"] = top, n / n_aligned
+    return summary
+
+
+def confusion_headline(s: dict) -> str:
+    if not s["most_common_letter"]:
+        return "confusions: no unit recognised yet"
+    return (f"confusions: letter right on {s['letter_right']:.0%} of aligned units, diacritic on "
+            f"{s['diacritic_right']:.0%} (always guessing {s['most_common_diacritic']}: "
+            f"{s['most_common_diacritic_share']:.0%})")
+
+
+def confusion_lines(pairs: Counter, top: int = 15) -> list[str]:
+    """confusions.txt: the summary, the most confused pairs, and deletions and insertions per unit."""
+    s, ref_counts = confusion_summary(pairs), reference_counts(pairs)
+    lines = [f"{s['reference_units']} reference units: {s['substitutions']} substituted, {s['deletions']} deleted, "
+             f"{s['insertions']} inserted"]
+    if not s["most_common_letter"]:
+        return lines + ["no reference unit was recognised as any unit: nothing to compare"]
+    lines += [
+             f"letter right on {s['letter_right']:.1%} of aligned units (always {s['most_common_letter']}: "
+             f"{s['most_common_letter_share']:.1%})",
+             f"diacritic right on {s['diacritic_right']:.1%} of aligned units (always {s['most_common_diacritic']}: "
+             f"{s['most_common_diacritic_share']:.1%})",
+             f"substitutions: {s['substitutions_only_diacritic']:.1%} only the diacritic wrong, "
+             f"{s['substitutions_only_letter']:.1%} only the letter wrong, the rest both"]
+    for title, part in (("units", str), ("letters", base_letter), ("diacritics", diacritic_of)):
+        counts = pairs if part is str else pairs_by(pairs, part)
+        swapped = [(n, r, h) for (r, h), n in counts.items() if r and h and r != h]
+        lines.append(f"\nmost confused {title} (reference -> hypothesis: count)")
+        lines += [f"  {r} -> {h}: {n}" for n, r, h in sorted(swapped, reverse=True)[:top]]
+    for title, side in (("deleted", 0), ("inserted", 1)):
+        counts = Counter()
+        for pair, n in pairs.items():
+            if pair[1 - side] is None:
+                counts[pair[side]] += n
+        lines.append(f"\nmost {title} units (count" + (", share of the unit's occurrences)" if side == 0 else ")"))
+        lines += [f"  {u}: {n}" + (f" ({n / ref_counts[u]:.0%})" if side == 0 else "") for u, n in counts.most_common(top)]
+    return lines
+
+
+def confusion_rows(pairs: Counter) -> list[dict]:
+    """confusions.csv: every pair at the three levels; an empty side is a deletion or an insertion."""
+    rows = []
+    for level, part in (("unit", str), ("letter", base_letter), ("diacritic", diacritic_of)):
+        counts = pairs if part is str else pairs_by(pairs, part)
+        rows += [{"level": level, "reference": r or "", "hypothesis": h or "", "count": n}
+                 for (r, h), n in sorted(counts.items(), key=lambda kv: -kv[1])]
+    return rows
+
+
+def confusion_matrix(counts: Counter, labels: list[str]) -> np.ndarray:
+    """Rows: reference labels; columns: the same labels, then "other" and "deleted"; each row sums to 1."""
+    where = {label: i for i, label in enumerate(labels)}
+    matrix = np.zeros((len(labels), len(labels) + 2))
+    for (r, h), n in counts.items():
+        if r in where:
+            matrix[where[r], len(labels) + 1 if h is None else where.get(h, len(labels))] += n
+    return matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+
+
+@functools.cache
+def plot_font():
+    from matplotlib import font_manager, ft2font
+    return ft2font.FT2Font(font_manager.findfont(font_manager.FontProperties()))
+
+
+def drawable(label: str) -> str:
+    """The label, or its characters' names where matplotlib's font lacks one (alef wasla, for one)."""
+    if all(plot_font().get_char_index(ord(ch)) for ch in label):
+        return label
+    names = (unicodedata.name(ch, f"U+{ord(ch):04X}").removeprefix("ARABIC ").removeprefix("LETTER ") for ch in label)
+    return "+".join(names).lower()
+
+
+def plot_confusions(pairs: Counter, path: Path, units: int = 30) -> None:
+    """Heatmaps of how each reference unit (the most frequent), letter and diacritic was recognised."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(24, 8.5))
+    for n, (title, part, limit) in enumerate((("units", str, units), ("letters", base_letter, 60),
+                                               ("diacritics", diacritic_of, 30))):
+        counts = pairs if part is str else pairs_by(pairs, part)
+        labels = [label for label, _ in reference_counts(counts).most_common(limit)]
+        names = [drawable(label) for label in labels]
+        ax = fig.add_subplot(1, 3, n + 1)
+        ax.imshow(confusion_matrix(counts, labels), cmap="viridis", vmin=0, vmax=1)
+        ax.set_yticks(range(len(labels)), names, fontsize=7)
+        ax.set_xticks(range(len(labels) + 2), names + ["other", "deleted"], fontsize=7, rotation=90)
+        ax.set_title(f"{title}: reference (rows) recognised as (columns), share of the row", fontsize=9)
+    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.14, top=0.95, wspace=0.25)  # tight_layout costs 0.4 s
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
+
+
+def write_confusions(pairs: Counter, folder: Path, heading: str) -> None:
+    """confusions.txt and confusions.csv (the heatmap is drawn apart: it costs 0.6 s)."""
+    lines = [heading] + confusion_lines(pairs)
+    atomic_write(folder / "confusions.txt", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n", encoding="utf-8"))
+    write_csv(folder / "confusions.csv", confusion_rows(pairs))
+
+
+# Every epoch ------------------------------------------------------------------------------------------------
+
+def better_greedy_decoder(result: dict) -> str:
+    return min((d for d in ("ctc", "attention") if d in result), key=lambda d: result[d]["cer"])
+
+
+def diagnose_epoch(history: list[dict], val: dict | None, ds: Dataset, vocab: Vocabulary, model: nn.Module,
+                   cfg: Config) -> tuple[list[str], Counter | None]:
+    """The checklist on an epoch just finished: the verdict and same-answer share go into its metrics row,
+    the worst clips and the confusions into <work-dir>/diagnostics; -> the lines for the console, and the
+    validation's unit pairs for the heatmap (training redraws it at most every REDRAW_HEATMAP seconds)."""
+    row, folder = history[-1], Path(cfg.work_dir) / "diagnostics"
+    lines, pairs = [], None
+    if val is not None:
+        decoder = better_greedy_decoder(val)
+        row["val_same_hyp"] = same_hypothesis_share(val, decoder)
+        worst = scored_clips(val, ds, vocab, decoder)[:cfg.worst_k]
+        append_rows(folder / "worst_samples.csv", [{"epoch": row["epoch"], **c} for c in worst], row["epoch"])
+        pairs = unit_pairs(val["rows"]["refs"], best_hypotheses(val, decoder), vocab)
+        summary = confusion_summary(pairs)
+        write_confusions(pairs, folder, f"epoch {row['epoch']}, validation, {decoder} decoding")
+        lines += worst_lines(worst)
+        lines.append(confusion_headline(summary) + f"; {folder / 'confusions.txt'}")
+    row["verdict"] = fit_verdict(history, cfg)
+    return [f"verdict: {row['verdict']}"] + gradient_notes(row, model) + loss_note(row, cfg, model) + lines, pairs
+
+
+def gradient_flow(model: nn.Module, ds: Dataset, index: list[int], vocab: Vocabulary, cfg: Config, device) -> dict:
+    """--mode diagnose: each module group's mean gradient norm over the split's batches (no step is taken)."""
+    train_mode(model)
+    one_step, unscaled = dataclasses.replace(cfg, accum_steps=1), torch.amp.GradScaler(device.type, enabled=False)
+    augment, norms = Augment(cfg, train=False), []
+    for batch in eval_batches(ds, index, cfg):
+        model.zero_grad(set_to_none=True)
+        x, lengths, targets = training_batch(ds, [index[i] for i in batch], augment, device)
+        backward_pass(Objective(model, vocab, cfg), x, lengths, targets, one_step, device, unscaled)
+        norms.append(group_grad_norms(model))
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    return {f"grad_{g}": v for g, v in zip(module_groups(model), torch.stack(norms).mean(0).tolist())}
+
+
+# Dataset statistics -----------------------------------------------------------------------------------------
+
+def pixel_mean_std(bank: ClipBank) -> tuple[float, float]:
+    """Exact, from the 256-bin histogram of all frames (/255)."""
+    hist = torch.bincount(bank.frames.flatten(), minlength=256).double().cpu()
+    levels = torch.arange(256, dtype=torch.float64) / 255
+    n = hist.sum().clamp(min=1)
+    mean = (hist * levels).sum() / n
+    return mean.item(), ((hist * (levels - mean) ** 2).sum() / n).sqrt().item()
+
+
+def dataset_stats(ds: Dataset, vocab: Vocabulary) -> dict:
+    frames = np.array([s.frames for s in ds.samples])
+    units = [[i for i in s.ids if i != vocab.space] for s in ds.samples]
+    label_lengths = np.array([len(u) for u in units])
+    freq = Counter(vocab.itos[i] for u in units for i in u)
+    mean, std = pixel_mean_std(ds.bank)
+    describe = lambda a: {"min": int(a.min()), "max": int(a.max()), "mean": round(float(a.mean()), 2),
+                          "histogram": {int(k): int(n) for k, n in sorted(Counter(a.tolist()).items())}}
+    return {
+        "clips": len(ds.samples), "splits": {k: len(v) for k, v in ds.splits.items()},
+        "frames": describe(frames), "label_units": describe(label_lengths),
+        "distinct_units": len(freq), "vocabulary_units": len(vocab.ids),
+        "pixel_mean": round(mean, 4), "pixel_std": round(std, 4),
+        "unit_frequency": dict(freq.most_common()),
+    }
+
+
+def plot_stats(stats: dict, path: Path) -> None:
+    from matplotlib.figure import Figure  # not pyplot: no global state, no display needed
+    fig = Figure(figsize=(15, 4))
+    axes = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1, 1, 2.5]})
+    for ax, key, title in ((axes[0], "frames", "frames a clip"), (axes[1], "label_units", "units a label")):
+        hist = stats[key]["histogram"]
+        ax.bar(list(hist), list(hist.values()))
+        ax.set_title(f"{title} (mean {stats[key]['mean']})")
+        ax.set_ylabel("clips")
+    top = list(stats["unit_frequency"].values())[:60]
+    axes[2].bar(range(1, len(top) + 1), top)
+    axes[2].set_title(f"unit frequency by rank, top {len(top)} of {stats['distinct_units']} (names in stats.json)")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    """The learning curves side by side: loss and CER, training (the fixed probe, no augmentation) against
+    validation; gradient norm per module group; learning rate. The title is the last epoch's verdict."""
+    from matplotlib.figure import Figure
+    epochs = [r["epoch"] for r in history]
+    fig = Figure(figsize=(20, 4.6))
+    axes = fig.subplots(1, 4)
+
+    def line(ax, key, label=None, style="-"):
+        values = [np.nan if r.get(key) in (None, "") else float(r[key]) for r in history]
+        if not np.isnan(values).all():  # a series the run does not have (no probe, no decoder) stays out
+            ax.plot(epochs, values, style, marker=".", label=label)
+
+    for key, label, style in (("train_loss", "training batches", ":"), ("train_eval_loss", "train probe", "--"),
+                              ("val_loss", "val", "-")):
+        line(axes[0], key, label, style)
+    for key, label, style in (("train_cer_ctc", "train probe, greedy CTC", "--"),
+                              ("train_cer_att", "train probe, attention", "--"), ("val_cer_ctc", "val, greedy CTC", "-"),
+                              ("val_cer_att", "val, attention", "-"), ("val_wer", "val WER", ":")):
+        line(axes[1], key, label, style)
+    axes[1].set_ylim(0, min(axes[1].get_ylim()[1], 1.5))  # past 1 an error rate only says "worse than nothing"
+    for key in [k for k in history[-1] if k.startswith("grad_")]:
+        line(axes[2], key, key.removeprefix("grad_"))
+    axes[2].set_yscale("log")
+    line(axes[3], "lr")
+    for ax, title in zip(axes, ("loss", "error rate", "gradient norm by part", "learning rate (end of epoch)")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        if ax.get_legend_handles_labels()[0] and ax is not axes[3]:
+            ax.legend(fontsize=8)
+    if history[-1].get("verdict"):
+        fig.suptitle(f"epoch {epochs[-1]}: {history[-1]['verdict'][:160]}", fontsize=10)
+    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.12, top=0.86, wspace=0.22)  # tight_layout costs 0.4 s
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
+
+
+def print_stats(stats: dict) -> None:
+    f, u = stats["frames"], stats["label_units"]
+    print(f"clips {stats['clips']}  (train/val/test {'/'.join(str(n) for n in stats['splits'].values())})")
+    print(f"frames a clip: min {f['min']}  max {f['max']}  mean {f['mean']}")
+    print(f"units a label: min {u['min']}  max {u['max']}  mean {u['mean']}")
+    print(f"pixel mean {stats['pixel_mean']}  std {stats['pixel_std']}  (/255)")
+    print(f"{stats['distinct_units']} distinct units of {stats['vocabulary_units']} in the vocabulary; "
+          "most frequent:")
+    for unit, n in list(stats["unit_frequency"].items())[:20]:
+        print(f"  {unit}\t{n}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 10. Preprocessing: raw face videos -> the 112 x 112 gray 25 fps mouth clips the model reads, cut the way the
+#     user's own crops were: dlib's 68 landmarks on every frame, the crop centred on the mouth (points 48-67),
+#     sized and turned by the eyes.
+# ---------------------------------------------------------------------------------------------------------
+
+LANDMARK_FILE = "shape_predictor_68_face_landmarks.dat"
+MOUTH = slice(48, 68)
+OUTER_EYE_CORNERS = (36, 45)
+RAW_VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".mpg", ".mpeg", ".m4v"}
+SAME_FACE_OVERLAP = 0.3  # a detection overlapping the followed face this much (IoU) is the same face
+SAME_LOOK = 0.5  # below this correlation with the previous frame's face, the followed face is lost
+
+
+def import_dlib():
+    try:
+        import dlib
+    except ImportError as e:
+        raise UserError("Preprocessing needs dlib: `pip install dlib-bin` (prebuilt wheels; `pip install dlib` "
+                        "compiles for many minutes). Kaggle's image has it.") from e
+    return dlib
+
+
+def landmark_model_places() -> list[Path]:
+    """Where the landmark model usually lives: the working folder, beside this script, and inside the
+    face_recognition_models package, looked up on sys.path rather than imported (its import fails on recent
+    setuptools)."""
+    here = globals().get("__file__")
+    folders = [Path.cwd()] + ([Path(here).resolve().parent] if here else [])
+    folders += [Path(p) / "face_recognition_models" / "models" for p in sys.path if p]
+    return [folder / LANDMARK_FILE for folder in dict.fromkeys(folders)]
+
+
+def find_landmark_model(cfg: Config) -> Path:
+    """--landmark-model, else the usual places, else any copy under /kaggle/input; a clear error otherwise."""
+    if cfg.landmark_model:
+        if not Path(cfg.landmark_model).is_file():
+            raise UserError(f"--landmark-model {cfg.landmark_model}: no such file.")
+        return Path(cfg.landmark_model)
+    places = landmark_model_places()
+    found = next((p for p in places if p.is_file()), None)
+    if found is None and KAGGLE_INPUT.is_dir():
+        found = next(iter(sorted(KAGGLE_INPUT.rglob(LANDMARK_FILE))), None)
+        places.append(KAGGLE_INPUT / "**" / LANDMARK_FILE)
+    if found is None:
+        looked = "\n  ".join(map(str, places))
+        raise UserError(
+            f"dlib's 68-point landmark model ({LANDMARK_FILE}) was not found. Looked in:\n  {looked}\n"
+            f"Get it with `pip install face_recognition_models` (the package ships the file), or download "
+            f"http://dlib.net/files/{LANDMARK_FILE}.bz2, unpack it (bunzip2) and pass --landmark-model PATH. "
+            f"On Kaggle, attach a dataset that holds the file.")
+    return found
+
+
+def box_of(points: np.ndarray) -> np.ndarray:
+    """left, top, right, bottom of a set of points."""
+    return np.concatenate([points.min(0), points.max(0)])
+
+
+def overlap(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two boxes."""
+    inter = np.clip(np.minimum(a[2:], b[2:]) - np.maximum(a[:2], b[:2]), 0, None).prod()
+    union = (a[2:] - a[:2]).prod() + (b[2:] - b[:2]).prod() - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+def face_box(points: np.ndarray) -> np.ndarray:
+    """The box dlib's detector would draw around a face, placed from its inner landmarks (brows, eyes, nose,
+    mouth: 1.32 x their width, centred 0.04 of it below theirs, as measured on LRC-AR's full-size detections).
+    The jaw line is left out: it follows the box it was fitted in, and a box drawn around it grows frame by frame."""
+    inner = box_of(points[17:])
+    width = inner[2] - inner[0]
+    centre = (inner[:2] + inner[2:]) / 2 + np.array([0.01, 0.037]) * width
+    return np.concatenate([centre - 0.66 * width, centre + 0.66 * width])
+
+
+def face_look(gray: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """The face inside box as a small standardised patch: what the next frame's face is compared with."""
+    import cv2
+    h, w = gray.shape
+    l, t, r, b = np.round(box).astype(int)
+    patch = gray[max(t, 0):min(b, h), max(l, 0):min(r, w)]
+    if patch.size < 16:
+        return np.zeros((24, 24), np.float32)
+    patch = cv2.resize(patch, (24, 24), interpolation=cv2.INTER_AREA).astype(np.float32)
+    return (patch - patch.mean()) / (patch.std() + 1e-3)
+
+
+@dataclass
+class FaceTrack:
+    points: np.ndarray  # T x 68 x 2 landmarks, NaN on frames without the face
+    detections: int  # times the detector ran
+    most_faces: int  # the most faces one detection saw
+
+
+class FaceFollower:
+    """dlib's 68 landmarks on every frame. The detector runs on a shrunk frame every `detect_every` frames (on
+    the full frame when the shrunk one shows no face); in between, the face's box is carried over from the last
+    landmarks, and when the face stops looking like itself (a cut, the face gone) the detector runs at once. Of
+    several faces the largest is taken, and then the same one is followed."""
+
+    def __init__(self, model_path: Path, cfg: Config):
+        dlib = import_dlib()
+        self.rectangle = dlib.rectangle
+        self.detector = dlib.get_frontal_face_detector()
+        self.predictor = dlib.shape_predictor(str(model_path))
+        self.every, self.scale = cfg.detect_every, cfg.detect_scale
+
+    def faces(self, gray: np.ndarray) -> list[np.ndarray]:
+        import cv2
+        found, scale = [], 1.0
+        if self.scale < 1:
+            small = cv2.resize(gray, None, fx=self.scale, fy=self.scale, interpolation=cv2.INTER_AREA)
+            found, scale = self.detector(small, 0), self.scale
+        if not found:
+            found, scale = self.detector(gray, 0), 1.0
+        return [np.array([f.left(), f.top(), f.right(), f.bottom()], float) / scale for f in found]
+
+    def landmarks(self, gray: np.ndarray, box: np.ndarray) -> np.ndarray:
+        shape = self.predictor(gray, self.rectangle(*(int(round(v)) for v in box)))
+        return np.array([(p.x, p.y) for p in shape.parts()], np.float32)
+
+    def track(self, frames: np.ndarray) -> FaceTrack:
+        points = np.full((len(frames), 68, 2), np.nan, np.float32)
+        detections, most_faces = 0, 0
+        box = followed = look = None  # detector-style box to use now; the face's last box; its look
+        for t, gray in enumerate(frames):
+            p = None
+            if box is not None and t % self.every:
+                p = self.landmarks(gray, box)
+                if (face_look(gray, box_of(p)) * look).mean() < SAME_LOOK:
+                    p = None
+            if p is None:
+                faces = self.faces(gray)
+                detections, most_faces = detections + 1, max(most_faces, len(faces))
+                if followed is not None:
+                    faces = [f for f in faces if overlap(f, followed) > SAME_FACE_OVERLAP]
+                if not faces:
+                    box = None
+                    continue
+                largest = max(faces, key=lambda f: (f[2:] - f[:2]).prod())
+                # a box found on a shrunk frame is coarse: fit once, then again in the box that fit implies
+                p = self.landmarks(gray, face_box(self.landmarks(gray, largest)))
+            points[t] = p
+            box = followed = face_box(p)
+            look = face_look(gray, box_of(p))
+        return FaceTrack(points, detections, most_faces)
+
+
+def fill_gaps(points: np.ndarray) -> np.ndarray:
+    """Frames without a face get landmarks interpolated from their neighbours (the nearest at either end)."""
+    have = ~np.isnan(points[:, 0, 0])
+    t = np.arange(len(points))
+    flat = points.reshape(len(points), -1)
+    filled = np.stack([np.interp(t, t[have], flat[have, k]) for k in range(flat.shape[1])], 1)
+    return filled.reshape(points.shape).astype(np.float32)
+
+
+def smooth_over_time(points: np.ndarray, frames: int) -> np.ndarray:
+    """Each frame's landmarks averaged with up to frames // 2 neighbours either side (fewer near the ends, so
+    the window stays centred)."""
+    half = frames // 2
+    sums = np.concatenate([np.zeros_like(points[:1]), np.cumsum(points, 0)])
+    out = np.empty_like(points)
+    for t in range(len(points)):
+        k = min(half, t, len(points) - 1 - t)
+        out[t] = (sums[t + k + 1] - sums[t - k]) / (2 * k + 1)
+    return out
+
+
+def mouth_crops(points: np.ndarray, scale: float) -> np.ndarray:
+    """T x 4: crop centre x, y (mean of the mouth points), side (scale x the outer eye corners' distance) and
+    angle in degrees (the eye line's tilt, turned level)."""
+    centre = points[:, MOUTH].mean(1)
+    eyes = points[:, OUTER_EYE_CORNERS[1]] - points[:, OUTER_EYE_CORNERS[0]]
+    side = scale * np.linalg.norm(eyes, axis=1)
+    angle = np.degrees(np.arctan2(eyes[:, 1], eyes[:, 0]))
+    return np.column_stack([centre, side, angle]).astype(np.float32)
+
+
+def cut_mouth(gray: np.ndarray, crop: np.ndarray, size: int) -> np.ndarray:
+    import cv2
+    cx, cy, side, angle = (float(v) for v in crop)
+    if side > 2 * size:  # shrink first: warpAffine's bilinear sampling would alias
+        f = 2 * size / side
+        gray, cx, cy, side = cv2.resize(gray, None, fx=f, fy=f, interpolation=cv2.INTER_AREA), cx * f, cy * f, side * f
+    m = cv2.getRotationMatrix2D((cx, cy), angle, size / side)
+    m[:, 2] += (size / 2 - cx, size / 2 - cy)
+    return cv2.warpAffine(gray, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+def at_clip_rate(frames: np.ndarray, fps: float) -> np.ndarray:
+    """The frames a 25 fps camera would have taken (nearest frame in time)."""
+    if abs(fps - CLIP_FPS) < 0.01:
+        return frames
+    n = max(1, int(round(len(frames) * CLIP_FPS / fps)))
+    return frames[np.minimum((np.arange(n) * fps / CLIP_FPS).round().astype(int), len(frames) - 1)]
+
+
+def write_clip(path: Path, frames: np.ndarray) -> None:
+    """An mp4 of gray frames stored as 3 channels, as the user's crops are."""
+    import cv2
+
+    def write(tmp):
+        h, w = frames.shape[1:]
+        writer = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), CLIP_FPS, (w, h), True)
+        if not writer.isOpened():
+            raise OSError(f"OpenCV cannot write mp4 files here ({tmp})")
+        for frame in frames:
+            writer.write(cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR))
+        writer.release()
+    atomic_write(path, write)
+
+
+def frame_ranges(frames: np.ndarray) -> str:
+    """[3, 4, 5, 9] -> '3-5, 9'."""
+    runs, start = [], None
+    for i, f in enumerate(frames):
+        if start is None:
+            start = f
+        if i + 1 == len(frames) or frames[i + 1] != f + 1:
+            runs.append(f"{start}-{f}" if f > start else f"{f}")
+            start = None
+    return ", ".join(runs)
+
+
+FOLLOWERS: dict = {}  # one FaceFollower per worker process, built on its first video
+
+
+def follower_for(cfg: Config) -> FaceFollower:
+    key = (cfg.landmark_model, cfg.detect_every, cfg.detect_scale)
+    if key not in FOLLOWERS:
+        FOLLOWERS[key] = FaceFollower(Path(cfg.landmark_model), cfg)
+    return FOLLOWERS[key]
+
+
+def report_row(path: Path, status: str = "failed", note: str = "", **counts) -> dict:
+    return {"video": str(path), "status": status, "frames": "", "faces": "", "detections": "", "filled": "",
+            "output": "", "note": note, **counts}
+
+
+def preprocess_video(path: Path, out_dir: Path, cfg: Config) -> dict:
+    """Cut one video's mouth clip; the report row says what happened, in words where something went wrong."""
+    import cv2
+    cv2.setNumThreads(1)  # the parallelism is one video per process
+    try:
+        frames, fps = read_frames(path)
+    except ValueError as e:
+        return report_row(path, note=f"{e}. Re-encode it (ffmpeg -i IN -c:v libx264 OUT.mp4) or remove it.")
+    frames = at_clip_rate(frames, fps)
+    track = follower_for(cfg).track(frames)
+    missing = np.flatnonzero(np.isnan(track.points[:, 0, 0]))
+    counts = dict(frames=len(frames), faces=track.most_faces, detections=track.detections, filled=len(missing))
+    if len(missing) == len(frames):
+        return report_row(path, note=f"no face found on any of its {len(frames)} frames: the detector needs a "
+                                     f"frontal face about 40 pixels wide or more.", **counts)
+    points = smooth_over_time(fill_gaps(track.points), cfg.smooth_frames)
+    crops = mouth_crops(points, cfg.mouth_scale)
+    mouths = np.stack([cut_mouth(f, c, cfg.frame_size) for f, c in zip(frames, crops)])
+    out = out_dir / f"{path.stem}.mp4"
+    write_clip(out, mouths)
+    if cfg.save_landmarks:
+        arrays = {"landmarks": points, "found": ~np.isnan(track.points[:, 0, 0]), "crops": crops}
+        atomic_write(out.with_suffix(".npz"), lambda tmp: np.savez(tmp, **arrays))
+    notes = [f"resampled from {fps:g} fps"] if abs(fps - CLIP_FPS) >= 0.01 else []
+    if len(missing):
+        notes.append(f"face lost on frame(s) {frame_ranges(missing)} of {len(frames)}: landmarks interpolated")
+    if track.most_faces > 1:
+        notes.append(f"{track.most_faces} faces seen: followed the largest")
+    if len(frames) == 1:
+        notes.append("a single frame: written, but too short to lip-read (training skips clips this short)")
+    return report_row(path, "done", "; ".join(notes), output=str(out), **counts)
+
+
+def preprocess_one(args) -> dict:
+    path, out_dir, cfg = args
+    try:
+        return preprocess_video(path, out_dir, cfg)
+    except Exception as e:  # one bad video must not end a run over thousands
+        return report_row(path, note=f"{type(e).__name__}: {e}")
+
+
+def raw_videos(source: Path) -> list[Path]:
+    """--input's videos (one file, or a folder searched recursively); two of one name cannot share an output."""
+    if source.is_file():
+        return [source]
+    found = files_by_stem(source, RAW_VIDEO_EXTS, set())
+    refuse_ambiguous(found, "video", "--input")
+    return [paths[0] for _, paths in sorted(found.items())]
+
+
+def preprocess_videos(cfg: Config, out_dir: Path) -> list[dict]:
+    """Every video of --input cut into out_dir, in parallel processes; videos already done are kept."""
+    source = Path(cfg.input)
+    if not cfg.input or not source.exists():
+        raise UserError(f"--mode preprocess needs --input, a face video or a folder of them ({cfg.input!r} not found).")
+    videos = raw_videos(source)
+    if not videos:
+        raise UserError(f"No videos ({', '.join(sorted(RAW_VIDEO_EXTS))}) under {source}.")
+    cfg = dataclasses.replace(cfg, landmark_model=str(find_landmark_model(cfg)))
+    import_dlib()
+    done = [v for v in videos if (out_dir / f"{v.stem}.mp4").exists()
+            and (not cfg.save_landmarks or (out_dir / f"{v.stem}.npz").exists())]
+    todo = [v for v in videos if v not in done]
+    kept = [report_row(v, "kept", "done by an earlier run", output=str(out_dir / f"{v.stem}.mp4")) for v in done]
+    workers = min(cfg.workers or os.cpu_count() or 1, max(len(todo), 1))
+    jobs = [(v, out_dir, cfg) for v in todo]
+    if workers == 1:
+        rows = [preprocess_one(job) for job in progress(jobs, "preprocess")]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            rows = list(progress(pool.map(preprocess_one, jobs, chunksize=4), "preprocess"))
+    rows = sorted(kept + rows, key=lambda r: r["video"])
+    write_csv(out_dir / "preprocess_report.csv", rows)
+    for r in rows:
+        if r["status"] == "failed" or (r["status"] == "done" and r["note"]):
+            print(f"{r['video']}: {r['status']}{': ' + r['note'] if r['note'] else ''}", file=sys.stderr)
+    counts = Counter(r["status"] for r in rows)
+    print(f"Preprocessed {counts['done']} video(s) into {out_dir} ({counts['kept']} kept from an earlier run, "
+          f"{counts['failed']} failed); each one is listed in {out_dir / 'preprocess_report.csv'}")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 11. Kaggle: what a Kaggle session changes. Attached datasets and earlier outputs are under /kaggle/input
+#     (read-only), outputs go to /kaggle/working, a session ends after 12 h; so the defaults search the input
+#     for clips and labels, write to the working folder, stop in time, continue the newest attached run, and a
+#     kernel that sees several GPUs starts itself under torchrun.
+# ---------------------------------------------------------------------------------------------------------
+
+KAGGLE_INPUT = Path("/kaggle/input")  # attached datasets, earlier outputs, the landmark model
+KAGGLE_WORKING = Path("/kaggle/working")  # kept as the session's output (20 GB)
+KAGGLE_SCRATCH = Path("/tmp/master_all_avsr_cache")  # the clip cache: rebuilt in a minute, not worth output space
+KAGGLE_BUDGET = 11 * 60.0  # minutes of training; the rest of the 12 h reads the data, tests and saves the output
+SETTINGS_FILE = "master_all_avsr.json"  # a pushed kernel's --config, found in any attached dataset
+DATA_MODES = ("train", "test", "diagnose", "sanity", "stats", "vocab")
+CHECKPOINT_MODES = ("test", "diagnose", "decode")
+
+
+def on_kaggle() -> bool:
+    return "KAGGLE_KERNEL_RUN_TYPE" in os.environ  # set in every Kaggle session, interactive or batch
+
+
+def kaggle_files(pattern: str) -> list[Path]:
+    return sorted(KAGGLE_INPUT.rglob(pattern)) if KAGGLE_INPUT.is_dir() else []
+
+
+def kaggle_settings_file() -> str:
+    found = kaggle_files(SETTINGS_FILE)
+    if found:
+        print(f"Kaggle: settings from {found[0]}")
+    return str(found[0]) if found else ""
+
+
+def earlier_runs() -> list[Path]:
+    """Run folders (holding checkpoints/last.pt) in the earlier outputs attached to this session, newest first:
+    by the epochs they trained, then by time."""
+    runs = [last.parent.parent for last in kaggle_files("last.pt") if last.parent.name == "checkpoints"]
+    def progress_of(run: Path):
+        try:
+            epoch = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=False, mmap=True)["epoch"]
+        except Exception:  # unreadable: tried last; resuming from it gives the clear error
+            epoch = -1
+        return epoch, (run / "checkpoints" / "last.pt").stat().st_mtime
+    return sorted(runs, key=progress_of, reverse=True)
+
+
+def label_has_marks(path: Path) -> bool:
+    try:
+        return any(unicodedata.category(ch) == "Mn" for ch in read_label(path))
+    except (ValueError, UnicodeDecodeError, csv.Error):
+        return False
+
+
+def clip_size_fits(path: Path, size: int) -> bool:
+    try:
+        return read_video(path).shape[1:] == (size, size)
+    except ValueError:
+        return False
+
+
+def find_kaggle_data(cfg: Config) -> dict:
+    """videos_dir and labels_dir under /kaggle/input: the folder of CSV labels and the folder of clips that
+    share the most file stems, preferring labels with diacritics (for --units diacritized) and clips of
+    --frame-size (mouth crops, not the raw face videos that ship beside them). Earlier outputs are skipped."""
+    clips, labels = {}, {}
+    for folder, subdirs, files in os.walk(KAGGLE_INPUT):
+        if "checkpoints" in subdirs:  # an earlier output: its CSVs are reports, its .npy files a cache
+            subdirs.clear()
+            continue
+        for name in files:
+            stem, ext = os.path.splitext(name)
+            kind = labels if ext.lower() in LABEL_EXTS else clips if ext.lower() in VIDEO_EXTS else None
+            if kind is not None:
+                kind.setdefault(Path(folder), {})[stem] = Path(folder) / name
+    pairs = []
+    for label_dir, label_files in labels.items():
+        for clip_dir, clip_files in clips.items():
+            shared = sorted(set(label_files) & set(clip_files))
+            if shared:
+                pairs.append((len(shared), label_dir, clip_dir, label_files[shared[0]], clip_files[shared[0]]))
+    if not pairs:
+        raise UserError(f"No clips with CSV labels of the same names were found under {KAGGLE_INPUT}. Attach your "
+                        "dataset to the notebook (Add Input, or dataset_sources in kernel-metadata.json; README: "
+                        "Kaggle), or pass --data-dir, or --data synthetic for the built-in clips.")
+    marks = cfg.units == "diacritized"
+    best = max(pairs, key=lambda p: (clip_size_fits(p[4], cfg.frame_size), label_has_marks(p[3]) == marks, p[0]))
+    print(f"Kaggle: {best[0]} clips in {best[2]}, labels in {best[1]} (searched {KAGGLE_INPUT})")
+    return {"videos_dir": str(best[2]), "labels_dir": str(best[1])}
+
+
+def kaggle_defaults(given: dict) -> dict:
+    """Settings a Kaggle session changes, for those not given by flags or --config."""
+    cfg = Config(**given)
+    out = {"work_dir": str(KAGGLE_WORKING / "run"), "cache_dir": str(KAGGLE_SCRATCH), "time_budget": KAGGLE_BUDGET}
+    out = {k: v for k, v in out.items() if k not in given}
+    work = Path(given.get("work_dir", out.get("work_dir")))
+    if cfg.mode in DATA_MODES and not given.keys() & {"data", "data_dir", "videos_dir", "labels_dir"}:
+        out |= find_kaggle_data(cfg)
+    if cfg.mode == "train" and "resume" not in given:
+        out["resume"] = (work / "checkpoints" / "last.pt").exists() or bool(earlier_runs())
+    if cfg.mode in CHECKPOINT_MODES and "checkpoint" not in given and not (work / "checkpoints" / "best.pt").exists():
+        runs = earlier_runs()
+        if runs:
+            out["checkpoint"] = str(runs[0] / "checkpoints" / "best.pt")
+    return out
+
+
+def adopt_earlier_run(cfg: Config) -> None:
+    """--resume on Kaggle with nothing in the work dir: copy the newest attached earlier run there (read-only
+    input cannot be written to), file by file and atomically, last.pt last, so a cut copy is simply redone."""
+    work = Path(cfg.work_dir)
+    runs = earlier_runs()
+    if (work / "checkpoints" / "last.pt").exists() or not runs:
+        return
+    files = sorted((f for f in runs[0].rglob("*") if f.is_file() and "cache" not in f.relative_to(runs[0]).parts),
+                   key=lambda f: f.name == "last.pt")
+    for f in files:
+        atomic_write(work / f.relative_to(runs[0]), lambda tmp: shutil.copyfile(f, tmp))
+    print(f"Kaggle: continuing the run in {runs[0]} (copied to {work})")
+
+
+def processes_to_start(cfg: Config) -> int:
+    """Processes --mode train starts under torchrun: --processes, or on Kaggle one per GPU; 1 runs in place."""
+    if cfg.mode != "train" or "WORLD_SIZE" in os.environ:  # already one of torchrun's processes
+        return 1
+    if cfg.processes:
+        return cfg.processes
+    return torch.cuda.device_count() if on_kaggle() and cfg.device != "cpu" and torch.cuda.is_available() else 1
+
+
+def train_under_torchrun(cfg: Config, processes: int) -> dict:
+    """Start `processes` copies of this script under torchrun with the settings resolved here; rank 0 trains,
+    writes and tests as one process would."""
+    script = globals().get("__file__")
+    if script is None:  # a notebook cell has no file torchrun could start
+        print(f"{processes} processes were asked for, but a notebook cell cannot start itself under torchrun: "
+              "training in this one. For all GPUs, save the script and run in a cell: "
+              f"!torchrun --nproc_per_node {processes} master_all_avsr.py --mode train ...")
+        return {}
+    settings = Path(cfg.work_dir) / "torchrun_config.json"
+    write_json(settings, dataclasses.asdict(cfg) | {"processes": 0})
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               str(Path(script).resolve()), "--config", str(settings)]
+    print(f"Starting {processes} training processes: {' '.join(command)}", flush=True)
+    code = subprocess.run(command).returncode
+    if code:
+        raise UserError(f"The {processes} torchrun processes failed (exit code {code}; their messages are above). "
+                        "To train in one process, pass --processes 1.")
+    return {"processes": processes}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 12. CLI: flags from the Config fields, one function per mode, and the entry point.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Arabic lip reading: data, training, decoding and diagnostics in one file.")
+    parser.add_argument("--config", default="", help="JSON file of settings; flags given here win over it")
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"default: {f.default}")
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            parser.add_argument(flag, type=kind, default=None, choices=CHOICES.get(f.name),
+                                help=f"default: {f.default}")
+    return parser
+
+
+def read_config_file(path: str) -> dict:
+    try:
+        settings = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"--config {path}: cannot read it as JSON ({e}).") from e
+    unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(Config)})
+    if unknown:
+        raise UserError(f"--config {path}: unknown setting(s) {', '.join(unknown)}; see --help for the names.")
+    return settings
+
+
+CHOICES = {"mode": ("train", "test", "decode", "diagnose", "sanity", "stats", "vocab", "synth", "preprocess"),
+           "frontend": ("cnn", "noise", "linear"),
+           "data": ("auto", "files", "synthetic"), "units": ("diacritized", "letters"), "unknown_units": ("skip", "map"), "arch": ("conformer", "baseline"),
+           "preset": ("tiny", "small", "base"), "amp": ("auto", "off"), "split": ("train", "val", "test", "all"),
+           "decoder": ("beam", "attention", "ctc")}
+
+
+def validate(cfg: Config) -> Config:
+    """Refuse settings that would only fail later, deep in a run."""
+    problems = [f"--{k.replace('_', '-')} {getattr(cfg, k)!r}: choose one of {', '.join(v)}"
+                for k, v in CHOICES.items() if getattr(cfg, k) not in v]
+    for f in dataclasses.fields(Config):
+        if not isinstance(getattr(cfg, f.name), {"bool": bool, "int": int, "float": (int, float), "str": str}[f.type]):
+            problems.append(f"{f.name} = {getattr(cfg, f.name)!r} should be a {f.type}")
+    if not problems:  # the ranges can only be compared once the types are right
+        checks = [(cfg.accum_steps >= 1 and cfg.processes >= 0, "--accum-steps must be 1 or more, --processes 0 or more"),
+                  (0 <= cfg.ctc_weight <= 1, "--ctc-weight must lie in [0, 1]"),
+                  (0 <= cfg.beam_ctc_weight <= 1, "--beam-ctc-weight must lie in [0, 1]"),
+                  (cfg.beam_size >= 1 and cfg.nbest >= 1, "--beam-size and --nbest must be 1 or more"),
+                  (cfg.nbest <= cfg.beam_size, "--nbest cannot exceed --beam-size"),
+                  (0 <= cfg.min_length_ratio <= 1 and 0 <= cfg.max_length_ratio <= 1,
+                   "--min-length-ratio and --max-length-ratio must lie in [0, 1] (CTC emits at most a unit a frame)"),
+                  (cfg.input_size <= cfg.crop_size <= cfg.frame_size, "sizes must satisfy input <= crop <= frame size"),
+                  (cfg.detect_every >= 1 and cfg.smooth_frames >= 1 and cfg.workers >= 0,
+                   "--detect-every and --smooth-frames must be 1 or more, --workers 0 or more"),
+                  (min(cfg.train_eval_clips, cfg.worst_k) >= 0 and min(cfg.patience, cfg.sanity_clips,
+                                                                         cfg.sanity_epochs) >= 1,
+                   "--train-eval-clips and --worst-k must be 0 or more; --patience, --sanity-clips and "
+                   "--sanity-epochs 1 or more"),
+                  (0 < cfg.detect_scale <= 1 and cfg.mouth_scale > 0,
+                   "--detect-scale must lie in (0, 1] and --mouth-scale be above 0")]
+        problems = [why for ok, why in checks if not ok]
+    if problems:
+        raise UserError("Settings that cannot work:\n  " + "\n  ".join(problems))
+    return cfg
+
+
+def parse_config(argv: list[str]) -> Config:
+    """Flags over --config over (on Kaggle) the session's defaults over Config's."""
+    args = vars(build_parser().parse_args(argv))
+    config_file = args.pop("config") or (kaggle_settings_file() if on_kaggle() else "")
+    settings = read_config_file(config_file) if config_file else {}
+    settings.update({k: v for k, v in args.items() if v is not None})
+    if on_kaggle():
+        validate(Config(**settings))  # a wrong setting is named before the input is searched
+        settings = kaggle_defaults(settings) | settings
+    return validate(Config(**settings))
+
+
+def run_stats(cfg: Config) -> dict:
+    vocab = load_vocabulary(cfg)
+    full_frames = dataclasses.replace(cfg, input_size=cfg.crop_size)  # pixel figures of the clips as they are
+    stats = dataset_stats(load_dataset(full_frames, vocab, torch.device("cpu")), vocab)
+    print_stats(stats)
+    work = Path(cfg.work_dir)
+    write_json(work / "stats.json", stats)
+    plot_stats(stats, work / "stats.png")
+    print(f"Wrote {work / 'stats.json'} and {work / 'stats.png'}")
+    return stats
+
+
+def run_vocab(cfg: Config) -> Vocabulary:
+    """Extend the vocabulary with the units of another dataset's labels; known units keep their ids."""
+    root = Path(cfg.labels_dir or cfg.data_dir or ".")
+    if not (cfg.labels_dir or cfg.data_dir) or not root.is_dir():
+        raise UserError("--mode vocab needs --data-dir (or --labels-dir): the folder whose CSV labels to read.")
+    labels = files_by_stem(root, LABEL_EXTS, own_outputs(cfg))
+    refuse_ambiguous(labels, "label", "--labels-dir")
+    counts: Counter = Counter()
+    for paths in labels.values():
+        try:
+            counts.update(u for word in split_units(read_label(paths[0])) for u in word)
+        except (ValueError, UnicodeDecodeError, csv.Error) as e:
+            print(f"Skipped {paths[0]}: {e}")
+    known = load_vocabulary(dataclasses.replace(cfg, units="diacritized"))
+    vocab = known.with_units(u for u, _ in counts.most_common())
+    added = [u for u in vocab.ids if u not in known.ids]
+    path = Path(cfg.work_dir) / "vocab.json"
+    vocab.save(path)
+    print(f"{len(labels)} labels, {len(counts)} distinct units: {len(counts) - len(added)} already known, "
+          f"{len(added)} new ({' '.join(added[:30])}{' ...' if len(added) > 30 else ''}).")
+    print(f"Wrote {path} ({len(vocab.ids)} units); use it with --vocab {path}")
+    return vocab
+
+
+def run_synth(cfg: Config) -> Path:
+    return write_synthetic_dataset(cfg, load_vocabulary(cfg))
+
+
+def run_train(cfg: Config) -> dict:
+    """Train, then score the best checkpoint on the test split (under torchrun: rank 0, once the others are done)."""
+    if on_kaggle() and cfg.resume:
+        adopt_earlier_run(cfg)
+    processes = processes_to_start(cfg)
+    if processes > 1:
+        started = train_under_torchrun(cfg, processes)
+        if started:
+            return started
+    result = train(cfg)
+    rank, world = rank_and_world()
+    if world > 1:
+        dist.destroy_process_group()
+    if rank > 0:
+        return result
+    best = Path(cfg.work_dir) / "checkpoints" / "best.pt"
+    if result["dataset"].subset("test") and best.exists():
+        result["test"] = run_test(dataclasses.replace(cfg, checkpoint=str(best), split="test"), result["dataset"])
+    return result
+
+
+def checkpoint_path(cfg: Config) -> Path:
+    return Path(cfg.checkpoint) if cfg.checkpoint else Path(cfg.work_dir) / "checkpoints" / "best.pt"
+
+
+def decoding_settings(model: nn.Module, cfg: Config) -> dict:
+    if cfg.decoder != "beam":
+        return {"decoder": cfg.decoder if model.decoder is not None else "ctc", "search": "greedy"}
+    return {"decoder": "beam", "beam_size": cfg.beam_size, "ctc_weight": search_ctc_weight(model, cfg),
+            "max_length_ratio": cfg.max_length_ratio, "min_length_ratio": cfg.min_length_ratio,
+            "length_bonus": cfg.length_bonus, "nbest": cfg.nbest}
+
+
+def split_index(ds: Dataset, split: str) -> list[int]:
+    index = list(range(len(ds.samples))) if split == "all" else ds.subset(split)
+    if not index:
+        raise UserError(f"The {split} split has no clips; choose another with --split (train, val, test, all).")
+    return index
+
+
+def run_test(cfg: Config, ds: Dataset | None = None) -> dict:
+    """Score a checkpoint on a split: predictions.csv (and nbest.csv), test_metrics.json, and
+    `CER=... WER=... n=...` as the last line."""
+    device = pick_device(cfg.device)
+    model, vocab, model_cfg = model_from_checkpoint(checkpoint_path(cfg), cfg, device)
+    ds = ds or load_dataset(model_cfg, vocab, device)
+    index = split_index(ds, cfg.split)
+    decoding = decoding_settings(model, model_cfg)
+    t0 = time.perf_counter()
+    result = evaluate(model, ds, index, vocab, model_cfg, device, tuple(dict.fromkeys(("ctc", decoding["decoder"]))))
+    seconds = time.perf_counter() - t0
+    order, refs, nbest = result["rows"]["order"], result["rows"]["refs"], result["rows"][decoding["decoder"]]
+    work = Path(cfg.work_dir)
+
+    def write_predictions(tmp):
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["id", "reference", "hypothesis", "cer", "score"])
+            for i, ref, hyps in zip(order, refs, nbest):
+                writer.writerow([ds.samples[i].stem, vocab.decode(ref), vocab.decode(hyps[0][0]),
+                                 round(error_rates([ref], [hyps[0][0]], vocab)["cer"], 4), round(hyps[0][1], 4)])
+
+    def write_nbest(tmp):
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["id", "rank", "hypothesis", "cer", "score"])
+            for i, ref, hyps in zip(order, refs, nbest):
+                writer.writerows([ds.samples[i].stem, rank, vocab.decode(hyp),
+                                  round(error_rates([ref], [hyp], vocab)["cer"], 4), round(score, 4)]
+                                 for rank, (hyp, score) in enumerate(hyps, 1))
+    atomic_write(work / "predictions.csv", write_predictions)
+    if model_cfg.nbest > 1 and decoding["decoder"] == "beam":
+        atomic_write(work / "nbest.csv", write_nbest)
+    scores = result[decoding["decoder"]]
+    metrics = {**{k: scores[k] for k in ("cer", "wer", "cer_mean_per_clip", "n")}, "split": cfg.split,
+               "checkpoint": str(checkpoint_path(cfg)), "decoding": decoding,
+               "cer_greedy_ctc": result["ctc"]["cer"], "seconds": round(seconds, 2)}
+    write_json(work / "test_metrics.json", metrics)
+    print(f"CER={metrics['cer']:.4f} WER={fmt(metrics['wer'], '.4f')} n={metrics['n']}")
+    return metrics
+
+
+def run_diagnose(cfg: Config) -> dict:
+    """Seed 001's checklist on a trained checkpoint over --split: its settings, losses, CER by greedy CTC,
+    greedy attention and the --decoder search, the worst clips, unit confusions, gradient flow, and its run's
+    learning curves with their verdict. Everything goes to <work-dir>/diagnose_<split>/."""
+    device = pick_device(cfg.device)
+    path = checkpoint_path(cfg)
+    state = load_checkpoint(path)
+    model, vocab, model_cfg = model_from_checkpoint(path, cfg, device, state)
+    trained = dataclasses.replace(saved_config(state), **{k: getattr(model_cfg, k) for k in ("device", "split")})
+    ds = load_dataset(model_cfg, vocab, device)
+    index, folder = split_index(ds, cfg.split), Path(cfg.work_dir) / f"diagnose_{cfg.split}"
+    print(f"Diagnosing {path} (epoch {state['epoch']}) on {len(index)} {cfg.split} clips; the settings it was "
+          "trained with:")
+    report_setup(model, ds, trained, folder / "setup.txt")
+    decoding = decoding_settings(model, model_cfg)["decoder"]
+    result = evaluate(model, ds, index, vocab, model_cfg, device, tuple(dict.fromkeys(("ctc", "attention", decoding))))
+    cers = {d: result[d]["cer"] for d in ("ctc", "attention", "beam") if d in result}
+    lines = ["CER " + ", ".join(f"{d} {v:.3f}" for d, v in cers.items()) + f" (WER {fmt(result[decoding]['wer'])}, "
+             f"mean per clip {result[decoding]['cer_mean_per_clip']:.3f})"]
+    if cers["ctc"] >= HIGH_CER and min(cers.values()) >= HIGH_CER:
+        lines.append("greedy CTC is as poor as the decoder: the problem lies upstream of the decoder, in the "
+                     "frontend's features or the encoder (seed 001, check 4)")
+    losses = {"train_ctc": result["loss_ctc"], "train_att": result["loss_att"]}
+    losses["ctc_share"] = ctc_share(losses["train_ctc"], losses["train_att"], trained)
+    lines += loss_note(losses, trained, model)
+    clips = scored_clips(result, ds, vocab, decoding)
+    write_csv(folder / "clips_by_cer.csv", clips)
+    lines += worst_lines(clips[:cfg.worst_k])
+    pairs = unit_pairs(result["rows"]["refs"], best_hypotheses(result, decoding), vocab)
+    write_confusions(pairs, folder, f"{path}, {cfg.split} split, {decoding} decoding")
+    plot_confusions(pairs, folder / "confusions.png")
+    lines.append(confusion_headline(confusion_summary(pairs)) + f"; {folder / 'confusions.txt'}")
+    grads = gradient_flow(model, ds, index, vocab, trained, device)
+    lines += gradient_notes(grads, model)
+    history = state["history"]
+    if history:
+        history[-1].setdefault("verdict", fit_verdict(history, trained))
+        lines.append(f"verdict of its last epoch ({history[-1]['epoch']}): {history[-1]['verdict']}")
+        plot_curves(history, folder / "curves.png")
+    for line in lines:
+        print(line)
+    report = {"checkpoint": str(path), "epoch": state["epoch"], "split": cfg.split, "clips": len(index),
+              "cer": cers, "loss": result["loss"], **losses, **grads, **confusion_summary(pairs),
+              "verdict": history[-1]["verdict"] if history else None}
+    write_json(folder / "report.json", report)
+    print(f"Wrote {folder}: report.json, setup.txt, clips_by_cer.csv, confusions.txt/.csv/.png, curves.png")
+    return report
+
+
+def run_sanity(cfg: Config) -> dict:
+    """Seed 001's quick sanity model: train on --sanity-clips training clips, without augmentation, until every
+    decoder recognises them (CER about 0) or --sanity-epochs pass. A model that cannot memorise 10 clips has a
+    bug or a setting that stops learning. With --frontend noise it shows what the rest learns without sight."""
+    device = pick_device(cfg.device)
+    vocab = load_vocabulary(cfg)
+    work = Path(cfg.work_dir) / "sanity"
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)  # a sanity run is a scratch run: always afresh
+    ds = load_dataset(cfg, vocab, device)
+    train_index = ds.subset("train")
+    if not train_index:
+        raise UserError("The training split is empty: --mode sanity needs training clips.")
+    clips = sorted(random.Random(cfg.seed).sample(train_index, min(cfg.sanity_clips, len(train_index))))
+    few = Dataset(ds.samples, ds.bank, {"train": clips, "val": clips})
+    plain = dataclasses.replace(cfg, work_dir=str(work), epochs=cfg.sanity_epochs, random_crop=False, hflip_prob=0.0,
+                                time_mask=False, time_warp=False, diagnostics=False, resume=False)
+    decoders = lambda row: {d: row[f"val_cer_{k}"] for d, k in (("greedy CTC", "ctc"), ("attention", "att"))
+                            if row[f"val_cer_{k}"] is not None}
+    began = time.time()
+    history = train(plain, few, lambda row: max(decoders(row).values()) <= SANITY_CER)["history"]
+    seconds, steps_each = time.time() - began, steps_per_epoch(few, plain)
+    learnt = {d: next((r["epoch"] for r in history if decoders(r)[d] <= SANITY_CER), None) for d in decoders(history[-1])}
+    best = {d: min(decoders(r)[d] for r in history) for d in learnt}
+    what = f"the {len(clips)} clips" + (f" (--frontend {cfg.frontend})" if cfg.frontend != "cnn" else "")
+    lines = [f"  {d}: " + (f"CER about 0 after {e} epochs ({e * steps_each} optimizer steps)" if e else
+                           f"best CER {best[d]:.3f}, never about 0") for d, e in learnt.items()]
+    passed = all(learnt.values())
+    if passed:
+        verdict = f"sanity passed in {seconds:.0f} s: {what} were learnt; the model, the loss and the optimizer work."
+    elif any(learnt.values()):
+        yes, no = ([d for d, e in learnt.items() if bool(e) == knew] for knew in (True, False))
+        verdict = (f"sanity partly passed: {what} were learnt by {', '.join(yes)}, not by {', '.join(no)} within "
+                   f"{history[-1]['epoch']} epochs: that part learns slowly or not at all; give it more "
+                   "--sanity-epochs, or look at its loss weight (--ctc-weight) and the learning rate.")
+    else:
+        verdict = (f"sanity FAILED: {what} were not learnt in {history[-1]['epoch']} epochs ({seconds:.0f} s). Something "
+                   f"stops learning: check --lr ({cfg.lr:g}), --ctc-weight, --freeze, these clips' labels, and whether "
+                   "--frontend noise learns them (then the frontend is at fault).")
+    print(verdict + "\n" + "\n".join(lines))
+    result = {"passed": passed, "clips": [ds.samples[i].stem for i in clips], "epochs_to_learn": learnt,
+              "best_cer": best, "epochs": history[-1]["epoch"], "optimizer_steps_per_epoch": steps_each,
+              "seconds": round(seconds, 1), "frontend": cfg.frontend, "verdict": verdict}
+    write_json(work / "sanity.json", result)
+    return result
+
+
+def run_preprocess(cfg: Config) -> list[dict]:
+    return preprocess_videos(cfg, Path(cfg.output) if cfg.output else Path(cfg.work_dir) / "mouths")
+
+
+def clips_to_decode(cfg: Config) -> list[Path]:
+    """--input's clips; with --preprocess, the mouth clips cut from --input's face videos into <work-dir>/mouths."""
+    source = Path(cfg.input)
+    if not cfg.input or not source.exists():
+        raise UserError(f"--mode decode needs --input, a clip or a folder of clips ({cfg.input!r} not found).")
+    if cfg.preprocess:
+        rows = preprocess_videos(cfg, Path(cfg.work_dir) / "mouths")
+        return [Path(r["output"]) for r in rows if r["output"]]
+    return [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.suffix.lower() in VIDEO_EXTS)
+
+
+def read_clips_to_decode(paths: list[Path], frame_size: int) -> list[tuple[str, np.ndarray]]:
+    """Every readable clip with the frame size the model wants; the others are named and skipped."""
+    clips = []
+    for path in paths:
+        try:
+            frames = read_video(path)
+        except ValueError as e:
+            print(f"Skipped {path}: {e}", file=sys.stderr)
+            continue
+        if frames.shape[1:] != (frame_size, frame_size):
+            print(f"Skipped {path}: frames are {frames.shape[2]} x {frames.shape[1]}, the model wants "
+                  f"{frame_size} x {frame_size} mouth crops (for face videos, add --preprocess).", file=sys.stderr)
+            continue
+        clips.append((path.stem, frames))
+    return clips
+
+
+def run_decode(cfg: Config) -> list[tuple[str, list[tuple[str, float]]]]:
+    """The hypotheses of every clip of --input (a clip or a folder), printed `name<TAB>text`, or with
+    --nbest N, N lines `name<TAB>rank<TAB>score<TAB>text` a clip."""
+    device = pick_device(cfg.device)
+    model, vocab, model_cfg = model_from_checkpoint(checkpoint_path(cfg), cfg, device)
+    paths = clips_to_decode(cfg)
+    clips = read_clips_to_decode(paths, model_cfg.frame_size)
+    augment, out = Augment(model_cfg, train=False), []
+    for batch in frame_budget_batches([len(f) for _, f in clips], model_cfg.max_frames, random.Random(0)):
+        frames, lengths = ClipBank([clips[i][1] for i in batch], device).batch(list(range(len(batch))))
+        x, lengths = augment(frames, lengths)
+        with torch.no_grad(), autocast(device, model_cfg):
+            enc, mask = model.encode(x, lengths.to(device))
+            nbest = decode(model, enc, mask, lengths.to(device), vocab, model_cfg)
+        for i, hyps in zip(batch, nbest):
+            out.append((clips[i][0], [(vocab.decode(ids), score) for ids, score in hyps]))
+    out.sort()
+    for name, hyps in out:
+        for rank, (text, score) in enumerate(hyps, 1):
+            print(f"{name}\t{text}" if model_cfg.nbest == 1 else f"{name}\t{rank}\t{score:.4f}\t{text}")
+    return out
+
+
+MODES = {"train": run_train, "test": run_test, "decode": run_decode, "diagnose": run_diagnose, "sanity": run_sanity,
+         "stats": run_stats, "vocab": run_vocab, "synth": run_synth, "preprocess": run_preprocess}
+
+
+def in_notebook() -> bool:
+    return "ipykernel" in sys.modules
+
+
+def main(argv: list[str] | None = None):
+    """Run one mode with the flags in $AVSR_ARGS, then the command line's; a notebook cell's own arguments (the
+    kernel's) are ignored, so in a notebook $AVSR_ARGS (`%env AVSR_ARGS=--preset tiny`) carries the flags."""
+    if argv is None:
+        argv = shlex.split(os.environ.get("AVSR_ARGS", "")) + ([] if in_notebook() else sys.argv[1:])
+    try:
+        cfg = parse_config(argv)
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+            if cfg.mode != "train":
+                raise UserError(f"torchrun starts several processes for --mode train only; run --mode {cfg.mode} "
+                                "with plain python.")
+            join_process_group(cfg.device)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        return MODES[cfg.mode](cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        if in_notebook():
+            raise
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
