@@ -2150,7 +2150,7 @@ def train_epoch(objective: nn.Module, ds: Dataset, cfg: Config, device, optimize
     Under torchrun every process draws and augments the same global batches (same seeds) and trains on its
     own rows of each: the run follows a one-process run with the same --max-frames, the same padding and
     (with --sync-batchnorm) the same statistics."""
-    model = unwrapped(objective)
+    model, world = unwrapped(objective), rank_and_world()[1]
     train_mode(model)
     augment = Augment(cfg, train=True)
     groups = module_groups(model)
@@ -2177,7 +2177,7 @@ def train_epoch(objective: nn.Module, ds: Dataset, cfg: Config, device, optimize
             if updates is not None:
                 updates += param_update_rows(groups, before, norms, epoch, scheduler.last_epoch, lr)
         for k, v in parts.items():  # summed on the device: one GPU sync per epoch, not per step
-            totals[k] += v.detach() * (weight * len(chosen) / rank_and_world()[1])
+            totals[k] += v.detach() * (weight * len(chosen) / world)  # this process's part of the batch's sum
         seen += len(chosen)
     keys = sorted(totals)
     summed = all_ranks_sum(torch.stack([totals[k].float() for k in keys])).tolist()
