@@ -2885,7 +2885,7 @@ def find_landmark_model(cfg: Config) -> Path:
     places = landmark_model_places()
     found = next((p for p in places if p.is_file()), None)
     if found is None and KAGGLE_INPUT.is_dir():
-        found = next(iter(sorted(KAGGLE_INPUT.rglob(LANDMARK_FILE))), None)
+        found = next(iter(kaggle_files(LANDMARK_FILE)), None)
         places.append(KAGGLE_INPUT / "**" / LANDMARK_FILE)
     if found is None:
         looked = "\n  ".join(map(str, places))
@@ -3204,6 +3204,7 @@ def earlier_runs() -> list[Path]:
     """Run folders (holding checkpoints/last.pt) in the earlier outputs attached to this session, newest first:
     by the epochs they trained, then by time."""
     runs = [last.parent.parent for last in kaggle_files("last.pt") if last.parent.name == "checkpoints"]
+
     def progress_of(run: Path):
         try:
             epoch = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=False, mmap=True)["epoch"]
@@ -3292,24 +3293,23 @@ def processes_to_start(cfg: Config) -> int:
     """Processes --mode train starts under torchrun: --processes, or on Kaggle one per GPU; 1 runs in place."""
     if cfg.mode != "train" or "WORLD_SIZE" in os.environ:  # already one of torchrun's processes
         return 1
-    if cfg.processes:
-        return cfg.processes
-    return torch.cuda.device_count() if on_kaggle() and cfg.device != "cpu" and torch.cuda.is_available() else 1
+    wanted = cfg.processes or (torch.cuda.device_count() if on_kaggle() and cfg.device != "cpu"
+                               and torch.cuda.is_available() else 1)
+    if wanted > 1 and globals().get("__file__") is None:  # a notebook cell has no file torchrun could start
+        print(f"{wanted} processes would train, but a notebook cell cannot start itself under torchrun: training "
+              f"in this one. For all GPUs, save the script and run in a cell: !torchrun --nproc_per_node {wanted} "
+              "master_all_avsr.py --mode train ...")
+        return 1
+    return wanted
 
 
 def train_under_torchrun(cfg: Config, processes: int) -> dict:
     """Start `processes` copies of this script under torchrun with the settings resolved here; rank 0 trains,
     writes and tests as one process would."""
-    script = globals().get("__file__")
-    if script is None:  # a notebook cell has no file torchrun could start
-        print(f"{processes} processes were asked for, but a notebook cell cannot start itself under torchrun: "
-              "training in this one. For all GPUs, save the script and run in a cell: "
-              f"!torchrun --nproc_per_node {processes} master_all_avsr.py --mode train ...")
-        return {}
     settings = Path(cfg.work_dir) / "torchrun_config.json"
     write_json(settings, dataclasses.asdict(cfg) | {"processes": 0})
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               str(Path(script).resolve()), "--config", str(settings)]
+               str(Path(__file__).resolve()), "--config", str(settings)]
     print(f"Starting {processes} training processes: {' '.join(command)}", flush=True)
     code = subprocess.run(command).returncode
     if code:
@@ -3445,9 +3445,7 @@ def run_train(cfg: Config) -> dict:
         adopt_earlier_run(cfg)
     processes = processes_to_start(cfg)
     if processes > 1:
-        started = train_under_torchrun(cfg, processes)
-        if started:
-            return started
+        return train_under_torchrun(cfg, processes)
     result = train(cfg)
     rank, world = rank_and_world()
     if world > 1:
