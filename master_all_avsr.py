@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 import unicodedata
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +61,7 @@ import torch.nn.functional as F
 @dataclass
 class Config:
     # run
-    mode: str = "train"  # train | test | decode | diagnose | sanity | stats | vocab | synth | preprocess
+    mode: str = "train"  # train | test | decode | diagnose | sanity | stats | vocab | synth | preprocess | export
     work_dir: str = "runs/demo"  # everything a run writes goes here
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 1337
@@ -70,7 +71,7 @@ class Config:
     videos_dir: str = ""  # settles which folder holds the clips when several do
     labels_dir: str = ""  # settles which folder holds the labels when several do
     cache_dir: str = ""  # decoded clips as uint8; default <work_dir>/cache
-    output: str = ""  # --mode synth: where the generated dataset goes
+    output: str = ""  # --mode synth: where the generated dataset goes; --mode export: where the files go
     # data: what a clip and a label must be
     frame_size: int = 112  # clips must be frame_size x frame_size gray mouth crops
     vocab: str = ""  # vocabulary JSON; default vocab.json beside this script, else the built-in one
@@ -105,7 +106,13 @@ class Config:
     preset: str = "small"  # tiny | small | base (base has the exact shapes of Auto-AVSR's released model)
     frontend: str = "cnn"  # cnn | noise (features fixed by each frame's pixels, no visual sense) | linear (pixels)
     dropout: float = 0.1
-    freeze: str = ""  # module groups whose weights stay fixed, e.g. frontend or frontend,encoder
+    # model: starting from released weights (Auto-AVSR's model zoo), freezing and unfreezing
+    init_from: str = ""  # an Auto-AVSR checkpoint (.pth, Lightning .ckpt) or one of ours, loaded before training
+    init_parts: str = "frontend,proj_encoder,encoder"  # what --init-from loads; vocabulary-sized layers need equal V
+    freeze: str = ""  # parts whose weights stay fixed (BatchNorm statistics too), e.g. frontend or frontend,encoder
+    unfreeze_at: int = 0  # from this epoch on the --freeze parts train too (0: never)
+    unfreeze_lr: float = 0.1  # their learning rate once unfrozen, as a share of the schedule's
+    feature_views: int = 4  # a frozen frontend's features are cached for this many crop/flip views a clip (0: no cache)
     # loss: ctc_weight * CTC + (1 - ctc_weight) * label-smoothed attention loss
     ctc_weight: float = 0.3  # measured on LRC-AR against Auto-AVSR's 0.1 (README)
     label_smoothing: float = 0.1  # Auto-AVSR's
@@ -630,6 +637,23 @@ def shrink(clip: np.ndarray, size: int) -> np.ndarray:
     return np.stack([cv2.resize(f, (size, size), interpolation=cv2.INTER_AREA) for f in clip])
 
 
+def memory_for(nbytes: int, device: torch.device) -> torch.device:
+    """`device` if `nbytes` take less than 30% of its free memory (the rest is the model's), else the CPU."""
+    if device.type != "cuda":
+        return device
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if nbytes < 0.3 * free else torch.device("cpu")
+
+
+def padded_rows(offsets: torch.Tensor, lengths: torch.Tensor, index: list[int]):
+    """For clips concatenated over time: the rows of a zero-padded batch of `index` (B x Tmax, padding repeats a
+    clip's last row), where the padding is (B x Tmax), and the B lengths."""
+    idx = torch.as_tensor(index, dtype=torch.long)
+    lengths = lengths[idx]
+    t = torch.arange(int(lengths.max()))
+    return offsets[idx, None] + torch.minimum(t[None], lengths[:, None] - 1), t[None] >= lengths[:, None], lengths
+
+
 class ClipBank:
     """All clips of a dataset in one uint8 tensor, concatenated over time, on the training device if it fits.
 
@@ -641,25 +665,15 @@ class ClipBank:
         self.lengths = torch.tensor([len(c) for c in clips], dtype=torch.long)
         self.offsets = torch.cumsum(self.lengths, 0) - self.lengths
         frames = torch.from_numpy(np.concatenate(clips)) if clips else torch.zeros(0, 1, 1, dtype=torch.uint8)
-        self.device = device if self._fits(frames, device) else torch.device("cpu")
+        self.device = memory_for(frames.numel(), device)
         self.frames = frames.to(self.device)
-
-    @staticmethod
-    def _fits(frames: torch.Tensor, device: torch.device) -> bool:
-        if device.type != "cuda":
-            return True
-        free, _ = torch.cuda.mem_get_info(device)
-        return frames.numel() < 0.3 * free  # leave the rest to the model
 
     def batch(self, index: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """B x Tmax x H x W uint8 (zero-padded) and the B lengths."""
-        idx = torch.as_tensor(index, dtype=torch.long)
-        lengths = self.lengths[idx]
-        t = torch.arange(int(lengths.max()))
-        rows = self.offsets[idx, None] + torch.minimum(t[None], lengths[:, None] - 1)
+        rows, padding, lengths = padded_rows(self.offsets, self.lengths, index)
         out = self.frames.index_select(0, rows.flatten().to(self.device))  # 3x faster than indexing with rows
-        out = out.view(len(idx), len(t), *self.frames.shape[1:])
-        out.masked_fill_((t[None] >= lengths[:, None]).to(self.device)[..., None, None], 0)
+        out = out.view(*rows.shape, *self.frames.shape[1:])
+        out.masked_fill_(padding.to(self.device)[..., None, None], 0)
         return out, lengths
 
 
@@ -951,8 +965,9 @@ def resample_frames(frames: torch.Tensor, lengths: torch.Tensor, new_lengths: to
     t = torch.arange(int(new_lengths.max()))
     src = (t[None] * lengths[:, None] / new_lengths[:, None]).floor().long()
     src = torch.minimum(src, lengths[:, None] - 1).to(frames.device)
-    out = torch.gather(frames, 1, src[..., None, None].expand(-1, -1, *frames.shape[2:]))
-    return out * (t[None] < new_lengths[:, None]).to(frames.device)[..., None, None]
+    trailing = [1] * (frames.dim() - 2)  # frames (B x T x H x W) or features (B x T x C)
+    out = torch.gather(frames, 1, src.view(*src.shape, *trailing).expand(-1, -1, *frames.shape[2:]))
+    return out * (t[None] < new_lengths[:, None]).to(frames.device).view(*src.shape, *trailing)
 
 
 def crop_and_flip(frames: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: int, flip: torch.Tensor):
@@ -994,19 +1009,32 @@ class Augment:
             flip = self.flip.forward_parameters(shape)["batch_prob"].bool()
         return top, left, flip
 
+    def warp_time(self, x: torch.Tensor, lengths: torch.Tensor, min_lengths: torch.Tensor | None):
+        if not (self.train and self.cfg.time_warp):
+            return x, lengths
+        needed = min_lengths if min_lengths is not None else torch.ones_like(lengths)
+        new_lengths = time_warp_lengths(lengths, needed, self.cfg.time_warp_max)
+        return resample_frames(x, lengths, new_lengths), new_lengths
+
+    def mask_time(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        if self.train and self.cfg.time_mask:
+            for b, length in enumerate(lengths.tolist()):
+                adaptive_time_mask(x[b], length, self.cfg.time_mask_window, self.cfg.time_mask_stride)
+        return x
+
+    def features(self, x: torch.Tensor, lengths: torch.Tensor, min_lengths: torch.Tensor | None = None):
+        """The time augmentations alone, on a frozen frontend's cached features (B x T x C): masked frames get
+        zero features rather than the features of a black frame."""
+        x, lengths = self.warp_time(x, lengths, min_lengths)
+        return self.mask_time(x, lengths), lengths
+
     def __call__(self, frames: torch.Tensor, lengths: torch.Tensor, min_lengths: torch.Tensor | None = None):
         cfg = self.cfg
-        if self.train and cfg.time_warp:
-            needed = min_lengths if min_lengths is not None else torch.ones_like(lengths)
-            new_lengths = time_warp_lengths(lengths, needed, cfg.time_warp_max)
-            frames, lengths = resample_frames(frames, lengths, new_lengths), new_lengths
+        frames, lengths = self.warp_time(frames, lengths, min_lengths)
         crop = round(cfg.crop_size * frames.shape[-1] / cfg.frame_size)  # the bank may hold shrunken frames
         top, left, flip = self.crop_boxes(frames.shape, crop)
         x = crop_and_flip(frames, top, left, crop, flip)
-        if self.train and cfg.time_mask:  # zeroed frames stay black, before normalisation, as in Auto-AVSR
-            for b, length in enumerate(lengths.tolist()):
-                adaptive_time_mask(x[b], length, cfg.time_mask_window, cfg.time_mask_stride)
-        x = x.float()
+        x = self.mask_time(x, lengths).float()  # zeroed frames stay black, before normalisation, as in Auto-AVSR
         if crop != cfg.input_size:
             x = F.interpolate(x, size=(cfg.input_size, cfg.input_size), mode="area")
         x = x.mul_(1 / (255 * cfg.std)).sub_(cfg.mean / cfg.std)  # (x / 255 - mean) / std in two passes
@@ -1420,8 +1448,12 @@ class AVSRModel(nn.Module):
         mask = padding_mask(lengths, video.size(1))
         # the stem's temporal kernel reaches 2 frames past a clip's end: make them the zeros a lone clip sees
         video = video * mask.view(*mask.shape, *[1] * (video.dim() - 2)).to(video.dtype)
-        x = self.proj_encoder(self.frontend(video))
-        return self.encoder(x, mask), mask
+        return self.encode_features(self.frontend(video), lengths)
+
+    def encode_features(self, features, lengths):
+        """The encoding from per-frame frontend features on (B x T x channels, a frozen frontend's cache)."""
+        mask = padding_mask(lengths, features.size(1))
+        return self.encoder(self.proj_encoder(features), mask), mask
 
     def forward(self, video, lengths, ys_in):
         """-> (B x T x V CTC logits, B x L x V decoder logits)."""
@@ -1469,35 +1501,36 @@ def model_dims(cfg: Config, vocab_size: int) -> SimpleNamespace:
 
 def build_model(cfg: Config, vocab_size: int) -> nn.Module:
     if cfg.arch == "conformer":
-        model = AVSRModel(model_dims(cfg, vocab_size))
-    elif cfg.arch == "baseline":
-        if cfg.frontend != "cnn":
-            raise UserError(f"--frontend {cfg.frontend} swaps the conformer's frontend; the baseline has its own CNN.")
-        model = BaselineModel(vocab_size)
-    else:
-        raise UserError(f"--arch {cfg.arch!r} is not known; choose conformer or baseline.")
-    freeze(model, cfg.freeze)
-    return model
+        return AVSRModel(model_dims(cfg, vocab_size))
+    if cfg.frontend != "cnn":
+        raise UserError(f"--frontend {cfg.frontend} swaps the conformer's frontend; the baseline has its own CNN.")
+    return BaselineModel(vocab_size)
+
+
+# The top-level parts of each architecture, the units of freezing, loading and gradient flow
+PARTS = {"conformer": ("frontend", "proj_encoder", "encoder", "decoder", "ctc"), "baseline": ("cnn", "lstm", "ctc")}
+
+
+def part_names(parts: str) -> list[str]:
+    return [n.strip() for n in parts.split(",") if n.strip()]
 
 
 def module_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
-    """Parameters by the model's top-level part: frontend, proj_encoder, encoder, decoder, ctc (the
-    baseline: cnn, lstm, ctc). Gradient flow and freezing speak of these."""
+    """Parameters by the model's top-level part (a part without parameters is left out)."""
     groups: dict[str, list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         groups.setdefault(name.split(".")[0], []).append(p)
     return groups
 
 
-def freeze(model: nn.Module, parts: str) -> None:
-    names = [n.strip() for n in parts.split(",") if n.strip()]
-    known = list(module_groups(model))
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise UserError(f"--freeze {parts}: this model has no part {', '.join(unknown)}; its parts are "
-                        f"{', '.join(known)}.")
-    for n in names:
-        getattr(model, n).requires_grad_(False)
+def frozen_in(cfg: Config, epoch: int) -> list[str]:
+    """The parts that stay fixed during `epoch`: --freeze's, until --unfreeze-at."""
+    return [] if cfg.unfreeze_at and epoch >= cfg.unfreeze_at else part_names(cfg.freeze)
+
+
+def set_frozen(model: nn.Module, parts: list[str]) -> None:
+    for name, child in model.named_children():
+        child.requires_grad_(name not in parts)
 
 
 def frozen_parts(model: nn.Module) -> list[str]:
@@ -1509,6 +1542,172 @@ def train_mode(model: nn.Module) -> None:
     model.train()
     for n in frozen_parts(model):
         getattr(model, n).eval()
+
+
+# Released weights (--init-from) ------------------------------------------------------------------------------
+# Auto-AVSR's state_dict names are this model's, so its released checkpoints load by name. Only the parts that do
+# not depend on the vocabulary carry over to a new one; the rest start afresh.
+
+AUTO_AVSR_URL = "https://github.com/mpc001/auto_avsr"
+OLD_NAMES = (("encoder.frontend.", "frontend."), ("encoder.embed.0.", "proj_encoder."))  # before 2025
+VOCAB_SIZED = ("decoder.embed.0.", "decoder.output_layer.", "ctc.ctc_lo.")
+
+
+def weights_places(name: str, cfg: Config) -> list[Path]:
+    here = globals().get("__file__")
+    folders = [Path.cwd(), Path(cfg.work_dir)] + ([Path(here).resolve().parent] if here else [])
+    return [folder / Path(name).name for folder in dict.fromkeys(folders)]
+
+
+def find_weights(cfg: Config) -> Path:
+    """--init-from as given, else a file of that name in the usual places or anywhere under /kaggle/input."""
+    if Path(cfg.init_from).is_file():
+        return Path(cfg.init_from)
+    places = weights_places(cfg.init_from, cfg)
+    found = next((p for p in places if p.is_file()), None) or next(iter(kaggle_files(Path(cfg.init_from).name)), None)
+    if found is None:
+        looked = "\n  ".join(map(str, [cfg.init_from, *places] + [KAGGLE_INPUT / "**" / Path(cfg.init_from).name]
+                                    * KAGGLE_INPUT.is_dir()))
+        raise UserError(f"--init-from {cfg.init_from}: no such file. Looked in:\n  {looked}\nAuto-AVSR's released "
+                        f"video models (e.g. vsr_trlrs3_base.pth, vsr_trlrs3vox2_base.pth) are listed in the model "
+                        f"zoo of {AUTO_AVSR_URL}; download one where there is internet and pass its path (on Kaggle, "
+                        "attach it as a dataset: it is then found by name).")
+    return found
+
+
+def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The state dict in a checkpoint file under today's names, and what kind of file it was."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a Lightning .ckpt keeps Python objects beside the weights; a broken file raises anything
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise UserError(f"--init-from {path}: cannot read it as a PyTorch checkpoint ({type(e).__name__}: {e}). "
+                            f"Give a released model of {AUTO_AVSR_URL} (.pth or .ckpt) or a checkpoint of this "
+                            "script.") from e
+    kind = "state dict"
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state, kind = state["state_dict"], "Lightning checkpoint"
+    elif isinstance(state, dict) and isinstance(state.get("model"), dict) and "vocab" in state:
+        state, kind = state["model"], "checkpoint of this script"
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"--init-from {path}: the file holds {type(state).__name__}, not a model's weights (a dict "
+                        "of tensors). Give a released model of {AUTO_AVSR_URL} or a checkpoint of this script.")
+    weights, renamed = {}, False
+    for key, value in state.items():
+        key = key.removeprefix("module.").removeprefix("model.")  # DataParallel's wrapper, Lightning's ModelModule
+        for old, new in OLD_NAMES:
+            if key.startswith(old):
+                key, renamed = new + key.removeprefix(old), True
+        weights[key] = value
+    return weights, kind + (" with pre-2025 names" if renamed else "")
+
+
+def fitting_presets(weights: dict[str, torch.Tensor], cfg: Config, vocab_size: int) -> list[str]:
+    """The presets whose shapes match the weights (vocabulary-sized layers aside), tried on the meta device."""
+    fits = []
+    for preset in PRESETS:
+        with torch.device("meta"):
+            shapes = {k: v.shape for k, v in build_model(dataclasses.replace(cfg, preset=preset),
+                                                          vocab_size).state_dict().items()}
+        if all(shapes[k] == v.shape for k, v in weights.items() if k in shapes and not k.startswith(VOCAB_SIZED)):
+            fits.append(preset)
+    return fits
+
+
+def shape_problem(path: Path, wrong: list[str], weights: dict, own: dict, cfg: Config) -> UserError:
+    key = wrong[0]
+    fits = fitting_presets(weights, cfg, own["ctc.ctc_lo.weight"].shape[0])
+    if "frontend.trunk.conv1.weight" in weights:  # the 1-D stem that reads waveforms
+        hint = "It is Auto-AVSR's audio model; a video model starts from one of its video models (vsr_*.pth)."
+    elif fits:
+        hint = f"Its shapes are those of --preset {fits[0]}: train with --preset {fits[0]}."
+    else:
+        hint = "No preset of this script has its shapes; leave the parts that differ out of --init-parts."
+    return UserError(f"--init-from {path} does not fit --preset {cfg.preset}: {len(wrong)} weights differ in shape, "
+                     f"e.g. {key}: {tuple(weights[key].shape)} there, {tuple(own[key].shape)} here. {hint}")
+
+
+def load_pretrained(model: nn.Module, cfg: Config) -> dict:
+    """--init-from into `model`: every weight of the --init-parts whose shape fits. -> what was loaded, skipped
+    (with the reason) and missing, also printed and written to <work_dir>/diagnostics/init_from.txt."""
+    if cfg.arch != "conformer":
+        raise UserError("--init-from loads Auto-AVSR's weights, which fit --arch conformer; the baseline has none of "
+                        "its parts.")
+    path = find_weights(cfg)
+    weights, kind = read_weights(path)
+    parts, own = part_names(cfg.init_parts), model.state_dict()
+    chosen, skipped, wrong = {}, {}, []
+    for key, value in weights.items():
+        if key not in own:
+            skipped.setdefault("not a weight of this model", []).append(key)
+        elif key.split(".")[0] not in parts:
+            skipped.setdefault(f"not in --init-parts {cfg.init_parts}", []).append(key)
+        elif value.shape == own[key].shape:
+            chosen[key] = value
+        elif key.startswith(VOCAB_SIZED):
+            why = f"vocabulary-sized: {value.shape[0]} units there, {own[key].shape[0]} here"
+            skipped.setdefault(why, []).append(key)
+        else:
+            wrong.append(key)
+    if wrong:
+        raise shape_problem(path, wrong, weights, own, cfg)
+    if not chosen:
+        raise UserError(f"--init-from {path}: none of its {len(weights)} weights (e.g. {', '.join(list(weights)[:3])}) "
+                        f"is one of this model's --init-parts ({cfg.init_parts}). Is it an Auto-AVSR video model?")
+    model.load_state_dict(chosen, strict=False)
+    loaded = Counter(k.split(".")[0] for k in chosen)
+    missing = [k for k in own if k.split(".")[0] in parts and k not in weights]
+    report = {"file": str(path), "kind": kind, "loaded": dict(loaded),
+              "values": sum(v.numel() for v in chosen.values()), "skipped": skipped, "missing": missing}
+    write_init_report(report, Path(cfg.work_dir) / "diagnostics" / "init_from.txt")
+    return report
+
+
+def write_init_report(report: dict, path: Path) -> None:
+    """A summary printed; every key named in the file."""
+    by_part = lambda keys: ", ".join(f"{p} {n}" for p, n in Counter(k.split(".")[0] for k in keys).items())
+    head = [f"--init-from {report['file']} ({report['kind']}): {sum(report['loaded'].values())} weights loaded "
+            f"({', '.join(f'{p} {n}' for p, n in report['loaded'].items())}; {report['values']:,} values)"]
+    head += [f"  skipped {len(keys)}, {why}: {by_part(keys)}" for why, keys in report["skipped"].items()]
+    head.append(f"  missing {len(report['missing'])} (they keep their random start): {by_part(report['missing'])}"
+                if report["missing"] else "  missing: none")
+    print("\n".join(head))
+    detail = head + [""] + [f"skipped ({why}): {k}" for why, keys in report["skipped"].items() for k in keys]
+    detail += [f"missing: {k}" for k in report["missing"]]
+    atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(detail) + "\n", encoding="utf-8"))
+
+
+class EncoderForExport(nn.Module):
+    """What the ONNX file computes: normalised frames (B x T x H x W, as evaluation feeds the model: the center
+    crop, /255, mean and std of the settings) and their lengths -> the encoder's output (B x T x d) and CTC
+    log-probabilities (B x T x V; their greedy path is a transcript)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, video, lengths):
+        enc, _ = self.model.encode(video, lengths)
+        return enc, self.model.ctc(enc).log_softmax(-1)
+
+
+def export_onnx(model: nn.Module, cfg: Config, path: Path) -> None:
+    """The encoder as ONNX, for any batch size and clip length, through torch's exporter."""
+    try:
+        import onnxscript  # noqa: F401  (torch's exporter needs it and says so less plainly)
+    except ImportError as e:
+        raise UserError("ONNX export needs the onnx and onnxscript packages: `pip install onnx onnxscript`.") from e
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    video, lengths = torch.zeros(2, 30, cfg.input_size, cfg.input_size), torch.tensor([30, 20])
+    batch, frames = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("frames", min=2, max=100_000)
+    with sdpa_kernel(SDPBackend.MATH), warnings.catch_warnings():  # the fused kernels' layouts trip the exporter
+        warnings.simplefilter("ignore")  # its notes on axis names and deprecations are not the user's to act on
+        program = torch.onnx.export(EncoderForExport(model).eval(), (video, lengths), dynamo=True, verbose=False,
+                                    input_names=["video", "lengths"], output_names=["encoder_out", "ctc_log_probs"],
+                                    dynamic_shapes=({0: batch, 1: frames}, {0: batch}))
+    atomic_write(path, program.save)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1834,9 +2033,10 @@ def eval_batches(ds: Dataset, index: list[int], cfg: Config) -> list[list[int]]:
 
 @torch.no_grad()
 def evaluate(model, ds: Dataset, index: list[int], vocab: Vocabulary, cfg: Config, device,
-             decoders: tuple[str, ...] = ("ctc", "attention")) -> dict:
-    """Loss, and error rates and n-best lists per decoder, on clips seen without augmentation. Every epoch
-    asks for the two greedy decoders; test adds the one it reports."""
+             decoders: tuple[str, ...] = ("ctc", "attention"), features=None) -> dict:
+    """Loss, and error rates and n-best lists per decoder, on clips seen without augmentation (with `features`,
+    a frozen frontend's FeatureBank: from its center-crop view). Every epoch asks for the two greedy decoders;
+    test adds the one it reports."""
     model.eval()
     augment = Augment(cfg, train=False)
     decoders = tuple(d for d in decoders if d != "attention" or model.decoder is not None)
@@ -1844,11 +2044,15 @@ def evaluate(model, ds: Dataset, index: list[int], vocab: Vocabulary, cfg: Confi
     nbest: dict[str, list] = {d: [] for d in decoders}
     for batch in eval_batches(ds, index, cfg):
         chosen = [index[i] for i in batch]
-        frames, lengths = ds.bank.batch(chosen)
-        x, lengths = augment(frames.to(device), lengths)
         targets = [ds.samples[i].ids for i in chosen]
         with autocast(device, cfg):
-            enc, mask = model.encode(x, lengths.to(device))
+            if features is None:
+                frames, lengths = ds.bank.batch(chosen)
+                x, lengths = augment(frames.to(device), lengths)
+                enc, mask = model.encode(x, lengths.to(device))
+            else:
+                x, lengths = features.batch(chosen, [0] * len(chosen))
+                enc, mask = model.encode_features(x.to(device), lengths.to(device))
             parts = joint_loss(model, enc, mask, model.ctc(enc), lengths.to(device), targets, vocab, cfg)
             for d in decoders:
                 nbest[d] += decode(model, enc, mask, lengths.to(device), vocab, dataclasses.replace(cfg, decoder=d))
@@ -1910,12 +2114,20 @@ def schedule_steps(cfg: Config, epoch_steps: int) -> tuple[int, int]:
 
 
 def make_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int):
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
-                                  weight_decay=cfg.weight_decay)
+    """AdamW over the parts that train from the start, and (--unfreeze-at) a second group for the frozen parts,
+    at --unfreeze-lr times the schedule from their epoch on, ramped up over a warmup so that the pretrained
+    weights are not thrown about by the first steps. Parts frozen for good stay out."""
+    groups, frozen = module_groups(model), part_names(cfg.freeze)
+    trained = [p for g, params in groups.items() if g not in frozen for p in params]
+    later = [p for g, params in groups.items() if g in frozen for p in params] if cfg.unfreeze_at else []
+    optimizer = torch.optim.AdamW([{"params": trained}] + [{"params": later}] * bool(later), lr=cfg.lr,
+                                  betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     warmup, total = schedule_steps(cfg, steps_per_epoch)
     total = max(total, warmup + 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: warmup_cosine(k + 1, warmup, total))
+    unfrozen = (cfg.unfreeze_at - 1) * steps_per_epoch  # optimizer steps before the unfreezing
+    schedules = [lambda k: warmup_cosine(k + 1, warmup, total),
+                 lambda k: cfg.unfreeze_lr * warmup_cosine(k + 1, warmup, total) * min(max(k - unfrozen + 1, 0) / warmup, 1)]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules[:len(optimizer.param_groups)])
     return optimizer, scheduler
 
 
@@ -1982,11 +2194,12 @@ def model_from_checkpoint(path: Path, cfg: Config, device, state: dict | None = 
     checkpoint (so the test split is the one it was trained beside), the rest (data folders, decoding) from now."""
     state = state or load_checkpoint(path)
     saved = saved_config(state)
-    kept = MODEL_SETTINGS + DATA_SETTINGS + ("dropout", "freeze")
+    kept = MODEL_SETTINGS + DATA_SETTINGS + ("dropout", "freeze", "unfreeze_at")
     model_cfg = dataclasses.replace(cfg, **{k: getattr(saved, k) for k in kept})
     vocab = Vocabulary(state["vocab"]["units"], state["vocab"]["specials"], state["vocab"].get("letters_only", False))
     model = build_model(model_cfg, vocab.size)
     model.load_state_dict(state["model"])
+    set_frozen(model, frozen_in(model_cfg, state["epoch"]))  # as in its last epoch (gradient flow reports it)
     return model.to(device).eval(), vocab, model_cfg
 
 
@@ -2091,22 +2304,92 @@ def training_batch(ds: Dataset, chosen: list[int], augment: Augment, device) -> 
     return x, lengths.to(device), targets
 
 
+# A frozen frontend, run once -------------------------------------------------------------------------------
+# While the frontend is frozen, its output for a given crop and flip of a clip never changes: it is computed once
+# for a few views of every clip, and the epochs train the rest of the model from memory.
+
+class FeatureBank:
+    """A frozen frontend's per-frame features, clips concatenated over time as in ClipBank: view 0 is every clip's
+    center crop (what evaluation sees), views 1..--feature-views random crops and flips of the training clips
+    (drawn with their own seed, so a resumed run draws the same). Time masking and warping happen later, on
+    the features of each batch."""
+
+    def __init__(self, model: nn.Module, ds: Dataset, cfg: Config, device: torch.device):
+        self.offsets, self.lengths = ds.bank.offsets, ds.bank.lengths
+        dtype = amp_dtype(device, cfg) or torch.float32
+        shape = (cfg.feature_views + 1, int(self.lengths.sum()), model.proj_encoder.in_features)
+        self.device = memory_for(math.prod(shape) * dtype.itemsize, device)
+        self.views = torch.zeros(shape, dtype=dtype, device=self.device)
+        spatial_only = dataclasses.replace(cfg, time_mask=False, time_warp=False)
+        model.frontend.eval()
+        t0 = time.time()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+            torch.manual_seed(cfg.seed)
+            for view in range(shape[0]):
+                index = list(range(len(ds.samples))) if view == 0 else ds.subset("train")
+                augment = Augment(spatial_only, train=view > 0)
+                for batch in eval_batches(ds, index, cfg):
+                    chosen = [index[i] for i in batch]
+                    frames, lengths = ds.bank.batch(chosen)
+                    x, lengths = augment(frames.to(device), lengths)
+                    with autocast(device, cfg):
+                        features = model.frontend(x)  # Augment zeroes the padding, as encode does
+                    for b, i in enumerate(chosen):
+                        start = int(self.offsets[i])
+                        self.views[view, start:start + int(lengths[b])] = features[b, :lengths[b]].to(self.device)
+        print(f"frozen frontend: features of {len(ds.samples)} clips cached, center crop and {cfg.feature_views} "
+              f"training views ({self.views.numel() * dtype.itemsize / 2 ** 20:.0f} MB on {self.device}, "
+              f"{time.time() - t0:.0f} s); epochs train from them", flush=True)
+
+    def batch(self, index: list[int], views: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """B x Tmax x C features of clip index[b] in view views[b] (zero-padded) and the B lengths."""
+        rows, padding, lengths = padded_rows(self.offsets, self.lengths, index)
+        view = torch.as_tensor(views, dtype=torch.long)[:, None].expand_as(rows)
+        out = self.views[view.to(self.device), rows.to(self.device)]
+        return out.masked_fill_(padding.to(self.device)[..., None], 0), lengths
+
+
+def caches_features(model: nn.Module, cfg: Config, frozen: list[str]) -> bool:
+    return cfg.feature_views > 0 and "frontend" in frozen and hasattr(model, "encode_features")
+
+
+def feature_batch(ds: Dataset, chosen: list[int], features: FeatureBank, augment: Augment, device) -> tuple:
+    """A training batch from the cache, each clip in one of its views drawn at random: (x, lengths, targets)."""
+    targets = [ds.samples[i].ids for i in chosen]
+    x, lengths = features.batch(chosen, [random.randrange(1, features.views.shape[0]) for _ in chosen])
+    needed = torch.tensor([frames_needed(t) for t in targets])
+    x, lengths = augment.features(x.to(device, non_blocking=True), lengths, needed)
+    return x, lengths.to(device), targets
+
+
 class Objective(nn.Module):
-    """The model and its joint loss as one forward pass, the unit DistributedDataParallel synchronises."""
+    """The model and its joint loss as one forward pass, the unit DistributedDataParallel synchronises; from
+    frames, or from a frozen frontend's cached features."""
 
     def __init__(self, model: nn.Module, vocab: Vocabulary, cfg: Config):
         super().__init__()
         self.model, self.vocab, self.cfg = model, vocab, cfg
 
-    def forward(self, x, lengths, targets) -> dict:
-        enc, mask = self.model.encode(x, lengths)
+    def forward(self, x, lengths, targets, from_features: bool = False) -> dict:
+        enc, mask = (self.model.encode_features if from_features else self.model.encode)(x, lengths)
         return joint_loss(self.model, enc, mask, self.model.ctc(enc), lengths, targets, self.vocab, self.cfg)
 
 
-def backward_pass(objective: nn.Module, x, lengths, targets, cfg: Config, device, scaler, weight: float = 1.0) -> dict:
+def objective_for(model: nn.Module, vocab: Vocabulary, cfg: Config, device) -> nn.Module:
+    """Under torchrun, wrapped anew whenever parts are frozen or unfrozen: DDP exchanges the gradients of the
+    parameters that train when it is built."""
+    objective = Objective(model, vocab, cfg)
+    if rank_and_world()[1] > 1:
+        objective = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.index is not None
+                                                        else None)
+    return objective
+
+
+def backward_pass(objective: nn.Module, x, lengths, targets, cfg: Config, device, scaler, weight: float = 1.0,
+                  from_features: bool = False) -> dict:
     """Loss parts of the batch; its gradient, times `weight` (this process's share of a global batch), added."""
     with autocast(device, cfg):
-        parts = objective(x, lengths, targets)
+        parts = objective(x, lengths, targets, from_features)
     scaler.scale(parts["loss"] * (weight / cfg.accum_steps)).backward()
     return parts
 
@@ -2143,7 +2426,7 @@ def rank_share(batch_size: int) -> tuple[list[int], float]:
 
 
 def train_epoch(objective: nn.Module, ds: Dataset, cfg: Config, device, optimizer, scheduler, scaler, epoch: int,
-                updates: list | None = None) -> dict:
+                updates: list | None = None, features: FeatureBank | None = None) -> dict:
     """One pass over the training split -> mean losses, clips seen, and each module group's mean gradient norm
     (`grad_<group>`); with `updates` (--log-param-updates), a row per optimizer step and group is added to it.
 
@@ -2162,12 +2445,13 @@ def train_epoch(objective: nn.Module, ds: Dataset, cfg: Config, device, optimize
     optimizer.zero_grad(set_to_none=True)
     for n, batch in enumerate(progress(batches, f"epoch {epoch}"), 1):
         chosen = [train_index[i] for i in batch]
-        x, lengths, targets = training_batch(ds, chosen, augment, device)
+        x, lengths, targets = (training_batch(ds, chosen, augment, device) if features is None
+                               else feature_batch(ds, chosen, features, augment, device))
         rows, weight = rank_share(len(chosen))
         x, lengths, targets = x[rows], lengths[rows], [targets[i] for i in rows]
         step = n % cfg.accum_steps == 0 or n == len(batches)
         with contextlib.nullcontext() if step or not hasattr(objective, "no_sync") else objective.no_sync():
-            parts = backward_pass(objective, x, lengths, targets, cfg, device, scaler, weight)
+            parts = backward_pass(objective, x, lengths, targets, cfg, device, scaler, weight, features is not None)
         if step:
             before, lr = (snapshot(groups) if updates is not None else None), optimizer.param_groups[0]["lr"]
             norms = optimizer_step(model, optimizer, scheduler, scaler, cfg)
@@ -2265,7 +2549,10 @@ def train(cfg: Config, ds: Dataset | None = None, done=None) -> dict:
     ds = ds or load_dataset_once(cfg, vocab, device)
     if not ds.subset("train"):
         raise UserError("The training split is empty: add clips, or change --val-fraction / --test-fraction.")
-    model = build_model(cfg, vocab.size).to(device)
+    model = build_model(cfg, vocab.size)
+    if cfg.init_from and state is None:
+        load_pretrained(model, cfg)
+    model.to(device)
     if cfg.sync_batchnorm and world > 1:
         model = sync_batchnorm(model, device)
     optimizer, scheduler = make_optimizer(model, cfg, steps_per_epoch(ds, cfg))
@@ -2281,10 +2568,8 @@ def train(cfg: Config, ds: Dataset | None = None, done=None) -> dict:
         set_rng_state(state["rng"])
         history, start = state["history"], state["epoch"] + 1
         print(f"Resumed from {ckpt_dir / 'last.pt'} after epoch {state['epoch']}")
-    objective = Objective(model, vocab, cfg)
-    if world > 1:
-        objective = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.index is not None
-                                                        else None)
+    frozen = frozen_in(cfg, start)
+    set_frozen(model, frozen)
     if cfg.compile:
         compile_model(model, device)
     print(f"{cfg.arch}/{cfg.preset}: {sum(p.numel() for p in model.parameters()):,} parameters on {device}"
@@ -2294,18 +2579,26 @@ def train(cfg: Config, ds: Dataset | None = None, done=None) -> dict:
         report_setup(model, ds, cfg, work / "diagnostics" / "setup.txt")
     probe = training_probe(ds, cfg) if cfg.diagnostics and rank == 0 else []
     began, slowest, curves_drawn, heatmap_drawn = time.time(), 0.0, 0.0, 0.0
+    objective = objective_for(model, vocab, cfg, device)
+    features = FeatureBank(model, ds, cfg, device) if caches_features(model, cfg, frozen) else None
     for epoch in range(start, cfg.epochs + 1):
         t0 = time.time()
+        if frozen_in(cfg, epoch) != frozen:
+            frozen, features = frozen_in(cfg, epoch), None
+            set_frozen(model, frozen)
+            objective = objective_for(model, vocab, cfg, device)
+        if epoch == cfg.unfreeze_at:
+            print(f"epoch {epoch}: {cfg.freeze} unfrozen, at {cfg.unfreeze_lr:g} x the learning rate", flush=True)
         updates = [] if cfg.log_param_updates and rank == 0 else None
         if world > 1 and device.type == "cuda":  # own dropout masks per GPU; augmentation draws (CPU) stay shared
             torch.cuda.manual_seed((cfg.seed * 10_000 + epoch) * 64 + rank)
-        train_stats = train_epoch(objective, ds, cfg, device, optimizer, scheduler, scaler, epoch, updates)
+        train_stats = train_epoch(objective, ds, cfg, device, optimizer, scheduler, scaler, epoch, updates, features)
         if rank > 0:
             if rank0_says(False, device):
                 break
             continue
-        val = evaluate(model, ds, ds.subset("val"), vocab, cfg, device) if ds.subset("val") else None
-        probe_scores = evaluate(model, ds, probe, vocab, cfg, device) if probe else None
+        val = evaluate(model, ds, ds.subset("val"), vocab, cfg, device, features=features) if ds.subset("val") else None
+        probe_scores = evaluate(model, ds, probe, vocab, cfg, device, features=features) if probe else None
         seconds = time.time() - t0
         slowest = max(slowest, seconds)
         row = epoch_row(epoch, train_stats, val, probe_scores, optimizer.param_groups[0]["lr"], seconds, cfg)
@@ -3350,7 +3643,7 @@ def read_config_file(path: str) -> dict:
     return settings
 
 
-CHOICES = {"mode": ("train", "test", "decode", "diagnose", "sanity", "stats", "vocab", "synth", "preprocess"),
+CHOICES = {"mode": ("train", "test", "decode", "diagnose", "sanity", "stats", "vocab", "synth", "preprocess", "export"),
            "frontend": ("cnn", "noise", "linear"),
            "data": ("auto", "files", "synthetic"), "units": ("diacritized", "letters"), "unknown_units": ("skip", "map"), "arch": ("conformer", "baseline"),
            "preset": ("tiny", "small", "base"), "amp": ("auto", "off"), "split": ("train", "val", "test", "all"),
@@ -3365,7 +3658,15 @@ def validate(cfg: Config) -> Config:
         if not isinstance(getattr(cfg, f.name), {"bool": bool, "int": int, "float": (int, float), "str": str}[f.type]):
             problems.append(f"{f.name} = {getattr(cfg, f.name)!r} should be a {f.type}")
     if not problems:  # the ranges can only be compared once the types are right
+        parts = PARTS.get(cfg.arch, ())
         checks = [(cfg.accum_steps >= 1 and cfg.processes >= 0, "--accum-steps must be 1 or more, --processes 0 or more"),
+                  (set(part_names(cfg.freeze) + part_names(cfg.init_parts)) <= set(parts),
+                   f"--freeze and --init-parts name parts of --arch {cfg.arch}: {', '.join(parts)}"),
+                  (not cfg.unfreeze_at or cfg.freeze, "--unfreeze-at needs --freeze: the parts to unfreeze"),
+                  (min(cfg.unfreeze_at, cfg.unfreeze_lr, cfg.feature_views) >= 0,
+                   "--unfreeze-at, --unfreeze-lr and --feature-views must be 0 or more"),
+                  (not cfg.init_from or cfg.frontend == "cnn" or "frontend" not in part_names(cfg.init_parts),
+                   f"--init-from loads a CNN frontend, not --frontend {cfg.frontend}: leave frontend out of --init-parts"),
                   (0 <= cfg.ctc_weight <= 1, "--ctc-weight must lie in [0, 1]"),
                   (0 <= cfg.beam_ctc_weight <= 1, "--beam-ctc-weight must lie in [0, 1]"),
                   (cfg.beam_size >= 1 and cfg.nbest >= 1, "--beam-size and --nbest must be 1 or more"),
@@ -3669,8 +3970,31 @@ def run_decode(cfg: Config) -> list[tuple[str, list[tuple[str, float]]]]:
     return out
 
 
+def run_export(cfg: Config) -> dict:
+    """A checkpoint's weights for other tools: a plain state dict under Auto-AVSR's names (what --init-from and
+    Auto-AVSR's own model load), the vocabulary that gives its rows meaning, and the encoder as ONNX."""
+    path = checkpoint_path(cfg)
+    model, vocab, model_cfg = model_from_checkpoint(path, cfg, torch.device("cpu"))
+    folder = Path(cfg.output) if cfg.output else Path(cfg.work_dir) / "export"
+    files = {"state_dict": folder / "model_state_dict.pth", "vocab": folder / "vocab.json", "onnx": folder / "encoder.onnx"}
+    atomic_write(files["state_dict"], lambda tmp: torch.save(model.state_dict(), tmp))
+    vocab.save(files["vocab"])
+    print(f"Wrote {files['state_dict']} ({model_cfg.arch}/{model_cfg.preset}, {vocab.size} output units: blank {vocab.blank}, "
+          f"sos/eos {vocab.sos_eos}, the units of {files['vocab']}); --init-from takes it"
+          + (", and so does Auto-AVSR's E2E model built with odim = " + str(vocab.size) if model_cfg.preset == "base"
+             and model_cfg.arch == "conformer" else ""))
+    if model_cfg.arch == "conformer":
+        export_onnx(model, model_cfg, files["onnx"])
+        print(f"Wrote {files['onnx']}: video (B x T x {model_cfg.input_size} x {model_cfg.input_size}, normalised "
+              f"with mean {model_cfg.mean:.4f} and std {model_cfg.std:.4f}), lengths (B) -> encoder_out, ctc_log_probs")
+    else:
+        del files["onnx"]
+        print("The baseline's LSTM is not exported to ONNX; its state dict is.")
+    return {k: str(v) for k, v in files.items()}
+
+
 MODES = {"train": run_train, "test": run_test, "decode": run_decode, "diagnose": run_diagnose, "sanity": run_sanity,
-         "stats": run_stats, "vocab": run_vocab, "synth": run_synth, "preprocess": run_preprocess}
+         "stats": run_stats, "vocab": run_vocab, "synth": run_synth, "preprocess": run_preprocess, "export": run_export}
 
 
 def in_notebook() -> bool:

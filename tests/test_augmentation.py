@@ -128,3 +128,28 @@ def test_frames_kept_shrunk_give_the_input_the_full_size_path_gives():
     assert x.shape == expected.shape == (2, 30, 44, 44)
     assert (x - expected).abs().max() < 1 / (255 * cfg.std) + 1e-5
     assert x[1, 25:].abs().sum() == 0
+
+
+def test_cached_features_get_the_same_time_masking_and_warping_as_frames():
+    """A frozen frontend's features (B x T x C) are masked and warped along time as frames would be, with the
+    same draws: masked frames get zero features."""
+    cfg = m.Config(time_warp=True, time_warp_max=0.3)
+    features = torch.randn(8, 30, 16) + 5  # no feature is 0 by chance
+    lengths, needed = torch.full((8,), 30), torch.full((8,), 12)
+    torch.manual_seed(4)
+    random.seed(4)
+    x, new = m.Augment(cfg, train=True).features(features.clone(), lengths, needed)
+    torch.manual_seed(4)
+    random.seed(4)
+    frames = m.resample_frames(torch.arange(1, 31)[None, :, None].expand(8, 30, 1), lengths, m.time_warp_lengths(
+        lengths, needed, cfg.time_warp_max))  # the frame each warped position shows, before masking
+    assert (new != 30).any() and x.shape == (8, int(new.max()), 16) and torch.all(new >= 12)
+    zeroed = (x == 0).all(-1)
+    assert zeroed.any() and torch.all((x == 0).any(-1) == zeroed)  # whole frames, never single features
+    for b in range(8):
+        shown = frames[b, :new[b], 0] - 1
+        kept = ~zeroed[b, :new[b]]
+        assert torch.equal(x[b, :new[b]][kept], features[b, shown[kept]])
+        assert torch.all(x[b, new[b]:] == 0)
+    plain = m.Augment(m.Config(), train=False).features(features.clone(), lengths)
+    assert torch.equal(plain[0], features) and torch.equal(plain[1], lengths)

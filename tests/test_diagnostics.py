@@ -120,12 +120,12 @@ def test_gradient_flow_warns_of_vanishing_and_of_frozen_parts_that_move():
     assert not [n for n in m.gradient_notes(lively, model) if n.startswith("warning")]
     notes = m.gradient_notes({**lively, "grad_frontend": 1e-6}, model)
     assert any(n.startswith("warning: frontend's gradients vanish") for n in notes)
-    m.freeze(model, "frontend")
+    m.set_frozen(model, ["frontend"])
     assert m.frozen_parts(model) == ["frontend"]
     assert not [n for n in m.gradient_notes({**lively, "grad_frontend": 0.0}, model) if n.startswith("warning")]
     assert any("frontend is frozen but its gradients are not zero" in n for n in m.gradient_notes(lively, model))
-    with pytest.raises(m.UserError, match="no part decoder; its parts are frontend, encoder, ctc"):
-        m.freeze(model, "decoder")
+    with pytest.raises(m.UserError, match="--freeze and --init-parts name parts of --arch baseline: cnn, lstm, ctc"):
+        m.validate(m.Config(arch="baseline", freeze="frontend"))
 
 
 def test_a_loss_that_drowns_the_other_is_named():
@@ -142,6 +142,7 @@ def test_hyperparameter_report_states_steps_warmup_and_parameters(cfg, capsys):
     vocab = m.load_vocabulary(cfg)
     ds = m.load_dataset(cfg, vocab, torch.device("cpu"))
     model = m.build_model(cfg, vocab.size)
+    m.set_frozen(model, m.frozen_in(cfg, 1))
     lines = m.report_setup(model, ds, cfg, Path(cfg.work_dir) / "setup.txt")
     steps = m.steps_per_epoch(ds, cfg)
     frozen = sum(p.numel() for p in model.frontend.parameters())

@@ -1,4 +1,6 @@
-"""Section 5: Auto-AVSR's state_dict names and shapes, presets, padding invariance, incremental decoding."""
+"""Section 5: Auto-AVSR's state_dict names and shapes, presets, padding invariance, incremental decoding,
+loading released weights (--init-from) and exporting them (--mode export)."""
+import argparse
 import re
 from pathlib import Path
 
@@ -144,10 +146,135 @@ def test_the_linear_frontend_and_frozen_parts_in_training_mode():
     assert model.frontend.proj.in_features == 44 * 44
     enc, mask = model.encode(torch.randn(2, 6, 44, 44), torch.tensor([6, 4]))
     assert enc.shape == (2, 6, 64)
-    cnn = m.build_model(m.Config(preset="tiny", freeze="frontend,encoder"), 230)
+    cnn = m.build_model(m.Config(preset="tiny"), 230)
+    m.set_frozen(cnn, ["frontend", "encoder"])
     m.train_mode(cnn)
     assert cnn.decoder.training and not cnn.frontend.frontend3D[1].training and not cnn.encoder.training
     assert not any(p.requires_grad for p in [*cnn.frontend.parameters(), *cnn.encoder.parameters()])
     assert all(p.requires_grad for p in cnn.decoder.parameters())
     with pytest.raises(m.UserError, match="the baseline has its own CNN"):
         m.build_model(m.Config(arch="baseline", frontend="noise"), 230)
+
+
+# Released weights ------------------------------------------------------------------------------------------
+
+def reference_checkpoint(path: Path, layout: str, tsv: Path = REFERENCE) -> dict[str, float]:
+    """A checkpoint with every key and shape of an Auto-AVSR state_dict listing, each weight filled with its own
+    number (stored as one value broadcast, so the 250M-value file takes kilobytes), in one of the three layouts
+    Auto-AVSR's files come in. -> the number of each key, under today's names."""
+    rows = [line.split("\t") for line in tsv.read_text().splitlines() if not line.startswith("#")]
+    numbers, state = {}, {}
+    for i, (key, shape, dtype) in enumerate(rows, 1):
+        shape = tuple(int(n) for n in re.findall(r"\d+", shape))
+        state[key] = (torch.tensor(i) if "int64" in dtype else torch.tensor(i / 1000)).expand(shape)
+        numbers[key] = state[key].flatten()[0].item() if state[key].numel() else None
+    if layout == "pre-2025":
+        state = {re.sub(r"^frontend\.", "encoder.frontend.", re.sub(r"^proj_encoder\.", "encoder.embed.0.", k)): v
+                 for k, v in state.items()}
+    if layout == "lightning":  # the ModelModule's weights, and the Python objects Lightning keeps beside them
+        state = {"state_dict": {f"model.{k}": v for k, v in state.items()}, "epoch": 74,
+                 "hyper_parameters": {"args": argparse.Namespace(modality="video", ctc_weight=0.1)}}
+    torch.save(state, path)
+    return numbers
+
+
+@pytest.fixture(scope="module")
+def base_model():
+    return m.build_model(m.Config(preset="base"), 230)
+
+
+@pytest.mark.parametrize("layout", ["plain", "lightning", "pre-2025"])
+def test_auto_avsr_weights_load_into_base_in_each_layout(layout, base_model, tmp_path, capsys):
+    path = tmp_path / f"vsr_{layout}.pth"
+    numbers = reference_checkpoint(path, layout)
+    before = {k: v.clone() for k, v in base_model.state_dict().items() if k.startswith(("decoder.", "ctc."))}
+    cfg = m.Config(preset="base", init_from=str(path), work_dir=str(tmp_path / "w"))
+    report = m.load_pretrained(base_model, cfg)
+    transferable = [k for k in numbers if k.startswith(("frontend.", "proj_encoder.", "encoder."))]
+    assert sum(report["loaded"].values()) == len(transferable) == 604
+    assert report["loaded"] == {"frontend": 120, "proj_encoder": 2, "encoder": 482} and report["missing"] == []
+    assert report["skipped"] == {"not in --init-parts frontend,proj_encoder,encoder":
+                                 [k for k in numbers if k.startswith(("decoder.", "ctc."))]}
+    assert ("Lightning" in report["kind"]) == (layout == "lightning")
+    assert ("pre-2025" in report["kind"]) == (layout == "pre-2025")
+    state = base_model.state_dict()
+    for key in transferable:  # every weight landed under its own name, all of it
+        assert torch.all(state[key] == numbers[key]), key
+    assert all(torch.equal(state[k], v) for k, v in before.items())  # the vocabulary's side starts afresh
+    out = capsys.readouterr().out
+    assert "604 weights loaded (frontend 120, proj_encoder 2, encoder 482; 182,056,288 values)" in out
+    assert "skipped 163, not in --init-parts" in out and "missing: none" in out
+    written = (tmp_path / "w" / "diagnostics" / "init_from.txt").read_text(encoding="utf-8")
+    assert "skipped (not in --init-parts frontend,proj_encoder,encoder): ctc.ctc_lo.weight" in written
+
+
+def test_the_vocabulary_sized_layers_are_skipped_with_their_reason(base_model, tmp_path):
+    path = tmp_path / "vsr.pth"
+    numbers = reference_checkpoint(path, "plain")
+    cfg = m.Config(preset="base", init_from=str(path), init_parts="frontend,proj_encoder,encoder,decoder,ctc",
+                   work_dir=str(tmp_path / "w"))
+    report = m.load_pretrained(base_model, cfg)
+    assert report["skipped"] == {"vocabulary-sized: 5049 units there, 230 here": sorted(VOCAB_ROWS, key=list(numbers).index)}
+    assert sum(report["loaded"].values()) == 767 - 5 and report["missing"] == []
+    assert torch.all(base_model.decoder.decoders[5].feed_forward.w_2.bias ==
+                     numbers["decoder.decoders.5.feed_forward.w_2.bias"])
+
+
+def test_weights_that_cannot_load_say_why(tmp_path):
+    small = m.Config(preset="small", work_dir=str(tmp_path / "w"))
+    model = m.build_model(small, 230)
+    reference_checkpoint(tmp_path / "vsr.pth", "plain")
+    with pytest.raises(m.UserError, match=r"does not fit --preset small: \d+ weights differ in shape, e\.g\. "
+                                          r"frontend\.trunk\.layer1\.0\.conv1\.weight: \(64, 64, 3, 3\) there, "
+                                          r"\(32, 32, 3, 3\) here\. Its shapes are those of --preset base"):
+        m.load_pretrained(model, m.dataclasses.replace(small, init_from=str(tmp_path / "vsr.pth")))
+    audio = Path(__file__).with_name("auto_avsr_audio_state_dict.tsv")
+    reference_checkpoint(tmp_path / "asr.pth", "plain", audio)
+    with pytest.raises(m.UserError, match="It is Auto-AVSR's audio model"):
+        m.load_pretrained(m.build_model(m.Config(preset="base"), 230),
+                          m.Config(preset="base", init_from=str(tmp_path / "asr.pth")))
+    torch.save({"epoch": 3, "note": "no weights"}, tmp_path / "other.pth")
+    with pytest.raises(m.UserError, match="holds dict, not a model's weights"):
+        m.load_pretrained(model, m.dataclasses.replace(small, init_from=str(tmp_path / "other.pth")))
+    (tmp_path / "notes.pth").write_text("not a checkpoint")
+    with pytest.raises(m.UserError, match="cannot read it as a PyTorch checkpoint"):
+        m.load_pretrained(model, m.dataclasses.replace(small, init_from=str(tmp_path / "notes.pth")))
+    torch.save({"linear.weight": torch.zeros(2, 2)}, tmp_path / "foreign.pth")
+    with pytest.raises(m.UserError, match=r"none of its 1 weights \(e\.g\. linear\.weight\) is one of this model's"):
+        m.load_pretrained(model, m.dataclasses.replace(small, init_from=str(tmp_path / "foreign.pth")))
+    with pytest.raises(m.UserError, match=r"no such file\. Looked in:(.|\n)*vsr_trlrs3_base\.pth"):
+        m.load_pretrained(model, m.dataclasses.replace(small, init_from="vsr_trlrs3_base.pth"))
+    with pytest.raises(m.UserError, match="fit --arch conformer"):
+        m.load_pretrained(m.build_model(m.Config(arch="baseline"), 230),
+                          m.Config(arch="baseline", init_parts="cnn", init_from=str(tmp_path / "vsr.pth")))
+
+
+def test_export_writes_weights_both_ways_and_an_onnx_encoder(tmp_path, capsys):
+    import onnxruntime
+    work = tmp_path / "run"
+    cfg = m.Config(preset="tiny", input_size=44, synthetic_clips=24, max_frames=300, epochs=1, decoder="ctc",
+                   diagnostics=False, work_dir=str(work))
+    m.train(cfg)
+    files = m.run_export(m.dataclasses.replace(cfg, mode="export"))
+    model, vocab, _ = m.model_from_checkpoint(work / "checkpoints" / "best.pt", cfg, torch.device("cpu"))
+    # the state dict: plain tensors under Auto-AVSR's names, loading strictly into a fresh model
+    weights = torch.load(files["state_dict"], weights_only=True)
+    assert weights.keys() == model.state_dict().keys()
+    fresh = m.build_model(cfg, m.Vocabulary.load(Path(files["vocab"])).size)
+    fresh.load_state_dict(weights)
+    video, lengths = torch.randn(3, 41, 44, 44), torch.tensor([41, 17, 30])  # not the shapes it was traced with
+    expected = m.EncoderForExport(model)(video, lengths)
+    assert all(torch.equal(a, b) for a, b in zip(m.EncoderForExport(fresh.eval())(video, lengths), expected))
+    # the ONNX encoder gives the same outputs at another batch size and length
+    session = onnxruntime.InferenceSession(files["onnx"])
+    names = [o.name for o in session.get_outputs()]
+    outputs = session.run(None, {"video": video.numpy(), "lengths": lengths.numpy()})
+    assert names == ["encoder_out", "ctc_log_probs"]
+    for got, want in zip(outputs, expected):
+        assert got.shape == tuple(want.shape)
+        assert abs(got - want.detach().numpy()).max() < 1e-4
+    # and --init-from takes the export back, every weight of it
+    report = m.load_pretrained(m.build_model(cfg, vocab.size), m.dataclasses.replace(
+        cfg, init_from=files["state_dict"], init_parts="frontend,proj_encoder,encoder,decoder,ctc"))
+    assert sum(report["loaded"].values()) == len(weights) and not report["skipped"] and not report["missing"]
+    assert "encoder_out, ctc_log_probs" in capsys.readouterr().out

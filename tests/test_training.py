@@ -159,7 +159,7 @@ def test_resume_refuses_other_data_settings(tmp_path):
 
 
 DDP = FAST + ["--epochs", "3", "--max-frames", "300", "--dropout", "0", "--sync-batchnorm", "--decoder", "ctc",
-              "--mode", "train"]
+              "--freeze", "frontend", "--unfreeze-at", "2", "--mode", "train"]  # cached features, then all parts
 LOSSES = ("train_loss", "train_ctc", "train_att", "train_eval_loss", "val_loss")
 
 
@@ -176,7 +176,8 @@ def finished(process) -> str:
 
 
 def test_torchrun_two_processes_train_as_one_with_the_same_global_batch_and_resume(tmp_path):
-    """Augmentation on (every process draws the global batch alike); dropout off, as its masks are per process."""
+    """Augmentation on (every process draws the global batch alike); dropout off, as its masks are per process.
+    The first epoch trains from a frozen frontend's cached features, the others everything."""
     one = finished(run_script(DDP + ["--work-dir", str(tmp_path / "one")]))
     two = finished(torchrun(DDP + ["--work-dir", str(tmp_path / "two")]))
     assert "x 2 processes" in two and two.count("epoch   1 |") == 1  # rank 0 alone speaks
@@ -225,3 +226,86 @@ def test_compile_wraps_the_encoding_and_skips_gpus_before_compute_capability_7(m
     m.compile_model(model, torch.device("cpu"))
     assert model.encode != plain and getattr(model.encode, "_torchdynamo_orig_callable", None) == plain
     assert set(model.state_dict()) == set(m.build_model(m.Config(preset="tiny"), m.Vocabulary.seed().size).state_dict())
+
+
+# Starting from weights, freezing, unfreezing, the feature cache ---------------------------------------------
+
+def test_unfrozen_parts_get_their_own_lower_learning_rate_ramped_up_from_their_epoch():
+    model = m.build_model(m.Config(preset="tiny"), 230)
+    cfg = m.Config(preset="tiny", freeze="frontend", unfreeze_at=3, unfreeze_lr=0.1, warmup_epochs=1, epochs=6)
+    optimizer, scheduler = m.make_optimizer(model, cfg, 5)
+    frontend = {id(p) for p in model.frontend.parameters()}
+    assert [{id(p) for p in g["params"]} == frontend for g in optimizer.param_groups] == [False, True]
+    lrs = []
+    for _ in range(30):
+        lrs.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    assert all(rate == 0 for _, rate in lrs[:10])  # epochs 1 and 2: frozen
+    for k in range(10, 30):
+        assert lrs[k][1] == pytest.approx(0.1 * lrs[k][0] * min((k - 9) / 5, 1)), k
+    for_good = m.make_optimizer(model, m.dataclasses.replace(cfg, unfreeze_at=0), 5)[0]
+    assert len(for_good.param_groups) == 1 and not frontend & {id(p) for p in for_good.param_groups[0]["params"]}
+
+
+def seeded_train(cfg, **kwargs) -> dict:
+    """As main() starts a run: seeded, so that runs in one process can be compared."""
+    torch.manual_seed(cfg.seed)
+    m.random.seed(cfg.seed)
+    return m.train(cfg, **kwargs)
+
+
+def state_of(work: Path) -> dict:
+    return torch.load(work / "checkpoints" / "last.pt", weights_only=False)
+
+
+def test_a_frozen_frontend_stays_put_trains_from_its_cache_then_unfreezes_and_resumes_exactly(tmp_path, capsys):
+    seeded_train(fast_cfg(tmp_path / "start", epochs=1))
+    start = state_of(tmp_path / "start")["model"]
+    frozen = dict(init_from=str(tmp_path / "start" / "checkpoints" / "last.pt"), freeze="frontend", unfreeze_at=3,
+                  epochs=3, feature_views=2)
+    seeded_train(fast_cfg(tmp_path / "cut", **frozen), done=lambda row: row["epoch"] == 2)
+    out = capsys.readouterr().out
+    assert "features of 48 clips cached, center crop and 2 training views" in out and "unfrozen" not in out
+    after_two = state_of(tmp_path / "cut")["model"]
+    for key in start:  # weights and BatchNorm statistics alike: the frozen frontend is in eval mode
+        assert torch.equal(after_two[key], start[key]) == key.startswith("frontend."), key
+    seeded_train(fast_cfg(tmp_path / "cut", resume=True, **frozen))
+    assert "epoch 3: frontend unfrozen, at 0.1 x the learning rate" in capsys.readouterr().out
+    resumed = state_of(tmp_path / "cut")
+    assert not torch.equal(resumed["model"]["frontend.frontend3D.0.weight"], start["frontend.frontend3D.0.weight"])
+    assert not torch.equal(resumed["model"]["frontend.frontend3D.1.running_mean"],
+                           start["frontend.frontend3D.1.running_mean"])
+    seeded_train(fast_cfg(tmp_path / "whole", **frozen))
+    whole = state_of(tmp_path / "whole")
+    assert history_without_timings(tmp_path / "cut") == history_without_timings(tmp_path / "whole")
+    assert all(torch.equal(resumed["model"][k], whole["model"][k]) for k in whole["model"])
+
+
+def test_training_from_the_cache_equals_training_through_the_frozen_frontend(tmp_path):
+    """Without augmentation every view is the center crop, so the cache must change nothing but the speed."""
+    plain = dict(epochs=2, freeze="frontend", random_crop=False, hflip_prob=0.0, time_mask=False)
+    cached = seeded_train(fast_cfg(tmp_path / "cached", feature_views=2, **plain))["history"]
+    direct = seeded_train(fast_cfg(tmp_path / "direct", feature_views=0, **plain))["history"]
+    for a, b in zip(cached, direct):
+        for k in LOSSES + ("val_cer_ctc", "train_cer_ctc"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5), (a["epoch"], k)
+
+
+def test_the_cache_holds_the_center_crop_and_augmented_views(tmp_path):
+    cfg = fast_cfg(tmp_path, feature_views=3)
+    vocab = m.load_vocabulary(cfg)
+    ds = m.load_dataset(cfg, vocab, torch.device("cpu"))
+    model = m.build_model(cfg, vocab.size).eval()
+    bank = m.FeatureBank(model, ds, cfg, torch.device("cpu"))
+    assert bank.views.shape == (4, int(ds.bank.lengths.sum()), 64)
+    clips = ds.subset("val")[:3]
+    frames, lengths = ds.bank.batch(clips)
+    center = model.frontend(m.Augment(cfg, train=False)(frames, lengths)[0])
+    features, same_lengths = bank.batch(clips, [0, 0, 0])
+    assert torch.equal(same_lengths, lengths) and torch.allclose(features, center * (features != 0), atol=1e-5)
+    assert torch.all(features[1, lengths[1]:] == 0) and torch.all(features[1, :lengths[1]].abs().sum(-1) > 0)
+    train = ds.subset("train")[:4]
+    views = [bank.batch(train, [v] * 4)[0] for v in range(4)]
+    assert not any(torch.equal(views[a], views[b]) for a in range(4) for b in range(a + 1, 4))  # crops and flips
+    assert torch.all(bank.views[1:, bank.offsets[clips[0]]] == 0)  # no training views of validation clips
