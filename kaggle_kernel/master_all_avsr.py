@@ -2125,8 +2125,9 @@ def make_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int):
     warmup, total = schedule_steps(cfg, steps_per_epoch)
     total = max(total, warmup + 1)
     unfrozen = (cfg.unfreeze_at - 1) * steps_per_epoch  # optimizer steps before the unfreezing
+    ramp = lambda k: min(max(k - unfrozen + 1, 0) / warmup, 1)
     schedules = [lambda k: warmup_cosine(k + 1, warmup, total),
-                 lambda k: cfg.unfreeze_lr * warmup_cosine(k + 1, warmup, total) * min(max(k - unfrozen + 1, 0) / warmup, 1)]
+                 lambda k: cfg.unfreeze_lr * warmup_cosine(k + 1, warmup, total) * ramp(k)]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules[:len(optimizer.param_groups)])
     return optimizer, scheduler
 
@@ -2309,10 +2310,10 @@ def training_batch(ds: Dataset, chosen: list[int], augment: Augment, device) -> 
 # for a few views of every clip, and the epochs train the rest of the model from memory.
 
 class FeatureBank:
-    """A frozen frontend's per-frame features, clips concatenated over time as in ClipBank: view 0 is every clip's
-    center crop (what evaluation sees), views 1..--feature-views random crops and flips of the training clips
-    (drawn with their own seed, so a resumed run draws the same). Time masking and warping happen later, on
-    the features of each batch."""
+    """A frozen frontend's per-frame features, clips concatenated over time as in ClipBank: view 0 is the center
+    crop of every clip in a split (what evaluation sees), views 1..--feature-views random crops and flips of the
+    training clips (drawn with their own seed, so a resumed run draws the same). Time masking and warping
+    happen later, on the features of each batch."""
 
     def __init__(self, model: nn.Module, ds: Dataset, cfg: Config, device: torch.device):
         self.offsets, self.lengths = ds.bank.offsets, ds.bank.lengths
@@ -2322,11 +2323,11 @@ class FeatureBank:
         self.views = torch.zeros(shape, dtype=dtype, device=self.device)
         spatial_only = dataclasses.replace(cfg, time_mask=False, time_warp=False)
         model.frontend.eval()
-        t0 = time.time()
+        t0, used = time.time(), sorted({i for index in ds.splits.values() for i in index})
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
             torch.manual_seed(cfg.seed)
             for view in range(shape[0]):
-                index = list(range(len(ds.samples))) if view == 0 else ds.subset("train")
+                index = used if view == 0 else ds.subset("train")
                 augment = Augment(spatial_only, train=view > 0)
                 for batch in eval_batches(ds, index, cfg):
                     chosen = [index[i] for i in batch]
@@ -2337,7 +2338,7 @@ class FeatureBank:
                     for b, i in enumerate(chosen):
                         start = int(self.offsets[i])
                         self.views[view, start:start + int(lengths[b])] = features[b, :lengths[b]].to(self.device)
-        print(f"frozen frontend: features of {len(ds.samples)} clips cached, center crop and {cfg.feature_views} "
+        print(f"frozen frontend: features of {len(used)} clips cached, center crop and {cfg.feature_views} "
               f"training views ({self.views.numel() * dtype.itemsize / 2 ** 20:.0f} MB on {self.device}, "
               f"{time.time() - t0:.0f} s); epochs train from them", flush=True)
 
@@ -3666,7 +3667,7 @@ def validate(cfg: Config) -> Config:
                   (min(cfg.unfreeze_at, cfg.unfreeze_lr, cfg.feature_views) >= 0,
                    "--unfreeze-at, --unfreeze-lr and --feature-views must be 0 or more"),
                   (not cfg.init_from or cfg.frontend == "cnn" or "frontend" not in part_names(cfg.init_parts),
-                   f"--init-from loads a CNN frontend, not --frontend {cfg.frontend}: leave frontend out of --init-parts"),
+                   f"--init-from loads a CNN frontend, not --frontend {cfg.frontend}: leave it out of --init-parts"),
                   (0 <= cfg.ctc_weight <= 1, "--ctc-weight must lie in [0, 1]"),
                   (0 <= cfg.beam_ctc_weight <= 1, "--beam-ctc-weight must lie in [0, 1]"),
                   (cfg.beam_size >= 1 and cfg.nbest >= 1, "--beam-size and --nbest must be 1 or more"),
@@ -3976,11 +3977,12 @@ def run_export(cfg: Config) -> dict:
     path = checkpoint_path(cfg)
     model, vocab, model_cfg = model_from_checkpoint(path, cfg, torch.device("cpu"))
     folder = Path(cfg.output) if cfg.output else Path(cfg.work_dir) / "export"
-    files = {"state_dict": folder / "model_state_dict.pth", "vocab": folder / "vocab.json", "onnx": folder / "encoder.onnx"}
+    files = {"state_dict": folder / "model_state_dict.pth", "vocab": folder / "vocab.json",
+             "onnx": folder / "encoder.onnx"}
     atomic_write(files["state_dict"], lambda tmp: torch.save(model.state_dict(), tmp))
     vocab.save(files["vocab"])
-    print(f"Wrote {files['state_dict']} ({model_cfg.arch}/{model_cfg.preset}, {vocab.size} output units: blank {vocab.blank}, "
-          f"sos/eos {vocab.sos_eos}, the units of {files['vocab']}); --init-from takes it"
+    print(f"Wrote {files['state_dict']} ({model_cfg.arch}/{model_cfg.preset}, {vocab.size} output units: blank "
+          f"{vocab.blank}, sos/eos {vocab.sos_eos}, the units of {files['vocab']}); --init-from takes it"
           + (", and so does Auto-AVSR's E2E model built with odim = " + str(vocab.size) if model_cfg.preset == "base"
              and model_cfg.arch == "conformer" else ""))
     if model_cfg.arch == "conformer":
