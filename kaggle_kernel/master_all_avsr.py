@@ -1553,21 +1553,13 @@ OLD_NAMES = (("encoder.frontend.", "frontend."), ("encoder.embed.0.", "proj_enco
 VOCAB_SIZED = ("decoder.embed.0.", "decoder.output_layer.", "ctc.ctc_lo.")
 
 
-def weights_places(name: str, cfg: Config) -> list[Path]:
-    here = globals().get("__file__")
-    folders = [Path.cwd(), Path(cfg.work_dir)] + ([Path(here).resolve().parent] if here else [])
-    return [folder / Path(name).name for folder in dict.fromkeys(folders)]
-
-
 def find_weights(cfg: Config) -> Path:
     """--init-from as given, else a file of that name in the usual places or anywhere under /kaggle/input."""
     if Path(cfg.init_from).is_file():
         return Path(cfg.init_from)
-    places = weights_places(cfg.init_from, cfg)
-    found = next((p for p in places if p.is_file()), None) or next(iter(kaggle_files(Path(cfg.init_from).name)), None)
+    found, places = find_on_disk(Path(cfg.init_from).name, Path(cfg.work_dir))
     if found is None:
-        looked = "\n  ".join(map(str, [cfg.init_from, *places] + [KAGGLE_INPUT / "**" / Path(cfg.init_from).name]
-                                    * KAGGLE_INPUT.is_dir()))
+        looked = "\n  ".join(map(str, [cfg.init_from, *places]))
         raise UserError(f"--init-from {cfg.init_from}: no such file. Looked in:\n  {looked}\nAuto-AVSR's released "
                         f"video models (e.g. vsr_trlrs3_base.pth, vsr_trlrs3vox2_base.pth) are listed in the model "
                         f"zoo of {AUTO_AVSR_URL}; download one where there is internet and pass its path (on Kaggle, "
@@ -1593,7 +1585,7 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], str]:
         state, kind = state["model"], "checkpoint of this script"
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"--init-from {path}: the file holds {type(state).__name__}, not a model's weights (a dict "
-                        "of tensors). Give a released model of {AUTO_AVSR_URL} or a checkpoint of this script.")
+                        f"of tensors). Give a released model of {AUTO_AVSR_URL} or a checkpoint of this script.")
     weights, renamed = {}, False
     for key, value in state.items():
         key = key.removeprefix("module.").removeprefix("model.")  # DataParallel's wrapper, Lightning's ModelModule
@@ -3160,27 +3152,15 @@ def import_dlib():
     return dlib
 
 
-def landmark_model_places() -> list[Path]:
-    """Where the landmark model usually lives: the working folder, beside this script, and inside the
-    face_recognition_models package, looked up on sys.path rather than imported (its import fails on recent
-    setuptools)."""
-    here = globals().get("__file__")
-    folders = [Path.cwd()] + ([Path(here).resolve().parent] if here else [])
-    folders += [Path(p) / "face_recognition_models" / "models" for p in sys.path if p]
-    return [folder / LANDMARK_FILE for folder in dict.fromkeys(folders)]
-
-
 def find_landmark_model(cfg: Config) -> Path:
-    """--landmark-model, else the usual places, else any copy under /kaggle/input; a clear error otherwise."""
+    """--landmark-model, else the usual places (the face_recognition_models package among them, looked up on
+    sys.path rather than imported: its import fails on recent setuptools); a clear error otherwise."""
     if cfg.landmark_model:
         if not Path(cfg.landmark_model).is_file():
             raise UserError(f"--landmark-model {cfg.landmark_model}: no such file.")
         return Path(cfg.landmark_model)
-    places = landmark_model_places()
-    found = next((p for p in places if p.is_file()), None)
-    if found is None and KAGGLE_INPUT.is_dir():
-        found = next(iter(kaggle_files(LANDMARK_FILE)), None)
-        places.append(KAGGLE_INPUT / "**" / LANDMARK_FILE)
+    package_folders = [Path(p) / "face_recognition_models" / "models" for p in sys.path if p]
+    found, places = find_on_disk(LANDMARK_FILE, *package_folders)
     if found is None:
         looked = "\n  ".join(map(str, places))
         raise UserError(
@@ -3485,6 +3465,19 @@ def on_kaggle() -> bool:
 
 def kaggle_files(pattern: str) -> list[Path]:
     return sorted(KAGGLE_INPUT.rglob(pattern)) if KAGGLE_INPUT.is_dir() else []
+
+
+def find_on_disk(name: str, *folders: Path) -> tuple[Path | None, list[Path]]:
+    """A file the script can use but never downloads (weights, dlib's landmark model): the first `name` in the
+    working folder, beside this script or in `folders`, else anywhere under /kaggle/input; and where it looked."""
+    here = globals().get("__file__")
+    places = [folder / name for folder in dict.fromkeys([Path.cwd(), *([Path(here).resolve().parent] if here else []),
+                                                         *folders])]
+    found = next((p for p in places if p.is_file()), None)
+    if found is None and KAGGLE_INPUT.is_dir():
+        found = next(iter(kaggle_files(name)), None)
+        places.append(KAGGLE_INPUT / "**" / name)
+    return found, places
 
 
 def kaggle_settings_file() -> str:

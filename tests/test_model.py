@@ -234,7 +234,7 @@ def test_weights_that_cannot_load_say_why(tmp_path):
         m.load_pretrained(m.build_model(m.Config(preset="base"), 230),
                           m.Config(preset="base", init_from=str(tmp_path / "asr.pth")))
     torch.save({"epoch": 3, "note": "no weights"}, tmp_path / "other.pth")
-    with pytest.raises(m.UserError, match="holds dict, not a model's weights"):
+    with pytest.raises(m.UserError, match="holds dict, not a model's weights .* model of https://github.com/mpc001"):
         m.load_pretrained(model, m.dataclasses.replace(small, init_from=str(tmp_path / "other.pth")))
     (tmp_path / "notes.pth").write_text("not a checkpoint")
     with pytest.raises(m.UserError, match="cannot read it as a PyTorch checkpoint"):
