@@ -3654,7 +3654,7 @@ def validate(cfg: Config) -> Config:
     if not problems:  # the ranges can only be compared once the types are right
         parts = PARTS.get(cfg.arch, ())
         checks = [(cfg.accum_steps >= 1 and cfg.processes >= 0, "--accum-steps must be 1 or more, --processes 0 or more"),
-                  (set(part_names(cfg.freeze) + part_names(cfg.init_parts)) <= set(parts),
+                  (set(part_names(cfg.freeze) + part_names(cfg.init_parts) * bool(cfg.init_from)) <= set(parts),
                    f"--freeze and --init-parts name parts of --arch {cfg.arch}: {', '.join(parts)}"),
                   (not cfg.unfreeze_at or cfg.freeze, "--unfreeze-at needs --freeze: the parts to unfreeze"),
                   (min(cfg.unfreeze_at, cfg.unfreeze_lr, cfg.feature_views) >= 0,
@@ -3974,11 +3974,12 @@ def run_export(cfg: Config) -> dict:
              "onnx": folder / "encoder.onnx"}
     atomic_write(files["state_dict"], lambda tmp: torch.save(model.state_dict(), tmp))
     vocab.save(files["vocab"])
-    print(f"Wrote {files['state_dict']} ({model_cfg.arch}/{model_cfg.preset}, {vocab.size} output units: blank "
-          f"{vocab.blank}, sos/eos {vocab.sos_eos}, the units of {files['vocab']}); --init-from takes it"
-          + (", and so does Auto-AVSR's E2E model built with odim = " + str(vocab.size) if model_cfg.preset == "base"
-             and model_cfg.arch == "conformer" else ""))
-    if model_cfg.arch == "conformer":
+    conformer = model_cfg.arch == "conformer"
+    print(f"Wrote {files['state_dict']} ({model_cfg.arch}, {vocab.size} output units: blank {vocab.blank}, sos/eos "
+          f"{vocab.sos_eos}, the units of {files['vocab']})" + ("; --init-from takes it" if conformer else "")
+          + (f", and so does Auto-AVSR's E2E model built with odim = {vocab.size}" if conformer
+             and model_cfg.preset == "base" else ""))
+    if conformer:
         export_onnx(model, model_cfg, files["onnx"])
         print(f"Wrote {files['onnx']}: video (B x T x {model_cfg.input_size} x {model_cfg.input_size}, normalised "
               f"with mean {model_cfg.mean:.4f} and std {model_cfg.std:.4f}), lengths (B) -> encoder_out, ctc_log_probs")
