@@ -87,6 +87,12 @@ class Config:
     synthetic_clips: int = 2000
     synthetic_words: int = 100  # lexicon size: words repeat across clips, as in the real data
     synthetic_speakers: int = 24
+    # sound (--modality audio / av): read from a file of the clip's name, mixed with noise when training
+    modality: str = "video"  # video (lip reading) | audio (speech recognition) | av (both, fused)
+    audio_dir: str = ""  # where a clip's sound is: wav/flac/m4a or the raw face video of its name; default --data-dir
+    noise: str = "babble"  # babble (other training clips spoken at once) | white | a folder of noise recordings
+    noise_snrs: str = "-5,0,5,10,15,20,inf"  # training draws one per clip (dB; inf: clean), Auto-AVSR's levels
+    sound: str = "clean"  # what test, decode and validation hear: clean | mute | an SNR in dB (noise as --noise)
     # batching
     max_frames: int = 1200  # frame budget of one batch (clips x padded length)
     # augmentation (training only; validation and test get the center crop and normalisation)
@@ -534,6 +540,143 @@ def read_frames(path: Path) -> tuple[np.ndarray, float]:
     return np.stack(frames), (fps if 1 <= fps <= 1000 else CLIP_FPS)
 
 
+SAMPLE_RATE = 16_000
+SAMPLES_PER_FRAME = SAMPLE_RATE // CLIP_FPS  # 640: the audio frontend turns them into one 25 Hz frame
+SOUND_EXTS = {".wav", ".flac", ".m4a", ".mp3", ".ogg", ".opus", ".aac"}
+SOUND_IN_VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
+
+
+def read_audio(path: Path) -> np.ndarray:
+    """A file's first sound track as 16 kHz mono float32 (PyAV decodes and resamples, stereo is mixed down);
+    ValueError says what is wrong with it."""
+    try:
+        import av
+    except ImportError as e:  # a Kaggle image may lack it
+        raise UserError("Sound is read with PyAV: `pip install av` (in a notebook: !pip install av).") from e
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise ValueError("no audio track")
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+            chunks = [out.to_ndarray().reshape(-1) for frame in container.decode(container.streams.audio[0])
+                      for out in resampler.resample(frame)]
+            chunks += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
+    except av.error.FFmpegError as e:
+        raise ValueError(f"unreadable sound ({e})") from e
+    wave = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    if not np.isfinite(wave).all() or not np.abs(wave).max(initial=0) > 0:
+        raise ValueError("the audio track is empty or silent")
+    return wave.astype(np.float32)
+
+
+def write_wav(path: Path, wave: np.ndarray, rate: int = SAMPLE_RATE) -> None:
+    """Mono 16-bit PCM (samples in [-1, 1]), atomically."""
+    import wave as wav
+
+    def write(tmp):
+        with wav.open(tmp, "wb") as f:
+            f.setnchannels(1)
+            f.setsampwidth(2)
+            f.setframerate(rate)
+            f.writeframes((np.clip(wave, -1, 1) * 32767).astype("<i2").tobytes())
+    atomic_write(path, write)
+
+
+def fit_to_frames(wave: np.ndarray, frames: int) -> np.ndarray:
+    """`frames` x 640 samples: the sound of the clip's frames, cut or zero-padded at the end."""
+    n = frames * SAMPLES_PER_FRAME
+    return np.pad(wave[:n], (0, max(0, n - len(wave)))).reshape(frames, SAMPLES_PER_FRAME)
+
+
+def sound_problem(wave: np.ndarray, frames: int) -> str:
+    """Why a clip's sound cannot be used with its frames ('' if it can)."""
+    covered = len(wave) / (frames * SAMPLES_PER_FRAME)
+    if covered < 0.5:  # LRC-AR's 37-38 frame clips carry 1.16 s of sound (78%): the rest is silence
+        return (f"{len(wave) / SAMPLE_RATE:.2f} s of sound for {frames} frames ({frames / CLIP_FPS:.2f} s): is it the "
+                "sound of this clip?")
+    return ""
+
+
+def sound_candidates(cfg: Config, clips: dict[str, Path]) -> dict[str, list[Path]]:
+    """Per clip stem, the files that may hold its sound, best first: a sound file of that name, the clip itself,
+    a (raw) video of that name under --audio-dir (default --data-dir)."""
+    roots = {Path(r) for r in (cfg.audio_dir or cfg.data_dir, cfg.videos_dir) if r}
+    found: dict[str, set[Path]] = {}
+    for root in roots:
+        if not root.is_dir():
+            raise UserError(f"--audio-dir {root} does not exist or is not a folder.")
+        for stem, paths in files_by_stem(root, SOUND_EXTS | SOUND_IN_VIDEO_EXTS, own_outputs(cfg)).items():
+            found.setdefault(stem, set()).update(paths)
+    order = lambda clip: lambda p: (p.suffix.lower() not in SOUND_EXTS, p != clip, str(p))
+    itself = lambda clip: {clip.resolve()} if clip.suffix.lower() in SOUND_IN_VIDEO_EXTS else set()
+    return {stem: sorted(found.get(stem, set()) | itself(clip), key=order(clip.resolve()))
+            for stem, clip in clips.items()}
+
+
+def clip_sound(load, candidates: list[Path], frames: int) -> tuple[np.ndarray | None, str]:
+    """The clip's sound (frames x 640) from the first candidate whose sound `load(path)` reads and that fits,
+    or None and why none does."""
+    tried = []
+    for path in candidates:
+        try:
+            wave = load(path)
+            problem = sound_problem(wave, frames)
+        except ValueError as e:
+            problem = str(e)
+        if not problem:
+            return fit_to_frames(wave, frames), ""
+        tried.append(f"{path}: {problem}")
+    return None, ("no sound: " + ("; ".join(tried) if tried else "no sound file or video of its name was found")
+                  + " (put a wav/flac/m4a of the clip's name beside it, or point --audio-dir at the raw videos)")
+
+
+BABBLE_VOICES, BABBLE_SECONDS = 6, 60
+
+
+def babble(waves: list[np.ndarray], seed: int) -> np.ndarray:
+    """BABBLE_SECONDS of six voices at once, each a random sequence of the clips, every clip at unit power."""
+    rng, voices = np.random.default_rng(seed), []
+    for _ in range(BABBLE_VOICES):
+        voice, n = [], 0
+        for i in rng.permutation(len(waves)):
+            voice.append(waves[i] / (waves[i].std() + 1e-8))
+            n += len(waves[i])
+            if n >= BABBLE_SECONDS * SAMPLE_RATE:
+                break
+        voices.append(np.concatenate(voice))
+    n = min(map(len, voices))
+    return sum(v[:n] for v in voices)
+
+
+def noise_recordings(folder: Path) -> np.ndarray:
+    """Every readable recording under `folder`, one after the other; an unreadable one is named and skipped."""
+    tracks = []
+    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in SOUND_EXTS | SOUND_IN_VIDEO_EXTS):
+        try:
+            tracks.append(read_audio(path))
+        except ValueError as e:
+            print(f"--noise: skipped {path}: {e}", file=sys.stderr)
+    if not tracks:
+        raise UserError(f"--noise {folder}: no readable recording in it (wav, flac, m4a, mp3, ogg or a video with "
+                        "sound). Give a folder of noise recordings, or --noise babble / white.")
+    return np.concatenate(tracks)
+
+
+def noise_track(cfg: Config, waves: list[np.ndarray], device: torch.device) -> torch.Tensor | None:
+    """What --noise names as one 16 kHz track: babble made of `waves` (the training clips), the recordings of a
+    folder, or None (white noise, drawn as needed)."""
+    if cfg.noise == "white" or (cfg.noise == "babble" and not waves):
+        return None
+    if cfg.noise == "babble":
+        track = babble(waves, cfg.seed)
+    elif Path(cfg.noise).is_dir():
+        track = noise_recordings(Path(cfg.noise))
+    else:
+        raise UserError(f"--noise {cfg.noise}: not a folder. Give babble, white or a folder of noise recordings.")
+    track = torch.from_numpy(track.astype(np.float32))
+    return track.to(memory_for(track.numel() * 4, device))
+
+
 def frames_needed(ids: list[int]) -> int:
     """CTC emits one unit a frame and needs a blank between equal neighbours."""
     return len(ids) + sum(a == b for a, b in zip(ids, ids[1:]))
@@ -557,7 +700,8 @@ def check_sample(cfg: Config, vocab: Vocabulary, text: str, frames: np.ndarray) 
 
 
 class ClipCache:
-    """Decoded clips as uint8 .npy files, one per source file, keyed by its path, size and mtime.
+    """Decoded clips (uint8 frames) and sound (16 kHz float32) as .npy files, one per source file and kind, keyed
+    by its path, size and mtime.
 
     A changed or added file refreshes only its own entry; entries are written atomically."""
 
@@ -570,30 +714,30 @@ class ClipCache:
             self.index = {}
         self.hits = self.misses = 0
 
-    def _entry(self, path: Path) -> tuple[str, list]:
+    def _entry(self, path: Path, kind: str) -> tuple[str, list]:
         st = path.stat()
-        key = str(path.resolve())
+        key = str(path.resolve()) + ("" if kind == "frames" else f"#{kind}")
         return key, [st.st_size, st.st_mtime_ns]
 
-    def load(self, path: Path) -> np.ndarray:
-        key, stamp = self._entry(path)
+    def load(self, path: Path, kind: str = "frames") -> np.ndarray:
+        key, stamp = self._entry(path, kind)
         file = self.folder / (hashlib.sha1(key.encode()).hexdigest()[:20] + ".npy")
         if self.index.get(key) == stamp:
             try:
-                frames = np.load(file)
+                decoded = np.load(file)
                 self.hits += 1
-                return frames
+                return decoded
             except (OSError, ValueError, EOFError):  # a damaged entry is decoded again
                 pass
-        frames = read_video(path)
+        decoded = read_video(path) if kind == "frames" else read_audio(path)
         try:
-            atomic_write(file, lambda tmp: np.save(tmp, frames))
+            atomic_write(file, lambda tmp: np.save(tmp, decoded))
         except OSError as e:
             raise UserError(f"Cannot write the clip cache in {self.folder} ({e}). Free some space, or point "
                             "--cache-dir at a writable folder.") from e
         self.index[key] = stamp
         self.misses += 1
-        return frames
+        return decoded
 
     def save_index(self) -> None:
         if self.misses:
@@ -655,7 +799,8 @@ def padded_rows(offsets: torch.Tensor, lengths: torch.Tensor, index: list[int]):
 
 
 class ClipBank:
-    """All clips of a dataset in one uint8 tensor, concatenated over time, on the training device if it fits.
+    """All clips of a dataset in one tensor, concatenated over time, on the training device if it fits: uint8
+    frames (T x H x W a clip), or sound as one row of 640 samples a frame (T x 640).
 
     A batch is one gather from this tensor: no loader processes, no per-batch decoding."""
 
@@ -669,11 +814,11 @@ class ClipBank:
         self.frames = frames.to(self.device)
 
     def batch(self, index: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """B x Tmax x H x W uint8 (zero-padded) and the B lengths."""
+        """B x Tmax x H x W (or B x Tmax x 640), zero-padded, and the B lengths."""
         rows, padding, lengths = padded_rows(self.offsets, self.lengths, index)
         out = self.frames.index_select(0, rows.flatten().to(self.device))  # 3x faster than indexing with rows
         out = out.view(*rows.shape, *self.frames.shape[1:])
-        out.masked_fill_(padding.to(self.device)[..., None, None], 0)
+        out.masked_fill_(padding.to(self.device).view(*padding.shape, *[1] * (out.dim() - 2)), 0)
         return out, lengths
 
 
@@ -682,6 +827,8 @@ class Dataset:
     samples: list[Sample]
     bank: ClipBank
     splits: dict[str, list[int]] = field(default_factory=dict)
+    sound: ClipBank | None = None  # --modality audio / av: each clip's sound, 640 samples a frame
+    noise: torch.Tensor | None = None  # what --noise mixes in (None: white noise)
 
     def subset(self, split: str) -> list[int]:
         return self.splits.get(split, [])
@@ -689,22 +836,24 @@ class Dataset:
 
 def load_dataset(cfg: Config, vocab: Vocabulary, device: torch.device) -> Dataset:
     """Find, check and decode every clip; assign splits; put the frames in memory."""
-    bad = BadSamples()
+    bad, hears = BadSamples(), cfg.modality != "video"
+    samples, clips, waves = [], [], []
     if data_kind(cfg) == "synthetic":
-        generated = synthesize_dataset(cfg, vocab)
-        samples, clips, found = [], [], len(generated)
-        for stem, text, frames in generated:
+        generated = synthesize_dataset(cfg, vocab, sound=hears)
+        found = len(generated)
+        for stem, text, frames, wave in generated:
             ids, why = check_sample(cfg, vocab, text, frames)
             if why:
                 bad.add(f"synthetic:{stem}", why)
                 continue
             samples.append(Sample(stem, text, ids, len(frames)))
             clips.append(frames)
+            waves.append(wave)
     else:
         pairs = discover_pairs(cfg, bad)
         found = len(pairs) + len(bad.entries)
         cache = ClipCache(cfg.cache_path)
-        samples, clips = [], []
+        sounds = sound_candidates(cfg, {stem: video for stem, video, _ in pairs}) if hears else {}
         for stem, video, label in progress(pairs, "reading clips"):
             try:
                 text = read_label(label)
@@ -720,8 +869,13 @@ def load_dataset(cfg: Config, vocab: Vocabulary, device: torch.device) -> Datase
             if why:
                 bad.add(label if why.startswith(("empty", "unknown", "label")) else video, why)
                 continue
+            wave, why = clip_sound(lambda p: cache.load(p, "sound"), sounds[stem], len(frames)) if hears else (None, "")
+            if why:
+                bad.add(video, why)
+                continue
             samples.append(Sample(stem, text, ids, len(frames)))
             clips.append(frames)
+            waves.append(wave)
         cache.save_index()
     bad.write(cfg.work_dir, found)
     if not samples:
@@ -740,7 +894,11 @@ def load_dataset(cfg: Config, vocab: Vocabulary, device: torch.device) -> Datase
         if missing:
             print(f"{len(missing)} clip(s) named in {cfg.split_lists} were not found or were skipped, "
                   f"e.g. {', '.join(missing[:5])}")
-    return Dataset(samples, ClipBank(clips, device, stored_size(cfg)), splits)
+    if not hears:
+        return Dataset(samples, ClipBank(clips, device, stored_size(cfg)), splits)
+    speech = [waves[i].reshape(-1) for i in splits["train"] or range(len(waves))]
+    return Dataset(samples, ClipBank(clips, device, stored_size(cfg)), splits, ClipBank(waves, device),
+                   noise_track(cfg, speech, device))
 
 
 def data_kind(cfg: Config) -> str:
@@ -781,7 +939,9 @@ def frame_budget_batches(lengths: list[int], max_frames: int, rng: random.Random
 # so the word list does much of the telling apart, and vowels change the opening and rounding. Shapes blend
 # from unit to unit over time (coarticulation), units take a varying number of frames (fast speakers fit more
 # words into a clip), and speakers differ in position, scale, lighting and noise: no per-frame lookup reads
-# the text off a clip.
+# the text off a clip. Their sound (for --modality audio / av) follows the same timing: every letter has its
+# own pair of tones, every vowel its formants, voiced at the speaker's pitch, so sound tells apart what the
+# lips confuse, as on real speech.
 
 VISEMES = {  # base letter -> (opening, width, rounding, teeth, tongue), each in [0, 1]
     **dict.fromkeys("بم", (0.0, 0.5, 0.1, 0.0, 0.0)),
@@ -805,22 +965,33 @@ LETTER_OFFSET = 0.12  # how far a letter's shape strays from its viseme class
 SPEECH_RATE = 0.5  # units (and word boundaries) a frame at most; the real clips average 0.46 units a frame
 
 
-def unit_keyframes(unit: str) -> list[tuple[float, np.ndarray]]:
-    """(relative duration, shape) targets a unit passes through; unknown letters get a stable made-up viseme."""
+VOWEL_FORMANTS = {"\u064e": (700, 1200), "\u064b": (700, 1200), "\u0650": (300, 2300), "\u064d": (300, 2300),
+                  "\u064f": (320, 800), "\u064c": (320, 800)}  # a, i, u (Hz)
+SILENT = (0.0, 0.0, 0.0)  # (tone 1, tone 2, loudness) of a key without sound: the mouth at rest
+
+
+def letter_sound(letter: str) -> tuple[float, float, float]:
+    h = np.frombuffer(hashlib.sha1(("sound" + letter).encode()).digest()[:2], np.uint8) / 255
+    return 200 + 900 * float(h[0]), 1300 + 1700 * float(h[1]), 0.6
+
+
+def unit_keyframes(unit: str) -> list[tuple[float, np.ndarray, tuple]]:
+    """(relative duration, shape, sound) targets a unit passes through; unknown letters get a stable made-up
+    viseme."""
     letter = base_letter(unit)
     h = np.frombuffer(hashlib.sha1(letter.encode()).digest()[:5], np.uint8) / 255
     if letter in VISEMES:  # alike within the class, not identical: a letter's own small offset
         shape = np.clip(np.array(VISEMES[letter]) + LETTER_OFFSET * (2 * h - 1), 0, 1).astype(np.float32)
     else:
         shape = h.astype(np.float32)
-    keys = [(1.0, shape)]
-    vowel = next((VOWELS[m] for m in unit[1:] if m in VOWELS), None)
+    keys = [(1.0, shape, letter_sound(letter))]
+    vowel = next((m for m in unit[1:] if m in VOWELS), None)
     if vowel is not None:
-        keys.append((1.0, np.array([*vowel, shape[3] * 0.5, 0.0], np.float32)))
+        keys.append((1.0, np.array([*VOWELS[vowel], shape[3] * 0.5, 0.0], np.float32), (*VOWEL_FORMANTS[vowel], 1.0)))
     if any(m in TANWEEN for m in unit) or "\u06e2" in unit:  # a trailing n (or the small meem) closes in
-        keys.append((0.7, np.array(VISEMES["ن"], np.float32)))
+        keys.append((0.7, np.array(VISEMES["ن"], np.float32), letter_sound("ن")))
     if SHADDA in unit:  # a doubled consonant is held longer
-        keys[0] = (2.0, shape)
+        keys[0] = (2.0, shape, keys[0][2])
     return keys
 
 
@@ -846,23 +1017,38 @@ def speaker_style(rng: np.random.Generator) -> dict:
     }
 
 
-def shape_track(words: list[list[str]], n_frames: int, rng: np.random.Generator) -> np.ndarray:
-    """n_frames x 5 mouth parameters: keyframes laid out in time, blended linearly, then smoothed."""
-    keys = [(1.5, np.array([0.05, 0.5, 0.1, 0.0, 0.0], np.float32))]  # at rest before speaking
+def shape_track(words: list[list[str]], n_frames: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """n_frames x 5 mouth parameters (keyframes laid out in time, blended linearly, then smoothed), and the
+    keys' timing and sound for `render_sound` (K x 5: center and length in frames, tones and loudness)."""
+    rest = lambda opening: np.array([opening, 0.5, 0.1, 0.0, 0.0], np.float32)
+    keys = [(1.5, rest(0.05), SILENT)]  # at rest before speaking
     for w, word in enumerate(words):
         if w:
-            keys.append((0.4, np.array([0.1, 0.5, 0.1, 0.0, 0.0], np.float32)))
+            keys.append((0.4, rest(0.1), SILENT))
         for unit in word:
-            keys += [(d * rng.uniform(0.7, 1.3), s) for d, s in unit_keyframes(unit)]
-    keys.append((1.5, np.array([0.05, 0.5, 0.1, 0.0, 0.0], np.float32)))
-    durations = np.array([d for d, _ in keys])
+            keys += [(d * rng.uniform(0.7, 1.3), s, sound) for d, s, sound in unit_keyframes(unit)]
+    keys.append((1.5, rest(0.05), SILENT))
+    durations = np.array([d for d, _, _ in keys])
     times = (np.cumsum(durations) - durations / 2) / durations.sum() * (n_frames - 1)
-    shapes = np.stack([s for _, s in keys])
+    shapes = np.stack([s for _, s, _ in keys])
     frame_t = np.arange(n_frames)
     track = np.stack([np.interp(frame_t, times, shapes[:, k]) for k in range(shapes.shape[1])], 1)
     kernel = np.array([1, 2, 1]) / 4  # coarticulation: each frame leans towards its neighbours
     padded = np.pad(track, ((1, 1), (0, 0)), mode="edge")
-    return sum(k * padded[i:i + n_frames] for i, k in enumerate(kernel)).astype(np.float32)
+    timeline = np.column_stack([times, durations / durations.sum() * (n_frames - 1), [k[2] for k in keys]])
+    return sum(k * padded[i:i + n_frames] for i, k in enumerate(kernel)).astype(np.float32), timeline
+
+
+def render_sound(timeline: np.ndarray, n_frames: int, pitch: float, rng: np.random.Generator) -> np.ndarray:
+    """n_frames x 640 samples at 16 kHz: each key's two tones under a bell as long as the key, voiced at
+    `pitch` Hz, over a little background noise."""
+    t = np.arange(n_frames * SAMPLES_PER_FRAME, dtype=np.float32) / SAMPLE_RATE
+    center, length, tone1, tone2, loud = (timeline[:, k, None].astype(np.float32) for k in range(5))
+    bell = np.exp(-0.5 * ((t - center / CLIP_FPS) / (0.5 * length / CLIP_FPS)) ** 2)
+    tones = np.sin(2 * np.pi * tone1 * t) + 0.5 * np.sin(2 * np.pi * tone2 * t)
+    wave = (loud * bell * tones).sum(0) * (1 + 0.5 * np.sin(2 * np.pi * pitch * t))
+    wave += 0.05 * rng.standard_normal(len(t), dtype=np.float32)
+    return (0.3 * wave).astype(np.float32).reshape(n_frames, SAMPLES_PER_FRAME)
 
 
 def render_mouth(track: np.ndarray, style: dict, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -892,8 +1078,9 @@ def render_mouth(track: np.ndarray, style: dict, size: int, rng: np.random.Gener
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
-def synthesize_dataset(cfg: Config, vocab: Vocabulary) -> list[tuple[str, str, np.ndarray]]:
-    """(stem, text, T x H x W uint8) for cfg.synthetic_clips clips; the same seed gives the same clips."""
+def synthesize_dataset(cfg: Config, vocab: Vocabulary, sound: bool = False) -> list[tuple]:
+    """(stem, text, T x H x W uint8, T x 640 sound or None) for cfg.synthetic_clips clips; the same seed gives the
+    same clips (and the same frames with or without sound)."""
     rng = np.random.default_rng(cfg.seed)
     full = Vocabulary.seed() if vocab.letters_only else vocab  # letters are drawn as units, to show vowels
     lexicon = synthetic_lexicon(full, cfg.synthetic_words, rng)
@@ -901,26 +1088,30 @@ def synthesize_dataset(cfg: Config, vocab: Vocabulary) -> list[tuple[str, str, n
     speakers = [speaker_style(rng) for _ in range(cfg.synthetic_speakers)]
     out = []
     for n in range(cfg.synthetic_clips):
-        style = speakers[int(rng.integers(len(speakers)))]
+        speaker = int(rng.integers(len(speakers)))
+        style = speakers[speaker]
         n_frames = int(rng.integers(29, 39))
         words = [lexicon[i] for i in rng.choice(len(lexicon), int(rng.integers(1, 6)), p=zipf / zipf.sum())]
         while sum(map(len, words)) + len(words) - 1 > n_frames * SPEECH_RATE * style["rate"] and len(words) > 1:
             words.pop()
-        track = shape_track(words, n_frames, rng)
+        track, timeline = shape_track(words, n_frames, rng)
+        pitch = 100 + 120 * (speaker * 0.618 % 1)  # the speaker's own voice, drawn outside rng: frames unchanged
+        wave = render_sound(timeline, n_frames, pitch, np.random.default_rng([cfg.seed, n])) if sound else None
         out.append((f"synth_{n:05d}", " ".join("".join(w) for w in words),
-                    render_mouth(track, style, cfg.frame_size, rng)))
+                    render_mouth(track, style, cfg.frame_size, rng), wave))
     return out
 
 
 def write_synthetic_dataset(cfg: Config, vocab: Vocabulary) -> Path:
-    """The built-in clips as files in the real dataset's layout (mp4 + one CSV a clip, column `word`)."""
+    """The built-in clips as files in the real dataset's layout (mp4 + one CSV a clip, column `word`), each
+    with its sound in a wav beside it."""
     import cv2
     if not cfg.output:
         raise UserError("--mode synth needs --output DIR, the folder to write the clips to.")
     root = Path(cfg.output)
     (root / "Preprocessed_Video").mkdir(parents=True, exist_ok=True)
     (root / "Csv").mkdir(parents=True, exist_ok=True)
-    for stem, text, frames in synthesize_dataset(cfg, vocab):
+    for stem, text, frames, wave in synthesize_dataset(cfg, vocab, sound=True):
         def write_video(tmp, frames=frames):
             writer = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), 25, frames.shape[1:][::-1], False)
             if not writer.isOpened():
@@ -929,6 +1120,7 @@ def write_synthetic_dataset(cfg: Config, vocab: Vocabulary) -> Path:
                 writer.write(f)
             writer.release()
         atomic_write(root / "Preprocessed_Video" / f"{stem}.mp4", write_video)
+        write_wav(root / "Preprocessed_Video" / f"{stem}.wav", wave.reshape(-1))
         csv_text = "word\n" + "\n".join(text.split()) + "\n"
         atomic_write(root / "Csv" / f"{stem}.csv", lambda tmp: Path(tmp).write_text(csv_text, encoding="utf-8"))
     print(f"Wrote {cfg.synthetic_clips} synthetic clips to {root}")
@@ -968,6 +1160,37 @@ def resample_frames(frames: torch.Tensor, lengths: torch.Tensor, new_lengths: to
     trailing = [1] * (frames.dim() - 2)  # frames (B x T x H x W) or features (B x T x C)
     out = torch.gather(frames, 1, src.view(*src.shape, *trailing).expand(-1, -1, *frames.shape[2:]))
     return out * (t[None] < new_lengths[:, None]).to(frames.device).view(*src.shape, *trailing)
+
+
+def snr_levels(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def noise_pieces(track: torch.Tensor | None, count: int, length: int, device) -> torch.Tensor:
+    """count x length noise: random stretches of `track` (repeated when shorter), or white noise without one."""
+    if track is None:
+        return torch.randn(count, length, device=device)
+    if len(track) <= length:
+        track = track.repeat(length // len(track) + 2)
+    starts = torch.randint(0, len(track) - length, (count,))
+    rows = starts[:, None] + torch.arange(length)[None]
+    return track[rows.to(track.device)].to(device)
+
+
+def mix_at_snr(speech: torch.Tensor, noise: torch.Tensor, valid: torch.Tensor, snr_db: torch.Tensor) -> torch.Tensor:
+    """speech + noise scaled so that each row's speech-to-noise power ratio (over its valid samples) is snr_db;
+    rows at +inf stay clean."""
+    power = lambda x: (x * x * valid).sum(1) / valid.sum(1).clamp(min=1)
+    scale = torch.sqrt(power(speech) / (power(noise).clamp(min=1e-12) * 10 ** (snr_db / 10)))
+    return speech + torch.where(torch.isinf(snr_db), 0.0, scale)[:, None] * noise * valid
+
+
+def normalize_sound(wave: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Each clip to zero mean and unit variance over its own samples (Auto-AVSR's layer norm); padding stays 0."""
+    n = valid.sum(1, keepdim=True).clamp(min=1)
+    mean = (wave * valid).sum(1, keepdim=True) / n
+    var = ((wave - mean) ** 2 * valid).sum(1, keepdim=True) / n
+    return (wave - mean) / torch.sqrt(var + 1e-8) * valid
 
 
 def crop_and_flip(frames: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: int, flip: torch.Tensor):
@@ -1041,19 +1264,43 @@ class Augment:
         valid = torch.arange(x.shape[1], device=x.device)[None] < lengths.to(x.device)[:, None]
         return x * valid[..., None, None], lengths
 
+    def sound_snrs(self, batch: int) -> torch.Tensor:
+        """Each clip's SNR in dB: drawn from --noise-snrs when training, --sound's otherwise (+inf: clean)."""
+        if self.train:
+            return torch.tensor([random.choice(snr_levels(self.cfg.noise_snrs)) for _ in range(batch)])
+        return torch.full((batch,), math.inf if self.cfg.sound in ("clean", "mute") else float(self.cfg.sound))
+
+    def sound(self, wave: torch.Tensor, lengths: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+        """B x T x 640 samples -> B x (T x 640) float, normalised per clip: when training, Auto-AVSR's
+        AdaptiveTimeMask on the waveform (up to 0.4 s a second) and noise at an SNR drawn per clip; otherwise
+        what --sound says (clean, mute, or noise at that SNR)."""
+        x = wave.flatten(1).float()
+        samples = lengths * SAMPLES_PER_FRAME
+        valid = (torch.arange(x.shape[1])[None] < samples[:, None]).to(x.device)
+        if self.train and self.cfg.time_mask:
+            for b, n in enumerate(samples.tolist()):
+                adaptive_time_mask(x[b], n, 6400, SAMPLE_RATE)
+        if not self.train and self.cfg.sound == "mute":
+            return torch.zeros_like(x)
+        snrs = self.sound_snrs(len(x))
+        if not torch.isinf(snrs).all():
+            x = mix_at_snr(x, noise_pieces(noise, *x.shape, x.device), valid, snrs.to(x.device))
+        return normalize_sound(x, valid)
+
 
 # ---------------------------------------------------------------------------------------------------------
-# 5. Model: Auto-AVSR's video model under its own state_dict names (3D-conv + ResNet-18 frontend, Conformer
-#    encoder, Transformer decoder, CTC head), in three sizes, and the user's earlier CNN + BiLSTM baseline.
+# 5. Model: Auto-AVSR's models under their own state_dict names (a 3D-conv + ResNet-18 frontend for video, a
+#    1-D ResNet for sound, Conformer encoder, Transformer decoder, CTC head; for both, two encoders fused), in
+#    three sizes, and the user's earlier CNN + BiLSTM baseline.
 # ---------------------------------------------------------------------------------------------------------
 
 PRESETS = {
     "base": dict(d_model=768, n_heads=12, d_ff=3072, n_encoder_layers=12, n_decoder_layers=6,
-                 conv_kernel=31, frontend_channels=(64, 128, 256, 512)),
+                 conv_kernel=31, frontend_channels=(64, 128, 256, 512), fusion_hidden=8192),
     "small": dict(d_model=256, n_heads=4, d_ff=1024, n_encoder_layers=6, n_decoder_layers=3,
-                  conv_kernel=31, frontend_channels=(32, 64, 128, 256)),
+                  conv_kernel=31, frontend_channels=(32, 64, 128, 256), fusion_hidden=2048),
     "tiny": dict(d_model=64, n_heads=2, d_ff=256, n_encoder_layers=2, n_decoder_layers=1,
-                 conv_kernel=15, frontend_channels=(8, 16, 32, 64)),
+                 conv_kernel=15, frontend_channels=(8, 16, 32, 64), fusion_hidden=256),
 }
 
 
@@ -1080,15 +1327,18 @@ def layer_norm(d):
 # Frontend ---------------------------------------------------------------------------------------------------
 
 class BasicBlock(nn.Module):
-    def __init__(self, c_in, c_out, stride):
+    """ResNet's block over images (dims 2) or over time (dims 1, the sound frontend)."""
+
+    def __init__(self, c_in, c_out, stride, dims=2):
         super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
+        conv, norm = (nn.Conv2d, nn.BatchNorm2d) if dims == 2 else (nn.Conv1d, nn.BatchNorm1d)
+        self.conv1 = conv(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = norm(c_out)
+        self.conv2 = conv(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = norm(c_out)
         self.downsample = None
         if stride != 1 or c_in != c_out:
-            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+            self.downsample = nn.Sequential(conv(c_in, c_out, 1, stride, bias=False), norm(c_out))
 
     def forward(self, x):
         residual = x if self.downsample is None else self.downsample(x)
@@ -1096,24 +1346,51 @@ class BasicBlock(nn.Module):
         return F.silu(self.bn2(self.conv2(out)) + residual)
 
 
-def resnet_layer(c_in, c_out, stride):
-    return nn.Sequential(BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1))
+def resnet_layer(c_in, c_out, stride, dims=2):
+    return nn.Sequential(BasicBlock(c_in, c_out, stride, dims), BasicBlock(c_out, c_out, 1, dims))
 
 
 class ResNetTrunk(nn.Module):
     """ResNet-18 on single frames, globally average-pooled to one vector per frame."""
 
-    def __init__(self, channels):
+    def __init__(self, channels, dims=2):
         super().__init__()
         c0, c1, c2, c3 = channels
-        self.layer1 = resnet_layer(c0, c0, 1)
-        self.layer2 = resnet_layer(c0, c1, 2)
-        self.layer3 = resnet_layer(c1, c2, 2)
-        self.layer4 = resnet_layer(c2, c3, 2)
+        self.layer1 = resnet_layer(c0, c0, 1, dims)
+        self.layer2 = resnet_layer(c0, c1, 2, dims)
+        self.layer3 = resnet_layer(c1, c2, 2, dims)
+        self.layer4 = resnet_layer(c2, c3, 2, dims)
+
+    def layers(self, x):
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     def forward(self, x):
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return x.mean(dim=(2, 3))
+        return self.layers(x).mean(dim=(2, 3))
+
+
+class WaveformTrunk(ResNetTrunk):
+    """Auto-AVSR's ResNet1D: an 80-tap stem striding 4 samples, the ResNet in 1-D (8 times fewer steps), and an
+    average over 20 steps: one vector per 640 samples, the 25 Hz of the video."""
+
+    def __init__(self, channels):
+        super().__init__(channels, dims=1)
+        self.conv1 = nn.Conv1d(1, channels[0], 80, 4, 38, bias=False)
+        self.bn1 = nn.BatchNorm1d(channels[0])
+
+    def forward(self, wave):
+        x = self.layers(F.silu(self.bn1(self.conv1(wave[:, None]))))
+        return F.avg_pool1d(x, 20).transpose(1, 2)
+
+
+class AudioFrontend(nn.Module):
+    """B x (T x 640) normalised 16 kHz samples -> B x T x channels[-1]."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.trunk = WaveformTrunk(channels)
+
+    def forward(self, wave):
+        return self.trunk(wave)
 
 
 class VideoFrontend(nn.Module):
@@ -1434,30 +1711,63 @@ class CTCHead(nn.Module):
         return self.ctc_lo(self.dropout(x))
 
 
+class FusionHead(nn.Module):
+    """Auto-AVSR's audio-visual fusion (v1.0.0's MLPHead): both encoders' outputs side by side, through
+    Linear -> BatchNorm -> ReLU -> Linear back to d."""
+
+    def __init__(self, d, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(2 * d, hidden)
+        self.bn1 = nn.BatchNorm1d(hidden)
+        self.fc2 = nn.Linear(hidden, d)
+
+    def forward(self, seen, heard):
+        x = self.fc1(torch.cat([seen, heard], -1))
+        return self.fc2(F.relu(self.bn1(x.transpose(1, 2)).transpose(1, 2)))
+
+
 class AVSRModel(nn.Module):
+    """Video: frames -> frontend -> proj_encoder -> encoder. Audio: the same with the sound frontend. Both (av):
+    the video model's encoder and a second one for sound (aux_*, Auto-AVSR v1.0.0's names), fused per frame.
+    One decoder and one CTC head read the result."""
+
     def __init__(self, cfg: SimpleNamespace):
         super().__init__()
-        self.frontend = make_frontend(cfg)
+        self.modality = cfg.modality
+        self.frontend = AudioFrontend(cfg.frontend_channels) if cfg.modality == "audio" else make_frontend(cfg)
         self.proj_encoder = nn.Linear(cfg.frontend_channels[-1], cfg.d_model)
         self.encoder = ConformerEncoder(cfg)
+        if cfg.modality == "av":
+            self.aux_frontend = AudioFrontend(cfg.frontend_channels)
+            self.aux_proj_encoder = nn.Linear(cfg.frontend_channels[-1], cfg.d_model)
+            self.aux_encoder = ConformerEncoder(cfg)
+            self.fusion = FusionHead(cfg.d_model, cfg.fusion_hidden)
         self.decoder = TransformerDecoder(cfg)
         self.ctc = CTCHead(cfg.d_model, cfg.vocab_size, cfg.dropout)
 
-    def encode(self, video, lengths):
-        """-> (B x T x d, B x T mask True at real frames); time is never subsampled."""
+    def encode(self, inputs, lengths):
+        """Frames (video: B x T x H x W), samples (audio: B x (T x 640)) or the pair of them (av) -> (B x T x d,
+        B x T mask True at real frames); time is never subsampled."""
+        if self.modality == "audio":
+            return self.encode_features(self.frontend(inputs), lengths)
+        video, audio = inputs if self.modality == "av" else (inputs, None)
         mask = padding_mask(lengths, video.size(1))
         # the stem's temporal kernel reaches 2 frames past a clip's end: make them the zeros a lone clip sees
         video = video * mask.view(*mask.shape, *[1] * (video.dim() - 2)).to(video.dtype)
-        return self.encode_features(self.frontend(video), lengths)
+        seen, mask = self.encode_features(self.frontend(video), lengths)
+        if audio is None:
+            return seen, mask
+        heard = self.aux_encoder(self.aux_proj_encoder(self.aux_frontend(audio)), mask)
+        return self.fusion(seen, heard), mask
 
     def encode_features(self, features, lengths):
         """The encoding from per-frame frontend features on (B x T x channels, a frozen frontend's cache)."""
         mask = padding_mask(lengths, features.size(1))
         return self.encoder(self.proj_encoder(features), mask), mask
 
-    def forward(self, video, lengths, ys_in):
+    def forward(self, inputs, lengths, ys_in):
         """-> (B x T x V CTC logits, B x L x V decoder logits)."""
-        enc, mask = self.encode(video, lengths)
+        enc, mask = self.encode(inputs, lengths)
         return self.ctc(enc), self.decoder(ys_in, enc, mask)
 
 
@@ -1496,7 +1806,7 @@ def model_dims(cfg: Config, vocab_size: int) -> SimpleNamespace:
     if cfg.preset not in PRESETS:
         raise UserError(f"--preset {cfg.preset!r} is not known; choose one of {', '.join(PRESETS)}.")
     return SimpleNamespace(vocab_size=vocab_size, dropout=cfg.dropout, frontend=cfg.frontend,
-                           input_size=cfg.input_size, **PRESETS[cfg.preset])
+                           input_size=cfg.input_size, modality=cfg.modality, **PRESETS[cfg.preset])
 
 
 def build_model(cfg: Config, vocab_size: int) -> nn.Module:
@@ -1507,8 +1817,12 @@ def build_model(cfg: Config, vocab_size: int) -> nn.Module:
     return BaselineModel(vocab_size)
 
 
-# The top-level parts of each architecture, the units of freezing, loading and gradient flow
-PARTS = {"conformer": ("frontend", "proj_encoder", "encoder", "decoder", "ctc"), "baseline": ("cnn", "lstm", "ctc")}
+def parts_of(cfg: Config) -> tuple[str, ...]:
+    """The model's top-level parts, the units of freezing, loading and gradient flow."""
+    if cfg.arch == "baseline":
+        return "cnn", "lstm", "ctc"
+    sound = ("aux_frontend", "aux_proj_encoder", "aux_encoder", "fusion") if cfg.modality == "av" else ()
+    return "frontend", "proj_encoder", "encoder", *sound, "decoder", "ctc"
 
 
 def part_names(parts: str) -> list[str]:
@@ -1549,7 +1863,8 @@ def train_mode(model: nn.Module) -> None:
 # not depend on the vocabulary carry over to a new one; the rest start afresh.
 
 AUTO_AVSR_URL = "https://github.com/mpc001/auto_avsr"
-OLD_NAMES = (("encoder.frontend.", "frontend."), ("encoder.embed.0.", "proj_encoder."))  # before 2025
+OLD_NAMES = (("encoder.frontend.", "frontend."), ("encoder.embed.0.", "proj_encoder."),  # before 2025
+             ("aux_encoder.frontend.", "aux_frontend."), ("aux_encoder.embed.0.", "aux_proj_encoder."))  # v1.0.0 av
 VOCAB_SIZED = ("decoder.embed.0.", "decoder.output_layer.", "ctc.ctc_lo.")
 
 
@@ -1611,8 +1926,13 @@ def fitting_presets(weights: dict[str, torch.Tensor], cfg: Config, vocab_size: i
 def shape_problem(path: Path, wrong: list[str], weights: dict, own: dict, cfg: Config) -> UserError:
     key = wrong[0]
     fits = fitting_presets(weights, cfg, own["ctc.ctc_lo.weight"].shape[0])
-    if "frontend.trunk.conv1.weight" in weights:  # the 1-D stem that reads waveforms
-        hint = "It is Auto-AVSR's audio model; a video model starts from one of its video models (vsr_*.pth)."
+    heard = "frontend.trunk.conv1.weight" in weights  # the 1-D stem that reads waveforms
+    if heard and cfg.modality != "audio":
+        hint = ("It is Auto-AVSR's audio model: train with --modality audio, or start this model from one of its "
+                "video models (vsr_*.pth).")
+    elif not heard and cfg.modality == "audio" and any(k.startswith("frontend.frontend3D.") for k in weights):
+        hint = ("It is a video model: train with --modality video or av, or start this model from one of "
+                "Auto-AVSR's audio models (asr_*.pth).")
     elif fits:
         hint = f"Its shapes are those of --preset {fits[0]}: train with --preset {fits[0]}."
     else:
@@ -1673,16 +1993,25 @@ def write_init_report(report: dict, path: Path) -> None:
 
 class EncoderForExport(nn.Module):
     """What the ONNX file computes: normalised frames (B x T x H x W, as evaluation feeds the model: the center
-    crop, /255, mean and std of the settings) and their lengths -> the encoder's output (B x T x d) and CTC
-    log-probabilities (B x T x V; their greedy path is a transcript)."""
+    crop, /255, mean and std of the settings) and/or normalised sound (B x T*640, each clip to zero mean and unit
+    variance), and the lengths in frames -> the encoder's output (B x T x d) and CTC log-probabilities (B x T x V;
+    their greedy path is a transcript)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, video, lengths):
-        enc, _ = self.model.encode(video, lengths)
+    def forward(self, *inputs):
+        *x, lengths = inputs
+        enc, _ = self.model.encode(x[0] if len(x) == 1 else tuple(x), lengths)
         return enc, self.model.ctc(enc).log_softmax(-1)
+
+
+def export_inputs(cfg: Config) -> dict[str, torch.Tensor]:
+    """Example inputs the exporter traces with, by name, the modality's own."""
+    named = {"video": torch.zeros(2, 30, cfg.input_size, cfg.input_size),
+             "audio": torch.randn(2, 30 * SAMPLES_PER_FRAME), "lengths": torch.tensor([30, 20])}
+    return {k: v for k, v in named.items() if k == "lengths" or cfg.modality in (k, "av")}
 
 
 def export_onnx(model: nn.Module, cfg: Config, path: Path) -> None:
@@ -1692,13 +2021,15 @@ def export_onnx(model: nn.Module, cfg: Config, path: Path) -> None:
     except ImportError as e:
         raise UserError("ONNX export needs the onnx and onnxscript packages: `pip install onnx onnxscript`.") from e
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    video, lengths = torch.zeros(2, 30, cfg.input_size, cfg.input_size), torch.tensor([30, 20])
+    inputs = export_inputs(cfg)
     batch, frames = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("frames", min=2, max=100_000)
+    axes = {"video": {0: batch, 1: frames}, "audio": {0: batch, 1: SAMPLES_PER_FRAME * frames}, "lengths": {0: batch}}
     with sdpa_kernel(SDPBackend.MATH), warnings.catch_warnings():  # the fused kernels' layouts trip the exporter
         warnings.simplefilter("ignore")  # its notes on axis names and deprecations are not the user's to act on
-        program = torch.onnx.export(EncoderForExport(model).eval(), (video, lengths), dynamo=True, verbose=False,
-                                    input_names=["video", "lengths"], output_names=["encoder_out", "ctc_log_probs"],
-                                    dynamic_shapes=({0: batch, 1: frames}, {0: batch}))
+        program = torch.onnx.export(EncoderForExport(model).eval(), tuple(inputs.values()), dynamo=True,
+                                    verbose=False, input_names=list(inputs),
+                                    output_names=["encoder_out", "ctc_log_probs"],
+                                    dynamic_shapes=(tuple(axes[k] for k in inputs),))  # forward(*inputs)
     atomic_write(path, program.save)
 
 
@@ -2039,8 +2370,7 @@ def evaluate(model, ds: Dataset, index: list[int], vocab: Vocabulary, cfg: Confi
         targets = [ds.samples[i].ids for i in chosen]
         with autocast(device, cfg):
             if features is None:
-                frames, lengths = ds.bank.batch(chosen)
-                x, lengths = augment(frames.to(device), lengths)
+                x, lengths = batch_inputs(ds, chosen, augment, device)
                 enc, mask = model.encode(x, lengths.to(device))
             else:
                 x, lengths = features.batch(chosen, [0] * len(chosen))
@@ -2140,7 +2470,7 @@ def set_rng_state(state: dict) -> None:
 
 
 # What a checkpoint fixes: its model, and the data it saw (the same clips, split and preprocessing)
-MODEL_SETTINGS = ("arch", "preset", "frontend", "units", "word_boundary")
+MODEL_SETTINGS = ("arch", "preset", "frontend", "modality", "units", "word_boundary")
 DATA_SETTINGS = ("split_seed", "val_fraction", "test_fraction", "split_lists", "frame_size", "crop_size",
                  "input_size", "mean", "std", "seed", "synthetic_clips", "synthetic_words", "synthetic_speakers")
 
@@ -2288,12 +2618,24 @@ def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
-def training_batch(ds: Dataset, chosen: list[int], augment: Augment, device) -> tuple:
-    """Frames from memory, augmented on the device: (x, lengths, targets)."""
-    targets = [ds.samples[i].ids for i in chosen]
+def batch_inputs(ds: Dataset, chosen: list[int], augment: Augment, device, min_lengths=None) -> tuple:
+    """The model's input for clips `chosen` from memory, augmented on the device: frames (video), samples
+    (audio) or the pair (av); and the lengths in frames."""
+    modality = augment.cfg.modality
+    if modality != "video":
+        wave, lengths = ds.sound.batch(chosen)
+        audio = augment.sound(wave.to(device, non_blocking=True), lengths, ds.noise)
+        if modality == "audio":
+            return audio, lengths
     frames, lengths = ds.bank.batch(chosen)
-    needed = torch.tensor([frames_needed(t) for t in targets])
-    x, lengths = augment(frames.to(device, non_blocking=True), lengths, needed)
+    video, lengths = augment(frames.to(device, non_blocking=True), lengths, min_lengths)
+    return (video, audio) if modality == "av" else video, lengths
+
+
+def training_batch(ds: Dataset, chosen: list[int], augment: Augment, device) -> tuple:
+    """Inputs from memory, augmented on the device: (x, lengths, targets)."""
+    targets = [ds.samples[i].ids for i in chosen]
+    x, lengths = batch_inputs(ds, chosen, augment, device, torch.tensor([frames_needed(t) for t in targets]))
     return x, lengths.to(device), targets
 
 
@@ -2343,7 +2685,9 @@ class FeatureBank:
 
 
 def caches_features(model: nn.Module, cfg: Config, frozen: list[str]) -> bool:
-    return cfg.feature_views > 0 and "frontend" in frozen and hasattr(model, "encode_features")
+    """Only for video: sound is augmented before its frontend (noise, masking), so its features change."""
+    return cfg.feature_views > 0 and "frontend" in frozen and hasattr(model, "encode_features") \
+        and cfg.modality == "video"
 
 
 def feature_batch(ds: Dataset, chosen: list[int], features: FeatureBank, augment: Augment, device) -> tuple:
@@ -2441,7 +2785,8 @@ def train_epoch(objective: nn.Module, ds: Dataset, cfg: Config, device, optimize
         x, lengths, targets = (training_batch(ds, chosen, augment, device) if features is None
                                else feature_batch(ds, chosen, features, augment, device))
         rows, weight = rank_share(len(chosen))
-        x, lengths, targets = x[rows], lengths[rows], [targets[i] for i in rows]
+        x = tuple(t[rows] for t in x) if isinstance(x, tuple) else x[rows]
+        lengths, targets = lengths[rows], [targets[i] for i in rows]
         step = n % cfg.accum_steps == 0 or n == len(batches)
         with contextlib.nullcontext() if step or not hasattr(objective, "no_sync") else objective.no_sync():
             parts = backward_pass(objective, x, lengths, targets, cfg, device, scaler, weight, features is not None)
@@ -2565,7 +2910,8 @@ def train(cfg: Config, ds: Dataset | None = None, done=None) -> dict:
     set_frozen(model, frozen)
     if cfg.compile:
         compile_model(model, device)
-    print(f"{cfg.arch}/{cfg.preset}: {sum(p.numel() for p in model.parameters()):,} parameters on {device}"
+    print(f"{cfg.arch}/{cfg.preset} ({cfg.modality}): {sum(p.numel() for p in model.parameters()):,} parameters "
+          f"on {device}"
           f"{f' x {world} processes' if world > 1 else ''}; {len(ds.subset('train'))} train / "
           f"{len(ds.subset('val'))} val / {len(ds.subset('test'))} test clips")
     if rank == 0:
@@ -3641,7 +3987,14 @@ CHOICES = {"mode": ("train", "test", "decode", "diagnose", "sanity", "stats", "v
            "frontend": ("cnn", "noise", "linear"),
            "data": ("auto", "files", "synthetic"), "units": ("diacritized", "letters"), "unknown_units": ("skip", "map"), "arch": ("conformer", "baseline"),
            "preset": ("tiny", "small", "base"), "amp": ("auto", "off"), "split": ("train", "val", "test", "all"),
-           "decoder": ("beam", "attention", "ctc")}
+           "decoder": ("beam", "attention", "ctc"), "modality": ("video", "audio", "av")}
+
+
+def is_number_list(text: str) -> bool:
+    try:
+        return bool(snr_levels(text))
+    except ValueError:
+        return False
 
 
 def validate(cfg: Config) -> Config:
@@ -3652,7 +4005,7 @@ def validate(cfg: Config) -> Config:
         if not isinstance(getattr(cfg, f.name), {"bool": bool, "int": int, "float": (int, float), "str": str}[f.type]):
             problems.append(f"{f.name} = {getattr(cfg, f.name)!r} should be a {f.type}")
     if not problems:  # the ranges can only be compared once the types are right
-        parts = PARTS.get(cfg.arch, ())
+        parts = parts_of(cfg)
         checks = [(cfg.accum_steps >= 1 and cfg.processes >= 0, "--accum-steps must be 1 or more, --processes 0 or more"),
                   (set(part_names(cfg.freeze) + part_names(cfg.init_parts) * bool(cfg.init_from)) <= set(parts),
                    f"--freeze and --init-parts name parts of --arch {cfg.arch}: {', '.join(parts)}"),
@@ -3661,6 +4014,14 @@ def validate(cfg: Config) -> Config:
                    "--unfreeze-at, --unfreeze-lr and --feature-views must be 0 or more"),
                   (not cfg.init_from or cfg.frontend == "cnn" or "frontend" not in part_names(cfg.init_parts),
                    f"--init-from loads a CNN frontend, not --frontend {cfg.frontend}: leave it out of --init-parts"),
+                  (cfg.modality == "video" or cfg.arch == "conformer",
+                   "--arch baseline reads video only; sound needs --arch conformer"),
+                  (cfg.modality == "video" or not cfg.time_warp,
+                   "--time-warp changes a clip's frame count, which its sound cannot follow: video only"),
+                  (cfg.modality != "audio" or cfg.frontend == "cnn",
+                   f"--frontend {cfg.frontend} replaces the video frontend; --modality audio has none"),
+                  (is_number_list(cfg.noise_snrs) and (cfg.sound in ("clean", "mute") or is_number_list(cfg.sound) and "," not in cfg.sound),
+                   "--noise-snrs takes SNRs in dB separated by commas (inf: clean); --sound clean, mute or one SNR"),
                   (0 <= cfg.ctc_weight <= 1, "--ctc-weight must lie in [0, 1]"),
                   (0 <= cfg.beam_ctc_weight <= 1, "--beam-ctc-weight must lie in [0, 1]"),
                   (cfg.beam_size >= 1 and cfg.nbest >= 1, "--beam-size and --nbest must be 1 or more"),
@@ -3807,6 +4168,7 @@ def run_test(cfg: Config, ds: Dataset | None = None) -> dict:
         atomic_write(work / "nbest.csv", write_nbest)
     scores = result[decoding["decoder"]]
     metrics = {**{k: scores[k] for k in ("cer", "wer", "cer_mean_per_clip", "n")}, "split": cfg.split,
+               "modality": model_cfg.modality, **({"sound": cfg.sound} if model_cfg.modality != "video" else {}),
                "checkpoint": str(checkpoint_path(cfg)), "decoding": decoding,
                "cer_greedy_ctc": result["ctc"]["cer"], "seconds": round(seconds, 2)}
     write_json(work / "test_metrics.json", metrics)
@@ -3914,31 +4276,60 @@ def run_preprocess(cfg: Config) -> list[dict]:
 
 
 def clips_to_decode(cfg: Config) -> list[Path]:
-    """--input's clips; with --preprocess, the mouth clips cut from --input's face videos into <work-dir>/mouths."""
+    """--input's clips (for --modality audio, its sound files and videos); with --preprocess, the mouth clips cut
+    from --input's face videos into <work-dir>/mouths."""
     source = Path(cfg.input)
     if not cfg.input or not source.exists():
         raise UserError(f"--mode decode needs --input, a clip or a folder of clips ({cfg.input!r} not found).")
-    if cfg.preprocess:
+    if cfg.preprocess and cfg.modality != "audio":
         rows = preprocess_videos(cfg, Path(cfg.work_dir) / "mouths")
         return [Path(r["output"]) for r in rows if r["output"]]
-    return [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.suffix.lower() in VIDEO_EXTS)
+    if source.is_file():
+        return [source]
+    if cfg.modality != "audio":
+        return sorted(p for p in source.rglob("*") if p.suffix.lower() in VIDEO_EXTS)
+    by_stem = files_by_stem(source, SOUND_EXTS | SOUND_IN_VIDEO_EXTS, set())  # a clip's wav, else its video
+    return sorted(min(paths, key=lambda p: (p.suffix.lower() not in SOUND_EXTS, str(p))) for paths in by_stem.values())
 
 
-def read_clips_to_decode(paths: list[Path], frame_size: int) -> list[tuple[str, np.ndarray]]:
-    """Every readable clip with the frame size the model wants; the others are named and skipped."""
-    clips = []
+def read_frames_to_decode(path: Path, frame_size: int) -> np.ndarray:
+    frames = read_video(path)
+    if frames.shape[1:] != (frame_size, frame_size):
+        raise ValueError(f"frames are {frames.shape[2]} x {frames.shape[1]}, the model wants {frame_size} x "
+                         f"{frame_size} mouth crops (for face videos, add --preprocess)")
+    return frames
+
+
+def read_clips_to_decode(paths: list[Path], cfg: Config) -> tuple[list[str], Dataset]:
+    """Every readable clip of `paths` with what the model hears or sees, as an unlabelled Dataset; the others
+    are named and skipped. Sound for av comes from the clip, or a file of its name beside --input or in
+    --audio-dir (the raw face video, with --preprocess)."""
+    hears = cfg.modality != "video"
+    source = Path(cfg.input) if Path(cfg.input).is_dir() else Path(cfg.input).parent
+    sounds = (sound_candidates(dataclasses.replace(cfg, data_dir=str(source), videos_dir=""),
+                               {p.stem: p for p in paths}) if cfg.modality == "av" else {})
+    names, clips, waves = [], [], []
     for path in paths:
         try:
-            frames = read_video(path)
+            if cfg.modality == "audio":
+                wave = read_audio(path)
+                frames = np.zeros((max(1, round(len(wave) / SAMPLES_PER_FRAME)), 0, 0), np.uint8)
+                wave = fit_to_frames(wave, len(frames))
+            else:
+                frames = read_frames_to_decode(path, cfg.frame_size)
+                wave, why = clip_sound(read_audio, sounds[path.stem], len(frames)) if hears else (None, "")
+                if why:
+                    raise ValueError(why)
         except ValueError as e:
             print(f"Skipped {path}: {e}", file=sys.stderr)
             continue
-        if frames.shape[1:] != (frame_size, frame_size):
-            print(f"Skipped {path}: frames are {frames.shape[2]} x {frames.shape[1]}, the model wants "
-                  f"{frame_size} x {frame_size} mouth crops (for face videos, add --preprocess).", file=sys.stderr)
-            continue
-        clips.append((path.stem, frames))
-    return clips
+        names.append(path.stem)
+        clips.append(frames)
+        waves.append(wave)
+    if not hears:
+        return names, Dataset([], ClipBank(clips, torch.device("cpu")), {})
+    noise = noise_track(cfg, [w.reshape(-1) for w in waves], torch.device("cpu")) if is_number_list(cfg.sound) else None
+    return names, Dataset([], ClipBank(clips, torch.device("cpu")), {}, ClipBank(waves, torch.device("cpu")), noise)
 
 
 def run_decode(cfg: Config) -> list[tuple[str, list[tuple[str, float]]]]:
@@ -3946,17 +4337,15 @@ def run_decode(cfg: Config) -> list[tuple[str, list[tuple[str, float]]]]:
     --nbest N, N lines `name<TAB>rank<TAB>score<TAB>text` a clip."""
     device = pick_device(cfg.device)
     model, vocab, model_cfg = model_from_checkpoint(checkpoint_path(cfg), cfg, device)
-    paths = clips_to_decode(cfg)
-    clips = read_clips_to_decode(paths, model_cfg.frame_size)
+    names, clips = read_clips_to_decode(clips_to_decode(model_cfg), model_cfg)
     augment, out = Augment(model_cfg, train=False), []
-    for batch in frame_budget_batches([len(f) for _, f in clips], model_cfg.max_frames, random.Random(0)):
-        frames, lengths = ClipBank([clips[i][1] for i in batch], device).batch(list(range(len(batch))))
-        x, lengths = augment(frames, lengths)
+    for batch in frame_budget_batches(clips.bank.lengths.tolist(), model_cfg.max_frames, random.Random(0)):
+        x, lengths = batch_inputs(clips, batch, augment, device)
         with torch.no_grad(), autocast(device, model_cfg):
             enc, mask = model.encode(x, lengths.to(device))
             nbest = decode(model, enc, mask, lengths.to(device), vocab, model_cfg)
         for i, hyps in zip(batch, nbest):
-            out.append((clips[i][0], [(vocab.decode(ids), score) for ids, score in hyps]))
+            out.append((names[i], [(vocab.decode(ids), score) for ids, score in hyps]))
     out.sort()
     for name, hyps in out:
         for rank, (text, score) in enumerate(hyps, 1):
@@ -3981,8 +4370,12 @@ def run_export(cfg: Config) -> dict:
              and model_cfg.preset == "base" else ""))
     if conformer:
         export_onnx(model, model_cfg, files["onnx"])
-        print(f"Wrote {files['onnx']}: video (B x T x {model_cfg.input_size} x {model_cfg.input_size}, normalised "
-              f"with mean {model_cfg.mean:.4f} and std {model_cfg.std:.4f}), lengths (B) -> encoder_out, ctc_log_probs")
+        described = {"video": f"video (B x T x {model_cfg.input_size} x {model_cfg.input_size}, normalised with mean "
+                              f"{model_cfg.mean:.4f} and std {model_cfg.std:.4f})",
+                     "audio": f"audio (B x T*{SAMPLES_PER_FRAME} samples at 16 kHz, each clip normalised)",
+                     "lengths": "lengths (B, in frames)"}
+        print(f"Wrote {files['onnx']}: {', '.join(described[k] for k in export_inputs(model_cfg))} -> encoder_out, "
+              "ctc_log_probs")
     else:
         del files["onnx"]
         print("The baseline's LSTM is not exported to ONNX; its state dict is.")

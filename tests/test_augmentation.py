@@ -1,6 +1,8 @@
 """Section 4: per-clip crops and flips, normalisation, AdaptiveTimeMask and time warp."""
+import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -153,3 +155,83 @@ def test_cached_features_get_the_same_time_masking_and_warping_as_frames():
         assert torch.all(x[b, new[b]:] == 0)
     plain = m.Augment(m.Config(), train=False).features(features.clone(), lengths)
     assert torch.equal(plain[0], features) and torch.equal(plain[1], lengths)
+
+
+# Sound ---------------------------------------------------------------------------------------------------------
+
+def speech_batch(lengths=(30, 21, 34), seed=0):
+    """B x Tmax x 640 noise-like 'speech' of different loudness, zero past each clip's length."""
+    g = torch.Generator().manual_seed(seed)
+    wave = torch.randn(len(lengths), max(lengths), 640, generator=g) * torch.tensor([0.1, 1.0, 3.0])[:, None, None]
+    lengths = torch.tensor(lengths)
+    return wave * (torch.arange(max(lengths))[None] < lengths[:, None])[..., None], lengths
+
+
+def test_noise_is_mixed_at_each_clips_snr_over_its_own_samples():
+    wave, lengths = speech_batch()
+    speech = wave.flatten(1)
+    valid = torch.arange(speech.shape[1])[None] < (lengths * 640)[:, None]
+    noise = torch.randn_like(speech) * 7
+    snrs = torch.tensor([0.0, 12.5, math.inf])
+    mixed = m.mix_at_snr(speech, noise, valid, snrs)
+    added = mixed - speech
+    for b in range(2):
+        n = int(valid[b].sum())
+        measured = 10 * torch.log10(speech[b, :n].pow(2).mean() / added[b, :n].pow(2).mean())
+        assert measured.item() == pytest.approx(snrs[b].item(), abs=0.01)
+    assert torch.equal(mixed[2], speech[2]) and not added[~valid].any()  # +inf: clean; padding untouched
+
+
+def test_sound_is_normalised_per_clip_and_muted_or_noisy_as_sound_says():
+    wave, lengths = speech_batch()
+    valid = torch.arange(wave.shape[1] * 640)[None] < (lengths * 640)[:, None]
+    clean = m.Augment(m.Config(), train=False).sound(wave, lengths, None)
+    for b, n in enumerate((lengths * 640).tolist()):
+        assert clean[b, :n].mean().abs() < 1e-5 and clean[b, :n].std(unbiased=False) == pytest.approx(1, abs=1e-4)
+    assert not clean[~valid].any()
+    assert torch.allclose(clean, m.normalize_sound(wave.flatten(1), valid))
+    assert not m.Augment(m.Config(sound="mute"), train=False).sound(wave, lengths, None).any()
+    track = torch.randn(100_000)
+    noisy = m.Augment(m.Config(sound="0"), train=False).sound(wave, lengths, track)
+    # at 0 dB half the power is noise: the normalised clean sound explains half of the noisy one
+    share = (noisy * clean).sum(1) / (clean * clean).sum(1)
+    assert torch.allclose(share, torch.full((3,), 0.5 ** 0.5), atol=0.05)
+
+
+def test_training_masks_the_waveform_and_draws_each_clips_snr(monkeypatch):
+    wave, lengths = speech_batch(lengths=(40, 40, 40))
+    quiet = m.Config(noise_snrs="inf")
+    torch.manual_seed(3), random.seed(3)
+    masked = m.Augment(quiet, train=True).sound(wave, lengths, None)
+    # zeroed before normalisation, masked samples share one value; the random speech has no repeats
+    zeroed = [int(torch.unique(row, return_counts=True)[1].max()) for row in masked]
+    assert max(zeroed) > 1 and max(zeroed) <= 2 * 6399  # two masks in 1.6 s, each under 0.4 s
+    unmasked = m.Augment(m.dataclasses.replace(quiet, time_mask=False), train=True).sound(wave, lengths, None)
+    assert torch.allclose(unmasked, m.Augment(quiet, train=False).sound(wave, lengths, None))
+    drawn = []
+    monkeypatch.setattr(m, "mix_at_snr", lambda s, n, v, snrs: drawn.append(snrs.tolist()) or s)
+    loud = m.Augment(m.Config(noise_snrs="-5,20", time_mask=False), train=True)
+    for _ in range(20):
+        loud.sound(wave, lengths, None)
+    assert {v for row in drawn for v in row} == {-5.0, 20.0}
+
+
+def test_noise_tracks_babble_of_training_clips_white_or_a_folder(tmp_path):
+    clips = [np.random.default_rng(i).standard_normal(19_200).astype(np.float32) * (i + 1) for i in range(40)]
+    cfg = m.Config()
+    babble = m.noise_track(cfg, clips, torch.device("cpu"))
+    assert len(babble) >= 0.99 * min(m.BABBLE_SECONDS * 16_000, 40 * 19_200)
+    assert babble.std().item() == pytest.approx(m.BABBLE_VOICES ** 0.5, rel=0.1)  # six unit-power voices at once
+    assert torch.equal(babble, m.noise_track(cfg, clips, torch.device("cpu")))  # seeded
+    assert m.noise_track(m.Config(noise="white"), clips, torch.device("cpu")) is None
+    folder = tmp_path / "noise"
+    folder.mkdir()
+    m.write_wav(folder / "fan.wav", np.full(8000, 0.25, np.float32))
+    (folder / "broken.flac").write_bytes(b"not sound")
+    recorded = m.noise_track(m.Config(noise=str(folder)), clips, torch.device("cpu"))
+    assert len(recorded) == 8000 and recorded.mean().item() == pytest.approx(0.25, abs=1e-3)
+    with pytest.raises(m.UserError, match="not a folder"):
+        m.noise_track(m.Config(noise=str(tmp_path / "nowhere")), clips, torch.device("cpu"))
+    (folder / "fan.wav").unlink()
+    with pytest.raises(m.UserError, match="no readable recording"):
+        m.noise_track(m.Config(noise=str(folder)), clips, torch.device("cpu"))

@@ -62,6 +62,10 @@ def test_synth_then_stats_from_the_command_line(tmp_path):
     (["--accum-steps", "0"], "--accum-steps must be 1 or more"),
     (["--crop-size", "120"], "input <= crop <= frame size"),
     (["--ctc-weight", "1.5"], "--ctc-weight must lie in [0, 1]"),
+    (["--modality", "audio", "--arch", "baseline"], "--arch baseline reads video only"),
+    (["--modality", "av", "--time-warp"], "--time-warp changes a clip's frame count"),
+    (["--sound", "loud"], "--sound clean, mute or one SNR"),
+    (["--noise-snrs", "5,high"], "--noise-snrs takes SNRs in dB"),
 ])
 def test_settings_that_cannot_work_are_refused_up_front(flags, complaint):
     with pytest.raises(m.UserError, match=re.escape(complaint)):

@@ -26,7 +26,7 @@ def test_clips_and_labels_pair_by_stem_recursively(cfg, synthetic_root):
     ds = load(cfg, data_dir=str(synthetic_root))
     assert len(ds.samples) == 24
     generated = m.synthesize_dataset(m.Config(synthetic_clips=24, seed=3), m.Vocabulary.seed())
-    for sample, (stem, text, frames) in zip(ds.samples, generated):
+    for sample, (stem, text, frames, _) in zip(ds.samples, generated):
         assert sample.stem == stem and sample.text == text and sample.frames == len(frames)
         decoded = ds.bank.batch([ds.samples.index(sample)])[0][0].numpy()
         assert np.abs(decoded.astype(int) - frames).mean() < 6  # mp4 is lossy, but it is the same clip
@@ -39,7 +39,7 @@ def test_arrays_and_text_columns_are_read(cfg, tmp_path):
     np.save(root / "deep" / "er" / "a.npy", clips[0][2])
     np.savez(root / "deep" / "b.npz", frames=clips[1][2])
     np.save(root / "c.npy", np.stack([clips[2][2]] * 3, -1))  # T x H x W x 3 becomes gray
-    for (stem, text, _), name in zip(clips, "abc"):
+    for (stem, text, _, _), name in zip(clips, "abc"):
         (root / f"{name}.csv").write_text("text\n" + text + "\n", encoding="utf-8")
     ds = load(cfg, data_dir=str(root))
     assert [s.stem for s in ds.samples] == ["a", "b", "c"]
@@ -202,19 +202,19 @@ def test_frame_budget_batches_cover_every_clip_once_within_budget():
 def test_synthetic_clips_look_like_the_real_ones_and_are_seeded():
     vocab = m.Vocabulary.seed()
     clips = m.synthesize_dataset(m.Config(synthetic_clips=60, seed=9), vocab)
-    for stem, text, frames in clips:
+    for stem, text, frames, _ in clips:
         assert frames.dtype == np.uint8 and frames.shape[1:] == (112, 112) and 29 <= len(frames) <= 38
         assert 1 <= len(text.split()) <= 5
         ids, unknown = vocab.encode(text)
         assert not unknown and m.frames_needed(ids) <= len(frames)
     again = m.synthesize_dataset(m.Config(synthetic_clips=60, seed=9), vocab)
     assert all(np.array_equal(a[2], b[2]) and a[1] == b[1] for a, b in zip(clips, again))
-    words = m.Counter(w for _, text, _ in clips for w in text.split())
+    words = m.Counter(w for _, text, _, _ in clips for w in text.split())
     assert words.most_common(1)[0][1] >= 5  # a lexicon: words repeat across clips, as in the real data
 
 
 def test_synthetic_mouths_follow_visemes_and_blend_between_units():
-    track = lambda text: m.shape_track(m.split_units(text), 30, np.random.default_rng(1))
+    track = lambda text: m.shape_track(m.split_units(text), 30, np.random.default_rng(1))[0]
     ba, ma, bu = "\u0628\u064e", "\u0645\u064e", "\u0628\u064f"
     same_class = np.abs(track(ba) - track(ma)).max()  # b and m: closed lips, alike but not identical
     other_vowel = np.abs(track(ba) - track(bu)).max()  # the vowel changes opening and rounding
@@ -252,3 +252,102 @@ def test_damaged_cache_entries_are_decoded_again(cfg, synthetic_root):
     cache = m.ClipCache(cfg.cache_path)
     cache.load(next((synthetic_root / "Preprocessed_Video").glob("*.mp4")))
     assert cache.hits == 1
+
+
+# Sound (--modality audio / av) -------------------------------------------------------------------------------
+
+def tone(seconds: float, rate: int, hz: float) -> np.ndarray:
+    return (0.5 * np.sin(2 * np.pi * hz * np.arange(int(seconds * rate)) / rate)).astype(np.float32)
+
+
+def write_wav(path: Path, channels: list[np.ndarray], rate: int) -> None:
+    import wave
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(len(channels))
+        f.setsampwidth(2)
+        f.setframerate(rate)
+        f.writeframes((np.stack(channels, 1) * 32767).astype("<i2").tobytes())
+
+
+def write_aac(path: Path, wave: np.ndarray, rate: int) -> None:
+    """AAC in an mp4/m4a container, as the raw LRC-AR videos carry their sound."""
+    import av
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=rate, layout="mono")
+        frame = av.AudioFrame.from_ndarray(wave[None], format="fltp", layout="mono")
+        frame.sample_rate = rate
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            container.mux(packet)
+
+
+def loudest_hz(wave: np.ndarray) -> float:
+    return float(np.argmax(np.abs(np.fft.rfft(wave))) * m.SAMPLE_RATE / len(wave))
+
+
+@pytest.mark.parametrize("rate", [8000, 16000, 22050, 44100, 48000])
+def test_sound_of_any_rate_is_read_at_16_khz(tmp_path, rate):
+    write_wav(tmp_path / "a.wav", [tone(1.0, rate, 440)], rate)
+    wave = m.read_audio(tmp_path / "a.wav")
+    assert wave.dtype == np.float32 and abs(len(wave) - 16000) <= 16
+    assert loudest_hz(wave) == pytest.approx(440, abs=2) and np.abs(wave).max() == pytest.approx(0.5, abs=0.03)
+
+
+def test_stereo_is_mixed_down_and_aac_in_mp4_is_read(tmp_path):
+    write_wav(tmp_path / "s.wav", [tone(1.0, 44100, 440), tone(1.0, 44100, 1000)], 44100)
+    spectrum = np.abs(np.fft.rfft(m.read_audio(tmp_path / "s.wav")))  # 1 Hz a bin for one second
+    assert spectrum[440] > 0.3 * spectrum.max() and spectrum[1000] > 0.3 * spectrum.max()  # both channels heard
+    write_aac(tmp_path / "v.mp4", tone(1.0, 44100, 440), 44100)
+    wave = m.read_audio(tmp_path / "v.mp4")
+    assert 15500 <= len(wave) <= 17500 and loudest_hz(wave[:16000]) == pytest.approx(440, abs=2)
+
+
+def test_missing_silent_or_broken_sound_says_what_is_wrong(tmp_path, synthetic_root):
+    write_wav(tmp_path / "silent.wav", [np.zeros(16000, np.float32)], 16000)
+    (tmp_path / "broken.wav").write_bytes(b"RIFF\x00\x00junk")
+    cases = {synthetic_root / "Preprocessed_Video" / "synth_00000.mp4": "no audio track",  # cv2 wrote no sound
+             tmp_path / "silent.wav": "empty or silent", tmp_path / "broken.wav": "unreadable sound"}
+    for path, why in cases.items():
+        with pytest.raises(ValueError, match=why):
+            m.read_audio(path)
+
+
+def test_clips_pair_with_their_sound_and_clips_without_are_skipped_in_audio_modes_only(cfg, dataset_copy):
+    clips = dataset_copy / "Preprocessed_Video"
+    (clips / "synth_00001.wav").unlink()  # no sound at all
+    write_wav(clips / "synth_00002.wav", [tone(0.3, 16000, 440)], 16000)  # far shorter than its clip
+    raw = dataset_copy / "Video"  # the LRC-AR layout: the sound is in the raw video of the same name
+    raw.mkdir()
+    moved = m.read_audio(clips / "synth_00003.wav")
+    write_aac(raw / "synth_00003.mp4", moved, 16000)
+    (clips / "synth_00003.wav").unlink()
+    video = load(cfg, data_dir=str(dataset_copy), videos_dir=str(clips))
+    assert len(video.samples) == 24 and video.sound is None
+    for modality in ("audio", "av"):
+        ds = load(cfg, data_dir=str(dataset_copy), videos_dir=str(clips), modality=modality)
+        assert {s.stem for s in video.samples} - {s.stem for s in ds.samples} == {"synth_00001", "synth_00002"}
+        reasons = report(m.dataclasses.replace(cfg))
+        assert reasons["synth_00001.mp4"].startswith("no sound: ") and "no audio track" in reasons["synth_00001.mp4"]
+        assert "0.30 s of sound" in reasons["synth_00002.mp4"]
+        # each clip's sound is the generated one (16-bit wav), frames x 640 samples
+        generated = {g[0]: g[3] for g in m.synthesize_dataset(m.Config(synthetic_clips=24, seed=3),
+                                                               m.Vocabulary.seed(), sound=True)}
+        for i, s in enumerate(ds.samples):
+            wave, lengths = ds.sound.batch([i])
+            assert wave.shape == (1, s.frames, 640) and lengths.tolist() == [s.frames]
+            if s.stem != "synth_00003":
+                assert np.abs(wave[0].numpy() - generated[s.stem]).max() < 1e-3
+        from_raw = ds.sound.batch([[s.stem for s in ds.samples].index("synth_00003")])[0][0].flatten().numpy()
+        # AAC is lossy, and this writer keeps the encoder's 1024 priming samples (LRC-AR's files have them trimmed)
+        n = len(from_raw) - 1024
+        assert max(np.corrcoef(from_raw[lag:lag + n], moved[:n])[0, 1] for lag in (0, 1024)) > 0.9
+
+
+def test_generated_sound_follows_the_units_and_leaves_the_frames_unchanged():
+    vocab = m.Vocabulary.seed()
+    silent = m.synthesize_dataset(m.Config(synthetic_clips=5, seed=4), vocab)
+    heard = m.synthesize_dataset(m.Config(synthetic_clips=5, seed=4), vocab, sound=True)
+    for (stem, text, frames, none), (_, _, same, wave) in zip(silent, heard):
+        assert none is None and np.array_equal(frames, same) and wave.shape == (len(frames), 640)
+        assert 0.01 < np.abs(wave).mean() < 1
+    # letters that look alike on the lips sound different: b and m share a viseme, not their tones
+    assert m.letter_sound("\u0628")[:2] != m.letter_sound("\u0645")[:2]

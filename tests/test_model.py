@@ -11,22 +11,23 @@ from conftest import m
 
 PRESETS, padding_mask, relative_shift = m.PRESETS, m.padding_mask, m.relative_shift
 REFERENCE = Path(__file__).with_name("auto_avsr_video_state_dict.tsv")  # copied from ../shared/reference
+AUDIO_REFERENCE = Path(__file__).with_name("auto_avsr_audio_state_dict.tsv")
 VOCAB_ROWS = {"decoder.embed.0.weight", "decoder.output_layer.weight", "decoder.output_layer.bias",
               "ctc.ctc_lo.weight", "ctc.ctc_lo.bias"}
 
 
-def reference_shapes():
-    rows = [line.split("\t") for line in REFERENCE.read_text().splitlines() if not line.startswith("#")]
+def reference_shapes(tsv: Path = REFERENCE):
+    rows = [line.split("\t") for line in tsv.read_text().splitlines() if not line.startswith("#")]
     return {key: tuple(int(n) for n in re.findall(r"\d+", shape)) for key, shape, _ in rows}
 
 
-def build_model(arch, vocab_size, preset="tiny"):
-    return m.build_model(m.Config(arch=arch, preset=preset), vocab_size)
+def build_model(arch, vocab_size, preset="tiny", modality="video"):
+    return m.build_model(m.Config(arch=arch, preset=preset, modality=modality), vocab_size)
 
 
-def meta_model(preset, vocab_size):
+def meta_model(preset, vocab_size, modality="video"):
     with torch.device("meta"):
-        return build_model("conformer", vocab_size, preset)
+        return build_model("conformer", vocab_size, preset, modality)
 
 
 def shapes(model):
@@ -51,6 +52,33 @@ def test_base_matches_auto_avsr_state_dict():
 
 def test_base_parameter_count():
     assert sum(p.numel() for p in meta_model("base", 5049).parameters()) == 250_383_410
+
+
+def test_the_audio_model_matches_auto_avsr_audio_state_dict():
+    ref = reference_shapes(AUDIO_REFERENCE)
+    assert len(ref) == 767 and shapes(meta_model("base", 5049, "audio")) == ref
+    assert sum(p.numel() for p in meta_model("base", 5049, "audio").parameters()) == 243_049_202
+
+
+def test_the_audio_visual_model_is_both_encoders_fused_before_one_decoder():
+    video, audio, av = (shapes(meta_model("base", 5049, k)) for k in ("video", "audio", "av"))
+    branch = ("frontend.", "proj_encoder.", "encoder.")
+    expected = dict(video) | {"aux_" + k: v for k, v in audio.items() if k.startswith(branch)}
+    fusion = {k: v for k, v in av.items() if k.startswith("fusion.")}
+    assert av == expected | fusion
+    assert fusion["fusion.fc1.weight"] == (8192, 1536) and fusion["fusion.bn1.running_mean"] == (8192,)
+    assert fusion["fusion.fc2.weight"] == (768, 8192)
+    torch.manual_seed(0)
+    model = build_model("conformer", 40, modality="av").eval()
+    for frames in (1, 29, 38):  # 640 samples make one frame, whatever the length
+        assert model.aux_frontend(torch.randn(2, frames * 640)).shape == (2, frames, 64)
+    lengths = torch.tensor([38, 29])
+    video, sound = torch.randn(2, 38, 88, 88), torch.randn(2, 38 * 640)
+    ctc, dec = model((video, sound), lengths, torch.zeros(2, 5, dtype=torch.long))
+    assert ctc.shape == (2, 38, 40) and dec.shape == (2, 5, 40)
+    enc, _ = model.encode((video, sound), lengths)  # both senses count: each one changes the result
+    assert not torch.allclose(enc, model.encode((video, torch.zeros_like(sound)), lengths)[0])
+    assert not torch.allclose(enc, model.encode((torch.zeros_like(video), sound), lengths)[0])
 
 
 @pytest.mark.parametrize("preset", ["small", "tiny"])
@@ -249,11 +277,39 @@ def test_weights_that_cannot_load_say_why(tmp_path):
                           m.Config(arch="baseline", init_parts="cnn", init_from=str(tmp_path / "vsr.pth")))
 
 
-def test_export_writes_weights_both_ways_and_an_onnx_encoder(tmp_path, capsys):
+def test_audio_and_audio_visual_models_load_their_own_kind_of_weights(tmp_path):
+    cfg = m.Config(preset="base", modality="audio", work_dir=str(tmp_path / "w"))
+    numbers = reference_checkpoint(tmp_path / "asr.pth", "plain", AUDIO_REFERENCE)
+    audio = m.build_model(cfg, 230)
+    report = m.load_pretrained(audio, m.dataclasses.replace(cfg, init_from=str(tmp_path / "asr.pth")))
+    assert report["missing"] == [] and report["loaded"]["frontend"] == len([k for k in numbers if k.startswith("frontend.")])
+    assert torch.all(audio.frontend.trunk.conv1.weight == numbers["frontend.trunk.conv1.weight"])
+    reference_checkpoint(tmp_path / "vsr.pth", "plain")
+    with pytest.raises(m.UserError, match="It is a video model: train with --modality video or av"):
+        m.load_pretrained(audio, m.dataclasses.replace(cfg, init_from=str(tmp_path / "vsr.pth")))
+    # Auto-AVSR v1.0.0 names an audio-visual model's video side encoder.*, its sound side aux_encoder.*
+    small = m.Config(preset="tiny", modality="av", work_dir=str(tmp_path / "w"))
+    torch.manual_seed(1)
+    trained = m.build_model(small, 40).state_dict()
+    old = {re.sub(r"^(aux_)?frontend\.", r"\1encoder.frontend.", re.sub(r"^(aux_)?proj_encoder\.", r"\1encoder.embed.0.",
+                                                                      k)): v for k, v in trained.items()}
+    assert "aux_encoder.frontend.trunk.conv1.weight" in old and "encoder.embed.0.weight" in old
+    torch.save(old, tmp_path / "avsr_v1.pth")
+    torch.manual_seed(2)
+    fresh = m.build_model(small, 40)
+    parts = ",".join(m.parts_of(small))
+    report = m.load_pretrained(fresh, m.dataclasses.replace(small, init_from=str(tmp_path / "avsr_v1.pth"),
+                                                            init_parts=parts))
+    assert sum(report["loaded"].values()) == len(trained) and not report["skipped"] and not report["missing"]
+    assert all(torch.equal(v, trained[k]) for k, v in fresh.state_dict().items())
+
+
+@pytest.mark.parametrize("modality", ["video", "av"])
+def test_export_writes_weights_both_ways_and_an_onnx_encoder(tmp_path, capsys, modality):
     import onnxruntime
     work = tmp_path / "run"
     cfg = m.Config(preset="tiny", input_size=44, synthetic_clips=24, max_frames=300, epochs=1, decoder="ctc",
-                   diagnostics=False, work_dir=str(work))
+                   diagnostics=False, work_dir=str(work), modality=modality)
     m.train(cfg)
     files = m.run_export(m.dataclasses.replace(cfg, mode="export"))
     model, vocab, _ = m.model_from_checkpoint(work / "checkpoints" / "best.pt", cfg, torch.device("cpu"))
@@ -262,19 +318,23 @@ def test_export_writes_weights_both_ways_and_an_onnx_encoder(tmp_path, capsys):
     assert weights.keys() == model.state_dict().keys()
     fresh = m.build_model(cfg, m.Vocabulary.load(Path(files["vocab"])).size)
     fresh.load_state_dict(weights)
-    video, lengths = torch.randn(3, 41, 44, 44), torch.tensor([41, 17, 30])  # not the shapes it was traced with
-    expected = m.EncoderForExport(model)(video, lengths)
-    assert all(torch.equal(a, b) for a, b in zip(m.EncoderForExport(fresh.eval())(video, lengths), expected))
+    named = {"video": torch.randn(3, 41, 44, 44), "audio": torch.randn(3, 41 * 640),
+             "lengths": torch.tensor([41, 17, 30])}  # not the shapes it was traced with
+    inputs = {k: named[k] for k in m.export_inputs(cfg)}
+    expected = m.EncoderForExport(model)(*inputs.values())
+    assert all(torch.equal(a, b) for a, b in zip(m.EncoderForExport(fresh.eval())(*inputs.values()), expected))
     # the ONNX encoder gives the same outputs at another batch size and length
     session = onnxruntime.InferenceSession(files["onnx"])
     names = [o.name for o in session.get_outputs()]
-    outputs = session.run(None, {"video": video.numpy(), "lengths": lengths.numpy()})
+    assert [i.name for i in session.get_inputs()] == list(inputs) == (["video", "audio", "lengths"] if modality == "av"
+                                                                       else ["video", "lengths"])
+    outputs = session.run(None, {k: v.numpy() for k, v in inputs.items()})
     assert names == ["encoder_out", "ctc_log_probs"]
     for got, want in zip(outputs, expected):
         assert got.shape == tuple(want.shape)
         assert abs(got - want.detach().numpy()).max() < 1e-4
     # and --init-from takes the export back, every weight of it
     report = m.load_pretrained(m.build_model(cfg, vocab.size), m.dataclasses.replace(
-        cfg, init_from=files["state_dict"], init_parts="frontend,proj_encoder,encoder,decoder,ctc"))
+        cfg, init_from=files["state_dict"], init_parts=",".join(m.parts_of(cfg))))
     assert sum(report["loaded"].values()) == len(weights) and not report["skipped"] and not report["missing"]
     assert "encoder_out, ctc_log_probs" in capsys.readouterr().out

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -134,6 +135,31 @@ def test_test_and_decode_modes_use_the_checkpoint(tmp_path, capsys):
     decoded = m.run_decode(fast_cfg(work, input=str(clips / "Preprocessed_Video"), nbest=2, beam_size=3))
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 6 and lines[0].startswith("synth_00000\t1\t") and lines[1].startswith("synth_00000\t2\t")
+
+
+def test_sound_models_are_tested_clean_muted_or_noisy_and_decode_sound_files(tmp_path, capsys):
+    clips = tmp_path / "clips"
+    m.write_synthetic_dataset(m.Config(output=str(clips), synthetic_clips=3), m.Vocabulary.seed())
+    folder = str(clips / "Preprocessed_Video")  # mouth clips (mp4, silent) with their sound beside them (wav)
+    for modality in ("audio", "av"):
+        work = tmp_path / modality
+        m.train(fast_cfg(work, epochs=1, modality=modality))
+        for sound in ("clean", "mute", "5"):
+            metrics = m.run_test(fast_cfg(work, decoder="ctc", sound=sound))
+            assert metrics["modality"] == modality and metrics["sound"] == sound and metrics["n"] > 0
+            assert json.loads((work / "test_metrics.json").read_text())["sound"] == sound
+        capsys.readouterr()
+        decoded = m.run_decode(fast_cfg(work, input=folder, decoder="ctc"))
+        captured = capsys.readouterr()
+        assert [d[0] for d in decoded] == ["synth_00000", "synth_00001", "synth_00002"] and "Skipped" not in captured.err
+        (clips / "Preprocessed_Video" / "synth_00001.wav").unlink()
+        decoded = m.run_decode(fast_cfg(work, input=folder, decoder="ctc"))
+        err = capsys.readouterr().err
+        if modality == "av":  # the mouth clip is there, its sound is not
+            assert [d[0] for d in decoded] == ["synth_00000", "synth_00002"] and "synth_00001.mp4: no sound" in err
+        else:  # no wav: the clip's own (silent) video is tried
+            assert "synth_00001.mp4: no audio track" in err
+        m.write_wav(clips / "Preprocessed_Video" / "synth_00001.wav", np.sin(np.arange(20_000) / 5).astype(np.float32))
 
 
 def test_a_second_run_in_the_same_work_dir_must_say_resume(tmp_path):
@@ -309,3 +335,19 @@ def test_the_cache_holds_the_center_crop_and_augmented_views(tmp_path):
     views = [bank.batch(train, [v] * 4)[0] for v in range(4)]
     assert not any(torch.equal(views[a], views[b]) for a in range(4) for b in range(a + 1, 4))  # crops and flips
     assert torch.all(bank.views[1:, bank.offsets[clips[0]]] == 0)  # no training views of validation clips
+
+
+def test_a_tiny_audio_visual_model_learns_from_generated_sound_and_relies_on_it(tmp_path):
+    cfg = m.Config(preset="tiny", modality="av", input_size=44, synthetic_clips=400, epochs=6, lr=2e-3,
+                   warmup_epochs=1, max_frames=200, decoder="ctc", diagnostics=False, time_mask=False,
+                   noise_snrs="20,inf", work_dir=str(tmp_path / "av"))
+    result = seeded_train(cfg)
+    history, ds, model = result["history"], result["dataset"], result["model"]
+    assert ds.sound is not None and ds.noise is not None  # generated sound, and babble made of it
+    assert history[-1]["val_loss"] < 0.6 * history[0]["val_loss"]  # learnt on clips it never trained on
+    assert history[-1]["val_cer_ctc"] < 0.9
+    val, vocab = ds.subset("val"), result["vocab"]
+    heard = m.evaluate(model, ds, val, vocab, cfg, torch.device("cpu"), ("ctc",))
+    deaf = m.evaluate(model, ds, val, vocab, m.dataclasses.replace(cfg, sound="mute"), torch.device("cpu"), ("ctc",))
+    assert heard["loss"] == pytest.approx(history[-1]["val_loss"], rel=1e-4)
+    assert deaf["loss"] > 1.1 * heard["loss"]  # muted, the same model does worse: it listens

@@ -47,7 +47,7 @@ def test_tatweel_and_stray_whitespace_are_dropped():
 
 def test_round_trip_of_generated_labels_and_word_boundaries():
     vocab = m.Vocabulary.seed()
-    for _, text, _ in m.synthesize_dataset(m.Config(synthetic_clips=50), vocab):
+    for _, text, _, _ in m.synthesize_dataset(m.Config(synthetic_clips=50), vocab):
         ids, unknown = vocab.encode(text)
         assert not unknown and vocab.decode(ids) == text
         assert ids.count(vocab.space) == len(text.split()) - 1
