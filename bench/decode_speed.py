@@ -2,9 +2,10 @@
 the answers agree. Per preset (small, base), weights (untrained; "trained": fitted to the clips for a few
 steps, or --checkpoint), and beam (10, 40), over 64 clips of 29-38 frames.
 
-The one-clip side is the plain reference of Auto-AVSR's search in tests/beam_reference.py (run on the first
---reference-clips clips, its rate extrapolated), and, as a second yardstick, the batched code fed one clip at
-a time. Auto-AVSR's own (ESPnet) search on 2 CPU cores: 8.8 s a clip at beam 10 and 19.8 s at beam 40
+The one-clip side is the plain reference of Auto-AVSR's search in tests/beam_reference.py, run on
+--reference-clips clips picked evenly over the lengths (its cost grows with the square of a clip's length, so
+the first few clips would not stand for the batch), its rate extrapolated; and, as a second yardstick, the
+batched code fed one clip at a time. Auto-AVSR's own (ESPnet) search on 2 CPU cores: 8.8 s a clip at beam 10 and 19.8 s at beam 40
 (base-sized, untrained; ../shared/reference/auto_avsr_notes.md).
 Usage: python bench/decode_speed.py [--presets small,base] [--beams 10,40] [--clips 64] [--device auto]"""
 import argparse
@@ -81,6 +82,9 @@ for preset in args.presets.split(","):
             enc, mask = model.encode(x, lengths.to(device))
             alone = [model.encode(x[b:b + 1, :n], lengths[b:b + 1].to(device))[0]
                      for b, n in enumerate(lengths.tolist())]
+        by_length = sorted(range(len(alone)), key=lambda b: (lengths[b].item(), b))
+        n_ref = min(args.reference_clips, len(alone))
+        sample = [by_length[round((i + 0.5) * len(alone) / n_ref - 0.5)] for i in range(n_ref)]
         for beam in map(int, args.beams.split(",")):
             run = m.dataclasses.replace(cfg, beam_size=beam, beam_ctc_weight=args.ctc_weight)
             if device.type == "cuda":
@@ -90,11 +94,10 @@ for preset in args.presets.split(","):
                 _, t_single = timed(lambda: [m.decode(model, e, torch.ones(e.shape[:2], dtype=torch.bool, device=device),
                                                       lengths[b:b + 1].to(device), vocab, run)
                                              for b, e in enumerate(alone)])
-                n_ref = min(args.reference_clips, len(alone))
                 ref, t_ref = timed(lambda: [beam_search_one_clip(model, e.float(), beam, args.ctc_weight, vocab.sos_eos,
-                                                                 vocab.blank) for e in alone[:n_ref]])
+                                                                 vocab.blank) for e in (alone[b] for b in sample)])
             same = sum(batched[b][0][0] == [t for t in r[0]["yseq"][1:] if t != vocab.sos_eos]
-                       and abs(batched[b][0][1] - r[0]["score"]) < 1e-3 for b, r in enumerate(ref))
+                       and abs(batched[b][0][1] - r[0]["score"]) < 1e-3 for b, r in zip(sample, ref))
             n = len(alone)
             rate, rate_single, rate_ref = n / t_batch, n / t_single, n_ref / t_ref
             print(f"{preset:6} {weights:9} {beam:4d} {rate:9.1f} {rate_single:10.2f} {rate_ref:9.2f} "

@@ -121,7 +121,7 @@ class Config:
     feature_views: int = 4  # a frozen frontend's features are cached for this many crop/flip views a clip (0: no cache)
     # loss: ctc_weight * CTC + (1 - ctc_weight) * label-smoothed attention loss
     ctc_weight: float = 0.3  # measured on LRC-AR against Auto-AVSR's 0.1 (README)
-    label_smoothing: float = 0.1  # Auto-AVSR's
+    label_smoothing: float = 0.1  # Auto-AVSR's; 0 and 0.2 measured no different on LRC-AR (README)
     # training
     epochs: int = 30
     time_budget: float = 0.0  # minutes; stop with a checkpoint before they run out (0: no limit)
@@ -1213,6 +1213,7 @@ class Augment:
     def __init__(self, cfg: Config, train: bool):
         import kornia.augmentation as K
         self.cfg, self.train = cfg, train
+        self.snrs = snr_levels(cfg.noise_snrs)
         self.random_crops = {}  # one Kornia sampler per crop size met (full or shrunken frames)
         self.flip = K.RandomHorizontalFlip(p=cfg.hflip_prob) if train and cfg.hflip_prob > 0 else None
 
@@ -1267,7 +1268,7 @@ class Augment:
     def sound_snrs(self, batch: int) -> torch.Tensor:
         """Each clip's SNR in dB: drawn from --noise-snrs when training, --sound's otherwise (+inf: clean)."""
         if self.train:
-            return torch.tensor([random.choice(snr_levels(self.cfg.noise_snrs)) for _ in range(batch)])
+            return torch.tensor([random.choice(self.snrs) for _ in range(batch)])
         return torch.full((batch,), math.inf if self.cfg.sound in ("clean", "mute") else float(self.cfg.sound))
 
     def sound(self, wave: torch.Tensor, lengths: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
@@ -1484,13 +1485,18 @@ class MultiHeadAttention(nn.Module):
     def project_memory(self, memory):
         return self.split_heads(self.linear_k(memory)), self.split_heads(self.linear_v(memory))
 
-    def attend_grouped(self, query, k, v, mask):
-        """query R x 1 x d, R = clips x beam rows; k, v: clips x heads x T x d_head, projected once per clip.
-        A clip's rows ask its keys together, as the query positions of one attention."""
-        n, R = k.size(0), query.size(0)
-        q = self.split_heads(self.linear_q(query)).reshape(n, R // n, self.n_heads, self.d_head).transpose(1, 2)
+    def attend_grouped(self, query, k, v, mask, live=None):
+        """query: R x 1 x d, the rows of a clips x beam layout that `live` marks (None: all of them); k, v:
+        clips x heads x T x d_head, projected once per clip. A clip's rows ask its keys together, as the query
+        positions of one attention (rows not computed ask with zeros, and their answers are dropped)."""
+        n = k.size(0)
+        q = self.linear_q(query)
+        if live is not None:
+            q = q.new_zeros(len(live), *q.shape[1:]).index_copy_(0, live.nonzero().flatten(), q)
+        q = self.split_heads(q).reshape(n, -1, self.n_heads, self.d_head).transpose(1, 2)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # clips x heads x beam x d_head
-        return self.linear_out(y.transpose(1, 2).reshape(R, 1, -1))
+        y = y.transpose(1, 2).flatten(0, 1).flatten(1)
+        return self.linear_out((y if live is None else y[live])[:, None])
 
 
 def relative_shift(scores):
@@ -1620,39 +1626,30 @@ class DecoderBlock(nn.Module):
         x = x + self.dropout(self.src_attn(self.norm2(x), memory, memory, memory_mask))
         return x + self.dropout(self.feed_forward(self.norm3(x)))
 
-    def step(self, x, past, order, memory_kv, memory_mask):
-        """The newest position only (x: R x 1 x d), attending to the keys and values of the earlier ones
-        (past, None at the first step; row r continues past row order[r]). -> (output, keys and values up to
-        this position)."""
+    def step(self, x, cache: "DecoderCache", i: int, live=None):
+        """The newest position only (x: R x 1 x d; `live`: see TransformerDecoder.step), attending to its row's
+        earlier positions, whose keys and values block i keeps in `cache`."""
         h = self.norm1(x)
         q, k, v = self.self_attn.project(h, h, h)
-        if past is not None:
-            k, v = append_position(past[0], k, order), append_position(past[1], v, order)
-        x = x + self.self_attn.attend(q, k, v, None)
-        x = x + self.src_attn.attend_grouped(self.norm2(x), *memory_kv, memory_mask)
-        return x + self.feed_forward(self.norm3(x)), (k, v)
-
-
-def append_position(past, new, order):
-    """R x heads x L x d_head keys (or values) with rows picked by `order` (None: as they are), and the newest
-    position appended: one copy, where reordering and concatenating would make two."""
-    out = new.new_empty(new.size(0), past.size(1), past.size(2) + 1, past.size(3))
-    if order is None:
-        out[:, :, :-1] = past
-    else:
-        torch.index_select(past, 0, order, out=out[:, :, :-1])
-    out[:, :, -1:] = new
-    return out
+        x = x + self.self_attn.attend(q, *cache.append(i, k, v), None)
+        x = x + self.src_attn.attend_grouped(self.norm2(x), *cache.memory[i], cache.memory_mask, live)
+        return x + self.feed_forward(self.norm3(x))
 
 
 @dataclass
 class DecoderCache:
     """What incremental decoding keeps between steps: every block's projected encoder output (one copy per
-    clip, shared by the clip's rows) and the self-attention keys and values of each row's positions so far."""
+    clip, shared by the clip's rows) and the self-attention keys and values of each row's positions so far.
+    Those live in buffers made once for the longest search (rows x heads x positions x d_head), two a block,
+    and one spare: reordering the beam copies each into the spare, which then takes its place. Making a new
+    tensor every step instead costs several times the copy (fresh memory must be mapped in)."""
     memory: list[tuple[torch.Tensor, torch.Tensor]]
     memory_mask: torch.Tensor  # clips x 1 x 1 x T
-    past: list
-    order: torch.Tensor | None = None  # the past row each row continues; applied with the next step's append
+    past: list[torch.Tensor]  # block i's keys at 2i, values at 2i + 1
+    spare: torch.Tensor
+    rows: int = 0  # rows in use
+    length: int = 0  # positions written
+    order: torch.Tensor | None = None  # the past row each row continues; applied when the next step begins
 
     def select_rows(self, rows: torch.Tensor) -> None:
         self.order = rows if self.order is None else self.order[rows]
@@ -1661,6 +1658,21 @@ class DecoderCache:
         self.memory = [(k[clips, :, :frames], v[clips, :, :frames]) for k, v in self.memory]
         self.memory_mask = self.memory_mask[clips, ..., :frames]
         self.select_rows(rows.nonzero().flatten())
+
+    def begin_step(self, rows: int) -> None:
+        """Every row's past becomes the past of the row it continues."""
+        if self.order is not None and self.length:
+            for j, past in enumerate(self.past):
+                torch.index_select(past[:self.rows, :, :self.length], 0, self.order,
+                                   out=self.spare[:len(self.order), :, :self.length])
+                self.past[j], self.spare = self.spare, past
+        self.rows, self.order = rows, None
+
+    def append(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block i's keys and values of the newest position (R x heads x 1 x d_head) added -> all of them."""
+        keys, values = (past[:self.rows, :, :self.length + 1] for past in self.past[2 * i:2 * i + 2])
+        keys[:, :, -1:], values[:, :, -1:] = k, v
+        return keys, values
 
 
 class TransformerDecoder(nn.Module):
@@ -1684,18 +1696,24 @@ class TransformerDecoder(nn.Module):
             x = block(x, self_mask, memory, memory_mask)
         return self.output_layer(self.after_norm(x))
 
-    def start(self, memory, memory_mask) -> DecoderCache:
-        """Incremental decoding begins: the encoder output is projected once per block, not once per step."""
-        return DecoderCache([block.src_attn.project_memory(memory) for block in self.decoders],
-                            memory_mask[:, None, None, :], [None] * len(self.decoders))
+    def start(self, memory, memory_mask, rows: int, positions: int) -> DecoderCache:
+        """Incremental decoding of up to `rows` rows (a multiple of the clips) for up to `positions` steps
+        begins: the encoder output is projected once per block, not once per step."""
+        heads = self.decoders[0].self_attn.n_heads
+        projected = [block.src_attn.project_memory(memory) for block in self.decoders]
+        buffers = [projected[0][0].new_empty(rows, heads, positions, memory.size(2) // heads)
+                   for _ in range(2 * len(self.decoders) + 1)]
+        return DecoderCache(projected, memory_mask[:, None, None, :], buffers[1:], buffers[0])
 
-    def step(self, tokens, position: int, cache: DecoderCache) -> torch.Tensor:
-        """R newest tokens (at `position`; R a multiple of the clips in `cache`) -> R x V log-probs of the
-        next ones, the same as `forward` on the whole prefixes gives; `cache` moves one position on."""
+    def step(self, tokens, position: int, cache: DecoderCache, live=None) -> torch.Tensor:
+        """R newest tokens (at `position`) -> R x V log-probs of the next ones, the same as `forward` on the
+        whole prefixes gives; `cache` moves one position on. The rows are those of a clips x beam layout that
+        `live` marks (None: all of them, R a multiple of the clips in `cache`)."""
+        cache.begin_step(len(tokens))
         x = self.embed[1](self.embed[0](tokens[:, None]), offset=position)
         for i, block in enumerate(self.decoders):
-            x, cache.past[i] = block.step(x, cache.past[i], cache.order, cache.memory[i], cache.memory_mask)
-        cache.order = None
+            x = block.step(x, cache, i, live)
+        cache.length += 1
         return self.output_layer(self.after_norm(x[:, 0])).log_softmax(-1)
 
 
@@ -2113,7 +2131,7 @@ def greedy_attention(model: nn.Module, enc, mask, lengths, sos_eos: int) -> list
     tokens = torch.full((n, 1), sos_eos, dtype=torch.long, device=enc.device)
     score = torch.zeros(n, device=enc.device)
     done = torch.zeros(n, dtype=torch.bool, device=enc.device)
-    cache = model.decoder.start(enc, mask)
+    cache = model.decoder.start(enc, mask, n, int(lengths.max()))
     for step in range(int(lengths.max())):
         best_lp, token = model.decoder.step(tokens[:, -1], step, cache).float().max(-1)
         score += best_lp.masked_fill(done | (step >= lengths), 0.0)
@@ -2196,6 +2214,7 @@ class Beams:
         self.r = lp.new_full((lp.size(2), n * k, 2), LOGZERO)  # time-major: T x rows x (non-blank, blank)
         self.r[..., 1] = lp[:, blank].cumsum(1).repeat_interleave(k, 0).t()
         self.psi = lp.new_zeros(n * k)  # the CTC prefix score of each row's prefix
+        self.cached = None  # each row's row in the decoder cache (decoder_scores)
 
     def keep(self, live: torch.Tensor) -> None:
         """Drop finished clips (live: bool per current clip), and the frames no live clip has."""
@@ -2222,13 +2241,25 @@ def search_settings(model: nn.Module, cfg: Config, vocab_size: int) -> SimpleNam
                            pre_beam=pre_beam if w < 1 and pre_beam < vocab_size else 0)
 
 
+def decoder_scores(model, beams: Beams, step: int) -> torch.Tensor:
+    """The decoder's R x V log-probs of every row's next token, computed for the live rows alone (0 for the
+    others): at the first step a clip's beam holds one hypothesis, and a slot freed by one that ended stays
+    empty for a step. The cache keeps the computed rows only; `beams.cached` says where each row went."""
+    live = beams.score.view(-1) > -math.inf
+    rows = live.nonzero().flatten()
+    beams.cache.select_rows(rows)
+    log_probs = model.decoder.step(beams.tokens[rows, -1], step, beams.cache, None if live.all() else live)
+    beams.cached = torch.zeros_like(beams.row_clip).index_copy_(0, rows, torch.arange(len(rows), device=rows.device))
+    return log_probs.new_zeros(len(beams.tokens), log_probs.size(1)).index_copy_(0, rows, log_probs)
+
+
 def joint_scores(model, beams: Beams, s: SimpleNamespace, cfg: Config, vocab: Vocabulary, step: int):
     """Every row's total score for each next token, summed in ESPnet's order (decoder, length bonus, CTC,
     the row's own score), and the CTC side's (candidates, psi over the vocabulary, forward variables)."""
     R, V, device = beams.tokens.size(0), vocab.size, beams.lp.device
     weighted = torch.zeros(R, V, device=device)
     if s.use_decoder:
-        weighted += (1 - s.w) * model.decoder.step(beams.tokens[:, -1], step, beams.cache).float()
+        weighted += (1 - s.w) * decoder_scores(model, beams, step).float()
     if cfg.length_bonus:
         weighted += cfg.length_bonus
     ctc = None
@@ -2264,7 +2295,7 @@ def advance(beams: Beams, parent, token, score, done_row, ctc) -> None:
     beams.tokens = torch.cat([beams.tokens[parent], token[:, None]], 1)
     beams.score = score.masked_fill(done_row.view(score.shape), -math.inf)
     if beams.cache is not None:
-        beams.cache.select_rows(parent)
+        beams.cache.select_rows(beams.cached[parent])
 
 
 @torch.no_grad()
@@ -2276,7 +2307,7 @@ def beam_search_batch(model, enc, mask, lengths, vocab: Vocabulary, cfg: Config)
     max_len = lengths if cfg.max_length_ratio == 0 else (lengths * cfg.max_length_ratio).long().clamp(min=1)
     min_len = (lengths * cfg.min_length_ratio).long()
     beams = Beams(ctc_log_probs(model, enc, lengths, vocab.blank).transpose(1, 2).contiguous(), lengths, K, eos, vocab.blank,
-                  model.decoder.start(enc, mask) if s.use_decoder else None)
+                  model.decoder.start(enc, mask, len(lengths) * K, int(max_len.max())) if s.use_decoder else None)
     ended: list[list[tuple[float, int, list[int]]]] = [[] for _ in lengths]  # (score, length, tokens) per clip
     for step in range(int(max_len.max())):
         weighted, ctc = joint_scores(model, beams, s, cfg, vocab, step)
@@ -2305,9 +2336,11 @@ BEAM_MEMORY = 2 ** 30  # bytes one beam search may hold in its largest tensors
 
 def beam_chunk_clips(model: nn.Module, cfg: Config, vocab_size: int, frames: int, d_model: int) -> int:
     """Clips searched at once: the CTC candidates' forward variables (and their temporaries) and the
-    decoder's rows stay within BEAM_MEMORY bytes."""
+    decoder's key and value buffers stay within BEAM_MEMORY bytes."""
     candidates = search_settings(model, cfg, vocab_size).pre_beam or vocab_size
-    per_clip = 4 * cfg.beam_size * frames * (6 * candidates + 8 * d_model)
+    positions = frames if cfg.max_length_ratio == 0 else math.ceil(frames * cfg.max_length_ratio)
+    buffers = 0 if model.decoder is None else 2 * len(model.decoder.decoders) + 1
+    per_clip = 4 * cfg.beam_size * (6 * candidates * frames + buffers * d_model * positions)
     return max(1, BEAM_MEMORY // per_clip)
 
 

@@ -146,11 +146,46 @@ def test_incremental_decoding_equals_full_recomputation():
     tokens = torch.randint(0, 40, (6, 7))  # two rows per clip
     with torch.no_grad():
         full = decoder(tokens, memory.repeat_interleave(2, 0), memory_mask.repeat_interleave(2, 0)).log_softmax(-1)
-        cache = decoder.start(memory, memory_mask)
+        cache = decoder.start(memory, memory_mask, 6, tokens.size(1))
         for i in range(tokens.size(1)):
             log_probs = decoder.step(tokens[:, i], i, cache)
-            assert [k.shape for k, _ in cache.past] == [(6, 2, i + 1, 32)]
+            assert (cache.rows, cache.length) == (6, i + 1)
             assert torch.allclose(log_probs, full[:, i], atol=1e-5)
+
+
+def test_incremental_decoding_follows_the_beam_as_it_reorders():
+    """As the beam search drives it: only live rows computed (one a clip at the first step, a freed slot
+    later), rows that go on from other rows' prefixes, a finished clip dropped. Each computed row gets what
+    the whole prefix gives."""
+    decoder = tiny().decoder
+    memory, memory_mask = torch.randn(3, 10, 64), padding_mask(torch.tensor([10, 6, 8]), 10)
+    g = torch.Generator().manual_seed(0)
+    history = torch.randint(0, 40, (6, 1), generator=g)
+    clips = torch.arange(3)
+    with torch.no_grad():
+        cache = decoder.start(memory, memory_mask, 6, 6)
+        for i in range(6):
+            n = len(clips)
+            live = torch.ones(2 * n, dtype=torch.bool)
+            if i == 0:
+                live[1::2] = False  # one hypothesis a clip
+            if i == 2:
+                live[1] = False  # a slot freed by a hypothesis that ended
+            rows = live.nonzero().flatten()
+            cache.select_rows(rows)
+            log_probs = decoder.step(history[rows, -1], i, cache, live)
+            full = decoder(history, memory[clips].repeat_interleave(2, 0), memory_mask[clips].repeat_interleave(2, 0))
+            assert torch.allclose(log_probs, full[rows, -1].log_softmax(-1), atol=1e-5)
+            cached = torch.zeros(2 * n, dtype=torch.long).index_copy_(0, rows, torch.arange(len(rows)))
+            own_clip = [rows[rows // 2 == r // 2] for r in range(2 * n)]  # each row goes on from a live row of its clip
+            parents = torch.stack([c[torch.randint(0, len(c), (1,), generator=g)][0] for c in own_clip])
+            cache.select_rows(cached[parents])
+            history = torch.cat([history[parents], torch.randint(0, 40, (2 * n, 1), generator=g)], 1)
+            if i == 3:  # the middle clip ends
+                kept = torch.tensor([True, False, True])
+                cache.keep_clips(kept, kept.repeat_interleave(2), 10)
+                clips, history = clips[kept], history[kept.repeat_interleave(2)]
+        assert cache.rows == 4
 
 
 def test_the_baseline_takes_the_reduced_input_size_too():
