@@ -26,6 +26,8 @@ def time_training_steps(cfg: m.Config, ds: m.Dataset, vocab: m.Vocabulary, devic
                         steps: int = 8, warmup: int = 2) -> dict:
     """Seconds spent getting batches ready (memory gather + augmentation) and computing, over `steps` steps."""
     model = m.build_model(cfg, vocab.size).to(device)
+    if cfg.compile:
+        m.compile_model(model, device)
     optimizer, scheduler = m.make_optimizer(model, cfg, 1000)
     scaler = torch.amp.GradScaler(device.type, enabled=m.amp_dtype(device, cfg) == torch.float16)
     augment = m.Augment(cfg, train=True)

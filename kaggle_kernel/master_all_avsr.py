@@ -133,7 +133,7 @@ class Config:
     beta2: float = 0.98
     grad_clip: float = 10.0
     accum_steps: int = 1  # optimizer step every accum_steps batches
-    amp: str = "auto"  # auto: bf16 where the GPU has it, fp16 + GradScaler where not (T4, P100), fp32 on CPU | off
+    amp: str = "auto"  # auto: bf16 where the GPU has it, fp16 + GradScaler where not (T4, P100) | bf16 | fp16 | off; CPU: fp32
     resume: bool = False  # continue from <work_dir>/checkpoints/last.pt
     processes: int = 0  # train in N processes under torchrun (one per GPU); 0: one per GPU on Kaggle, else 1
     compile: bool = False  # torch.compile the encoding (not on GPUs before compute capability 7); not measured faster
@@ -212,7 +212,11 @@ def pick_device(name: str) -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu or auto.")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    rank, gpus = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+    if rank >= gpus:
+        raise UserError(f"torchrun started more processes on this machine than it has GPUs ({gpus}): start one per "
+                        f"GPU (--processes {gpus}, or torchrun --nproc_per_node {gpus}), or train on CPU with --device cpu.")
+    device = torch.device("cuda", rank)
     problem = gpu_build_problem(torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device),
                                 torch.cuda.get_arch_list(), torch.__version__, torch.version.cuda)
     if problem:
@@ -2434,11 +2438,15 @@ REDRAW_CURVES, REDRAW_HEATMAP = 30.0, 300.0
 
 
 def amp_dtype(device: torch.device, cfg: Config):
-    """bf16 where the GPU has it (compute capability 8+), fp16 where not (T4, P100), none on CPU."""
+    """bf16 where the GPU has it (compute capability 8+), fp16 where not (T4, P100), none on CPU; --amp fp16 on
+    a newer GPU runs as a T4 would."""
     if cfg.amp == "off" or device.type != "cuda":
         return None
-    major, _ = torch.cuda.get_device_capability(device)
-    return torch.bfloat16 if major >= 8 else torch.float16
+    major, minor = torch.cuda.get_device_capability(device)
+    if cfg.amp == "bf16" and major < 8:
+        raise UserError(f"--amp bf16: the {torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) "
+                        "has no bf16 arithmetic; use --amp fp16 (or auto, which picks it here).")
+    return torch.bfloat16 if cfg.amp == "bf16" or (cfg.amp == "auto" and major >= 8) else torch.float16
 
 
 def autocast(device: torch.device, cfg: Config):
@@ -4019,7 +4027,7 @@ def read_config_file(path: str) -> dict:
 CHOICES = {"mode": ("train", "test", "decode", "diagnose", "sanity", "stats", "vocab", "synth", "preprocess", "export"),
            "frontend": ("cnn", "noise", "linear"),
            "data": ("auto", "files", "synthetic"), "units": ("diacritized", "letters"), "unknown_units": ("skip", "map"), "arch": ("conformer", "baseline"),
-           "preset": ("tiny", "small", "base"), "amp": ("auto", "off"), "split": ("train", "val", "test", "all"),
+           "preset": ("tiny", "small", "base"), "amp": ("auto", "bf16", "fp16", "off"), "split": ("train", "val", "test", "all"),
            "decoder": ("beam", "attention", "ctc"), "modality": ("video", "audio", "av")}
 
 

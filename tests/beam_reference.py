@@ -44,7 +44,7 @@ def end_detect(ended, i, m=3, d_end=-10.0):
 def beam_search_one_clip(model, enc, beam, ctc_weight, eos, blank, max_length_ratio=0.0, length_bonus=0.0):
     """enc: 1 x T x d, this clip's frames only. -> ended hypotheses, best first: dicts with yseq (sos ... eos)
     and score."""
-    lp = model.ctc(enc)[0].float().log_softmax(-1)
+    lp = model.ctc(enc)[0].float().log_softmax(-1).cpu()  # the CTC side runs on the CPU, the model where it is
     T, V = lp.shape
     w = ctc_weight
     pre_beam = int(1.5 * beam) if 0 < w < 1 and int(1.5 * beam) < V else None
@@ -55,8 +55,8 @@ def beam_search_one_clip(model, enc, beam, ctc_weight, eos, blank, max_length_ra
     ended = []
     for i in range(maxlen):
         if w < 1:
-            ys = torch.tensor([h["yseq"] for h in running])
-            dec = model.decoder(ys, enc.expand(len(running), -1, -1))[:, -1].float().log_softmax(-1)
+            ys = torch.tensor([h["yseq"] for h in running], device=enc.device)
+            dec = model.decoder(ys, enc.expand(len(running), -1, -1))[:, -1].float().log_softmax(-1).cpu()
         rows, states = [], []
         for k, h in enumerate(running):
             scores = torch.zeros(V)

@@ -38,6 +38,16 @@ def test_mixed_precision_follows_the_gpu(monkeypatch, capability, expected):
     assert m.amp_dtype(torch.device("cuda"), m.Config()) is expected
     assert m.amp_dtype(torch.device("cuda"), m.Config(amp="off")) is None
     assert m.amp_dtype(torch.device("cpu"), m.Config()) is None
+    assert m.amp_dtype(torch.device("cuda"), m.Config(amp="fp16")) is torch.float16  # a T4's, on any GPU
+
+
+def test_bf16_asked_of_a_gpu_without_it_is_refused_with_the_alternative(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    with pytest.raises(m.UserError, match="Tesla T4 .*7.5.* --amp fp16"):
+        m.amp_dtype(torch.device("cuda"), m.Config(amp="bf16"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert m.amp_dtype(torch.device("cuda"), m.Config(amp="bf16")) is torch.bfloat16
 
 
 def test_training_writes_log_lines_metrics_curves_and_checkpoints(tmp_path, capsys):
@@ -240,6 +250,14 @@ def test_a_gpu_the_torch_build_cannot_run_is_named_with_the_fix():
     assert m.gpu_build_problem("RTX 3090", (8, 6), ["sm_80"], "x", "12.8") is None
     assert m.gpu_build_problem("RTX 5090", (12, 0), ["sm_80", "compute_90"], "x", "12.8") is None  # PTX, JIT
     assert "get-started" in m.gpu_build_problem("RTX 5090", (12, 0), CU126, "x", "12.6")
+
+
+def test_more_torchrun_processes_than_gpus_are_refused_with_the_count(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(m.UserError, match=r"than it has GPUs \(1\).*--nproc_per_node 1"):
+        m.pick_device("auto")
 
 
 def test_compile_wraps_the_encoding_and_skips_gpus_before_compute_capability_7(monkeypatch, capsys):
