@@ -1487,18 +1487,29 @@ class MultiHeadAttention(nn.Module):
         return self.attend(*self.project(query, key, value), mask)
 
     def project_memory(self, memory):
-        return self.split_heads(self.linear_k(memory)), self.split_heads(self.linear_v(memory))
+        """The keys (transposed: B x heads x d_head x T) and values (B x heads x T x d_head) of a memory that
+        many steps attend to, each laid out for attend_few's products to read in place."""
+        return (self.split_heads(self.linear_k(memory)).transpose(-2, -1).contiguous(),
+                self.split_heads(self.linear_v(memory)).contiguous())
 
-    def attend_grouped(self, query, k, v, mask, live=None):
+    def attend_few(self, q, keys_t, v, bias=None):
+        """Attention for a few queries a row, written out (on a CPU, scaled_dot_product_attention's kernel
+        takes twice as long at these sizes). keys_t: the keys transposed, ... x d_head x T; bias: added to the
+        scores (-inf where not allowed)."""
+        scores = q @ keys_t / math.sqrt(self.d_head)
+        return (scores if bias is None else scores + bias).softmax(-1) @ v
+
+    def attend_grouped(self, query, k, v, bias, live=None):
         """query: R x 1 x d, the rows of a clips x beam layout that `live` marks (None: all of them); k, v:
-        clips x heads x T x d_head, projected once per clip. A clip's rows ask its keys together, as the query
-        positions of one attention (rows not computed ask with zeros, and their answers are dropped)."""
+        projected once per clip (project_memory); bias: clips x 1 x 1 x T. A clip's rows ask its
+        keys together, as the query positions of one attention (rows not computed ask with zeros, and their
+        answers are dropped)."""
         n = k.size(0)
         q = self.linear_q(query)
         if live is not None:
             q = q.new_zeros(len(live), *q.shape[1:]).index_copy_(0, live.nonzero().flatten(), q)
         q = self.split_heads(q).reshape(n, -1, self.n_heads, self.d_head).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # clips x heads x beam x d_head
+        y = self.attend_few(q, k, v, bias)  # clips x heads x beam x d_head
         y = y.transpose(1, 2).flatten(0, 1).flatten(1)
         return self.linear_out((y if live is None else y[live])[:, None])
 
@@ -1635,8 +1646,9 @@ class DecoderBlock(nn.Module):
         earlier positions, whose keys and values block i keeps in `cache`."""
         h = self.norm1(x)
         q, k, v = self.self_attn.project(h, h, h)
-        x = x + self.self_attn.attend(q, *cache.append(i, k, v), None)
-        x = x + self.src_attn.attend_grouped(self.norm2(x), *cache.memory[i], cache.memory_mask, live)
+        y = self.self_attn.attend_few(q, *cache.append(i, k, v))
+        x = x + self.self_attn.linear_out(y.transpose(1, 2).flatten(2))
+        x = x + self.src_attn.attend_grouped(self.norm2(x), *cache.memory[i], cache.memory_bias, live)
         return x + self.feed_forward(self.norm3(x))
 
 
@@ -1644,11 +1656,12 @@ class DecoderBlock(nn.Module):
 class DecoderCache:
     """What incremental decoding keeps between steps: every block's projected encoder output (one copy per
     clip, shared by the clip's rows) and the self-attention keys and values of each row's positions so far.
-    Those live in buffers made once for the longest search (rows x heads x positions x d_head), two a block,
-    and one spare: reordering the beam copies each into the spare, which then takes its place. Making a new
-    tensor every step instead costs several times the copy (fresh memory must be mapped in)."""
+    Those live in buffers made once for the longest search, two a block, and one spare: reordering the beam
+    copies each into the spare, which then takes its place. Making a new tensor every step instead costs
+    several times the copy (fresh memory must be mapped in). Positions come first (positions x rows x heads x
+    d_head), so that a step writes one block of memory and a search maps in only the positions it reaches."""
     memory: list[tuple[torch.Tensor, torch.Tensor]]
-    memory_mask: torch.Tensor  # clips x 1 x 1 x T
+    memory_bias: torch.Tensor  # clips x 1 x 1 x T: 0 at a clip's frames, -inf past its end
     past: list[torch.Tensor]  # block i's keys at 2i, values at 2i + 1
     spare: torch.Tensor
     rows: int = 0  # rows in use
@@ -1659,24 +1672,25 @@ class DecoderCache:
         self.order = rows if self.order is None else self.order[rows]
 
     def keep_clips(self, clips: torch.Tensor, rows: torch.Tensor, frames: int) -> None:
-        self.memory = [(k[clips, :, :frames], v[clips, :, :frames]) for k, v in self.memory]
-        self.memory_mask = self.memory_mask[clips, ..., :frames]
+        self.memory = [(k[clips, ..., :frames], v[clips, :, :frames]) for k, v in self.memory]
+        self.memory_bias = self.memory_bias[clips, ..., :frames]
         self.select_rows(rows.nonzero().flatten())
 
     def begin_step(self, rows: int) -> None:
         """Every row's past becomes the past of the row it continues."""
         if self.order is not None and self.length:
             for j, past in enumerate(self.past):
-                torch.index_select(past[:self.rows, :, :self.length], 0, self.order,
-                                   out=self.spare[:len(self.order), :, :self.length])
+                torch.index_select(past[:self.length, :self.rows], 1, self.order,
+                                   out=self.spare[:self.length, :len(self.order)])
                 self.past[j], self.spare = self.spare, past
         self.rows, self.order = rows, None
 
     def append(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block i's keys and values of the newest position (R x heads x 1 x d_head) added -> all of them."""
-        keys, values = (past[:self.rows, :, :self.length + 1] for past in self.past[2 * i:2 * i + 2])
-        keys[:, :, -1:], values[:, :, -1:] = k, v
-        return keys, values
+        """Block i's keys and values of the newest position (R x heads x 1 x d_head) added -> all of them, as
+        attend_few reads them: keys R x heads x d_head x positions, values R x heads x positions x d_head."""
+        keys, values = (past[:self.length + 1, :self.rows] for past in self.past[2 * i:2 * i + 2])
+        keys[-1], values[-1] = k[:, :, 0], v[:, :, 0]
+        return keys.permute(1, 2, 3, 0), values.permute(1, 2, 0, 3)
 
 
 class TransformerDecoder(nn.Module):
@@ -1705,9 +1719,10 @@ class TransformerDecoder(nn.Module):
         begins: the encoder output is projected once per block, not once per step."""
         heads = self.decoders[0].self_attn.n_heads
         projected = [block.src_attn.project_memory(memory) for block in self.decoders]
-        buffers = [projected[0][0].new_empty(rows, heads, positions, memory.size(2) // heads)
+        buffers = [projected[0][0].new_empty(positions, rows, heads, memory.size(2) // heads)
                    for _ in range(2 * len(self.decoders) + 1)]
-        return DecoderCache(projected, memory_mask[:, None, None, :], buffers[1:], buffers[0])
+        bias = torch.zeros(memory_mask.shape, device=memory.device).masked_fill(~memory_mask, -math.inf)
+        return DecoderCache(projected, bias[:, None, None, :], buffers[1:], buffers[0])
 
     def step(self, tokens, position: int, cache: DecoderCache, live=None) -> torch.Tensor:
         """R newest tokens (at `position`) -> R x V log-probs of the next ones, the same as `forward` on the
