@@ -1499,19 +1499,19 @@ class MultiHeadAttention(nn.Module):
         scores = q @ keys_t / math.sqrt(self.d_head)
         return (scores if bias is None else scores + bias).softmax(-1) @ v
 
-    def attend_grouped(self, query, k, v, bias, live=None):
-        """query: R x 1 x d, the rows of a clips x beam layout that `live` marks (None: all of them); k, v:
-        projected once per clip (project_memory); bias: clips x 1 x 1 x T. A clip's rows ask its
-        keys together, as the query positions of one attention (rows not computed ask with zeros, and their
+    def attend_grouped(self, query, k, v, bias, where=None, layout: int = 0):
+        """query: R x 1 x d, rows `where` of a clips x beam layout of `layout` rows (None: the layout itself);
+        k, v: projected once per clip (project_memory); bias: clips x 1 x 1 x T. A clip's rows ask its keys
+        together, as the query positions of one attention (layout rows not asked for ask with zeros, and their
         answers are dropped)."""
         n = k.size(0)
         q = self.linear_q(query)
-        if live is not None:
-            q = q.new_zeros(len(live), *q.shape[1:]).index_copy_(0, live.nonzero().flatten(), q)
+        if where is not None:
+            q = q.new_zeros(layout, *q.shape[1:]).index_copy_(0, where, q)
         q = self.split_heads(q).reshape(n, -1, self.n_heads, self.d_head).transpose(1, 2)
         y = self.attend_few(q, k, v, bias)  # clips x heads x beam x d_head
         y = y.transpose(1, 2).flatten(0, 1).flatten(1)
-        return self.linear_out((y if live is None else y[live])[:, None])
+        return self.linear_out((y if where is None else y[where])[:, None])
 
 
 def relative_shift(scores):
@@ -1641,14 +1641,15 @@ class DecoderBlock(nn.Module):
         x = x + self.dropout(self.src_attn(self.norm2(x), memory, memory, memory_mask))
         return x + self.dropout(self.feed_forward(self.norm3(x)))
 
-    def step(self, x, cache: "DecoderCache", i: int, live=None):
-        """The newest position only (x: R x 1 x d; `live`: see TransformerDecoder.step), attending to its row's
-        earlier positions, whose keys and values block i keeps in `cache`."""
+    def step(self, x, cache: "DecoderCache", i: int):
+        """The newest position only (x: R x 1 x d, a row of `cache` each), attending to its row's earlier
+        positions, whose keys and values block i keeps in `cache`."""
         h = self.norm1(x)
         q, k, v = self.self_attn.project(h, h, h)
         y = self.self_attn.attend_few(q, *cache.append(i, k, v))
         x = x + self.self_attn.linear_out(y.transpose(1, 2).flatten(2))
-        x = x + self.src_attn.attend_grouped(self.norm2(x), *cache.memory[i], cache.memory_bias, live)
+        x = x + self.src_attn.attend_grouped(self.norm2(x), *cache.memory[i], cache.memory_bias, cache.where,
+                                             cache.layout)
         return x + self.feed_forward(self.norm3(x))
 
 
@@ -1656,17 +1657,18 @@ class DecoderBlock(nn.Module):
 class DecoderCache:
     """What incremental decoding keeps between steps: every block's projected encoder output (one copy per
     clip, shared by the clip's rows) and the self-attention keys and values of each row's positions so far.
-    Those live in buffers made once for the longest search, two a block, and one spare: reordering the beam
-    copies each into the spare, which then takes its place. Making a new tensor every step instead costs
-    several times the copy (fresh memory must be mapped in). Positions come first (positions x rows x heads x
-    d_head), so that a step writes one block of memory and a search maps in only the positions it reaches."""
+    Those live in buffers made once for the longest search (a new tensor every step costs several times the
+    copying: fresh memory must be mapped in), two a block, positions first (positions x rows x heads x
+    d_head), so that a step writes one block of memory and a search maps in only the positions it reaches.
+    Rows are places in these buffers; in a beam search, `where` says which hypothesis each place holds."""
     memory: list[tuple[torch.Tensor, torch.Tensor]]
     memory_bias: torch.Tensor  # clips x 1 x 1 x T: 0 at a clip's frames, -inf past its end
     past: list[torch.Tensor]  # block i's keys at 2i, values at 2i + 1
-    spare: torch.Tensor
     rows: int = 0  # rows in use
     length: int = 0  # positions written
-    order: torch.Tensor | None = None  # the past row each row continues; applied when the next step begins
+    order: torch.Tensor | None = None  # the past row each row asked for continues (select_rows, then place)
+    where: torch.Tensor | None = None  # each row's row in the search's clips x beam layout (None: the same)
+    layout: int = 0  # that layout's rows
 
     def select_rows(self, rows: torch.Tensor) -> None:
         self.order = rows if self.order is None else self.order[rows]
@@ -1676,14 +1678,25 @@ class DecoderCache:
         self.memory_bias = self.memory_bias[clips, ..., :frames]
         self.select_rows(rows.nonzero().flatten())
 
-    def begin_step(self, rows: int) -> None:
-        """Every row's past becomes the past of the row it continues."""
-        if self.order is not None and self.length:
-            for j, past in enumerate(self.past):
-                torch.index_select(past[:self.length, :self.rows], 1, self.order,
-                                   out=self.spare[:self.length, :len(self.order)])
-                self.past[j], self.spare = self.spare, past
-        self.rows, self.order = rows, None
+    def place(self, rows: torch.Tensor, layout: int) -> torch.Tensor:
+        """The rows asked for (select_rows; `rows`: their rows in a clips x beam layout of `layout` rows) take
+        places: the first to go on from a past row takes that row's place where it fits, the others the places
+        left free, with a copy of their past. So only a few rows are copied (a quarter, in a trained base
+        model's search), not all. -> each asked-for row's place."""
+        order, n = self.order, len(rows)
+        asked = torch.arange(n, device=rows.device)
+        place = asked
+        if self.length:
+            first = torch.full((self.rows,), n, device=rows.device).scatter_reduce_(0, order, asked, "amin")
+            stays = (order < n) & (first[order] == asked)
+            taken = torch.zeros(n, dtype=torch.bool, device=rows.device).index_fill_(0, order[stays], True)
+            moves = (~stays).nonzero().flatten()
+            place = torch.where(stays, order, 0).index_copy_(0, moves, (~taken).nonzero().flatten())
+            for past in self.past:
+                past[:self.length].index_copy_(1, place[moves], past[:self.length].index_select(1, order[moves]))
+        self.where = torch.empty_like(rows).index_copy_(0, place, rows)
+        self.rows, self.layout, self.order = n, layout, None
+        return place
 
     def append(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Block i's keys and values of the newest position (R x heads x 1 x d_head) added -> all of them, as
@@ -1720,18 +1733,18 @@ class TransformerDecoder(nn.Module):
         heads = self.decoders[0].self_attn.n_heads
         projected = [block.src_attn.project_memory(memory) for block in self.decoders]
         buffers = [projected[0][0].new_empty(positions, rows, heads, memory.size(2) // heads)
-                   for _ in range(2 * len(self.decoders) + 1)]
+                   for _ in range(2 * len(self.decoders))]
         bias = torch.zeros(memory_mask.shape, device=memory.device).masked_fill(~memory_mask, -math.inf)
-        return DecoderCache(projected, bias[:, None, None, :], buffers[1:], buffers[0])
+        return DecoderCache(projected, bias[:, None, None, :], buffers)
 
-    def step(self, tokens, position: int, cache: DecoderCache, live=None) -> torch.Tensor:
-        """R newest tokens (at `position`) -> R x V log-probs of the next ones, the same as `forward` on the
-        whole prefixes gives; `cache` moves one position on. The rows are those of a clips x beam layout that
-        `live` marks (None: all of them, R a multiple of the clips in `cache`)."""
-        cache.begin_step(len(tokens))
+    def step(self, tokens, position: int, cache: DecoderCache) -> torch.Tensor:
+        """R newest tokens (at `position`), one for each of the cache's rows (placed, in a beam search) ->
+        R x V log-probs of the next ones, the same as `forward` on the whole prefixes gives; `cache` moves one
+        position on."""
+        cache.rows = len(tokens)
         x = self.embed[1](self.embed[0](tokens[:, None]), offset=position)
         for i, block in enumerate(self.decoders):
-            x = block.step(x, cache, i, live)
+            x = block.step(x, cache, i)
         cache.length += 1
         return self.output_layer(self.after_norm(x[:, 0])).log_softmax(-1)
 
@@ -2264,12 +2277,12 @@ def decoder_scores(model, beams: Beams, step: int) -> torch.Tensor:
     """The decoder's R x V log-probs of every row's next token, computed for the live rows alone (0 for the
     others): at the first step a clip's beam holds one hypothesis, and a slot freed by one that ended stays
     empty for a step. The cache keeps the computed rows only; `beams.cached` says where each row went."""
-    live = beams.score.view(-1) > -math.inf
-    rows = live.nonzero().flatten()
+    rows = (beams.score.view(-1) > -math.inf).nonzero().flatten()
     beams.cache.select_rows(rows)
-    log_probs = model.decoder.step(beams.tokens[rows, -1], step, beams.cache, None if live.all() else live)
-    beams.cached = torch.zeros_like(beams.row_clip).index_copy_(0, rows, torch.arange(len(rows), device=rows.device))
-    return log_probs.new_zeros(len(beams.tokens), log_probs.size(1)).index_copy_(0, rows, log_probs)
+    place = beams.cache.place(rows, len(beams.tokens))
+    log_probs = model.decoder.step(beams.tokens[beams.cache.where, -1], step, beams.cache)
+    beams.cached = torch.zeros_like(beams.row_clip).index_copy_(0, rows, place)
+    return log_probs.new_zeros(len(beams.tokens), log_probs.size(1)).index_copy_(0, beams.cache.where, log_probs)
 
 
 def joint_scores(model, beams: Beams, s: SimpleNamespace, cfg: Config, vocab: Vocabulary, step: int):

@@ -155,8 +155,8 @@ def test_incremental_decoding_equals_full_recomputation():
 
 def test_incremental_decoding_follows_the_beam_as_it_reorders():
     """As the beam search drives it: only live rows computed (one a clip at the first step, a freed slot
-    later), rows that go on from other rows' prefixes, a finished clip dropped. Each computed row gets what
-    the whole prefix gives."""
+    later), rows that go on from other rows' prefixes (placed where their past is, or given a copy of it), a
+    finished clip dropped. Each computed row gets what the whole prefix gives."""
     decoder = tiny().decoder
     memory, memory_mask = torch.randn(3, 10, 64), padding_mask(torch.tensor([10, 6, 8]), 10)
     g = torch.Generator().manual_seed(0)
@@ -173,10 +173,12 @@ def test_incremental_decoding_follows_the_beam_as_it_reorders():
                 live[1] = False  # a slot freed by a hypothesis that ended
             rows = live.nonzero().flatten()
             cache.select_rows(rows)
-            log_probs = decoder.step(history[rows, -1], i, cache, live)
+            place = cache.place(rows, 2 * n)
+            assert sorted(place.tolist()) == list(range(len(rows)))
+            log_probs = decoder.step(history[cache.where, -1], i, cache)
             full = decoder(history, memory[clips].repeat_interleave(2, 0), memory_mask[clips].repeat_interleave(2, 0))
-            assert torch.allclose(log_probs, full[rows, -1].log_softmax(-1), atol=1e-5)
-            cached = torch.zeros(2 * n, dtype=torch.long).index_copy_(0, rows, torch.arange(len(rows)))
+            assert torch.allclose(log_probs, full[cache.where, -1].log_softmax(-1), atol=1e-5)
+            cached = torch.zeros(2 * n, dtype=torch.long).index_copy_(0, rows, place)
             own_clip = [rows[rows // 2 == r // 2] for r in range(2 * n)]  # each row goes on from a live row of its clip
             parents = torch.stack([c[torch.randint(0, len(c), (1,), generator=g)][0] for c in own_clip])
             cache.select_rows(cached[parents])
