@@ -2353,7 +2353,8 @@ def beam_search_batch(model, enc, mask, lengths, vocab: Vocabulary, cfg: Config)
         if finished:
             record_ended(ended, finished, beams, parent, token, score, last_step, eos)
         advance(beams, parent, token, score, done_row, ctc)
-        live = torch.tensor([not (last_step[j] or beams.score[j].max() == -math.inf or
+        emptied = (beams.score.max(1).values == -math.inf).cpu()  # one transfer a step, not one a clip
+        live = torch.tensor([not (last_step[j] or emptied[j] or
                                   (cfg.max_length_ratio == 0 and end_detected([e[:2] for e in ended[c]], step)))
                              for j, c in enumerate(beams.clips.tolist())])
         if not live.any():
@@ -2371,7 +2372,7 @@ def beam_chunk_clips(model: nn.Module, cfg: Config, vocab_size: int, frames: int
     decoder's key and value buffers stay within BEAM_MEMORY bytes."""
     candidates = search_settings(model, cfg, vocab_size).pre_beam or vocab_size
     positions = frames if cfg.max_length_ratio == 0 else math.ceil(frames * cfg.max_length_ratio)
-    buffers = 0 if model.decoder is None else 2 * len(model.decoder.decoders) + 1
+    buffers = 0 if model.decoder is None else 2 * len(model.decoder.decoders)
     per_clip = 4 * cfg.beam_size * (6 * candidates * frames + buffers * d_model * positions)
     return max(1, BEAM_MEMORY // per_clip)
 
@@ -2818,7 +2819,9 @@ def optimizer_step(model, optimizer, scheduler, scaler, cfg: Config) -> torch.Te
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
+    with warnings.catch_warnings():  # fp16's GradScaler skips a step whose gradients overflowed, by design
+        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)  # (torch: "a mistake")
+        scheduler.step()
     return norms
 
 

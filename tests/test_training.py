@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,22 @@ def test_bf16_asked_of_a_gpu_without_it_is_refused_with_the_alternative(monkeypa
         m.amp_dtype(torch.device("cuda"), m.Config(amp="bf16"))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert m.amp_dtype(torch.device("cuda"), m.Config(amp="bf16")) is torch.bfloat16
+
+
+def test_a_step_the_fp16_scaler_skips_still_advances_the_schedule_without_torchs_warning():
+    model = m.build_model(m.Config(preset="tiny", input_size=44), m.Vocabulary.seed().size)
+    cfg = m.Config()
+    optimizer, scheduler = m.make_optimizer(model, cfg, 100)
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    scaler.scale(torch.ones(()))  # as a backward pass would have, once
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("inf"))  # overflowed fp16 gradients: the scaler skips the step
+    before = [p.detach().clone() for p in model.parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m.optimizer_step(model, optimizer, scheduler, scaler, cfg)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert scheduler.last_epoch == 1 and scaler.get_scale() < 2.0 ** 16
 
 
 def test_training_writes_log_lines_metrics_curves_and_checkpoints(tmp_path, capsys):
