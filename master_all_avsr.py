@@ -1474,10 +1474,12 @@ class MultiHeadAttention(nn.Module):
     def split_heads(self, x):  # B x T x d -> B x heads x T x d_head
         return x.view(x.size(0), -1, self.n_heads, self.d_head).transpose(1, 2)
 
+    def merge_heads(self, y):  # B x heads x T x d_head -> B x T x d, projected
+        return self.linear_out(y.transpose(1, 2).flatten(2))
+
     def attend(self, q, k, v, mask):
         dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        return self.linear_out(y.transpose(1, 2).flatten(2))
+        return self.merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout))
 
     def project(self, query, key, value):
         split = self.split_heads
@@ -1646,8 +1648,7 @@ class DecoderBlock(nn.Module):
         positions, whose keys and values block i keeps in `cache`."""
         h = self.norm1(x)
         q, k, v = self.self_attn.project(h, h, h)
-        y = self.self_attn.attend_few(q, *cache.append(i, k, v))
-        x = x + self.self_attn.linear_out(y.transpose(1, 2).flatten(2))
+        x = x + self.self_attn.merge_heads(self.self_attn.attend_few(q, *cache.append(i, k, v)))
         x = x + self.src_attn.attend_grouped(self.norm2(x), *cache.memory[i], cache.memory_bias, cache.where,
                                              cache.layout)
         return x + self.feed_forward(self.norm3(x))
@@ -1695,7 +1696,7 @@ class DecoderCache:
             for past in self.past:
                 past[:self.length].index_copy_(1, place[moves], past[:self.length].index_select(1, order[moves]))
         self.where = torch.empty_like(rows).index_copy_(0, place, rows)
-        self.rows, self.layout, self.order = n, layout, None
+        self.layout, self.order = layout, None
         return place
 
     def append(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -2276,7 +2277,7 @@ def search_settings(model: nn.Module, cfg: Config, vocab_size: int) -> SimpleNam
 def decoder_scores(model, beams: Beams, step: int) -> torch.Tensor:
     """The decoder's R x V log-probs of every row's next token, computed for the live rows alone (0 for the
     others): at the first step a clip's beam holds one hypothesis, and a slot freed by one that ended stays
-    empty for a step. The cache keeps the computed rows only; `beams.cached` says where each row went."""
+    empty for a step. The cache keeps the computed rows only, each in the place it gave (`beams.cached`)."""
     rows = (beams.score.view(-1) > -math.inf).nonzero().flatten()
     beams.cache.select_rows(rows)
     place = beams.cache.place(rows, len(beams.tokens))
