@@ -6,8 +6,8 @@ The one-clip side is the plain reference of Auto-AVSR's search in tests/beam_ref
 --reference-clips clips picked evenly over the lengths (its cost grows with the square of a clip's length, so
 the first few clips would not stand for the batch), its rate extrapolated; and, as a second yardstick, the
 batched code fed those clips one at a time. On a GPU the reference runs its model there and its CTC recursion
-(thousands of tiny operations) on the CPU, where such work is faster. Auto-AVSR's own (ESPnet) search on 2 CPU cores: 8.8 s a clip at beam 10 and 19.8 s at beam 40
-(base-sized, untrained; ../shared/reference/auto_avsr_notes.md).
+(thousands of tiny operations) on the CPU, where such work is faster. Auto-AVSR's own (ESPnet) search on 2 CPU
+cores: 8.8 s a clip at beam 10 and 19.8 s at beam 40 (base-sized, untrained; ../shared/reference/auto_avsr_notes.md).
 Usage: python bench/decode_speed.py [--presets small,base] [--beams 10,40] [--clips 64] [--device auto]"""
 import argparse
 import resource
@@ -95,11 +95,12 @@ for preset in args.presets.split(","):
             with torch.no_grad(), m.autocast(device, cfg):
                 m.decode(model, enc[:2], mask[:2], lengths[:2].to(device), vocab, run)  # first-use costs out of the timing
                 batched, t_batch = timed(lambda: m.decode(model, enc, mask, lengths.to(device), vocab, run))
-                _, t_single = timed(lambda: [m.decode(model, e, torch.ones(e.shape[:2], dtype=torch.bool, device=device),
+                _, t_single = timed(lambda: [m.decode(model, alone[b], torch.ones(alone[b].shape[:2], dtype=torch.bool,
+                                                                                   device=device),
                                                       lengths[b:b + 1].to(device), vocab, run)
-                                             for b, e in ((b, alone[b]) for b in sample)])
+                                             for b in sample])
                 ref, t_ref = timed(lambda: [beam_search_one_clip(model, e.float(), beam, args.ctc_weight, vocab.sos_eos,
-                                                                 vocab.blank) for e in (alone[b] for b in sample)])
+                                                                 vocab.blank) for e in map(alone.__getitem__, sample)])
             same = sum(batched[b][0][0] == [t for t in r[0]["yseq"][1:] if t != vocab.sos_eos]
                        and abs(batched[b][0][1] - r[0]["score"]) < 1e-3 for b, r in zip(sample, ref))
             rate, rate_single, rate_ref = len(alone) / t_batch, n_ref / t_single, n_ref / t_ref
