@@ -61,7 +61,7 @@ import torch.nn.functional as F
 @dataclass
 class Config:
     # run
-    mode: str = "train"  # train | test | decode | diagnose | sanity | stats | vocab | synth | preprocess | export
+    mode: str = "train"  # train | test | decode | diagnose | sanity | stats | vocab | synth | preprocess | export | average
     work_dir: str = "runs/demo"  # everything a run writes goes here
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 1337
@@ -70,6 +70,10 @@ class Config:
     data_dir: str = ""  # searched recursively for clips and CSV labels, paired by file stem
     videos_dir: str = ""  # settles which folder holds the clips when several do
     labels_dir: str = ""  # settles which folder holds the labels when several do
+    extra_data_dir: list[str] = field(default_factory=list)  # more labelled clips (repeatable); they only train
+    extra_videos_dir: list[str] = field(default_factory=list)  # the clips' folder of each --extra-data-dir, in order
+    extra_labels_dir: list[str] = field(default_factory=list)  # the labels' folder of each --extra-data-dir
+    extra_weight: float = 0.2  # an extra clip is drawn this often relative to a main one (the user's runs: 1/5)
     cache_dir: str = ""  # decoded clips as uint8; default <work_dir>/cache
     output: str = ""  # --mode synth: where the generated dataset goes; --mode export: where the files go
     # data: what a clip and a label must be
@@ -109,7 +113,7 @@ class Config:
     time_warp_max: float = 0.1  # speed factor drawn from [1 - max, 1 + max]
     # model
     arch: str = "conformer"  # conformer (Auto-AVSR's) | baseline (seed 000's CNN + BiLSTM, CTC only)
-    preset: str = "small"  # tiny | small | base (base has the exact shapes of Auto-AVSR's released model)
+    preset: str = "small"  # tiny | mini | small | base (base has the exact shapes of Auto-AVSR's released model)
     frontend: str = "cnn"  # cnn | noise (features fixed by each frame's pixels, no visual sense) | linear (pixels)
     dropout: float = 0.1
     # model: starting from released weights (Auto-AVSR's model zoo), freezing and unfreezing
@@ -121,6 +125,7 @@ class Config:
     feature_views: int = 4  # a frozen frontend's features are cached for this many crop/flip views a clip (0: no cache)
     # loss: ctc_weight * CTC + (1 - ctc_weight) * label-smoothed attention loss
     ctc_weight: float = 0.3  # measured on LRC-AR against Auto-AVSR's 0.1 (README)
+    ctc_weight_schedule: str = ""  # by epoch, e.g. 1-20:0.7,21-40:0.5,41-:0.4>0.2 (a>b: linear); elsewhere --ctc-weight
     label_smoothing: float = 0.1  # Auto-AVSR's; 0 and 0.2 measured no different on LRC-AR (README)
     # training
     epochs: int = 30
@@ -135,6 +140,8 @@ class Config:
     accum_steps: int = 1  # optimizer step every accum_steps batches
     amp: str = "auto"  # auto: bf16 where the GPU has it, fp16 + GradScaler where not (T4, P100) | bf16 | fp16 | off; CPU: fp32
     resume: bool = False  # continue from <work_dir>/checkpoints/last.pt
+    stop_after: int = 0  # stop after this many epochs without a better validation CER (0: never)
+    average_last: int = 0  # the last N epochs' weights averaged into checkpoints/averaged.pt after training (0: none)
     processes: int = 0  # train in N processes under torchrun (one per GPU); 0: one per GPU on Kaggle, else 1
     compile: bool = False  # torch.compile the encoding (not on GPUs before compute capability 7); not measured faster
     sync_batchnorm: bool = False  # under torchrun: BatchNorm statistics of the global batch, not of each share
@@ -419,9 +426,9 @@ class BadSamples:
     def add(self, file, reason: str) -> None:
         self.entries.append({"file": str(file), "reason": reason})
 
-    def write(self, work_dir: Path, found: int) -> None:
+    def write(self, work_dir: Path, found: int, sources: list[dict]) -> None:
         path = Path(work_dir) / "data_report.json"
-        write_json(path, {"found": found, "skipped": len(self.entries), "entries": self.entries})
+        write_json(path, {"found": found, "skipped": len(self.entries), "sources": sources, "entries": self.entries})
         if self.entries:
             kinds = Counter(e["reason"].split(":")[0] for e in self.entries)
             summary = ", ".join(f"{n} {k}" for k, n in kinds.most_common())
@@ -837,52 +844,106 @@ class Dataset:
     def subset(self, split: str) -> list[int]:
         return self.splits.get(split, [])
 
+    def trained(self) -> list[int]:
+        """Every clip that may train: the training split and the extra clips."""
+        return self.subset("train") + self.subset("extra")
+
+
+@dataclass
+class Source:
+    """The clips of one data folder (or of the built-in generator) that passed the checks."""
+    name: str
+    found: int = 0
+    samples: list[Sample] = field(default_factory=list)
+    clips: list[np.ndarray] = field(default_factory=list)
+    waves: list = field(default_factory=list)
+    files: list = field(default_factory=list)  # where each clip came from
+
+    def add(self, sample: Sample, frames: np.ndarray, wave, file) -> None:
+        self.samples.append(sample)
+        self.clips.append(frames)
+        self.waves.append(wave)
+        self.files.append(file)
+
+
+def generated_source(cfg: Config, vocab: Vocabulary, bad: BadSamples, hears: bool) -> Source:
+    generated = synthesize_dataset(cfg, vocab, sound=hears)
+    source = Source("built-in synthetic clips", len(generated))
+    for stem, text, frames, wave in generated:
+        ids, why = check_sample(cfg, vocab, text, frames)
+        if why:
+            bad.add(f"synthetic:{stem}", why)
+            continue
+        source.add(Sample(stem, text, ids, len(frames)), frames, wave, f"synthetic:{stem}")
+    return source
+
+
+def files_source(cfg: Config, vocab: Vocabulary, bad: BadSamples, hears: bool) -> Source:
+    """The clips and labels of cfg's folders, each checked; a bad one is reported in `bad` and left out."""
+    skipped = len(bad.entries)
+    pairs = discover_pairs(cfg, bad)
+    source = Source(cfg.data_dir or cfg.videos_dir, len(pairs) + len(bad.entries) - skipped)
+    cache = ClipCache(cfg.cache_path)
+    sounds = sound_candidates(cfg, {stem: video for stem, video, _ in pairs}) if hears else {}
+    for stem, video, label in progress(pairs, "reading clips"):
+        try:
+            text = read_label(label)
+        except (ValueError, UnicodeDecodeError, csv.Error) as e:
+            bad.add(label, f"unreadable label: {e}")
+            continue
+        try:
+            frames = cache.load(video)
+        except ValueError as e:
+            bad.add(video, str(e))
+            continue
+        ids, why = check_sample(cfg, vocab, text, frames)
+        if why:
+            bad.add(label if why.startswith(("empty", "unknown", "label")) else video, why)
+            continue
+        wave, why = clip_sound(lambda p: cache.load(p, "sound"), sounds[stem], len(frames)) if hears else (None, "")
+        if why:
+            bad.add(video, why)
+            continue
+        source.add(Sample(stem, text, ids, len(frames)), frames, wave, video)
+    cache.save_index()
+    return source
+
+
+def extra_sources(cfg: Config) -> list[Config]:
+    """The settings that read each --extra-data-dir: its own folders, its sound beside it."""
+    n = len(cfg.extra_data_dir)
+    videos, labels = cfg.extra_videos_dir or [""] * n, cfg.extra_labels_dir or [""] * n
+    return [dataclasses.replace(cfg, data_dir=d, videos_dir=v, labels_dir=l, audio_dir="", split_lists="")
+            for d, v, l in zip(cfg.extra_data_dir, videos, labels)]
+
+
+def frames_digest(frames: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(frames).tobytes()).hexdigest()
+
+
+def leave_out_evaluated(extra: Source, held_out: dict[str, str], bad: BadSamples) -> Source:
+    """Extra clips whose frames are those of a validation or test clip are left out: they would leak into the
+    scores."""
+    kept = Source(extra.name, extra.found)
+    for sample, frames, wave, file in zip(extra.samples, extra.clips, extra.waves, extra.files):
+        twin = held_out.get(frames_digest(frames))
+        if twin:
+            bad.add(file, f"same frames as a main clip: {twin}; left out so that it cannot leak into validation "
+                          "or test")
+            continue
+        kept.add(sample, frames, wave, file)
+    return kept
+
 
 def load_dataset(cfg: Config, vocab: Vocabulary, device: torch.device) -> Dataset:
-    """Find, check and decode every clip; assign splits; put the frames in memory."""
+    """Find, check and decode every clip (and the extra clips, which only train); assign splits; put the frames
+    in memory."""
     bad, hears = BadSamples(), cfg.modality != "video"
-    samples, clips, waves = [], [], []
-    if data_kind(cfg) == "synthetic":
-        generated = synthesize_dataset(cfg, vocab, sound=hears)
-        found = len(generated)
-        for stem, text, frames, wave in generated:
-            ids, why = check_sample(cfg, vocab, text, frames)
-            if why:
-                bad.add(f"synthetic:{stem}", why)
-                continue
-            samples.append(Sample(stem, text, ids, len(frames)))
-            clips.append(frames)
-            waves.append(wave)
-    else:
-        pairs = discover_pairs(cfg, bad)
-        found = len(pairs) + len(bad.entries)
-        cache = ClipCache(cfg.cache_path)
-        sounds = sound_candidates(cfg, {stem: video for stem, video, _ in pairs}) if hears else {}
-        for stem, video, label in progress(pairs, "reading clips"):
-            try:
-                text = read_label(label)
-            except (ValueError, UnicodeDecodeError, csv.Error) as e:
-                bad.add(label, f"unreadable label: {e}")
-                continue
-            try:
-                frames = cache.load(video)
-            except ValueError as e:
-                bad.add(video, str(e))
-                continue
-            ids, why = check_sample(cfg, vocab, text, frames)
-            if why:
-                bad.add(label if why.startswith(("empty", "unknown", "label")) else video, why)
-                continue
-            wave, why = clip_sound(lambda p: cache.load(p, "sound"), sounds[stem], len(frames)) if hears else (None, "")
-            if why:
-                bad.add(video, why)
-                continue
-            samples.append(Sample(stem, text, ids, len(frames)))
-            clips.append(frames)
-            waves.append(wave)
-        cache.save_index()
-    bad.write(cfg.work_dir, found)
+    read = generated_source if data_kind(cfg) == "synthetic" else files_source
+    main = read(cfg, vocab, bad, hears)
+    samples, clips, waves = main.samples, main.clips, main.waves
     if not samples:
+        bad.write(cfg.work_dir, main.found, [])
         raise UserError(f"No usable clip was found (see {Path(cfg.work_dir) / 'data_report.json'}).")
     listed = read_split_lists(Path(cfg.split_lists)) if cfg.split_lists else None
     splits: dict[str, list[int]] = {"train": [], "val": [], "test": []}
@@ -898,6 +959,17 @@ def load_dataset(cfg: Config, vocab: Vocabulary, device: torch.device) -> Datase
         if missing:
             print(f"{len(missing)} clip(s) named in {cfg.split_lists} were not found or were skipped, "
                   f"e.g. {', '.join(missing[:5])}")
+    held_out = {frames_digest(clips[i]): f"{samples[i].stem} ({split})" for split in ("val", "test")
+                for i in splits[split]}
+    report = [{"data": main.name, "found": main.found, "usable": len(main.samples), "splits": "train/val/test"}]
+    splits["extra"] = []
+    for extra_cfg in extra_sources(cfg):
+        extra = leave_out_evaluated(files_source(extra_cfg, vocab, bad, hears), held_out, bad)
+        splits["extra"] += range(len(samples), len(samples) + len(extra.samples))
+        samples, clips, waves = samples + extra.samples, clips + extra.clips, waves + extra.waves
+        report.append({"data": extra.name, "found": extra.found, "usable": len(extra.samples), "splits": "extra"})
+        print(f"extra clips: {len(extra.samples)} of {extra.found} in {extra.name} usable; they only train")
+    bad.write(cfg.work_dir, sum(r["found"] for r in report), report)
     if not hears:
         return Dataset(samples, ClipBank(clips, device, stored_size(cfg)), splits)
     speech = [waves[i].reshape(-1) for i in splits["train"] or range(len(waves))]
@@ -918,6 +990,18 @@ def progress(items, desc: str):
         return tqdm(items, desc=desc, leave=False, disable=not (sys.stderr.isatty() or in_notebook()))
     except ImportError:
         return items
+
+
+def epoch_clips(ds: Dataset, cfg: Config, epoch: int) -> list[int]:
+    """The clips training epoch `epoch` sees: every training clip once, and --extra-weight times as many extra
+    clips as there are, drawn without repeats (whole passes first where the weight is above 1), afresh each
+    epoch from the seed and the epoch, so that a resumed run and every torchrun process draw the same."""
+    extra = ds.subset("extra")
+    count = round(cfg.extra_weight * len(extra))
+    if not count:
+        return ds.subset("train")
+    rng = random.Random(f"extra:{cfg.seed}:{epoch}")
+    return ds.subset("train") + sorted(extra * (count // len(extra)) + rng.sample(extra, count % len(extra)))
 
 
 def frame_budget_batches(lengths: list[int], max_frames: int, rng: random.Random) -> list[list[int]]:
@@ -1304,6 +1388,9 @@ PRESETS = {
                  conv_kernel=31, frontend_channels=(64, 128, 256, 512), fusion_hidden=8192),
     "small": dict(d_model=256, n_heads=4, d_ff=1024, n_encoder_layers=6, n_decoder_layers=3,
                   conv_kernel=31, frontend_channels=(32, 64, 128, 256), fusion_hidden=2048),
+    # sized for ~2,000 clips and a CPU hour: small's width, a quarter of its frontend, fewer layers (README)
+    "mini": dict(d_model=256, n_heads=4, d_ff=1024, n_encoder_layers=4, n_decoder_layers=2,
+                 conv_kernel=15, frontend_channels=(16, 32, 64, 128), fusion_hidden=1024),
     "tiny": dict(d_model=64, n_heads=2, d_ff=256, n_encoder_layers=2, n_decoder_layers=1,
                  conv_kernel=15, frontend_channels=(8, 16, 32, 64), fusion_hidden=256),
 }
@@ -2124,6 +2211,45 @@ def attention_loss(dec_logits: torch.Tensor, ys_out: torch.Tensor, smoothing: fl
     return ((entropy_term - cross) * keep).sum() / ys_out.size(0)
 
 
+def ctc_weight_ranges(schedule: str, epochs: int) -> list[tuple[int, int, float, float]]:
+    """--ctc-weight-schedule as (first epoch, last epoch, weight at the first, weight at the last) ranges: `a-b:w`
+    holds w over epochs a..b, `a-b:w>v` goes linearly from w to v, `a-:...` runs to --epochs, `a:w` is one epoch.
+    Raises ValueError saying which part is wrong."""
+    ranges = []
+    for part in (p.strip() for p in schedule.split(",") if p.strip()):
+        span, colon, value = part.partition(":")
+        first, dash, last = span.partition("-")
+        start, _, end = value.partition(">")
+        try:
+            first = int(first)
+            last = int(last) if last.strip() else max(epochs, first) if dash else first
+            start = float(start)
+            end = float(end) if end.strip() else start
+        except ValueError:
+            raise ValueError(f"{part!r} is not EPOCHS:WEIGHT (e.g. 1-20:0.7, 41-:0.4>0.2)") from None
+        if not colon or not 1 <= first <= last:
+            raise ValueError(f"{part!r}: epochs count from 1, a range from low to high, then ':' and the weight")
+        if not (0 <= start <= 1 and 0 <= end <= 1):
+            raise ValueError(f"{part!r}: a CTC weight lies in [0, 1]")
+        if any(first <= b and a <= last for a, b, _, _ in ranges):
+            raise ValueError(f"{part!r} overlaps an earlier range")
+        ranges.append((first, last, start, end))
+    return ranges
+
+
+def ctc_weight_at(cfg: Config, epoch: int) -> float:
+    """The CTC weight of the loss in `epoch` (counted from 1): the schedule's where it has the epoch, else --ctc-weight."""
+    for first, last, start, end in ctc_weight_ranges(cfg.ctc_weight_schedule, cfg.epochs):
+        if first <= epoch <= last:
+            return start + (end - start) * (epoch - first) / max(last - first, 1)
+    return cfg.ctc_weight
+
+
+def at_epoch(cfg: Config, epoch: int) -> Config:
+    """The settings that train `epoch`: the same, with that epoch's CTC weight."""
+    return dataclasses.replace(cfg, ctc_weight=ctc_weight_at(cfg, epoch))
+
+
 def ctc_share(ctc: float, att: float, cfg: Config) -> float:
     """CTC's weighted part of the joint objective (the rest is attention's)."""
     weighted_ctc = cfg.ctc_weight * ctc
@@ -2732,7 +2858,7 @@ class FeatureBank:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
             torch.manual_seed(cfg.seed)
             for view in range(shape[0]):
-                index = used if view == 0 else ds.subset("train")
+                index = used if view == 0 else ds.trained()
                 augment = Augment(spatial_only, train=view > 0)
                 for batch in eval_batches(ds, index, cfg):
                     chosen = [index[i] for i in batch]
@@ -2844,10 +2970,11 @@ def train_epoch(objective: nn.Module, ds: Dataset, cfg: Config, device, optimize
     own rows of each: the run follows a one-process run with the same --max-frames, the same padding and
     (with --sync-batchnorm) the same statistics."""
     model, world = unwrapped(objective), rank_and_world()[1]
+    getattr(objective, "module", objective).cfg = cfg  # this epoch's loss weights
     train_mode(model)
     augment = Augment(cfg, train=True)
     groups = module_groups(model)
-    train_index = ds.subset("train")
+    train_index = epoch_clips(ds, cfg, epoch)
     batches = frame_budget_batches([ds.samples[i].frames for i in train_index], cfg.max_frames,
                                    random.Random(cfg.seed * 1000 + epoch))
     totals, seen = Counter(), 0
@@ -2881,7 +3008,8 @@ def train_epoch(objective: nn.Module, ds: Dataset, cfg: Config, device, optimize
 
 
 def steps_per_epoch(ds: Dataset, cfg: Config) -> int:
-    n_batches = len(frame_budget_batches([ds.samples[i].frames for i in ds.subset("train")], cfg.max_frames,
+    """Optimizer steps of an epoch (the first's, where extra clips make each epoch's draw a little different)."""
+    n_batches = len(frame_budget_batches([ds.samples[i].frames for i in epoch_clips(ds, cfg, 1)], cfg.max_frames,
                                          random.Random(0)))
     return math.ceil(n_batches / cfg.accum_steps)
 
@@ -2892,7 +3020,7 @@ def epoch_row(epoch, train, val, probe, lr, seconds, cfg: Config) -> dict:
     scores = lambda result, decoder: ((result or {}).get(decoder) or {})
     att, ctc = scores(val, "attention"), scores(val, "ctc")
     return {"epoch": epoch, "train_loss": train["loss"], "train_ctc": train["ctc"], "train_att": train["att"],
-            "ctc_share": ctc_share(train["ctc"], train["att"], cfg),
+            "ctc_weight": cfg.ctc_weight, "ctc_share": ctc_share(train["ctc"], train["att"], cfg),
             "train_eval_loss": (probe or {}).get("loss"), "train_cer_ctc": scores(probe, "ctc").get("cer"),
             "train_cer_att": scores(probe, "attention").get("cer"),
             "val_loss": (val or {}).get("loss"), "val_cer_ctc": ctc.get("cer"), "val_cer_att": att.get("cer"),
@@ -2921,6 +3049,94 @@ def selection_cer(row: dict, decoder: str, split: str = "val") -> float:
         return min(ctc, att)
     value = att if decoder == "attention" and att is not None else ctc
     return math.inf if value is None else value
+
+
+# Checkpoint averaging (--average-last, --mode average) ---------------------------------------------------
+# Auto-AVSR averages its last 10 epochs before testing: with the cosine schedule falling to 0 they lie close
+# together, and their mean is a smoother model than any one of them. (The N best by validation CER could lie
+# epochs apart, where averaging weights is not sound, and would pick on the validation split once more.)
+
+def epoch_weights_dir(cfg: Config) -> Path:
+    return Path(cfg.work_dir) / "checkpoints" / "epochs"
+
+
+def kept_epochs(folder: Path) -> list[int]:
+    return sorted(int(p.stem.removeprefix("epoch_")) for p in folder.glob("epoch_*.pt"))
+
+
+def keep_epoch_weights(model: nn.Module, epoch: int, cfg: Config) -> None:
+    """This epoch's weights (the model alone) kept for averaging; those older than the last --average-last go."""
+    folder = epoch_weights_dir(cfg)
+    atomic_write(folder / f"epoch_{epoch:04d}.pt", lambda tmp: torch.save(model.state_dict(), tmp))
+    for old in kept_epochs(folder):
+        if old <= epoch - cfg.average_last:
+            (folder / f"epoch_{old:04d}.pt").unlink(missing_ok=True)
+
+
+def averaged_weights(paths: list[Path]) -> dict[str, torch.Tensor]:
+    """The mean of the state dicts in `paths`, summed in float64 one file at a time; integer entries (BatchNorm's
+    batch counts) from the last."""
+    total, dtypes = {}, {}
+    for path in paths:
+        for k, v in torch.load(path, map_location="cpu").items():
+            dtypes[k] = v.dtype
+            total[k] = total.get(k, 0) + v.double() if v.is_floating_point() else v
+    return {k: (v / len(paths)).to(dtypes[k]) if dtypes[k].is_floating_point else v for k, v in total.items()}
+
+
+@torch.no_grad()
+def refresh_batchnorm(model: nn.Module, ds: Dataset, cfg: Config, device) -> int:
+    """BatchNorm statistics for averaged weights, measured anew over one pass of the training clips as training
+    sees them (augmentation with a fixed seed): the mean of the epochs' running statistics belongs to none of
+    their weights. The layers of frozen parts keep theirs. -> the number of layers measured."""
+    trained = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight.requires_grad]
+    momenta = [m.momentum for m in trained]
+    model.eval()
+    for layer in trained:
+        layer.reset_running_stats()
+        layer.momentum = None  # a plain mean over the batches
+        layer.train()
+    index, augment, outside = ds.subset("train"), Augment(cfg, train=True), rng_state()
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)  # the time mask draws from Python's generator
+    for batch in eval_batches(ds, index, cfg):
+        x, lengths = batch_inputs(ds, [index[i] for i in batch], augment, device)
+        with autocast(device, cfg):
+            model.encode(x, lengths.to(device))
+    set_rng_state(outside)
+    for layer, momentum in zip(trained, momenta):
+        layer.momentum = momentum
+    model.eval()
+    return len(trained)
+
+
+def write_averaged(cfg: Config, ds: Dataset, device) -> Path:
+    """checkpoints/averaged.pt: the last --average-last epochs' weights averaged, BatchNorm measured anew."""
+    folder, ckpt_dir = epoch_weights_dir(cfg), Path(cfg.work_dir) / "checkpoints"
+    epochs = kept_epochs(folder)[-cfg.average_last:]
+    if not epochs:
+        raise UserError(f"No epoch weights in {folder} to average: train with --average-last N, which keeps the "
+                        "last N epochs' weights there.")
+    state = load_checkpoint(ckpt_dir / "last.pt")
+    model, _, model_cfg = model_from_checkpoint(ckpt_dir / "last.pt", cfg, device, state)
+    model.load_state_dict(averaged_weights([folder / f"epoch_{e:04d}.pt" for e in epochs]))
+    measured = refresh_batchnorm(model, ds, model_cfg, device)
+    averaged = {k: state[k] for k in ("epoch", "history", "config", "vocab")} | {
+        "model": model.state_dict(), "averaged_epochs": epochs}
+    atomic_write(ckpt_dir / "averaged.pt", lambda tmp: torch.save(averaged, tmp))
+    short = f" (only {len(epochs)} kept, of --average-last {cfg.average_last})" if len(epochs) < cfg.average_last else ""
+    print(f"{ckpt_dir / 'averaged.pt'}: the weights of epochs {epochs[0]}-{epochs[-1]} averaged{short}; BatchNorm "
+          f"statistics of {measured} layers measured anew over {len(ds.subset('train'))} training clips", flush=True)
+    return ckpt_dir / "averaged.pt"
+
+
+def stalled_for(history: list[dict], cfg: Config) -> bool:
+    """--stop-after: the last --stop-after epochs brought no validation CER better than the one before them."""
+    n = cfg.stop_after
+    if not n or len(history) <= n:
+        return False
+    cers = [selection_cer(r, cfg.decoder) for r in history]
+    return min(cers[-n:]) >= min(cers[:-n])
 
 
 def previous_run(cfg: Config, vocab: Vocabulary) -> dict | None:
@@ -2986,7 +3202,8 @@ def train(cfg: Config, ds: Dataset | None = None, done=None) -> dict:
     print(f"{cfg.arch}/{cfg.preset} ({cfg.modality}): {sum(p.numel() for p in model.parameters()):,} parameters "
           f"on {device}"
           f"{f' x {world} processes' if world > 1 else ''}; {len(ds.subset('train'))} train / "
-          f"{len(ds.subset('val'))} val / {len(ds.subset('test'))} test clips")
+          f"{len(ds.subset('val'))} val / {len(ds.subset('test'))} test clips"
+          + (f" + {len(ds.subset('extra'))} extra training clips" if ds.subset("extra") else ""))
     if rank == 0:
         report_setup(model, ds, cfg, work / "diagnostics" / "setup.txt")
     probe = training_probe(ds, cfg) if cfg.diagnostics and rank == 0 else []
@@ -3004,21 +3221,23 @@ def train(cfg: Config, ds: Dataset | None = None, done=None) -> dict:
         updates = [] if cfg.log_param_updates and rank == 0 else None
         if world > 1 and device.type == "cuda":  # own dropout masks per GPU; augmentation draws (CPU) stay shared
             torch.cuda.manual_seed((cfg.seed * 10_000 + epoch) * 64 + rank)
-        train_stats = train_epoch(objective, ds, cfg, device, optimizer, scheduler, scaler, epoch, updates, features)
+        ecfg = at_epoch(cfg, epoch)
+        train_stats = train_epoch(objective, ds, ecfg, device, optimizer, scheduler, scaler, epoch, updates, features)
         if rank > 0:
             if rank0_says(False, device):
                 break
             continue
-        val = evaluate(model, ds, ds.subset("val"), vocab, cfg, device, features=features) if ds.subset("val") else None
-        probe_scores = evaluate(model, ds, probe, vocab, cfg, device, features=features) if probe else None
+        val = evaluate(model, ds, ds.subset("val"), vocab, ecfg, device, features=features) if ds.subset("val") else None
+        probe_scores = evaluate(model, ds, probe, vocab, ecfg, device, features=features) if probe else None
         seconds = time.time() - t0
         slowest = max(slowest, seconds)
-        row = epoch_row(epoch, train_stats, val, probe_scores, optimizer.param_groups[0]["lr"], seconds, cfg)
+        row = epoch_row(epoch, train_stats, val, probe_scores, optimizer.param_groups[0]["lr"], seconds, ecfg)
         history.append(row)
-        notes, pairs = diagnose_epoch(history, val, ds, vocab, model, cfg) if cfg.diagnostics else ([], None)
+        notes, pairs = diagnose_epoch(history, val, ds, vocab, model, ecfg) if cfg.diagnostics else ([], None)
         reached = done is not None and done(row)
         out_of_time = cfg.time_budget and (time.time() - began + 1.2 * slowest) / 60 > cfg.time_budget
-        last = reached or out_of_time or epoch == cfg.epochs
+        stalled = stalled_for(history, cfg)
+        last = reached or out_of_time or epoch == cfg.epochs or stalled
         log_epoch(row)
         for line in notes:
             print(line, flush=True)
@@ -3031,10 +3250,16 @@ def train(cfg: Config, ds: Dataset | None = None, done=None) -> dict:
         write_csv(work / "metrics.csv", history)
         if updates is not None:
             append_rows(work / "diagnostics" / "param_updates.csv", updates, epoch)
+        if cfg.average_last:  # before last.pt: a run killed in between resumes with this epoch's weights redone
+            keep_epoch_weights(model, epoch, cfg)
         save_checkpoint(ckpt_dir / "last.pt", model, optimizer, scheduler, scaler, epoch, history, cfg, vocab)
         if selection_cer(row, cfg.decoder) <= min(selection_cer(r, cfg.decoder) for r in history):
             atomic_write(ckpt_dir / "best.pt", lambda tmp: shutil.copyfile(ckpt_dir / "last.pt", tmp))
-        if out_of_time and epoch < cfg.epochs:
+        if stalled and epoch < cfg.epochs:
+            best = min(history, key=lambda r: selection_cer(r, cfg.decoder))["epoch"]
+            print(f"Stopping after epoch {epoch}: no better validation CER for {cfg.stop_after} epochs "
+                  f"(--stop-after; the best was epoch {best}).")
+        elif out_of_time and epoch < cfg.epochs:
             print(f"Stopping after epoch {epoch}: the next one would overrun --time-budget {cfg.time_budget} min. "
                   f"Continue with --resume.")
         if rank0_says(last, device):
@@ -3065,22 +3290,28 @@ def training_probe(ds: Dataset, cfg: Config) -> list[int]:
 def report_setup(model: nn.Module, ds: Dataset, cfg: Config, path: Path) -> list[str]:
     """Seed 001's hyperparameter sanity check: what one step and one epoch are, in numbers, with warnings;
     printed and written to `path`."""
-    train = ds.subset("train")
-    batches = len(frame_budget_batches([ds.samples[i].frames for i in train], cfg.max_frames, random.Random(0)))
-    clips_per_batch = len(train) / max(batches, 1)
+    train, extra = ds.subset("train"), ds.subset("extra")
+    epoch = epoch_clips(ds, cfg, 1)
+    batches = len(frame_budget_batches([ds.samples[i].frames for i in epoch], cfg.max_frames, random.Random(0)))
+    clips_per_batch = len(epoch) / max(batches, 1)
     steps = steps_per_epoch(ds, cfg)
     warmup, total = schedule_steps(cfg, steps)
     counts = {g: sum(p.numel() for p in params) for g, params in module_groups(model).items()}
     frozen = frozen_parts(model)
-    w = cfg.ctc_weight
+    weights = [ctc_weight_at(cfg, e) for e in range(1, cfg.epochs + 1)]
+    w = weights[0]
+    schedule = (f" by epoch ({cfg.ctc_weight_schedule}: {weights[0]:g} in epoch 1 .. {weights[-1]:g} in epoch "
+                f"{cfg.epochs}; else {cfg.ctc_weight:g})" if cfg.ctc_weight_schedule else "")
     lines = [
+        f"epoch: {len(train)} training clips" + (f" + {len(epoch) - len(train)} of {len(extra)} extra clips drawn "
+                                                  f"afresh (--extra-weight {cfg.extra_weight:g})" if extra else ""),
         f"batch: {clips_per_batch:.1f} clips on average (frame budget {cfg.max_frames}), x {cfg.accum_steps} "
         f"accumulated = effective batch {clips_per_batch * cfg.accum_steps:.1f} clips",
         f"steps: {steps} optimizer steps an epoch, {total} in {cfg.epochs} epochs; warmup {warmup} steps "
         f"({cfg.warmup_epochs:g} epochs), then cosine to 0",
         f"optimizer: AdamW, peak learning rate {cfg.lr:g}, betas {cfg.beta1}/{cfg.beta2}, eps {cfg.adam_eps:g}, "
         f"weight decay {cfg.weight_decay:g}, gradient clip {cfg.grad_clip:g}",
-        f"loss: {w:g} x CTC + {1 - w:g} x attention (label smoothing {cfg.label_smoothing:g})"
+        f"loss: {w:g} x CTC + {1 - w:g} x attention{schedule} (label smoothing {cfg.label_smoothing:g})"
         if model.decoder is not None else "loss: CTC only (the model has no decoder)",
         f"parameters: {sum(n for g, n in counts.items() if g not in frozen):,} trainable, "
         f"{sum(n for g, n in counts.items() if g in frozen):,} frozen ("
@@ -3093,9 +3324,9 @@ def report_setup(model: nn.Module, ds: Dataset, cfg: Config, path: Path) -> list
         (total < 100, f"only {total} optimizer steps in all: more epochs or a smaller --max-frames"),
         (clips_per_batch * cfg.accum_steps < 4, "an effective batch under 4 clips makes noisy steps: raise "
                                                 "--max-frames or --accum-steps"),
-        (model.decoder is not None and w == 0 and cfg.decoder != "attention",
+        (model.decoder is not None and max(weights) == 0 and cfg.decoder != "attention",
          "--ctc-weight 0 leaves the CTC head untrained, yet greedy CTC and the beam search use it"),
-        (model.decoder is not None and w == 1, "--ctc-weight 1 leaves the attention decoder untrained"),
+        (model.decoder is not None and min(weights) == 1, "--ctc-weight 1 leaves the attention decoder untrained"),
     ]
     lines += [f"warning: {why}" for bad, why in warnings if bad]
     for line in lines:
@@ -3874,7 +4105,7 @@ KAGGLE_WORKING = Path("/kaggle/working")  # kept as the session's output (20 GB)
 KAGGLE_SCRATCH = Path("/tmp/master_all_avsr_cache")  # the clip cache: rebuilt in a minute, not worth output space
 KAGGLE_BUDGET = 11 * 60.0  # minutes of training; the rest of the 12 h reads the data, tests and saves the output
 SETTINGS_FILE = "master_all_avsr.json"  # a pushed kernel's --config, found in any attached dataset
-DATA_MODES = ("train", "test", "diagnose", "sanity", "stats", "vocab")
+DATA_MODES = ("train", "test", "diagnose", "sanity", "stats", "vocab", "average")
 CHECKPOINT_MODES = ("test", "diagnose", "decode")
 
 
@@ -4038,6 +4269,8 @@ def build_parser() -> argparse.ArgumentParser:
         if f.type in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                                 help=f"default: {f.default}")
+        elif f.type == "list[str]":
+            parser.add_argument(flag, action="append", default=None, help="repeatable")
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)
             parser.add_argument(flag, type=kind, default=None, choices=CHOICES.get(f.name),
@@ -4056,10 +4289,11 @@ def read_config_file(path: str) -> dict:
     return settings
 
 
-CHOICES = {"mode": ("train", "test", "decode", "diagnose", "sanity", "stats", "vocab", "synth", "preprocess", "export"),
+CHOICES = {"mode": ("train", "test", "decode", "diagnose", "sanity", "stats", "vocab", "synth", "preprocess", "export",
+                    "average"),
            "frontend": ("cnn", "noise", "linear"),
            "data": ("auto", "files", "synthetic"), "units": ("diacritized", "letters"), "unknown_units": ("skip", "map"), "arch": ("conformer", "baseline"),
-           "preset": ("tiny", "small", "base"), "amp": ("auto", "bf16", "fp16", "off"), "split": ("train", "val", "test", "all"),
+           "preset": tuple(PRESETS), "amp": ("auto", "bf16", "fp16", "off"), "split": ("train", "val", "test", "all"),
            "decoder": ("beam", "attention", "ctc"), "modality": ("video", "audio", "av")}
 
 
@@ -4070,12 +4304,21 @@ def is_number_list(text: str) -> bool:
         return False
 
 
+def schedule_problem(cfg: Config) -> str:
+    try:
+        ctc_weight_ranges(cfg.ctc_weight_schedule, cfg.epochs)
+    except ValueError as e:
+        return str(e)
+    return ""
+
+
 def validate(cfg: Config) -> Config:
     """Refuse settings that would only fail later, deep in a run."""
     problems = [f"--{k.replace('_', '-')} {getattr(cfg, k)!r}: choose one of {', '.join(v)}"
                 for k, v in CHOICES.items() if getattr(cfg, k) not in v]
     for f in dataclasses.fields(Config):
-        if not isinstance(getattr(cfg, f.name), {"bool": bool, "int": int, "float": (int, float), "str": str}[f.type]):
+        if not isinstance(getattr(cfg, f.name), {"bool": bool, "int": int, "float": (int, float), "str": str,
+                                                 "list[str]": list}[f.type]):
             problems.append(f"{f.name} = {getattr(cfg, f.name)!r} should be a {f.type}")
     if not problems:  # the ranges can only be compared once the types are right
         parts = parts_of(cfg)
@@ -4096,6 +4339,11 @@ def validate(cfg: Config) -> Config:
                   (is_number_list(cfg.noise_snrs) and (cfg.sound in ("clean", "mute") or is_number_list(cfg.sound) and "," not in cfg.sound),
                    "--noise-snrs takes SNRs in dB separated by commas (inf: clean); --sound clean, mute or one SNR"),
                   (0 <= cfg.ctc_weight <= 1, "--ctc-weight must lie in [0, 1]"),
+                  (not schedule_problem(cfg), f"--ctc-weight-schedule: {schedule_problem(cfg)}"),
+                  (min(cfg.stop_after, cfg.average_last) >= 0 and cfg.extra_weight >= 0,
+                   "--stop-after, --average-last and --extra-weight must be 0 or more"),
+                  (all(len(x) in (0, len(cfg.extra_data_dir)) for x in (cfg.extra_videos_dir, cfg.extra_labels_dir)),
+                   "--extra-videos-dir and --extra-labels-dir go with --extra-data-dir: one each, in the same order"),
                   (0 <= cfg.beam_ctc_weight <= 1, "--beam-ctc-weight must lie in [0, 1]"),
                   (cfg.beam_size >= 1 and cfg.nbest >= 1, "--beam-size and --nbest must be 1 or more"),
                   (cfg.nbest <= cfg.beam_size, "--nbest cannot exceed --beam-size"),
@@ -4181,14 +4429,25 @@ def run_train(cfg: Config) -> dict:
         dist.destroy_process_group()
     if rank > 0:
         return result
-    best = Path(cfg.work_dir) / "checkpoints" / "best.pt"
-    if result["dataset"].subset("test") and best.exists():
-        result["test"] = run_test(dataclasses.replace(cfg, checkpoint=str(best), split="test"), result["dataset"])
+    ds, best = result["dataset"], Path(cfg.work_dir) / "checkpoints" / "best.pt"
+    averaged = write_averaged(cfg, ds, pick_device(cfg.device)) if cfg.average_last else None
+    if ds.subset("test") and best.exists():
+        if averaged:
+            result["test_best"] = run_test(dataclasses.replace(cfg, checkpoint=str(best), split="test"), ds, "best")
+        result["test"] = run_test(dataclasses.replace(cfg, checkpoint=str(averaged or best), split="test"), ds)
     return result
 
 
 def checkpoint_path(cfg: Config) -> Path:
-    return Path(cfg.checkpoint) if cfg.checkpoint else Path(cfg.work_dir) / "checkpoints" / "best.pt"
+    """--checkpoint, else averaged.pt where it is as new as last.pt (a run trained on since left it behind), else
+    best.pt."""
+    if cfg.checkpoint:
+        return Path(cfg.checkpoint)
+    folder = Path(cfg.work_dir) / "checkpoints"
+    averaged, last = folder / "averaged.pt", folder / "last.pt"
+    if averaged.exists() and (not last.exists() or averaged.stat().st_mtime_ns >= last.stat().st_mtime_ns):
+        return averaged
+    return folder / "best.pt"
 
 
 def decoding_settings(model: nn.Module, cfg: Config) -> dict:
@@ -4206,9 +4465,9 @@ def split_index(ds: Dataset, split: str) -> list[int]:
     return index
 
 
-def run_test(cfg: Config, ds: Dataset | None = None) -> dict:
-    """Score a checkpoint on a split: predictions.csv (and nbest.csv), test_metrics.json, and
-    `CER=... WER=... n=...` as the last line."""
+def run_test(cfg: Config, ds: Dataset | None = None, name: str = "") -> dict:
+    """Score a checkpoint on a split: predictions.csv (and nbest.csv), test_metrics.json (each `_<name>` when
+    named: a second checkpoint of the run), and `CER=... WER=... n=...` as the last line."""
     device = pick_device(cfg.device)
     model, vocab, model_cfg = model_from_checkpoint(checkpoint_path(cfg), cfg, device)
     ds = ds or load_dataset(model_cfg, vocab, device)
@@ -4236,16 +4495,18 @@ def run_test(cfg: Config, ds: Dataset | None = None) -> dict:
                 writer.writerows([ds.samples[i].stem, rank, vocab.decode(hyp),
                                   round(error_rates([ref], [hyp], vocab)["cer"], 4), round(score, 4)]
                                  for rank, (hyp, score) in enumerate(hyps, 1))
-    atomic_write(work / "predictions.csv", write_predictions)
+    tag = f"_{name}" if name else ""
+    atomic_write(work / f"predictions{tag}.csv", write_predictions)
     if model_cfg.nbest > 1 and decoding["decoder"] == "beam":
-        atomic_write(work / "nbest.csv", write_nbest)
+        atomic_write(work / f"nbest{tag}.csv", write_nbest)
     scores = result[decoding["decoder"]]
     metrics = {**{k: scores[k] for k in ("cer", "wer", "cer_mean_per_clip", "n")}, "split": cfg.split,
                "modality": model_cfg.modality, **({"sound": cfg.sound} if model_cfg.modality != "video" else {}),
                "checkpoint": str(checkpoint_path(cfg)), "decoding": decoding,
                "cer_greedy_ctc": result["ctc"]["cer"], "seconds": round(seconds, 2)}
-    write_json(work / "test_metrics.json", metrics)
-    print(f"CER={metrics['cer']:.4f} WER={fmt(metrics['wer'], '.4f')} n={metrics['n']}")
+    write_json(work / f"test_metrics{tag}.json", metrics)
+    print(f"CER={metrics['cer']:.4f} WER={fmt(metrics['wer'], '.4f')} n={metrics['n']} "
+          f"({cfg.split} split, {checkpoint_path(cfg).name}, {decoding['decoder']})")
     return metrics
 
 
@@ -4257,7 +4518,8 @@ def run_diagnose(cfg: Config) -> dict:
     path = checkpoint_path(cfg)
     state = load_checkpoint(path)
     model, vocab, model_cfg = model_from_checkpoint(path, cfg, device, state)
-    trained = dataclasses.replace(saved_config(state), **{k: getattr(model_cfg, k) for k in ("device", "split")})
+    trained = at_epoch(dataclasses.replace(saved_config(state), **{k: getattr(model_cfg, k) for k in ("device", "split")}),
+                       state["epoch"])
     ds = load_dataset(model_cfg, vocab, device)
     index, folder = split_index(ds, cfg.split), Path(cfg.work_dir) / f"diagnose_{cfg.split}"
     print(f"Diagnosing {path} (epoch {state['epoch']}) on {len(index)} {cfg.split} clips; the settings it was "
@@ -4426,6 +4688,16 @@ def run_decode(cfg: Config) -> list[tuple[str, list[tuple[str, float]]]]:
     return out
 
 
+def run_average(cfg: Config) -> Path:
+    """--mode average: checkpoints/averaged.pt of a trained run, from the epoch weights it kept."""
+    if cfg.average_last < 1:
+        raise UserError("--mode average needs --average-last N: how many of the last epochs to average.")
+    device = pick_device(cfg.device)
+    last = Path(cfg.work_dir) / "checkpoints" / "last.pt"
+    _, vocab, model_cfg = model_from_checkpoint(last, cfg, device)
+    return write_averaged(cfg, load_dataset(model_cfg, vocab, device), device)
+
+
 def run_export(cfg: Config) -> dict:
     """A checkpoint's weights for other tools: a plain state dict under Auto-AVSR's names (what --init-from and
     Auto-AVSR's own model load), the vocabulary that gives its rows meaning, and the encoder as ONNX."""
@@ -4456,7 +4728,8 @@ def run_export(cfg: Config) -> dict:
 
 
 MODES = {"train": run_train, "test": run_test, "decode": run_decode, "diagnose": run_diagnose, "sanity": run_sanity,
-         "stats": run_stats, "vocab": run_vocab, "synth": run_synth, "preprocess": run_preprocess, "export": run_export}
+         "stats": run_stats, "vocab": run_vocab, "synth": run_synth, "preprocess": run_preprocess, "export": run_export,
+         "average": run_average}
 
 
 def in_notebook() -> bool:

@@ -351,3 +351,54 @@ def test_generated_sound_follows_the_units_and_leaves_the_frames_unchanged():
         assert 0.01 < np.abs(wave).mean() < 1
     # letters that look alike on the lips sound different: b and m share a viseme, not their tones
     assert m.letter_sound("\u0628")[:2] != m.letter_sound("\u0645")[:2]
+
+
+@pytest.fixture(scope="session")
+def extra_root(tmp_path_factory) -> Path:
+    """A second generated set, other speakers and sentences: clips labelled elsewhere, to train on as well."""
+    root = tmp_path_factory.mktemp("extra") / "dataset"
+    m.write_synthetic_dataset(m.Config(output=str(root), synthetic_clips=20, seed=11), m.Vocabulary.seed())
+    return root
+
+
+def test_extra_clips_only_train_and_each_source_is_counted(cfg, synthetic_root, extra_root, tmp_path, capsys):
+    extra = Path(shutil.copytree(extra_root, tmp_path / "extra"))
+    main_only = load(cfg, data_dir=str(synthetic_root))
+    val_stem = main_only.samples[main_only.subset("val")[0]].stem
+    for name in (f"Preprocessed_Video/{val_stem}.mp4", f"Csv/{val_stem}.csv"):  # a validation clip among them
+        copy = extra / name
+        shutil.copy(synthetic_root / name, copy.with_name(f"copy_{copy.name}"))
+    ds = load(cfg, data_dir=str(synthetic_root), extra_data_dir=[str(extra)])
+    assert "extra clips: 20 of 21" in capsys.readouterr().out
+    for split in ("train", "val", "test"):  # the main data's splits are those it has alone
+        assert [ds.samples[i].stem for i in ds.subset(split)] == [main_only.samples[i].stem for i in main_only.subset(split)]
+    assert len(ds.subset("extra")) == 20 and not set(ds.subset("extra")) & set(range(len(main_only.samples)))
+    assert report(cfg)[f"copy_{val_stem}.mp4"].startswith(f"same frames as a main clip: {val_stem} (val)")
+    sources = json.loads((Path(cfg.work_dir) / "data_report.json").read_text(encoding="utf-8"))["sources"]
+    assert [(s["found"], s["usable"], s["splits"]) for s in sources] == [(24, 24, "train/val/test"), (21, 20, "extra")]
+    assert m.training_probe(ds, cfg) == m.training_probe(main_only, cfg)
+    frames, _ = ds.bank.batch(ds.subset("extra")[:1])
+    assert frames.shape[-1] == m.stored_size(cfg)
+
+
+def test_an_epoch_draws_extra_clips_by_their_weight_afresh_each_epoch_and_alike_on_resume(cfg, synthetic_root,
+                                                                                         extra_root):
+    ds = load(cfg, data_dir=str(synthetic_root), extra_data_dir=[str(extra_root)])
+    train, extra = ds.subset("train"), ds.subset("extra")
+    fifth = m.dataclasses.replace(cfg, extra_weight=0.2)
+    one, two = m.epoch_clips(ds, fifth, 1), m.epoch_clips(ds, fifth, 2)
+    assert one[:len(train)] == train and len(one) == len(train) + 4 and set(one[len(train):]) <= set(extra)
+    assert len(set(one[len(train):])) == 4 and one != two and one == m.epoch_clips(ds, fifth, 1)
+    more = m.epoch_clips(ds, m.dataclasses.replace(cfg, extra_weight=2.5), 1)[len(train):]
+    assert len(more) == 50 and {more.count(i) for i in extra} <= {2, 3} and sum(more.count(i) == 3 for i in extra) == 10
+    assert m.epoch_clips(ds, m.dataclasses.replace(cfg, extra_weight=0), 1) == train
+    assert m.epoch_clips(load(cfg, data_dir=str(synthetic_root)), fifth, 1) == train
+
+
+def test_extra_folders_take_their_own_clip_and_label_folders_in_order(cfg, synthetic_root, extra_root):
+    ds = load(cfg, data_dir=str(synthetic_root), extra_data_dir=[str(extra_root), str(extra_root)],
+              extra_videos_dir=[str(extra_root / "Preprocessed_Video"), str(extra_root / "Preprocessed_Video")],
+              extra_labels_dir=[str(extra_root / "Csv"), str(extra_root / "Csv")])
+    assert len(ds.subset("extra")) == 40
+    with pytest.raises(m.UserError, match="one each, in the same order"):
+        m.parse_config(["--extra-data-dir", "a", "--extra-data-dir", "b", "--extra-videos-dir", "a/v"])

@@ -62,3 +62,20 @@ def test_the_baseline_trains_on_ctc_alone():
     enc, mask = model.encode(x, lengths)
     parts = m.joint_loss(model, enc, mask, model.ctc(enc), lengths, [[3, 4], [5]], vocab, cfg)
     assert parts["att"].item() == 0 and parts["loss"] is parts["ctc"]
+
+
+def test_the_ctc_weight_schedule_holds_ranges_goes_linearly_and_falls_back_to_the_fixed_weight():
+    cfg = m.Config(epochs=60, ctc_weight=0.3, ctc_weight_schedule="1-20:0.7, 21-40:0.5, 41-:0.4>0.2")
+    assert [m.ctc_weight_at(cfg, e) for e in (1, 20, 21, 40, 41, 60)] == [0.7, 0.7, 0.5, 0.5, 0.4, 0.2]
+    assert m.ctc_weight_at(cfg, 50) == pytest.approx(0.4 - 0.2 * 9 / 19)
+    gaps = m.Config(epochs=10, ctc_weight=0.3, ctc_weight_schedule="2:1,5-6:0>1")
+    assert [m.ctc_weight_at(gaps, e) for e in range(1, 8)] == [0.3, 1.0, 0.3, 0.3, 0.0, 1.0, 0.3]
+    assert m.at_epoch(cfg, 1).ctc_weight == 0.7 and cfg.ctc_weight == 0.3
+
+
+@pytest.mark.parametrize("schedule, why", [("1-20", "not EPOCHS:WEIGHT"), ("0-3:0.5", "count from 1"),
+                                           ("5-3:0.5", "low to high"), ("1-3:0.5>1.5", r"in \[0, 1\]"),
+                                           ("1-3:0.1,3-4:0.2", "overlaps"), ("a-b:0.1", "not EPOCHS:WEIGHT")])
+def test_a_schedule_that_cannot_work_is_refused_before_the_run_says_which_part(schedule, why):
+    with pytest.raises(m.UserError, match=why):
+        m.parse_config(["--ctc-weight-schedule", schedule])

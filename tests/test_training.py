@@ -96,8 +96,17 @@ def history_without_timings(work: Path) -> list[dict]:
     return [{k: v for k, v in row.items() if k not in ("epoch_s", "clips_per_s")} for row in state["history"]]
 
 
+def extra_clips(folder: Path, clips: int = 12) -> list[str]:
+    """Flags that add a second generated set as extra training clips."""
+    m.write_synthetic_dataset(m.Config(output=str(folder), synthetic_clips=clips, seed=11), m.Vocabulary.seed())
+    return ["--extra-data-dir", str(folder), "--extra-weight", "0.5"]
+
+
 def test_resume_after_sigkill_ends_where_the_uninterrupted_run_ends(tmp_path):
-    args = FAST + ["--epochs", "4", "--mode", "train"]
+    """With every setting whose state lives across epochs: the CTC-weight schedule, the extra clips' draws, the
+    kept epoch weights and their average, early stopping."""
+    args = FAST + ["--epochs", "4", "--mode", "train", "--ctc-weight-schedule", "1-2:0.8,3-:0.5>0.2",
+                   "--average-last", "2", "--stop-after", "3"] + extra_clips(tmp_path / "extra")
     whole = run_script(args + ["--work-dir", str(tmp_path / "whole")])
     assert whole.wait(timeout=600) == 0, whole.stdout.read()
 
@@ -119,6 +128,8 @@ def test_resume_after_sigkill_ends_where_the_uninterrupted_run_ends(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise on CPU
     for name in ("worst_samples.csv", "confusions.txt", "confusions.csv"):  # each epoch's rows once, as unbroken
         assert (killed_dir / "diagnostics" / name).read_bytes() == (tmp_path / "whole" / "diagnostics" / name).read_bytes()
+    a, b = (torch.load(d / "checkpoints" / "averaged.pt", weights_only=False) for d in (killed_dir, tmp_path / "whole"))
+    assert a["averaged_epochs"] == [3, 4] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
 def test_a_checkpoint_from_another_architecture_or_vocabulary_is_refused(tmp_path):
@@ -147,7 +158,7 @@ def test_test_and_decode_modes_use_the_checkpoint(tmp_path, capsys):
     assert metrics["decoding"] == {"decoder": "beam", "beam_size": 4, "ctc_weight": 0.3, "max_length_ratio": 0.0,
                                    "min_length_ratio": 0.0, "length_bonus": 0.0, "nbest": 3}
     assert capsys.readouterr().out.strip().splitlines()[-1] == (
-        f"CER={metrics['cer']:.4f} WER={metrics['wer']:.4f} n=48")
+        f"CER={metrics['cer']:.4f} WER={metrics['wer']:.4f} n=48 (all split, best.pt, beam)")
     nbest = list(csv.DictReader(open(work / "nbest.csv", encoding="utf-8")))
     first = [r for r in nbest if r["id"] == rows[0]["id"]]
     assert [r["rank"] for r in first] == ["1", "2", "3"] and first[0]["hypothesis"] == rows[0]["hypothesis"]
@@ -231,25 +242,27 @@ def finished(process) -> str:
 def test_torchrun_two_processes_train_as_one_with_the_same_global_batch_and_resume(tmp_path):
     """Augmentation on (every process draws the global batch alike); dropout off, as its masks are per process.
     The first epoch trains from a frozen frontend's cached features, the others everything."""
-    one = finished(run_script(DDP + ["--work-dir", str(tmp_path / "one")]))
-    two = finished(torchrun(DDP + ["--work-dir", str(tmp_path / "two")]))
+    args = DDP + ["--ctc-weight-schedule", "1:0.6,2-:0.4>0.2"] + extra_clips(tmp_path / "extra", 8)
+    one = finished(run_script(args + ["--work-dir", str(tmp_path / "one")]))
+    two = finished(torchrun(args + ["--work-dir", str(tmp_path / "two")]))
     assert "x 2 processes" in two and two.count("epoch   1 |") == 1  # rank 0 alone speaks
     assert two.strip().splitlines()[-1].startswith("CER=")  # then tests, once
     single, double = history_without_timings(tmp_path / "one"), history_without_timings(tmp_path / "two")
     assert len(single) == len(double) == 3
+    assert [r["ctc_weight"] for r in double] == [0.6, 0.4, 0.2] and "+ 8 extra training clips" in two
     for a, b in zip(single, double):
         for k in LOSSES:
             assert b[k] == pytest.approx(a[k], rel=1e-4), (a["epoch"], k)
 
     killed_dir = tmp_path / "killed"
-    killed = torchrun(DDP + ["--work-dir", str(killed_dir)], start_new_session=True)
+    killed = torchrun(args + ["--work-dir", str(killed_dir)], start_new_session=True)
     last = killed_dir / "checkpoints" / "last.pt"
     while not last.exists() and killed.poll() is None:
         time.sleep(0.05)
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait()
     assert torch.load(last, weights_only=False)["epoch"] < 3
-    assert "Resumed from" in finished(torchrun(DDP + ["--work-dir", str(killed_dir), "--resume"]))
+    assert "Resumed from" in finished(torchrun(args + ["--work-dir", str(killed_dir), "--resume"]))
     assert history_without_timings(killed_dir) == double
 
 
@@ -386,3 +399,65 @@ def test_a_tiny_audio_visual_model_learns_from_generated_sound_and_relies_on_it(
     deaf = m.evaluate(model, ds, val, vocab, m.dataclasses.replace(cfg, sound="mute"), torch.device("cpu"), ("ctc",))
     assert heard["loss"] == pytest.approx(history[-1]["val_loss"], rel=1e-4)
     assert deaf["loss"] > 1.1 * heard["loss"]  # muted, the same model does worse: it listens
+
+
+def test_the_ctc_weight_schedule_weights_each_epochs_loss_and_is_logged(tmp_path):
+    history = m.train(fast_cfg(tmp_path / "w", epochs=3, ctc_weight_schedule="1:1,2-3:0>0.5"))["history"]
+    assert [r["ctc_weight"] for r in history] == [1.0, 0.0, 0.5]
+    for r in history:  # every batch's loss is w * ctc + (1 - w) * att, so their means are too
+        assert r["train_loss"] == pytest.approx(r["ctc_weight"] * r["train_ctc"] + (1 - r["ctc_weight"]) * r["train_att"],
+                                                rel=1e-5)
+    assert [float(r["ctc_weight"]) for r in csv.DictReader(open(tmp_path / "w" / "metrics.csv"))] == [1.0, 0.0, 0.5]
+    assert "1 x CTC + 0 x attention by epoch (1:1,2-3:0>0.5: 1 in epoch 1 .. 0.5 in epoch 3; else 0.3)" in \
+        (tmp_path / "w" / "diagnostics" / "setup.txt").read_text(encoding="utf-8")
+
+
+def test_stalled_for_counts_the_epochs_since_the_best_validation_cer():
+    rows = lambda *cers: [{"val_cer_ctc": c, "val_cer_att": None} for c in cers]
+    cfg = m.Config(stop_after=2, decoder="ctc")
+    assert m.stalled_for(rows(0.9, 0.8, 0.85, 0.8), cfg)  # equal is no better
+    assert not m.stalled_for(rows(0.9, 0.8, 0.85, 0.79), cfg)
+    assert not m.stalled_for(rows(0.9, 0.95), cfg)  # too few epochs to tell
+    assert not m.stalled_for(rows(0.9, 0.95, 0.96), m.Config(stop_after=0, decoder="ctc"))
+
+
+def test_stop_after_ends_like_a_finished_run_with_averaging_and_the_test(tmp_path, capsys):
+    """With a learning rate of almost 0 the validation CER cannot move: the run stops once it has not for 2 epochs."""
+    cfg = fast_cfg(tmp_path / "w", epochs=20, lr=1e-9, stop_after=2, average_last=2, decoder="ctc")
+    result = m.run_train(cfg)
+    out = capsys.readouterr().out
+    assert len(result["history"]) == 3 and "no better validation CER for 2 epochs" in out
+    assert "epochs 2-3 averaged" in out and result["test"]["checkpoint"].endswith("averaged.pt")
+    assert result["test_best"]["checkpoint"].endswith("best.pt")
+    assert (tmp_path / "w" / "test_metrics_best.json").exists() and (tmp_path / "w" / "predictions.csv").exists()
+
+
+def test_average_last_averages_the_last_epochs_measures_batchnorm_anew_and_is_used_by_default(tmp_path, capsys):
+    work = tmp_path / "w"
+    ds = m.run_train(fast_cfg(work, epochs=3, average_last=2))["dataset"]
+    folder = work / "checkpoints"
+    assert sorted(p.name for p in (folder / "epochs").iterdir()) == ["epoch_0002.pt", "epoch_0003.pt"]
+    two, three = (torch.load(folder / "epochs" / f"epoch_000{e}.pt") for e in (2, 3))
+    averaged = torch.load(folder / "averaged.pt", weights_only=False)
+    assert averaged["averaged_epochs"] == [2, 3]
+    for k, v in averaged["model"].items():
+        if "running_" in k or "num_batches" in k:
+            continue
+        assert torch.allclose(v, (two[k] + three[k]) / 2, atol=1e-7), k
+    stats = "frontend.frontend3D.1.running_mean"
+    assert not torch.allclose(averaged["model"][stats], (two[stats] + three[stats]) / 2)  # measured, not averaged
+    assert averaged["model"]["frontend.frontend3D.1.num_batches_tracked"] == len(  # one pass over the training clips
+        m.eval_batches(ds, ds.subset("train"), fast_cfg(work)))
+    assert m.checkpoint_path(fast_cfg(work)) == folder / "averaged.pt"
+    capsys.readouterr()
+    again = m.run_average(fast_cfg(work, average_last=2))
+    redone = torch.load(again, weights_only=False)["model"]
+    assert all(torch.equal(redone[k], averaged["model"][k]) for k in redone)
+    assert "epochs 2-3 averaged" in capsys.readouterr().out
+    m.run_average(fast_cfg(work, average_last=1))
+    assert torch.equal(torch.load(folder / "averaged.pt", weights_only=False)["model"]["ctc.ctc_lo.weight"],
+                       three["ctc.ctc_lo.weight"])
+    m.train(fast_cfg(work, epochs=4, resume=True))  # trained on without averaging: averaged.pt is behind last.pt
+    assert m.checkpoint_path(fast_cfg(work)) == folder / "best.pt"
+    with pytest.raises(m.UserError, match="--average-last N"):
+        m.run_average(fast_cfg(work))
