@@ -3303,7 +3303,7 @@ def report_setup(model: nn.Module, ds: Dataset, cfg: Config, path: Path) -> list
     schedule = (f" by epoch ({cfg.ctc_weight_schedule}: {weights[0]:g} in epoch 1 .. {weights[-1]:g} in epoch "
                 f"{cfg.epochs}; else {cfg.ctc_weight:g})" if cfg.ctc_weight_schedule else "")
     lines = [
-        f"epoch: {len(train)} training clips" + (f" + {len(epoch) - len(train)} of {len(extra)} extra clips drawn "
+        f"an epoch: {len(train)} training clips" + (f" + {len(epoch) - len(train)} of {len(extra)} extra clips drawn "
                                                   f"afresh (--extra-weight {cfg.extra_weight:g})" if extra else ""),
         f"batch: {clips_per_batch:.1f} clips on average (frame budget {cfg.max_frames}), x {cfg.accum_steps} "
         f"accumulated = effective batch {clips_per_batch * cfg.accum_steps:.1f} clips",
