@@ -21,6 +21,9 @@ step "test on the GPU, beam 20" 200 python3 $M --mode test --work-dir $W/fp16 --
 step "the same checkpoint on the CPU" 200 python3 $M --mode test --work-dir $W/fp16 --decoder beam --device cpu
 python3 $M --mode synth --output $W/clips --synthetic-clips 12 > /dev/null
 step "decode a folder, 3 best" 120 python3 $M --mode decode --work-dir $W/fp16 --input $W/clips --nbest 3
+step "fp16 with extra clips, a CTC-weight schedule, averaging, early stopping" 300 python3 $M --preset mini --epochs 3 \
+    --amp fp16 --decoder ctc --extra-data-dir $W/clips --ctc-weight-schedule 1:0.7,2-:0.5>0.2 --average-last 2 \
+    --stop-after 5 --work-dir $W/means "${SMALL[@]}"
 step "torchrun, one process" 300 python3 -m torch.distributed.run --standalone --nproc_per_node 1 $M --preset tiny \
     --epochs 1 --decoder ctc --work-dir $W/torchrun1 "${SMALL[@]}"
 step "torchrun, one process more than the GPUs (refused)" 120 python3 -m torch.distributed.run --standalone \
@@ -33,6 +36,6 @@ step "decode speed, mixed precision" 400 python3 bench/decode_speed.py --presets
 T=(--steps 30 --warmup 30)  # the warm-up meets the batch shapes first: see README, On a GPU
 [ -n "$SMOKE" ] && T=(--steps 1 --warmup 1 --input-size 44 --max-frames 400)
 for amp in bf16 fp16; do
-    step "train speed, $amp" 400 python3 bench/train_speed.py --presets tiny,small,base --amp $amp "${T[@]}"
+    step "train speed, $amp" 400 python3 bench/train_speed.py --presets tiny,mini,small,base --amp $amp "${T[@]}"
 done
 step "train speed, fp16, compiled" 400 python3 bench/train_speed.py --presets small --amp fp16 --compile "${T[@]}"

@@ -4283,6 +4283,9 @@ def read_config_file(path: str) -> dict:
         settings = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise UserError(f"--config {path}: cannot read it as JSON ({e}).") from e
+    if not isinstance(settings, dict):
+        raise UserError(f"--config {path}: holds a JSON {type(settings).__name__}; it needs an object of settings, "
+                        'e.g. {"preset": "mini", "epochs": 50}.')
     unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(Config)})
     if unknown:
         raise UserError(f"--config {path}: unknown setting(s) {', '.join(unknown)}; see --help for the names.")
@@ -4339,6 +4342,20 @@ def validate(cfg: Config) -> Config:
                   (is_number_list(cfg.noise_snrs) and (cfg.sound in ("clean", "mute") or is_number_list(cfg.sound) and "," not in cfg.sound),
                    "--noise-snrs takes SNRs in dB separated by commas (inf: clean); --sound clean, mute or one SNR"),
                   (0 <= cfg.ctc_weight <= 1, "--ctc-weight must lie in [0, 1]"),
+                  (cfg.lr > 0 and cfg.grad_clip > 0 and cfg.adam_eps > 0,
+                   "--lr, --grad-clip and --adam-eps must be above 0 (a negative clip trains backwards)"),
+                  (min(cfg.weight_decay, cfg.warmup_epochs, cfg.time_budget) >= 0,
+                   "--weight-decay, --warmup-epochs and --time-budget must be 0 or more"),
+                  (0 <= cfg.dropout < 1 and 0 <= cfg.label_smoothing < 1 and 0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1,
+                   "--dropout, --label-smoothing, --beta1 and --beta2 must lie in [0, 1)"),
+                  (0 <= cfg.hflip_prob <= 1 and 0 <= cfg.time_warp_max < 1, "--hflip-prob must lie in [0, 1] and "
+                                                                            "--time-warp-max in [0, 1)"),
+                  (min(cfg.epochs, cfg.max_frames, cfg.time_mask_window, cfg.time_mask_stride, cfg.synthetic_clips,
+                       cfg.synthetic_words, cfg.synthetic_speakers) >= 1,
+                   "--epochs, --max-frames, --time-mask-window, --time-mask-stride and the --synthetic-* counts must "
+                   "be 1 or more"),
+                  (min(cfg.val_fraction, cfg.test_fraction) >= 0 and cfg.val_fraction + cfg.test_fraction < 1,
+                   "--val-fraction and --test-fraction must be 0 or more and leave clips to train on (sum below 1)"),
                   (not schedule_problem(cfg), f"--ctc-weight-schedule: {schedule_problem(cfg)}"),
                   (min(cfg.stop_after, cfg.average_last) >= 0 and cfg.extra_weight >= 0,
                    "--stop-after, --average-last and --extra-weight must be 0 or more"),

@@ -66,6 +66,17 @@ def test_synth_then_stats_from_the_command_line(tmp_path):
     (["--modality", "av", "--time-warp"], "--time-warp changes a clip's frame count"),
     (["--sound", "loud"], "--sound clean, mute or one SNR"),
     (["--noise-snrs", "5,high"], "--noise-snrs takes SNRs in dB"),
+    (["--grad-clip", "-1"], "--grad-clip and --adam-eps must be above 0"),
+    (["--lr", "-1"], "--lr, --grad-clip"),
+    (["--weight-decay", "-1"], "--weight-decay, --warmup-epochs and --time-budget must be 0 or more"),
+    (["--dropout", "1.5"], "--dropout, --label-smoothing, --beta1 and --beta2 must lie in [0, 1)"),
+    (["--label-smoothing", "2"], "--dropout, --label-smoothing"),
+    (["--hflip-prob", "3"], "--hflip-prob must lie in [0, 1]"),
+    (["--epochs", "0"], "--epochs, --max-frames"),
+    (["--max-frames", "0"], "--epochs, --max-frames"),
+    (["--test-fraction", "-0.5"], "--val-fraction and --test-fraction must be 0 or more"),
+    (["--val-fraction", "0.5", "--test-fraction", "0.5"], "leave clips to train on"),
+    (["--stop-after", "-1"], "--stop-after, --average-last and --extra-weight must be 0 or more"),
 ])
 def test_settings_that_cannot_work_are_refused_up_front(flags, complaint):
     with pytest.raises(m.UserError, match=re.escape(complaint)):
@@ -78,3 +89,10 @@ def test_a_config_file_value_of_the_wrong_kind_or_choice_is_refused(tmp_path):
     with pytest.raises(m.UserError) as e:
         m.parse_config(["--config", str(path)])
     assert "epochs = 'ten' should be a int" in str(e.value) and "--decoder 'beam-ish'" in str(e.value)
+
+
+def test_a_config_file_that_is_not_an_object_of_settings_says_what_it_needs(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(["--preset", "tiny"]))
+    with pytest.raises(m.UserError, match="holds a JSON list; it needs an object of settings"):
+        m.parse_config(["--config", str(path)])
