@@ -3146,13 +3146,46 @@ def previous_run(cfg: Config, vocab: Vocabulary) -> dict | None:
         stale.unlink(missing_ok=True)  # (another process of the run may have got there first)
     last = ckpt_dir / "last.pt"
     if not cfg.resume:
+        kept = [p for p in (last, ckpt_dir / "best.pt", ckpt_dir / "averaged.pt") if p.exists()]
         if last.exists():
             raise UserError(f"{cfg.work_dir} already holds a run ({last}). Continue it with --resume, or start "
                             "afresh in another --work-dir.")
+        if kept:
+            raise UserError(f"{cfg.work_dir} holds the checkpoints of an earlier run ({', '.join(map(str, kept))}) "
+                            "but no last.pt to continue from: start afresh in another --work-dir, or move them away.")
         return None
     state = load_checkpoint(last)
     check_compatible(state, cfg, vocab, last)
+    if rank_and_world()[0] == 0:
+        restore_best(state, cfg, ckpt_dir)
     return state
+
+
+def restore_best(state: dict, cfg: Config, ckpt_dir: Path) -> None:
+    """A run killed while it wrote best.pt for its newest epoch has that epoch's weights in last.pt alone."""
+    best, history = ckpt_dir / "best.pt", state["history"]
+    if best.exists() or not history:
+        return
+    lowest = min(selection_cer(r, cfg.decoder) for r in history)
+    best_epoch = max(r["epoch"] for r in history if selection_cer(r, cfg.decoder) == lowest)  # a tie: the later
+    if best_epoch == state["epoch"]:
+        atomic_write(best, lambda tmp: shutil.copyfile(ckpt_dir / "last.pt", tmp))
+        print(f"{best} was missing (the run was stopped while writing it): restored from last.pt, epoch {best_epoch}.")
+    else:
+        print(f"warning: {best} is missing and its epoch ({best_epoch}) is not last.pt's ({state['epoch']}): "
+              "it cannot be restored; a better epoch from now on makes a new one.")
+
+
+def apply_new_rates(optimizer, scheduler, cfg: Config) -> None:
+    """--lr and --weight-decay given anew with --resume take effect from the next step (the saved optimizer and
+    schedule carry the old ones)."""
+    old_lr, old_decay = scheduler.base_lrs[0], optimizer.param_groups[0]["weight_decay"]
+    if (old_lr, old_decay) == (cfg.lr, cfg.weight_decay):
+        return
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group.update(initial_lr=cfg.lr, lr=cfg.lr * factor(scheduler.last_epoch), weight_decay=cfg.weight_decay)
+    print(f"Resumed with --lr {cfg.lr:g} (was {old_lr:g}) and --weight-decay {cfg.weight_decay:g} (was {old_decay:g}).")
 
 
 def load_dataset_once(cfg: Config, vocab: Vocabulary, device) -> Dataset:
@@ -3190,6 +3223,7 @@ def train(cfg: Config, ds: Dataset | None = None, done=None) -> dict:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        apply_new_rates(optimizer, scheduler, cfg)
         if state["scaler"] and scaler.is_enabled():  # empty when saved on a CPU or a bf16 GPU
             scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
@@ -4448,6 +4482,9 @@ def run_train(cfg: Config) -> dict:
         return result
     ds, best = result["dataset"], Path(cfg.work_dir) / "checkpoints" / "best.pt"
     averaged = write_averaged(cfg, ds, pick_device(cfg.device)) if cfg.average_last else None
+    if ds.subset("test") and not best.exists():
+        print(f"No {best} to test (see the warning above); test the run's last.pt with --mode test --checkpoint "
+              f"{best.with_name('last.pt')}.")
     if ds.subset("test") and best.exists():
         if averaged:
             result["test_best"] = run_test(dataclasses.replace(cfg, checkpoint=str(best), split="test"), ds, "best")

@@ -461,3 +461,29 @@ def test_average_last_averages_the_last_epochs_measures_batchnorm_anew_and_is_us
     assert m.checkpoint_path(fast_cfg(work)) == folder / "best.pt"
     with pytest.raises(m.UserError, match="--average-last N"):
         m.run_average(fast_cfg(work))
+
+
+def test_a_best_pt_lost_while_written_in_the_last_epoch_is_restored_on_resume_and_the_run_tested(tmp_path, capsys):
+    work = tmp_path / "w"
+    result = m.run_train(fast_cfg(work, epochs=2, lr=1e-9, decoder="ctc"))  # the CER cannot move: epoch 2 ties best
+    assert result["history"][1]["val_cer_ctc"] <= result["history"][0]["val_cer_ctc"]
+    (work / "checkpoints" / "best.pt").unlink()
+    capsys.readouterr()
+    resumed = m.run_train(fast_cfg(work, epochs=2, lr=1e-9, decoder="ctc", resume=True))
+    assert "restored from last.pt, epoch 2" in capsys.readouterr().out and resumed["test"]["n"] == 6
+    (work / "checkpoints" / "last.pt").unlink()
+    with pytest.raises(m.UserError, match="no last.pt to continue from"):  # a fresh run would overwrite best.pt
+        m.train(fast_cfg(work, epochs=2))
+
+
+def test_a_learning_rate_or_weight_decay_given_anew_on_resume_takes_effect(tmp_path, capsys):
+    work = tmp_path / "w"
+    m.train(fast_cfg(work, epochs=1))
+    result = m.train(fast_cfg(work, epochs=3, lr=5e-4, weight_decay=0.05, resume=True), done=lambda r: r["epoch"] == 2)
+    assert "Resumed with --lr 0.0005 (was 0.001) and --weight-decay 0.05 (was 0.01)" in capsys.readouterr().out
+    saved = state_of(work)
+    steps = saved["scheduler"]["last_epoch"]
+    assert saved["scheduler"]["base_lrs"] == [5e-4] and saved["optimizer"]["param_groups"][0]["weight_decay"] == 0.05
+    warmup, total = m.schedule_steps(fast_cfg(work, epochs=3), steps // 2)
+    assert saved["optimizer"]["param_groups"][0]["lr"] == pytest.approx(5e-4 * m.warmup_cosine(steps + 1, warmup, total))
+    assert result["history"][1]["lr"] < 5e-4
