@@ -110,6 +110,7 @@ class Config:
     time_mask_window: int = 10  # Auto-AVSR's AdaptiveTimeMask: up to window-1 frames...
     time_mask_stride: int = 25  # ...once per stride frames
     time_warp: bool = False
+    augment_from: int = 1  # the epoch augmentation starts in; earlier ones see the center crop alone
     time_warp_max: float = 0.1  # speed factor drawn from [1 - max, 1 + max]
     # model
     arch: str = "conformer"  # conformer (Auto-AVSR's) | baseline (seed 000's CNN + BiLSTM, CTC only)
@@ -2890,7 +2891,8 @@ def caches_features(model: nn.Module, cfg: Config, frozen: list[str]) -> bool:
 def feature_batch(ds: Dataset, chosen: list[int], features: FeatureBank, augment: Augment, device) -> tuple:
     """A training batch from the cache, each clip in one of its views drawn at random: (x, lengths, targets)."""
     targets = [ds.samples[i].ids for i in chosen]
-    x, lengths = features.batch(chosen, [random.randrange(1, features.views.shape[0]) for _ in chosen])
+    views = [random.randrange(1, features.views.shape[0]) if augment.train else 0 for _ in chosen]
+    x, lengths = features.batch(chosen, views)
     needed = torch.tensor([frames_needed(t) for t in targets])
     x, lengths = augment.features(x.to(device, non_blocking=True), lengths, needed)
     return x, lengths.to(device), targets
@@ -2972,7 +2974,7 @@ def train_epoch(objective: nn.Module, ds: Dataset, cfg: Config, device, optimize
     model, world = unwrapped(objective), rank_and_world()[1]
     getattr(objective, "module", objective).cfg = cfg  # this epoch's loss weights
     train_mode(model)
-    augment = Augment(cfg, train=True)
+    augment = Augment(cfg, train=epoch >= cfg.augment_from)
     groups = module_groups(model)
     train_index = epoch_clips(ds, cfg, epoch)
     batches = frame_budget_batches([ds.samples[i].frames for i in train_index], cfg.max_frames,
@@ -3321,6 +3323,15 @@ def training_probe(ds: Dataset, cfg: Config) -> list[int]:
     return sorted(random.Random(cfg.seed).sample(train, min(cfg.train_eval_clips, len(train))))
 
 
+def augmentation_line(cfg: Config) -> str:
+    kinds = [f"random {cfg.crop_size}-pixel crop" * cfg.random_crop, f"flip p {cfg.hflip_prob:g}" * (cfg.hflip_prob > 0),
+             f"time mask (window {cfg.time_mask_window}, stride {cfg.time_mask_stride})" * cfg.time_mask,
+             f"time warp up to {cfg.time_warp_max:g}" * cfg.time_warp]
+    kinds = [k for k in kinds if k]
+    start = f", from epoch {cfg.augment_from} (the center crop before)" if kinds and cfg.augment_from > 1 else ""
+    return "augmentation: " + (", ".join(kinds) + start if kinds else "none (the center crop)")
+
+
 def report_setup(model: nn.Module, ds: Dataset, cfg: Config, path: Path) -> list[str]:
     """Seed 001's hyperparameter sanity check: what one step and one epoch are, in numbers, with warnings;
     printed and written to `path`."""
@@ -3347,6 +3358,7 @@ def report_setup(model: nn.Module, ds: Dataset, cfg: Config, path: Path) -> list
         f"weight decay {cfg.weight_decay:g}, gradient clip {cfg.grad_clip:g}",
         f"loss: {w:g} x CTC + {1 - w:g} x attention{schedule} (label smoothing {cfg.label_smoothing:g})"
         if model.decoder is not None else "loss: CTC only (the model has no decoder)",
+        augmentation_line(cfg),
         f"parameters: {sum(n for g, n in counts.items() if g not in frozen):,} trainable, "
         f"{sum(n for g, n in counts.items() if g in frozen):,} frozen ("
         + ", ".join(f"{g} {n:,}{' frozen' if g in frozen else ''}" for g, n in counts.items()) + ")",
@@ -4384,9 +4396,9 @@ def validate(cfg: Config) -> Config:
                    "--dropout, --label-smoothing, --beta1 and --beta2 must lie in [0, 1)"),
                   (0 <= cfg.hflip_prob <= 1 and 0 <= cfg.time_warp_max < 1, "--hflip-prob must lie in [0, 1] and "
                                                                             "--time-warp-max in [0, 1)"),
-                  (min(cfg.epochs, cfg.max_frames, cfg.time_mask_window, cfg.time_mask_stride, cfg.synthetic_clips,
+                  (min(cfg.epochs, cfg.max_frames, cfg.augment_from, cfg.time_mask_window, cfg.time_mask_stride, cfg.synthetic_clips,
                        cfg.synthetic_words, cfg.synthetic_speakers) >= 1,
-                   "--epochs, --max-frames, --time-mask-window, --time-mask-stride and the --synthetic-* counts must "
+                   "--epochs, --max-frames, --augment-from, --time-mask-window, --time-mask-stride and the --synthetic-* counts must "
                    "be 1 or more"),
                   (min(cfg.val_fraction, cfg.test_fraction) >= 0 and cfg.val_fraction + cfg.test_fraction < 1,
                    "--val-fraction and --test-fraction must be 0 or more and leave clips to train on (sum below 1)"),

@@ -487,3 +487,15 @@ def test_a_learning_rate_or_weight_decay_given_anew_on_resume_takes_effect(tmp_p
     warmup, total = m.schedule_steps(fast_cfg(work, epochs=3), steps // 2)
     assert saved["optimizer"]["param_groups"][0]["lr"] == pytest.approx(5e-4 * m.warmup_cosine(steps + 1, warmup, total))
     assert result["history"][1]["lr"] < 5e-4
+
+
+def test_augmentation_switched_on_later_trains_the_first_epochs_on_the_center_crop(tmp_path):
+    plain = dict(random_crop=False, hflip_prob=0.0, time_mask=False)
+    stop = lambda row: row["epoch"] == 3
+    later = seeded_train(fast_cfg(tmp_path / "later", epochs=4, augment_from=3), done=stop)["history"]
+    never = seeded_train(fast_cfg(tmp_path / "never", epochs=4, **plain), done=stop)["history"]
+    assert [r["train_loss"] for r in later[:2]] == [r["train_loss"] for r in never[:2]]  # same draws, bit for bit
+    assert later[2]["train_loss"] != never[2]["train_loss"]
+    setup = (tmp_path / "later" / "diagnostics" / "setup.txt").read_text(encoding="utf-8")
+    assert "augmentation: random 88-pixel crop, flip p 0.5, time mask (window 10, stride 25), from epoch 3" in setup
+    assert "augmentation: none" in (tmp_path / "never" / "diagnostics" / "setup.txt").read_text(encoding="utf-8")
