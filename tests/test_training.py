@@ -242,7 +242,7 @@ def finished(process) -> str:
 def test_torchrun_two_processes_train_as_one_with_the_same_global_batch_and_resume(tmp_path):
     """Augmentation on (every process draws the global batch alike); dropout off, as its masks are per process.
     The first epoch trains from a frozen frontend's cached features, the others everything."""
-    args = DDP + ["--ctc-weight-schedule", "1:0.6,2-:0.4>0.2"] + extra_clips(tmp_path / "extra", 8)
+    args = DDP + ["--ctc-weight-schedule", "1:0.6,2-:0.4>0.2", "--average-last", "2"] + extra_clips(tmp_path / "extra", 8)
     one = finished(run_script(args + ["--work-dir", str(tmp_path / "one")]))
     two = finished(torchrun(args + ["--work-dir", str(tmp_path / "two")]))
     assert "x 2 processes" in two and two.count("epoch   1 |") == 1  # rank 0 alone speaks
@@ -250,6 +250,12 @@ def test_torchrun_two_processes_train_as_one_with_the_same_global_batch_and_resu
     single, double = history_without_timings(tmp_path / "one"), history_without_timings(tmp_path / "two")
     assert len(single) == len(double) == 3
     assert [r["ctc_weight"] for r in double] == [0.6, 0.4, 0.2] and "+ 8 extra training clips" in two
+    averaged = [torch.load(tmp_path / d / "checkpoints" / "averaged.pt", weights_only=False) for d in ("one", "two")]
+    assert averaged[0]["averaged_epochs"] == averaged[1]["averaged_epochs"] == [2, 3]
+    key = "encoder.encoders.0.feed_forward.w_1.weight"  # Adam magnifies the runs' float differences a little
+    one_last = torch.load(tmp_path / "one" / "checkpoints" / "epochs" / "epoch_0003.pt")[key]
+    a, b = averaged[0]["model"][key], averaged[1]["model"][key]
+    assert (a - b).norm() < 0.05 * (a - one_last).norm()
     for a, b in zip(single, double):
         for k in LOSSES:
             assert b[k] == pytest.approx(a[k], rel=1e-4), (a["epoch"], k)
