@@ -493,16 +493,29 @@ def discover_pairs(cfg: Config, bad: BadSamples) -> list[tuple[str, Path, Path]]
     return [(s, videos[s][0], labels[s][0]) for s in sorted(set(videos) & set(labels))]
 
 
+def label_encoding(raw: bytes) -> str:
+    """UTF-8 (with or without its BOM) or UTF-16 with its BOM, as Excel and Notepad save; anything else is
+    refused with what to do (a Windows-1256 file would otherwise be read as other letters)."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "utf-16"
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 (byte {e.start}; Windows-1256 perhaps): save it as UTF-8") from None
+    return "utf-8-sig"
+
+
 def read_label(path: Path) -> str:
-    """A CSV with a `word` column (one word a row) or a `text` column."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.DictReader(f))
+    """A CSV with a `word` column (one word a row) or a `text` column; a row with more fields than the header
+    (`w1,w2` unquoted) gives all its words."""
+    raw = Path(path).read_bytes()
+    rows = list(csv.DictReader(raw.decode(label_encoding(raw)).splitlines()))
     if not rows:
         return ""
     column = next((c for c in ("word", "text") if c in rows[0]), None)
     if column is None:
         raise ValueError(f"no 'word' or 'text' column (columns: {', '.join(rows[0])})")
-    return " ".join((r[column] or "").strip() for r in rows).strip()
+    return " ".join(" ".join([r[column] or "", *r.get(None, [])]).strip() for r in rows).strip()
 
 
 def to_gray(frame: np.ndarray) -> np.ndarray:
@@ -4727,6 +4740,9 @@ def read_clips_to_decode(paths: list[Path], cfg: Config) -> tuple[list[str], Dat
         names.append(path.stem)
         clips.append(frames)
         waves.append(wave)
+    if not names:
+        raise UserError(f"--input {cfg.input}: no clip to decode ({'every one was skipped, above' if paths else 'none found'}"
+                        f"; clips are {', '.join(sorted(VIDEO_EXTS))}, or raw face videos with --preprocess).")
     if not hears:
         return names, Dataset([], ClipBank(clips, torch.device("cpu")), {})
     noise = noise_track(cfg, [w.reshape(-1) for w in waves], torch.device("cpu")) if is_number_list(cfg.sound) else None

@@ -96,7 +96,7 @@ def test_every_bad_sample_is_skipped_reported_and_the_run_goes_on(cfg, dataset_c
         "synth_00009.csv": "unreadable label: no 'word' or 'text' column (columns: words)",
         "synth_00010.csv": reasons["synth_00010.csv"],
     }
-    assert reasons["synth_00010.csv"].startswith("unreadable label: 'utf-8' codec can't decode")
+    assert reasons["synth_00010.csv"].startswith("unreadable label: not UTF-8") and "save it as UTF-8" in reasons["synth_00010.csv"]
     assert reasons["synth_00002.mp4"].startswith("unreadable video")
     assert reasons["synth_00003.mp4"].startswith(("unreadable video", "truncated video"))
     assert reasons["synth_00005.csv"].startswith("label too long: 47 CTC steps")
@@ -402,3 +402,16 @@ def test_extra_folders_take_their_own_clip_and_label_folders_in_order(cfg, synth
     assert len(ds.subset("extra")) == 40
     with pytest.raises(m.UserError, match="one each, in the same order"):
         m.parse_config(["--extra-data-dir", "a", "--extra-data-dir", "b", "--extra-videos-dir", "a/v"])
+
+
+def test_labels_saved_as_utf16_are_read_cp1256_is_refused_with_the_fix_and_unquoted_commas_keep_words(tmp_path):
+    text = "قَالَ ٱلْوَزِيرُ"
+    (tmp_path / "u16.csv").write_text("word\n" + text.replace(" ", "\n") + "\n", encoding="utf-16")
+    assert m.read_label(tmp_path / "u16.csv") == text
+    (tmp_path / "bom.csv").write_text("word\n" + text.replace(" ", "\n") + "\n", encoding="utf-8-sig")
+    assert m.read_label(tmp_path / "bom.csv") == text
+    (tmp_path / "w.csv").write_text("word\nقَالَ,ٱلْوَزِيرُ\n", encoding="utf-8")  # a row "w1,w2": both words
+    assert m.read_label(tmp_path / "w.csv") == text
+    (tmp_path / "cp.csv").write_bytes("word\nقال\n".encode("cp1256"))
+    with pytest.raises(ValueError, match="not UTF-8 .*save it as UTF-8"):
+        m.read_label(tmp_path / "cp.csv")

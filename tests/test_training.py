@@ -505,3 +505,15 @@ def test_augmentation_switched_on_later_trains_the_first_epochs_on_the_center_cr
     setup = (tmp_path / "later" / "diagnostics" / "setup.txt").read_text(encoding="utf-8")
     assert "augmentation: random 88-pixel crop, flip p 0.5, time mask (window 10, stride 25), from epoch 3" in setup
     assert "augmentation: none" in (tmp_path / "never" / "diagnostics" / "setup.txt").read_text(encoding="utf-8")
+
+
+def test_decode_with_no_clip_to_decode_says_so(tmp_path):
+    work = tmp_path / "w"
+    m.train(fast_cfg(work, epochs=1))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(m.UserError, match="no clip to decode .none found"):
+        m.run_decode(fast_cfg(work, input=str(tmp_path / "empty")))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.mp4").write_bytes(b"not a video")
+    with pytest.raises(m.UserError, match="every one was skipped"):
+        m.run_decode(fast_cfg(work, input=str(tmp_path / "bad")))
