@@ -185,17 +185,25 @@ class UserError(Exception):
 
 
 def atomic_write(path: Path, write) -> None:
-    """Write through `write(tmp_path)` and rename, so a killed run never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide results from the other users of a shared machine
+    """Write through `write(tmp_path)` and rename, so a killed run never leaves a half-written file. A folder
+    that cannot be written, or a full disk, stops the run with what to do; the file keeps its earlier content."""
+    path, tmp = Path(path), None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+        os.close(fd)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide results from the other users of a shared machine
         write(tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        if isinstance(e, RuntimeError) and shutil.disk_usage(path.parent).free > 2 ** 26:
+            raise
+        why = e.strerror if isinstance(e, OSError) and e.strerror else "the disk is full"
+        raise UserError(f"Cannot write {path} ({why}); {'its earlier content is kept' if path.exists() else 'nothing was written'}. "
+                        "Free some space or make the folder writable, or choose another --work-dir (--output for "
+                        "synth and export).") from e
     finally:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.remove(tmp)
 
 
@@ -436,16 +444,28 @@ class BadSamples:
             print(f"Skipped {len(self.entries)} file(s) ({summary}); each one is listed in {path}")
 
 
-def files_by_stem(root: Path, exts: set[str], skip: set[Path]) -> dict[str, list[Path]]:
-    """Files under root by stem, leaving out our own outputs (`skip`), hidden files and macOS metadata."""
+def files_by_stem(root: Path, exts: set[str], skip: set[Path], bad: BadSamples | None = None) -> dict[str, list[Path]]:
+    """Files under root by stem, leaving out our own outputs (`skip`), hidden files and macOS metadata; linked
+    folders are followed (once each), links to nothing reported in `bad` (else printed) and left out."""
     found: dict[str, list[Path]] = {}
-    for dirpath, dirnames, filenames in os.walk(Path(root).resolve()):
+    seen = set()
+    for dirpath, dirnames, filenames in os.walk(Path(root).resolve(), followlinks=True):
         d = Path(dirpath)
-        dirnames[:] = sorted(n for n in dirnames if not n.startswith(".") and n != "__MACOSX" and d / n not in skip)
+        seen.add(d.resolve())
+        dirnames[:] = sorted(n for n in dirnames if not n.startswith(".") and n != "__MACOSX" and d / n not in skip
+                             and (d / n).resolve() not in seen)
         for name in sorted(filenames):
             p = d / name
-            if p.suffix.lower() in exts and not name.startswith("."):
-                found.setdefault(p.stem, []).append(p)
+            if p.suffix.lower() not in exts or name.startswith("."):
+                continue
+            if not p.exists():
+                why = f"broken link: it points to {os.readlink(p)}, which does not exist"
+                if bad is None:
+                    print(f"Skipped {p}: {why}")
+                else:
+                    bad.add(p, why)
+                continue
+            found.setdefault(p.stem, []).append(p)
     return found
 
 
@@ -482,8 +502,8 @@ def discover_pairs(cfg: Config, bad: BadSamples) -> list[tuple[str, Path, Path]]
     for r in (video_root, label_root):
         if not r.is_dir():
             raise UserError(f"Data folder {r} does not exist or is not a folder.")
-    videos = files_by_stem(video_root, VIDEO_EXTS, own_outputs(cfg))
-    labels = files_by_stem(label_root, LABEL_EXTS, own_outputs(cfg))
+    videos = files_by_stem(video_root, VIDEO_EXTS, own_outputs(cfg), bad)
+    labels = files_by_stem(label_root, LABEL_EXTS, own_outputs(cfg), bad)
     refuse_ambiguous(videos, "clip", "--videos-dir")
     refuse_ambiguous(labels, "label", "--labels-dir")
     for stem in sorted(set(videos) - set(labels)):
@@ -757,8 +777,8 @@ class ClipCache:
         decoded = read_video(path) if kind == "frames" else read_audio(path)
         try:
             atomic_write(file, lambda tmp: np.save(tmp, decoded))
-        except OSError as e:
-            raise UserError(f"Cannot write the clip cache in {self.folder} ({e}). Free some space, or point "
+        except UserError as e:
+            raise UserError(f"Cannot write the clip cache in {self.folder} ({e.__cause__}). Free some space, or point "
                             "--cache-dir at a writable folder.") from e
         self.index[key] = stamp
         self.misses += 1
@@ -2698,10 +2718,15 @@ def load_checkpoint(path: Path) -> dict:
     if not Path(path).exists():
         raise UserError(f"No checkpoint at {path}: train first (--mode train), or name one with --checkpoint.")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a file cut short or of another kind; torch raises many types here
         raise UserError(f"Cannot read the checkpoint {path} ({type(e).__name__}: {e}). It may be incomplete; "
                         "use the other checkpoint in that folder (last.pt / best.pt).") from e
+    if not isinstance(state, dict) or not {"model", "config", "vocab", "epoch"} <= state.keys():
+        raise UserError(f"{path} is not a checkpoint of this tool (it holds {type(state).__name__ if not isinstance(state, dict) else 'weights alone, no settings or vocabulary'}). "
+                        "To start training from its weights, pass it as --init-from; to test or decode, use a run's "
+                        "checkpoints/best.pt (or averaged.pt, last.pt).")
+    return state
 
 
 def check_compatible(state: dict, cfg: Config, vocab: Vocabulary, path: Path) -> None:

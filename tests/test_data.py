@@ -415,3 +415,17 @@ def test_labels_saved_as_utf16_are_read_cp1256_is_refused_with_the_fix_and_unquo
     (tmp_path / "cp.csv").write_bytes("word\nقال\n".encode("cp1256"))
     with pytest.raises(ValueError, match="not UTF-8 .*save it as UTF-8"):
         m.read_label(tmp_path / "cp.csv")
+
+
+def test_a_broken_link_is_reported_and_a_linked_folder_of_clips_is_read(cfg, dataset_copy):
+    videos = dataset_copy / "Preprocessed_Video"
+    (videos / "synth_00000.mp4").unlink()
+    (videos / "synth_00000.mp4").symlink_to(dataset_copy / "gone.mp4")
+    elsewhere = dataset_copy.parent / "more"
+    elsewhere.mkdir()
+    shutil.move(videos / "synth_00001.mp4", elsewhere / "synth_00001.mp4")
+    (videos / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "loop").symlink_to(videos, target_is_directory=True)  # followed once, not for ever
+    ds = load(cfg, data_dir=str(dataset_copy))
+    assert "synth_00001" in {s.stem for s in ds.samples} and len(ds.samples) == 23
+    assert report(cfg)["synth_00000.mp4"].startswith("broken link: it points to")

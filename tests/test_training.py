@@ -517,3 +517,32 @@ def test_decode_with_no_clip_to_decode_says_so(tmp_path):
     (tmp_path / "bad" / "x.mp4").write_bytes(b"not a video")
     with pytest.raises(m.UserError, match="every one was skipped"):
         m.run_decode(fast_cfg(work, input=str(tmp_path / "bad")))
+
+
+def test_a_state_dict_or_a_list_given_as_checkpoint_says_what_to_pass(tmp_path):
+    work = tmp_path / "w"
+    m.train(fast_cfg(work, epochs=1))
+    weights = torch.load(work / "checkpoints" / "last.pt", weights_only=False)["model"]
+    for name, content in (("weights.pth", weights), ("list.pt", [1, 2])):
+        torch.save(content, tmp_path / name)
+        with pytest.raises(m.UserError, match="not a checkpoint of this tool.*--init-from"):
+            m.run_test(fast_cfg(work, checkpoint=str(tmp_path / name)))
+
+
+def test_a_full_disk_or_a_folder_that_cannot_be_written_stops_with_what_to_do_and_keeps_the_file(tmp_path, monkeypatch):
+    target = tmp_path / "kept.txt"
+    target.write_text("before")
+    def no_space(tmp):
+        raise OSError(28, "No space left on device")
+    with pytest.raises(m.UserError, match="No space left on device.*earlier content is kept.*Free some space"):
+        m.atomic_write(target, no_space)
+    assert target.read_text() == "before" and [p.name for p in tmp_path.iterdir()] == ["kept.txt"]
+    monkeypatch.setattr(m.shutil, "disk_usage", lambda path: m.shutil._ntuple_diskusage(10 ** 9, 10 ** 9, 1000))
+    def torch_full(tmp):  # torch.save's way of saying it: a RuntimeError from the C++ stream
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file")
+    with pytest.raises(m.UserError, match="the disk is full"):
+        m.atomic_write(tmp_path / "new.pt", torch_full)
+    assert not (tmp_path / "new.pt").exists()
+    monkeypatch.setattr(m.tempfile, "mkstemp", lambda **kw: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+    with pytest.raises(m.UserError, match="Permission denied.*make the folder writable"):
+        m.atomic_write(tmp_path / "ro" / "x.json", lambda tmp: None)
