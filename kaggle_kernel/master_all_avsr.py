@@ -34,6 +34,7 @@ import os
 import random
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -219,6 +220,61 @@ def write_csv(path: Path, rows: list[dict]) -> None:
             writer.writeheader()
             writer.writerows(rows)
     atomic_write(path, write)
+
+
+# One run at a time in a work dir ------------------------------------------------------------------------------
+# Two runs writing into one folder would leave a mixture of both. The lock names its process and machine; a lock
+# whose process is gone (killed, or on another machine, as in a Kaggle session continuing an earlier one's output)
+# is taken over. Processes a run starts itself (torchrun's) find their starter named in LOCK_OWNER and go ahead.
+
+LOCK_FILE, LOCK_OWNER = ".lock", "MASTER_ALL_AVSR_LOCK"
+
+
+def lock_holder(path: Path) -> tuple[int, str] | None:
+    try:
+        pid, host = path.read_text(encoding="utf-8").split()[:2]
+        return int(pid), host
+    except (OSError, ValueError):
+        return None
+
+
+def alive(pid: int, host: str) -> bool:
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def work_dir_lock(cfg: Config):
+    """Held while a mode writes into --work-dir; a second run there stops at once and names the first."""
+    path = Path(cfg.work_dir) / LOCK_FILE
+    mine = f"{os.getpid()} {socket.gethostname()}"
+    holder = lock_holder(path)
+    if holder and str(holder[0]) == os.environ.get(LOCK_OWNER):  # our own starter's
+        yield
+        return
+    if holder and alive(*holder):
+        raise UserError(f"{cfg.work_dir} is in use by another run (process {holder[0]} on {holder[1]}; {path}). "
+                        "Wait for it to end, or use another --work-dir; to test or decode its checkpoints meanwhile, "
+                        "pass --checkpoint with another --work-dir.")
+    if holder:
+        print(f"Taking over {path}: its process {holder[0]} on {holder[1]} is gone.")
+    atomic_write(path, lambda tmp: Path(tmp).write_text(mine, encoding="utf-8"))
+    if lock_holder(path) != (os.getpid(), socket.gethostname()):  # another run took it at the same moment
+        raise UserError(f"{cfg.work_dir} was taken by another run starting at the same time ({path}).")
+    os.environ[LOCK_OWNER] = str(os.getpid())
+    try:
+        yield
+    finally:
+        os.environ.pop(LOCK_OWNER, None)
+        if lock_holder(path) == (os.getpid(), socket.gethostname()):
+            path.unlink(missing_ok=True)
 
 
 def pick_device(name: str) -> torch.device:
@@ -4303,8 +4359,8 @@ def adopt_earlier_run(cfg: Config) -> None:
     runs = earlier_runs()
     if (work / "checkpoints" / "last.pt").exists() or not runs:
         return
-    files = sorted((f for f in runs[0].rglob("*") if f.is_file() and "cache" not in f.relative_to(runs[0]).parts),
-                   key=lambda f: f.name == "last.pt")
+    files = sorted((f for f in runs[0].rglob("*") if f.is_file() and "cache" not in f.relative_to(runs[0]).parts
+                    and f.name != LOCK_FILE), key=lambda f: f.name == "last.pt")
     for f in files:
         atomic_write(work / f.relative_to(runs[0]), lambda tmp: shutil.copyfile(f, tmp))
     print(f"Kaggle: continuing the run in {runs[0]} (copied to {work})")
@@ -4834,6 +4890,7 @@ def run_export(cfg: Config) -> dict:
     return {k: str(v) for k, v in files.items()}
 
 
+WRITING_MODES = ("train", "test", "diagnose", "sanity", "stats", "vocab", "average", "export")  # lock the work dir
 MODES = {"train": run_train, "test": run_test, "decode": run_decode, "diagnose": run_diagnose, "sanity": run_sanity,
          "stats": run_stats, "vocab": run_vocab, "synth": run_synth, "preprocess": run_preprocess, "export": run_export,
          "average": run_average}
@@ -4857,7 +4914,9 @@ def main(argv: list[str] | None = None):
             join_process_group(cfg.device)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-        return MODES[cfg.mode](cfg)
+        writes = cfg.mode in WRITING_MODES or cfg.mode == "decode" and cfg.preprocess
+        with work_dir_lock(cfg) if writes and rank_and_world()[0] == 0 else contextlib.nullcontext():
+            return MODES[cfg.mode](cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         if in_notebook():

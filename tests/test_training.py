@@ -546,3 +546,27 @@ def test_a_full_disk_or_a_folder_that_cannot_be_written_stops_with_what_to_do_an
     monkeypatch.setattr(m.tempfile, "mkstemp", lambda **kw: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
     with pytest.raises(m.UserError, match="Permission denied.*make the folder writable"):
         m.atomic_write(tmp_path / "ro" / "x.json", lambda tmp: None)
+
+
+def test_a_second_run_in_a_work_dir_in_use_stops_at_once_and_a_dead_runs_lock_is_taken_over(tmp_path):
+    work = tmp_path / "w"
+    first = run_script(FAST + ["--epochs", "3", "--decoder", "ctc", "--work-dir", str(work)])
+    while not (work / ".lock").exists() and first.poll() is None:
+        time.sleep(0.05)
+    second = subprocess.run([sys.executable, str(ROOT / "master_all_avsr.py"), "--mode", "test", "--work-dir",
+                             str(work)], capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2 and f"in use by another run (process {first.pid} on" in second.stderr
+    assert "Traceback" not in second.stderr
+    output = first.stdout.read()
+    assert first.wait(timeout=600) == 0, output
+    assert not (work / ".lock").exists()  # released at the end
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (work / ".lock").write_text(f"{gone.pid} {m.socket.gethostname()}")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / ".lock").write_text(f"{os.getpid()} another-machine")  # a Kaggle session's earlier output
+    for folder in (work, tmp_path / "other"):
+        taken = subprocess.run([sys.executable, str(ROOT / "master_all_avsr.py"), "--mode", "stats", "--work-dir",
+                                str(folder), "--synthetic-clips", "12"], capture_output=True, text=True, timeout=300)
+        assert taken.returncode == 0 and "Taking over" in taken.stdout, taken.stderr
+        assert not (folder / ".lock").exists()
