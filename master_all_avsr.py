@@ -4107,7 +4107,8 @@ def at_clip_rate(frames: np.ndarray, fps: float) -> np.ndarray:
 
 
 def write_clip(path: Path, frames: np.ndarray) -> None:
-    """An mp4 of gray frames stored as 3 channels, as the user's crops are."""
+    """An mp4 of gray frames stored as 3 channels, as the user's crops are; read back before it takes its name,
+    since OpenCV's writer does not report a failed write (a full disk)."""
     import cv2
 
     def write(tmp):
@@ -4118,6 +4119,12 @@ def write_clip(path: Path, frames: np.ndarray) -> None:
         for frame in frames:
             writer.write(cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR))
         writer.release()
+        try:
+            got = len(read_frames(Path(tmp))[0])
+        except ValueError:
+            got = 0
+        if got != len(frames):
+            raise OSError(28, f"the clip reads back with {got} of its {len(frames)} frames: the disk may be full")
     atomic_write(path, write)
 
 
@@ -4181,6 +4188,18 @@ def preprocess_video(path: Path, out_dir: Path, cfg: Config) -> dict:
     return report_row(path, "done", "; ".join(notes), output=str(out), **counts)
 
 
+def end_with_parent() -> None:
+    """A preprocessing worker ends when its parent does, even by SIGKILL (Linux; elsewhere nothing)."""
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent was gone before the call
+        os._exit(1)
+
+
 def preprocess_one(args) -> dict:
     path, out_dir, cfg = args
     try:
@@ -4220,7 +4239,7 @@ def preprocess_videos(cfg: Config, out_dir: Path) -> list[dict]:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
         context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=end_with_parent) as pool:
             rows = list(progress(pool.map(preprocess_one, jobs, chunksize=4), "preprocess"))
     rows = sorted(kept + rows, key=lambda r: r["video"])
     write_csv(out_dir / "preprocess_report.csv", rows)
@@ -4900,6 +4919,13 @@ def in_notebook() -> bool:
     return "ipykernel" in sys.modules
 
 
+def interrupted(argv: list[str]) -> str:
+    """What Ctrl-C leaves: files are written whole or not at all, so a run's last.pt holds its last whole epoch."""
+    command = " ".join(shlex.quote(a) for a in [sys.executable, Path(__file__).name, *argv] if a != "--resume")
+    return ("Interrupted. Every file written so far is whole; a training run's checkpoints/last.pt holds its last "
+            f"finished epoch (the one under way is lost). To continue training: {command} --resume")
+
+
 def main(argv: list[str] | None = None):
     """Run one mode with the flags in $AVSR_ARGS, then the command line's; a notebook cell's own arguments (the
     kernel's) are ignored, so in a notebook $AVSR_ARGS (`%env AVSR_ARGS=--preset tiny`) carries the flags."""
@@ -4922,6 +4948,11 @@ def main(argv: list[str] | None = None):
         if in_notebook():
             raise
         sys.exit(2)
+    except KeyboardInterrupt:
+        if in_notebook():
+            raise
+        print(interrupted(argv), file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

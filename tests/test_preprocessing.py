@@ -215,3 +215,35 @@ def test_decode_cuts_the_mouth_out_of_face_videos_first(astronaut, tmp_path, cap
     assert m.read_video(work / "mouths" / "face.mp4").shape == (30, 112, 112)
     out = capsys.readouterr()
     assert "broken.mp4: failed" in out.err and out.out.rstrip("\n").splitlines()[-1].startswith("face\t")
+
+
+def test_a_clip_that_does_not_read_back_whole_is_not_kept(astronaut, tmp_path, monkeypatch):
+    frames = np.stack(face_video(astronaut, 8)[0])[:, :112, :112]
+    real = m.read_frames
+    monkeypatch.setattr(m, "read_frames", lambda path: (real(path)[0][:3], 25.0))  # as a full disk leaves it
+    with pytest.raises(m.UserError, match="reads back with 3 of its 8 frames"):
+        m.write_clip(tmp_path / "clip.mp4", frames)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_workers_end_with_their_parent_killed(astronaut, tmp_path):
+    import os, signal, subprocess, sys, time
+    (tmp_path / "raw").mkdir()
+    for i in range(8):
+        write_video(tmp_path / "raw" / f"v{i}.mp4", face_video(astronaut, 60)[0])
+    parent = subprocess.Popen([sys.executable, str(Path(m.__file__)), "--mode", "preprocess", "--input",
+                               str(tmp_path / "raw"), "--output", str(tmp_path / "out"), "--workers", "2"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = []
+    while len(workers) < 2 and parent.poll() is None:
+        time.sleep(0.1)
+        workers = subprocess.run(["pgrep", "-P", str(parent.pid)], capture_output=True, text=True).stdout.split()
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    assert len(workers) == 2
+    deadline = time.time() + 20
+    while time.time() < deadline and any(Path(f"/proc/{w}").exists() and "Z" not in
+                                         Path(f"/proc/{w}/stat").read_text().split()[2] for w in workers):
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{w}").exists() and "Z" not in Path(f"/proc/{w}/stat").read_text().split()[2]
+                   for w in workers)

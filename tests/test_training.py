@@ -570,3 +570,16 @@ def test_a_second_run_in_a_work_dir_in_use_stops_at_once_and_a_dead_runs_lock_is
                                 str(folder), "--synthetic-clips", "12"], capture_output=True, text=True, timeout=300)
         assert taken.returncode == 0 and "Taking over" in taken.stdout, taken.stderr
         assert not (folder / ".lock").exists()
+
+
+def test_ctrl_c_leaves_whole_files_and_says_how_to_resume(tmp_path):
+    work = tmp_path / "w"
+    run = run_script(FAST + ["--epochs", "20", "--decoder", "ctc", "--work-dir", str(work)])
+    while not (work / "checkpoints" / "last.pt").exists() and run.poll() is None:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGINT)
+    output = run.stdout.read()
+    assert run.wait(timeout=120) == 130 and "Traceback" not in output, output
+    assert "Interrupted" in output and f"--work-dir {work} --resume" in output
+    assert torch.load(work / "checkpoints" / "last.pt", weights_only=False)["epoch"] >= 1
+    assert not list((work / "checkpoints").glob(".*")) and not (work / ".lock").exists()
