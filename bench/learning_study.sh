@@ -1,0 +1,28 @@
+#!/bin/bash
+# The learning study on LRC-AR's development clips (README, "Real clips: learning from 1,300 clips"): one row, one
+# seed, trained on one core (two rows run side by side on a 2-core machine), then tested on the test split by
+# greedy CTC and by the beam search (20, CTC 0.3), for best.pt and, where kept, averaged.pt.
+# Usage: bash bench/learning_study.sh DATASET_DIR ROW SEED [OUT_DIR]   (DATASET_DIR: the folder holding
+# Preprocessed_Video and the labels). Rows: fixed, schedule, schedule_mask_dropout.
+set -u
+R=$1; ROW=$2; SEED=$3; OUT=${4:-runs/study}
+W=$OUT/${ROW}_s$SEED
+BASE=(--data-dir "$R" --videos-dir "$R/Preprocessed_Video" --preset mini --input-size 44 --lr 1e-3 --warmup-epochs 3
+      --max-frames 1000 --epochs 50 --seed "$SEED")
+SCHEDULE=(--ctc-weight-schedule "1-15:0.7,16-30:0.5,31-:0.4>0.2" --average-last 10)
+case $ROW in
+    fixed) ROW_FLAGS=(--ctc-weight 0.3 --no-time-mask) ;;
+    schedule) ROW_FLAGS=("${SCHEDULE[@]}" --no-time-mask) ;;
+    schedule_mask_dropout) ROW_FLAGS=("${SCHEDULE[@]}" --time-mask-window 6 --dropout 0.2) ;;
+    *) echo "unknown row $ROW"; exit 2 ;;
+esac
+mkdir -p "$OUT"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+python master_all_avsr.py "${BASE[@]}" "${ROW_FLAGS[@]}" --work-dir "$W" > "$W.log" 2>&1 || exit 1
+for ckpt in best averaged; do
+    [ -f "$W/checkpoints/$ckpt.pt" ] || continue
+    for decoder in ctc beam; do
+        python master_all_avsr.py --mode test --data-dir "$R" --videos-dir "$R/Preprocessed_Video" --work-dir "$W" \
+            --checkpoint "$W/checkpoints/$ckpt.pt" --decoder $decoder --beam-size 20 | tail -n 1
+    done
+done
