@@ -2808,12 +2808,16 @@ def model_from_checkpoint(path: Path, cfg: Config, device, state: dict | None = 
     """The model, vocabulary and settings a checkpoint was trained with; model and data settings come from the
     checkpoint (so the test split is the one it was trained beside), the rest (data folders, decoding) from now."""
     state = state or load_checkpoint(path)
-    saved = saved_config(state)
-    kept = MODEL_SETTINGS + DATA_SETTINGS + ("dropout", "freeze", "unfreeze_at")
-    model_cfg = dataclasses.replace(cfg, **{k: getattr(saved, k) for k in kept})
-    vocab = Vocabulary(state["vocab"]["units"], state["vocab"]["specials"], state["vocab"].get("letters_only", False))
-    model = build_model(model_cfg, vocab.size)
-    model.load_state_dict(state["model"])
+    try:
+        saved = saved_config(state)
+        kept = MODEL_SETTINGS + DATA_SETTINGS + ("dropout", "freeze", "unfreeze_at")
+        model_cfg = dataclasses.replace(cfg, **{k: getattr(saved, k) for k in kept})
+        vocab = Vocabulary(state["vocab"]["units"], state["vocab"]["specials"], state["vocab"].get("letters_only", False))
+        model = build_model(model_cfg, vocab.size)
+        model.load_state_dict(state["model"])
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:  # a damaged or foreign file
+        raise UserError(f"The checkpoint {path} does not hold a model this script can build ({type(e).__name__}: "
+                        f"{str(e)[:200]}). It may be damaged; use the other checkpoint in that folder.") from e
     set_frozen(model, frozen_in(model_cfg, state["epoch"]))  # as in its last epoch (gradient flow reports it)
     return model.to(device).eval(), vocab, model_cfg
 

@@ -97,3 +97,59 @@ def test_a_config_file_that_is_not_an_object_of_settings_says_what_it_needs(tmp_
     path.write_text(json.dumps(["--preset", "tiny"]))
     with pytest.raises(m.UserError, match="holds a JSON list; it needs an object of settings"):
         m.parse_config(["--config", str(path)])
+
+
+def damaged(data: bytes, rng) -> bytes:
+    """Cut short, or a few bytes flipped."""
+    if rng.random() < 0.5:
+        return data[:rng.randrange(len(data))]
+    out = bytearray(data)
+    for _ in range(rng.randint(1, 8)):
+        out[rng.randrange(len(out))] ^= 1 << rng.randrange(8)
+    return bytes(out)
+
+
+def no_half_written(folder) -> bool:
+    """atomic_write's temporary files start with a dot and hold the final name: none may be left."""
+    return not [p for p in folder.rglob(".*") if p.name != ".lock"]
+
+
+def test_fuzz_damaged_clips_labels_caches_checkpoints_and_settings_never_give_a_traceback(tmp_path):
+    import random
+    rng = random.Random(2026)
+    data = tmp_path / "data"
+    m.write_synthetic_dataset(m.Config(output=str(data), synthetic_clips=6, seed=4), m.Vocabulary.seed())
+    files = sorted(p for p in data.rglob("*") if p.suffix in (".mp4", ".csv"))
+    work = tmp_path / "w"
+    cfg = m.Config(data_dir=str(data), videos_dir=str(data / "Preprocessed_Video"), work_dir=str(work),
+                   preset="tiny", input_size=44, max_frames=400, epochs=1)
+    m.load_dataset(cfg, m.Vocabulary.seed(), m.torch.device("cpu"))
+    caches = sorted((work / "cache").iterdir())
+    trained = m.dataclasses.replace(cfg, data="synthetic", synthetic_clips=12, work_dir=str(tmp_path / "t"))
+    m.train(trained)
+    checkpoint = tmp_path / "t" / "checkpoints" / "last.pt"
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"preset": "tiny", "epochs": 3, "lr": 0.002, "ctc_weight_schedule": "1:0.7,2-:0.3"}))
+    targets = [("data", f) for f in files] + [("cache", f) for f in caches] + [("checkpoint", checkpoint)] * 8 + \
+        [("settings", settings)] * 8
+    outcomes = {"ok": 0, "refused": 0}
+    for trial in range(200):
+        kind, path = rng.choice(targets)
+        original = path.read_bytes()
+        path.write_bytes(damaged(original, rng))
+        try:
+            if kind in ("data", "cache"):
+                ds = m.load_dataset(cfg, m.Vocabulary.seed(), m.torch.device("cpu"))
+                assert len(ds.samples) >= 5  # one damaged file costs one clip at most
+                json.loads((work / "data_report.json").read_text(encoding="utf-8"))
+            elif kind == "checkpoint":
+                m.model_from_checkpoint(checkpoint, trained, m.torch.device("cpu"))
+            else:
+                m.parse_config(["--config", str(settings)])
+            outcomes["ok"] += 1
+        except m.UserError:
+            outcomes["refused"] += 1
+        finally:
+            path.write_bytes(original)
+        assert no_half_written(work), (trial, kind, path)
+    assert sum(outcomes.values()) == 200 and min(outcomes.values()) > 10, outcomes
