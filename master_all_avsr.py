@@ -195,6 +195,8 @@ def atomic_write(path: Path, write) -> None:
         os.close(fd)
         os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide results from the other users of a shared machine
         write(tmp)
+        if os.path.getsize(tmp) == 0:  # every file the tool makes holds something
+            raise OSError(28, "nothing was written: the disk may be full")
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         if isinstance(e, RuntimeError) and shutil.disk_usage(path.parent).free > 2 ** 26:
@@ -3935,6 +3937,7 @@ OUTER_EYE_CORNERS = (36, 45)
 RAW_VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".mpg", ".mpeg", ".m4v"}
 SAME_FACE_OVERLAP = 0.3  # a detection overlapping the followed face this much (IoU) is the same face
 SAME_LOOK = 0.5  # below this correlation with the previous frame's face, the followed face is lost
+REPORT_EVERY = 20.0  # seconds: preprocess_report.csv is rewritten at most this often while workers run
 
 
 def import_dlib():
@@ -4243,8 +4246,13 @@ def preprocess_videos(cfg: Config, out_dir: Path) -> list[dict]:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
         context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+        rows, written = [], time.time()
         with ProcessPoolExecutor(workers, mp_context=context, initializer=end_with_parent) as pool:
-            rows = list(progress(pool.map(preprocess_one, jobs, chunksize=4), "preprocess"))
+            for row in progress(pool.map(preprocess_one, jobs, chunksize=4), "preprocess"):
+                rows.append(row)
+                if time.time() - written > REPORT_EVERY:  # a run killed midway still leaves its report so far
+                    write_csv(out_dir / "preprocess_report.csv", sorted(kept + rows, key=lambda r: r["video"]))
+                    written = time.time()
     rows = sorted(kept + rows, key=lambda r: r["video"])
     write_csv(out_dir / "preprocess_report.csv", rows)
     for r in rows:

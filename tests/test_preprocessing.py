@@ -247,3 +247,14 @@ def test_workers_end_with_their_parent_killed(astronaut, tmp_path):
         time.sleep(0.1)
     assert not any(Path(f"/proc/{w}").exists() and "Z" not in Path(f"/proc/{w}/stat").read_text().split()[2]
                    for w in workers)
+
+
+def test_the_report_is_rewritten_while_workers_run(astronaut, tmp_path, monkeypatch):
+    (tmp_path / "raw").mkdir()
+    for i in range(3):
+        write_video(tmp_path / "raw" / f"v{i}.mp4", face_video(astronaut, 8)[0])
+    writes, real = [], m.write_csv
+    monkeypatch.setattr(m, "REPORT_EVERY", 0.0)
+    monkeypatch.setattr(m, "write_csv", lambda path, rows: (writes.append(len(rows)), real(path, rows)))
+    m.preprocess_videos(m.Config(input=str(tmp_path / "raw"), workers=2), tmp_path / "out")
+    assert writes[:-1] and writes[-1] == 3 and writes[0] < 3  # so far, then all
