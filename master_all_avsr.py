@@ -4196,10 +4196,12 @@ def preprocess_video(path: Path, out_dir: Path, cfg: Config) -> dict:
 
 
 def end_with_parent() -> None:
-    """A preprocessing worker ends when its parent does, even by SIGKILL (Linux; elsewhere nothing)."""
+    """A preprocessing worker leaves Ctrl-C to its parent (which stops the run in order) and ends when the parent
+    does, even by SIGKILL (Linux; elsewhere only the first)."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         import ctypes
-        import signal
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
@@ -4248,11 +4250,19 @@ def preprocess_videos(cfg: Config, out_dir: Path) -> list[dict]:
         context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
         rows, written = [], time.time()
         with ProcessPoolExecutor(workers, mp_context=context, initializer=end_with_parent) as pool:
-            for row in progress(pool.map(preprocess_one, jobs, chunksize=4), "preprocess"):
-                rows.append(row)
-                if time.time() - written > REPORT_EVERY:  # a run killed midway still leaves its report so far
-                    write_csv(out_dir / "preprocess_report.csv", sorted(kept + rows, key=lambda r: r["video"]))
-                    written = time.time()
+            try:
+                for row in progress(pool.map(preprocess_one, jobs), "preprocess"):
+                    rows.append(row)
+                    if time.time() - written > REPORT_EVERY:  # a run killed midway still leaves its report so far
+                        write_csv(out_dir / "preprocess_report.csv", sorted(kept + rows, key=lambda r: r["video"]))
+                        written = time.time()
+            except KeyboardInterrupt:  # the videos under way are finished, the rest left for the next run
+                pool.shutdown(wait=True, cancel_futures=True)
+                reported = {r["video"] for r in rows}
+                rows += [report_row(v, "done", "finished as the run was interrupted", output=str(out_dir / f"{v.stem}.mp4"))
+                         for v in todo if str(v) not in reported and (out_dir / f"{v.stem}.mp4").exists()]
+                write_csv(out_dir / "preprocess_report.csv", sorted(kept + rows, key=lambda r: r["video"]))
+                raise
     rows = sorted(kept + rows, key=lambda r: r["video"])
     write_csv(out_dir / "preprocess_report.csv", rows)
     for r in rows:

@@ -207,8 +207,9 @@ def test_decode_cuts_the_mouth_out_of_face_videos_first(astronaut, tmp_path, cap
     (tmp_path / "raw").mkdir()
     write_video(tmp_path / "raw" / "face.mp4", face_video(astronaut)[0])
     (tmp_path / "raw" / "broken.mp4").write_bytes(b"not a video")
-    plain = m.run_decode(m.parse_config(fast + ["--mode", "decode", "--input", str(tmp_path / "raw")]))
-    assert plain == [] and "add --preprocess" in capsys.readouterr().err
+    with pytest.raises(m.UserError, match="no clip to decode .every one was skipped"):
+        m.run_decode(m.parse_config(fast + ["--mode", "decode", "--input", str(tmp_path / "raw")]))
+    assert "add --preprocess" in capsys.readouterr().err
     decoded = m.run_decode(m.parse_config(fast + ["--mode", "decode", "--input", str(tmp_path / "raw"),
                                                   "--preprocess", "--decoder", "ctc"]))
     assert [name for name, _ in decoded] == ["face"]
@@ -258,3 +259,20 @@ def test_the_report_is_rewritten_while_workers_run(astronaut, tmp_path, monkeypa
     monkeypatch.setattr(m, "write_csv", lambda path, rows: (writes.append(len(rows)), real(path, rows)))
     m.preprocess_videos(m.Config(input=str(tmp_path / "raw"), workers=2), tmp_path / "out")
     assert writes[:-1] and writes[-1] == 3 and writes[0] < 3  # so far, then all
+
+
+def test_ctrl_c_stops_preprocessing_in_order_with_its_report(astronaut, tmp_path):
+    import os, signal, subprocess, sys, time
+    (tmp_path / "raw").mkdir()
+    for i in range(12):
+        write_video(tmp_path / "raw" / f"v{i:02d}.mp4", face_video(astronaut, 40)[0])
+    run = subprocess.Popen([sys.executable, str(Path(m.__file__)), "--mode", "preprocess", "--input",
+                            str(tmp_path / "raw"), "--output", str(tmp_path / "out"), "--workers", "2"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    while not list((tmp_path / "out").glob("*.mp4")) and run.poll() is None:
+        time.sleep(0.1)
+    os.killpg(run.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to the whole group, workers too
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 130 and "Traceback" not in err and "Interrupted" in err, err
+    done = list(csv.DictReader(open(tmp_path / "out" / "preprocess_report.csv", encoding="utf-8")))
+    assert 1 <= len(done) < 12 and all((tmp_path / "out" / f"{Path(r['video']).stem}.mp4").exists() for r in done)
