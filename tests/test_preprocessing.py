@@ -2,6 +2,11 @@
 inside that package) is moved and scaled across frames to make videos; the crop must land on its mouth, and
 every kind of bad video gets its line in the report while the run goes on."""
 import csv
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -227,14 +232,18 @@ def test_a_clip_that_does_not_read_back_whole_is_not_kept(astronaut, tmp_path, m
     assert list(tmp_path.iterdir()) == []
 
 
+def preprocessing_in_background(photo, folder: Path, videos: int, frames: int, **popen):
+    """`--mode preprocess --workers 2` started as a user would, on `videos` face videos written into folder/raw."""
+    (folder / "raw").mkdir()
+    for i in range(videos):
+        write_video(folder / "raw" / f"v{i:02d}.mp4", face_video(photo, frames)[0])
+    return subprocess.Popen([sys.executable, str(Path(m.__file__)), "--mode", "preprocess", "--input",
+                             str(folder / "raw"), "--output", str(folder / "out"), "--workers", "2"], **popen)
+
+
 def test_workers_end_with_their_parent_killed(astronaut, tmp_path):
-    import os, signal, subprocess, sys, time
-    (tmp_path / "raw").mkdir()
-    for i in range(8):
-        write_video(tmp_path / "raw" / f"v{i}.mp4", face_video(astronaut, 60)[0])
-    parent = subprocess.Popen([sys.executable, str(Path(m.__file__)), "--mode", "preprocess", "--input",
-                               str(tmp_path / "raw"), "--output", str(tmp_path / "out"), "--workers", "2"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parent = preprocessing_in_background(astronaut, tmp_path, 8, 60, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL)
     workers = []
     while len(workers) < 2 and parent.poll() is None:
         time.sleep(0.1)
@@ -262,13 +271,8 @@ def test_the_report_is_rewritten_while_workers_run(astronaut, tmp_path, monkeypa
 
 
 def test_ctrl_c_stops_preprocessing_in_order_with_its_report(astronaut, tmp_path):
-    import os, signal, subprocess, sys, time
-    (tmp_path / "raw").mkdir()
-    for i in range(12):
-        write_video(tmp_path / "raw" / f"v{i:02d}.mp4", face_video(astronaut, 40)[0])
-    run = subprocess.Popen([sys.executable, str(Path(m.__file__)), "--mode", "preprocess", "--input",
-                            str(tmp_path / "raw"), "--output", str(tmp_path / "out"), "--workers", "2"],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    run = preprocessing_in_background(astronaut, tmp_path, 12, 40, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, start_new_session=True)
     while not list((tmp_path / "out").glob("*.mp4")) and run.poll() is None:
         time.sleep(0.1)
     os.killpg(run.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to the whole group, workers too
