@@ -28,10 +28,12 @@ import dataclasses
 import datetime
 import functools
 import hashlib
+import inspect
 import json
 import math
 import os
 import random
+import re
 import shlex
 import shutil
 import socket
@@ -65,13 +67,13 @@ class Config:
     mode: str = "train"  # train | test | decode | diagnose | sanity | stats | vocab | synth | preprocess | export | average
     work_dir: str = "runs/demo"  # everything a run writes goes here
     device: str = "auto"  # auto | cpu | cuda
-    seed: int = 1337
+    seed: int = 1337  # seeds weights, batches, augmentation and dropout: the same seed, the same run (on CPU)
     # data: where clips and labels are
     data: str = "auto"  # auto (files when a folder is given, else synthetic) | files | synthetic
     data_dir: str = ""  # searched recursively for clips and CSV labels, paired by file stem
     videos_dir: str = ""  # settles which folder holds the clips when several do
     labels_dir: str = ""  # settles which folder holds the labels when several do
-    extra_data_dir: list[str] = field(default_factory=list)  # more labelled clips (repeatable); they only train
+    extra_data_dir: list[str] = field(default_factory=list)  # more labelled clips, which only train
     extra_videos_dir: list[str] = field(default_factory=list)  # the clips' folder of each --extra-data-dir, in order
     extra_labels_dir: list[str] = field(default_factory=list)  # the labels' folder of each --extra-data-dir
     extra_weight: float = 0.2  # an extra clip is drawn this often relative to a main one (the user's runs: 1/5)
@@ -85,13 +87,13 @@ class Config:
     unknown_units: str = "skip"  # skip a clip with a unit outside the vocabulary, or map it to <unk>
     # data: splits
     split_seed: int = 0  # the split depends on this and the clip's stem only, never on the other clips
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
+    val_fraction: float = 0.1  # share of clips for validation (picks best.pt, early stopping)
+    test_fraction: float = 0.1  # share of clips held out for the test after training
     split_lists: str = ""  # folder with train.txt, val.txt, test.txt (one stem a line) to use instead
     # data: built-in synthetic clips
-    synthetic_clips: int = 2000
+    synthetic_clips: int = 2000  # how many built-in clips to generate
     synthetic_words: int = 100  # lexicon size: words repeat across clips, as in the real data
-    synthetic_speakers: int = 24
+    synthetic_speakers: int = 24  # speakers differing in position, scale, lighting and noise
     # sound (--modality audio / av): read from a file of the clip's name, mixed with noise when training
     modality: str = "video"  # video (lip reading) | audio (speech recognition) | av (both, fused)
     audio_dir: str = ""  # where a clip's sound is: wav/flac/m4a or the raw face video of its name; default --data-dir
@@ -101,23 +103,23 @@ class Config:
     # batching
     max_frames: int = 1200  # frame budget of one batch (clips x padded length)
     # augmentation (training only; validation and test get the center crop and normalisation)
-    crop_size: int = 88
+    crop_size: int = 88  # pixels: the square cut from each frame (random when training, the center otherwise)
     input_size: int = 88  # the crop is area-resized to this before the model (44: 4x less compute, for CPUs)
-    random_crop: bool = True
-    hflip_prob: float = 0.5
-    mean: float = 0.419232189655303955078125
-    std: float = 0.133925855159759521484375
-    time_mask: bool = True
+    random_crop: bool = True  # training crops at random places (off: the center crop)
+    hflip_prob: float = 0.5  # probability a training clip is mirrored left to right
+    mean: float = 0.419232189655303955078125  # pixel mean (0..1) subtracted before the model: Auto-AVSR's
+    std: float = 0.133925855159759521484375  # pixel standard deviation divided by: Auto-AVSR's
+    time_mask: bool = True  # Auto-AVSR's AdaptiveTimeMask: training frames blanked in short runs
     time_mask_window: int = 10  # Auto-AVSR's AdaptiveTimeMask: up to window-1 frames...
     time_mask_stride: int = 25  # ...once per stride frames
-    time_warp: bool = False
+    time_warp: bool = False  # training clips sped up or slowed down (frames resampled)
     augment_from: int = 1  # the epoch augmentation starts in; earlier ones see the center crop alone
     time_warp_max: float = 0.1  # speed factor drawn from [1 - max, 1 + max]
     # model
     arch: str = "conformer"  # conformer (Auto-AVSR's) | baseline (seed 000's CNN + BiLSTM, CTC only)
     preset: str = "small"  # tiny | mini | small | base (base has the exact shapes of Auto-AVSR's released model)
     frontend: str = "cnn"  # cnn | noise (features fixed by each frame's pixels, no visual sense) | linear (pixels)
-    dropout: float = 0.1
+    dropout: float = 0.1  # dropout in the encoder, decoder and CTC head
     # model: starting from released weights (Auto-AVSR's model zoo), freezing and unfreezing
     init_from: str = ""  # an Auto-AVSR checkpoint (.pth, Lightning .ckpt) or one of ours, loaded before training
     init_parts: str = "frontend,proj_encoder,encoder"  # what --init-from loads; vocabulary-sized layers need equal V
@@ -130,15 +132,15 @@ class Config:
     ctc_weight_schedule: str = ""  # by epoch, e.g. 1-20:0.7,21-40:0.5,41-:0.4>0.2 (a>b: linear); elsewhere --ctc-weight
     label_smoothing: float = 0.1  # Auto-AVSR's; 0 and 0.2 measured no different on LRC-AR (README)
     # training
-    epochs: int = 30
+    epochs: int = 30  # passes over the training clips; the learning-rate schedule ends with the last
     time_budget: float = 0.0  # minutes; stop with a checkpoint before they run out (0: no limit)
-    lr: float = 1e-3
-    warmup_epochs: float = 3.0
-    weight_decay: float = 0.01
-    adam_eps: float = 1e-9
-    beta1: float = 0.9
-    beta2: float = 0.98
-    grad_clip: float = 10.0
+    lr: float = 1e-3  # peak learning rate of AdamW, reached after the warmup, then cosine to 0
+    warmup_epochs: float = 3.0  # epochs of linear warmup (fractions allowed)
+    weight_decay: float = 0.01  # AdamW's decoupled weight decay
+    adam_eps: float = 1e-9  # AdamW's epsilon (Auto-AVSR's)
+    beta1: float = 0.9  # AdamW's first-moment decay
+    beta2: float = 0.98  # AdamW's second-moment decay (Auto-AVSR's)
+    grad_clip: float = 10.0  # gradients are scaled down to this total norm at most
     accum_steps: int = 1  # optimizer step every accum_steps batches
     amp: str = "auto"  # auto: bf16 where the GPU has it, fp16 + GradScaler where not (T4, P100) | bf16 | fp16 | off; CPU: fp32
     resume: bool = False  # continue from <work_dir>/checkpoints/last.pt
@@ -4441,21 +4443,53 @@ def train_under_torchrun(cfg: Config, processes: int) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 
 
+EXAMPLES = """examples:
+  python master_all_avsr.py --config configs/cpu_demo.json                      # built-in clips, 9 minutes on a CPU
+  python master_all_avsr.py --config configs/lrc_cpu_hour.json --data-dir DATA   # your clips, an hour on 2 CPU cores
+  python master_all_avsr.py --mode test --work-dir RUN --data-dir DATA          # score a run on its test split
+  python master_all_avsr.py --mode decode --work-dir RUN --input CLIPS          # clips (or --preprocess faces) to text
+  python master_all_avsr.py --mode diagnose --work-dir RUN --data-dir DATA      # why a model is stuck
+"""
+
+
+def settings_help() -> tuple[dict[str, str], dict[str, str]]:
+    """Each setting's help and group, read where they are written once: the comment beside a field of Config and
+    the comment line above its block. (Without this file's source, as in a pasted notebook cell: none.)"""
+    try:
+        lines = inspect.getsource(Config).splitlines()
+    except (OSError, TypeError):
+        return {}, {}
+    helps, groups, group = {}, {}, "settings"
+    for line in map(str.strip, lines):
+        if line.startswith("# "):
+            group = line[2:]
+        elif (found := re.match(r"(\w+): [^=]+=.*?(?:  # (.*))?$", line)):
+            helps[found[1]], groups[found[1]] = found[2] or "", group
+    return helps, groups
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Arabic lip reading: data, training, decoding and diagnostics in one file.")
+        description="Arabic lip reading: data, training, decoding and diagnostics in one file.", epilog=EXAMPLES,
+        usage="%(prog)s [--mode MODE] [--config FILE] [--SETTING VALUE ...]",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="", help="JSON file of settings; flags given here win over it")
+    helps, groups = settings_help()
+    sections: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
+        group = groups.get(f.name, "settings")
+        where = sections.setdefault(group, parser.add_argument_group(group))
+        default = "" if f.type == "list[str]" or f.default == "" else f" (default: {f.default})"
+        text = (helps.get(f.name) or "").replace("%", "%%") + default
         if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"default: {f.default}")
+            where.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif f.type == "list[str]":
-            parser.add_argument(flag, action="append", default=None, help="repeatable")
+            where.add_argument(flag, action="append", default=None, help=text + " (repeatable)")
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)
-            parser.add_argument(flag, type=kind, default=None, choices=CHOICES.get(f.name),
-                                help=f"default: {f.default}")
+            where.add_argument(flag, type=kind, default=None, choices=CHOICES.get(f.name), help=text,
+                               metavar=None if f.name in CHOICES else f.name.upper())
     return parser
 
 

@@ -153,3 +153,12 @@ def test_fuzz_damaged_clips_labels_caches_checkpoints_and_settings_never_give_a_
             path.write_bytes(original)
         assert no_half_written(work), (trial, kind, path)
     assert sum(outcomes.values()) == 200 and min(outcomes.values()) > 10, outcomes
+
+
+def test_help_gives_every_flag_its_text_in_groups_with_examples():
+    helps, groups = m.settings_help()
+    fields = [f.name for f in m.dataclasses.fields(m.Config)]
+    assert set(helps) == set(fields) and all(helps[f] for f in fields), [f for f in fields if not helps.get(f)]
+    assert groups["time_budget"] == "training" and groups["beam_size"] == "test and decode"
+    text = m.build_parser().format_help()
+    assert "minutes; stop with a checkpoint" in text and "\ntraining:\n" in text and "examples:" in text
