@@ -251,7 +251,10 @@ def alive(pid: int, host: str) -> bool:
         return False
     except PermissionError:  # another user's process
         return True
-    return True
+    try:  # a killed process nobody has reaped yet (a container without init) is gone all the same
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 @contextlib.contextmanager

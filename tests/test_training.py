@@ -266,7 +266,12 @@ def test_torchrun_two_processes_train_as_one_with_the_same_global_batch_and_resu
     while not last.exists() and killed.poll() is None:
         time.sleep(0.05)
     os.killpg(killed.pid, signal.SIGKILL)
+    subprocess.run(["pkill", "-9", "-f", str(killed_dir)])  # torchrun's workers have a process group of their own
     killed.wait()
+    holder = m.lock_holder(killed_dir / ".lock")
+    deadline = time.time() + 60
+    while holder and m.alive(*holder) and time.time() < deadline:
+        time.sleep(0.1)
     assert torch.load(last, weights_only=False)["epoch"] < 3
     assert "Resumed from" in finished(torchrun(args + ["--work-dir", str(killed_dir), "--resume"]))
     assert history_without_timings(killed_dir) == double
@@ -368,8 +373,8 @@ def test_training_from_the_cache_equals_training_through_the_frozen_frontend(tmp
     cached = seeded_train(fast_cfg(tmp_path / "cached", feature_views=2, **plain))["history"]
     direct = seeded_train(fast_cfg(tmp_path / "direct", feature_views=0, **plain))["history"]
     for a, b in zip(cached, direct):
-        for k in LOSSES + ("val_cer_ctc", "train_cer_ctc"):
-            assert a[k] == pytest.approx(b[k], rel=1e-5), (a["epoch"], k)
+        for k in LOSSES + ("val_cer_ctc", "train_cer_ctc"):  # float32 sums in another order (2 threads): ~1e-5
+            assert a[k] == pytest.approx(b[k], rel=1e-4), (a["epoch"], k)
 
 
 def test_the_cache_holds_the_center_crop_and_augmented_views(tmp_path):
@@ -427,9 +432,10 @@ def test_stalled_for_counts_the_epochs_since_the_best_validation_cer():
     assert not m.stalled_for(rows(0.9, 0.95, 0.96), m.Config(stop_after=0, decoder="ctc"))
 
 
-def test_stop_after_ends_like_a_finished_run_with_averaging_and_the_test(tmp_path, capsys):
-    """With a learning rate of almost 0 the validation CER cannot move: the run stops once it has not for 2 epochs."""
-    cfg = fast_cfg(tmp_path / "w", epochs=20, lr=1e-9, stop_after=2, average_last=2, decoder="ctc")
+def test_stop_after_ends_like_a_finished_run_with_averaging_and_the_test(tmp_path, capsys, monkeypatch):
+    """A validation CER that never moves: the run stops once it has not for 2 epochs."""
+    monkeypatch.setattr(m, "selection_cer", lambda row, decoder, split="val": 0.5)
+    cfg = fast_cfg(tmp_path / "w", epochs=20, stop_after=2, average_last=2, decoder="ctc")
     result = m.run_train(cfg)
     out = capsys.readouterr().out
     assert len(result["history"]) == 3 and "no better validation CER for 2 epochs" in out
@@ -471,13 +477,25 @@ def test_average_last_averages_the_last_epochs_measures_batchnorm_anew_and_is_us
 
 def test_a_best_pt_lost_while_written_in_the_last_epoch_is_restored_on_resume_and_the_run_tested(tmp_path, capsys):
     work = tmp_path / "w"
-    result = m.run_train(fast_cfg(work, epochs=2, lr=1e-9, decoder="ctc"))  # the CER cannot move: epoch 2 ties best
-    assert result["history"][1]["val_cer_ctc"] <= result["history"][0]["val_cer_ctc"]
-    (work / "checkpoints" / "best.pt").unlink()
-    capsys.readouterr()
-    resumed = m.run_train(fast_cfg(work, epochs=2, lr=1e-9, decoder="ctc", resume=True))
-    assert "restored from last.pt, epoch 2" in capsys.readouterr().out and resumed["test"]["n"] == 6
-    (work / "checkpoints" / "last.pt").unlink()
+    m.run_train(fast_cfg(work, epochs=2, decoder="ctc"))
+    last, best = work / "checkpoints" / "last.pt", work / "checkpoints" / "best.pt"
+    state = torch.load(last, weights_only=False)
+
+    def lose_best(cers):
+        for cer, row in zip(cers, state["history"]):
+            row["val_cer_ctc"] = cer
+        torch.save(state, last)
+        best.unlink(missing_ok=True)
+        capsys.readouterr()
+        return m.run_train(fast_cfg(work, epochs=2, decoder="ctc", resume=True)), capsys.readouterr().out
+
+    _, out = lose_best((0.7, 0.8))  # epoch 1 the best: its weights are gone for good
+    assert "it cannot be restored" in out and "No " in out and not best.exists()
+    resumed, out = lose_best((0.9, 0.8))  # epoch 2 the best: killed while writing its best.pt
+    assert "restored from last.pt, epoch 2" in out and resumed["test"]["n"] == 6
+    assert torch.equal(torch.load(best, weights_only=False)["model"]["ctc.ctc_lo.weight"],
+                       state["model"]["ctc.ctc_lo.weight"])
+    last.unlink()
     with pytest.raises(m.UserError, match="no last.pt to continue from"):  # a fresh run would overwrite best.pt
         m.train(fast_cfg(work, epochs=2))
 
