@@ -4247,6 +4247,7 @@ def preprocess_videos(cfg: Config, out_dir: Path) -> list[dict]:
     kept = [report_row(v, "kept", "done by an earlier run", output=str(out_dir / f"{v.stem}.mp4")) for v in done]
     workers = min(cfg.workers or os.cpu_count() or 1, max(len(todo), 1))
     jobs = [(v, out_dir, cfg) for v in todo]
+    report = lambda rows: write_csv(out_dir / "preprocess_report.csv", sorted(kept + rows, key=lambda r: r["video"]))
     if workers == 1:
         rows = [preprocess_one(job) for job in progress(jobs, "preprocess")]
     else:
@@ -4259,17 +4260,17 @@ def preprocess_videos(cfg: Config, out_dir: Path) -> list[dict]:
                 for row in progress(pool.map(preprocess_one, jobs), "preprocess"):
                     rows.append(row)
                     if time.time() - written > REPORT_EVERY:  # a run killed midway still leaves its report so far
-                        write_csv(out_dir / "preprocess_report.csv", sorted(kept + rows, key=lambda r: r["video"]))
+                        report(rows)
                         written = time.time()
             except KeyboardInterrupt:  # the videos under way are finished, the rest left for the next run
                 pool.shutdown(wait=True, cancel_futures=True)
                 reported = {r["video"] for r in rows}
                 rows += [report_row(v, "done", "finished as the run was interrupted", output=str(out_dir / f"{v.stem}.mp4"))
                          for v in todo if str(v) not in reported and (out_dir / f"{v.stem}.mp4").exists()]
-                write_csv(out_dir / "preprocess_report.csv", sorted(kept + rows, key=lambda r: r["video"]))
+                report(rows)
                 raise
+    report(rows)
     rows = sorted(kept + rows, key=lambda r: r["video"])
-    write_csv(out_dir / "preprocess_report.csv", rows)
     for r in rows:
         if r["status"] == "failed" or (r["status"] == "done" and r["note"]):
             print(f"{r['video']}: {r['status']}{': ' + r['note'] if r['note'] else ''}", file=sys.stderr)
