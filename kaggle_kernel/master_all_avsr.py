@@ -121,8 +121,9 @@ class Config:
     frontend: str = "cnn"  # cnn | noise (features fixed by each frame's pixels, no visual sense) | linear (pixels)
     dropout: float = 0.1  # dropout in the encoder, decoder and CTC head
     # model: starting from released weights (Auto-AVSR's model zoo), freezing and unfreezing
-    init_from: str = ""  # an Auto-AVSR checkpoint (.pth, Lightning .ckpt) or one of ours, loaded before training
-    init_parts: str = "frontend,proj_encoder,encoder"  # what --init-from loads; vocabulary-sized layers need equal V
+    init_from: str = ""  # weights to start from: ViSpeR's visper_vsr_base.pth, Auto-AVSR's .pth/.ckpt, or ours
+    init_from_audio: str = ""  # --modality av: its sound side (aux_*) from an audio model's file (Auto-AVSR's asr_*)
+    init_parts: str = ""  # parts --init-from loads (empty: all it has that fit; vocabulary-sized layers need equal V)
     freeze: str = ""  # parts whose weights stay fixed (BatchNorm statistics too), e.g. frontend or frontend,encoder
     unfreeze_at: int = 0  # from this epoch on the --freeze parts train too (0: never)
     unfreeze_lr: float = 0.1  # their learning rate once unfrozen, as a share of the schedule's
@@ -1529,10 +1530,12 @@ class BasicBlock(nn.Module):
         if stride != 1 or c_in != c_out:
             self.downsample = nn.Sequential(conv(c_in, c_out, 1, stride, bias=False), norm(c_out))
 
-    def forward(self, x):
+    def forward(self, x, ends=nn.Identity()):
+        """`ends` zeroes what lies past each clip's end (the sound frontend's): every convolution then sees the
+        zeros a clip alone would be padded with, so its batch does not change it."""
         residual = x if self.downsample is None else self.downsample(x)
-        out = F.silu(self.bn1(self.conv1(x)))
-        return F.silu(self.bn2(self.conv2(out)) + residual)
+        out = ends(F.silu(self.bn1(self.conv1(x))))
+        return ends(F.silu(self.bn2(self.conv2(out)) + residual))
 
 
 def resnet_layer(c_in, c_out, stride, dims=2):
@@ -1557,6 +1560,19 @@ class ResNetTrunk(nn.Module):
         return self.layers(x).mean(dim=(2, 3))
 
 
+class ClipEnds(nn.Module):
+    """Zeroes the steps of B x C x n past each clip's end, n being a whole number of steps a frame (every stage
+    of the sound frontend keeps time in step with the frames: 640, 160, 80, 40 and 20 a frame)."""
+
+    def __init__(self, lengths, frames):
+        super().__init__()
+        self.lengths, self.frames = lengths, frames
+
+    def forward(self, x):
+        steps = torch.arange(x.size(-1), device=x.device)
+        return x * (steps < self.lengths[:, None] * (x.size(-1) // self.frames)).unsqueeze(1).to(x.dtype)
+
+
 class WaveformTrunk(ResNetTrunk):
     """Auto-AVSR's ResNet1D: an 80-tap stem striding 4 samples, the ResNet in 1-D (8 times fewer steps), and an
     average over 20 steps: one vector per 640 samples, the 25 Hz of the video."""
@@ -1566,20 +1582,23 @@ class WaveformTrunk(ResNetTrunk):
         self.conv1 = nn.Conv1d(1, channels[0], 80, 4, 38, bias=False)
         self.bn1 = nn.BatchNorm1d(channels[0])
 
-    def forward(self, wave):
-        x = self.layers(F.silu(self.bn1(self.conv1(wave[:, None]))))
+    def forward(self, wave, lengths):
+        ends = ClipEnds(lengths, wave.size(1) // SAMPLES_PER_FRAME)
+        x = ends(F.silu(self.bn1(self.conv1(ends(wave[:, None])))))
+        for block in (b for layer in (self.layer1, self.layer2, self.layer3, self.layer4) for b in layer):
+            x = block(x, ends)
         return F.avg_pool1d(x, 20).transpose(1, 2)
 
 
 class AudioFrontend(nn.Module):
-    """B x (T x 640) normalised 16 kHz samples -> B x T x channels[-1]."""
+    """B x (T x 640) normalised 16 kHz samples and the lengths in frames -> B x T x channels[-1]."""
 
     def __init__(self, channels):
         super().__init__()
         self.trunk = WaveformTrunk(channels)
 
-    def forward(self, wave):
-        return self.trunk(wave)
+    def forward(self, wave, lengths):
+        return self.trunk(wave, lengths)
 
 
 class VideoFrontend(nn.Module):
@@ -1984,7 +2003,7 @@ class AVSRModel(nn.Module):
         """Frames (video: B x T x H x W), samples (audio: B x (T x 640)) or the pair of them (av) -> (B x T x d,
         B x T mask True at real frames); time is never subsampled."""
         if self.modality == "audio":
-            return self.encode_features(self.frontend(inputs), lengths)
+            return self.encode_features(self.frontend(inputs, lengths), lengths)
         video, audio = inputs if self.modality == "av" else (inputs, None)
         mask = padding_mask(lengths, video.size(1))
         # the stem's temporal kernel reaches 2 frames past a clip's end: make them the zeros a lone clip sees
@@ -1992,7 +2011,7 @@ class AVSRModel(nn.Module):
         seen, mask = self.encode_features(self.frontend(video), lengths)
         if audio is None:
             return seen, mask
-        heard = self.aux_encoder(self.aux_proj_encoder(self.aux_frontend(audio)), mask)
+        heard = self.aux_encoder(self.aux_proj_encoder(self.aux_frontend(audio, lengths)), mask)
         return self.fusion(seen, heard), mask
 
     def encode_features(self, features, lengths):
@@ -2094,56 +2113,64 @@ def train_mode(model: nn.Module) -> None:
 
 
 # Released weights (--init-from) ------------------------------------------------------------------------------
-# Auto-AVSR's state_dict names are this model's, so its released checkpoints load by name. Only the parts that do
-# not depend on the vocabulary carry over to a new one; the rest start afresh.
+# Auto-AVSR's and ViSpeR's state_dict names are this model's, so their released checkpoints load by name. Only
+# the parts that do not depend on the vocabulary carry over to a new one; the rest start afresh.
 
 AUTO_AVSR_URL = "https://github.com/mpc001/auto_avsr"
-OLD_NAMES = (("encoder.frontend.", "frontend."), ("encoder.embed.0.", "proj_encoder."),  # before 2025
-             ("aux_encoder.frontend.", "aux_frontend."), ("aux_encoder.embed.0.", "aux_proj_encoder."))  # v1.0.0 av
+VISPER_URL = "https://huggingface.co/tiiuae/visper"
+OLD_NAMES = (("encoder.frontend.", "frontend."), ("encoder.embed.0.", "proj_encoder."),  # before 2025, ViSpeR
+             ("aux_encoder.frontend.", "aux_frontend."), ("aux_encoder.embed.0.", "aux_proj_encoder."))  # av
 VOCAB_SIZED = ("decoder.embed.0.", "decoder.output_layer.", "ctc.ctc_lo.")
+SOUND_SIDE = ("aux_frontend", "aux_proj_encoder", "aux_encoder", "fusion")
+WHERE_TO_GET = (f"ViSpeR's models, trained on 1,200 h of Arabic among five languages (visper_vsr_base.pth for "
+                f"video, visper_avsr_base.pth audio-visual), are at {VISPER_URL}; Auto-AVSR's English ones "
+                f"(vsr_trlrs3_base.pth, asr_*.pth, ...) in the model zoo of {AUTO_AVSR_URL}. Download one where "
+                "there is internet and pass its path (on Kaggle, attach it as a dataset: it is then found by name).")
 
 
-def find_weights(cfg: Config) -> Path:
-    """--init-from as given, else a file of that name in the usual places or anywhere under /kaggle/input."""
-    if Path(cfg.init_from).is_file():
-        return Path(cfg.init_from)
-    found, places = find_on_disk(Path(cfg.init_from).name, Path(cfg.work_dir))
+def find_weights(name: str, flag: str, work_dir: str) -> Path:
+    """A weights file as given, else one of that name in the usual places or anywhere under /kaggle/input."""
+    if Path(name).is_file():
+        return Path(name)
+    found, places = find_on_disk(Path(name).name, Path(work_dir))
     if found is None:
-        looked = "\n  ".join(map(str, [cfg.init_from, *places]))
-        raise UserError(f"--init-from {cfg.init_from}: no such file. Looked in:\n  {looked}\nAuto-AVSR's released "
-                        f"video models (e.g. vsr_trlrs3_base.pth, vsr_trlrs3vox2_base.pth) are listed in the model "
-                        f"zoo of {AUTO_AVSR_URL}; download one where there is internet and pass its path (on Kaggle, "
-                        "attach it as a dataset: it is then found by name).")
+        looked = "\n  ".join(map(str, [name, *places]))
+        raise UserError(f"{flag} {name}: no such file. Looked in:\n  {looked}\n{WHERE_TO_GET}")
     return found
 
 
-def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], str]:
-    """The state dict in a checkpoint file under today's names, and what kind of file it was."""
+def read_weights(path: Path, flag: str) -> tuple[dict[str, torch.Tensor], str, dict[str, list[str]]]:
+    """The state dict in a checkpoint file under today's names, what kind of file it was, and the entries that are
+    no model weights (by reason)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # a Lightning .ckpt keeps Python objects beside the weights; a broken file raises anything
         try:
             state = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:
-            raise UserError(f"--init-from {path}: cannot read it as a PyTorch checkpoint ({type(e).__name__}: {e}). "
-                            f"Give a released model of {AUTO_AVSR_URL} (.pth or .ckpt) or a checkpoint of this "
-                            "script.") from e
+            raise UserError(f"{flag} {path}: cannot read it as a PyTorch checkpoint ({type(e).__name__}: {e}). "
+                            f"Give a released model (.pth or .ckpt) or a checkpoint of this script. "
+                            f"{WHERE_TO_GET}") from e
     kind = "state dict"
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state, kind = state["state_dict"], "Lightning checkpoint"
     elif isinstance(state, dict) and isinstance(state.get("model"), dict) and "vocab" in state:
         state, kind = state["model"], "checkpoint of this script"
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"--init-from {path}: the file holds {type(state).__name__}, not a model's weights (a dict "
-                        f"of tensors). Give a released model of {AUTO_AVSR_URL} or a checkpoint of this script.")
-    weights, renamed = {}, False
+        raise UserError(f"{flag} {path}: the file holds {type(state).__name__}, not a model's weights (a dict of "
+                        f"tensors). Give a released model or a checkpoint of this script. {WHERE_TO_GET}")
+    weights, dropped, renamed = {}, {}, False
     for key, value in state.items():
-        key = key.removeprefix("module.").removeprefix("model.")  # DataParallel's wrapper, Lightning's ModelModule
+        key = key.removeprefix("module.")  # DataParallel's wrapper
+        if key.startswith("beam_search."):
+            dropped.setdefault("the Lightning module's beam search: a second copy of its decoder", []).append(key)
+            continue
+        key = key.removeprefix("model.")  # Lightning's ModelModule
         for old, new in OLD_NAMES:
             if key.startswith(old):
                 key, renamed = new + key.removeprefix(old), True
         weights[key] = value
-    return weights, kind + (" with pre-2025 names" if renamed else "")
+    return weights, kind + (" with pre-2025 names" if renamed else ""), dropped
 
 
 def fitting_presets(weights: dict[str, torch.Tensor], cfg: Config, vocab_size: int) -> list[str]:
@@ -2158,13 +2185,13 @@ def fitting_presets(weights: dict[str, torch.Tensor], cfg: Config, vocab_size: i
     return fits
 
 
-def shape_problem(path: Path, wrong: list[str], weights: dict, own: dict, cfg: Config) -> UserError:
+def shape_problem(flag: str, path: Path, wrong: list[str], weights: dict, own: dict, cfg: Config) -> UserError:
     key = wrong[0]
     fits = fitting_presets(weights, cfg, own["ctc.ctc_lo.weight"].shape[0])
     heard = "frontend.trunk.conv1.weight" in weights  # the 1-D stem that reads waveforms
     if heard and cfg.modality != "audio":
-        hint = ("It is Auto-AVSR's audio model: train with --modality audio, or start this model from one of its "
-                "video models (vsr_*.pth).")
+        hint = ("It is an audio model: train with --modality audio, give it to --init-from-audio with --modality "
+                "av, or start this model from a video model (visper_vsr_base.pth, vsr_*.pth).")
     elif not heard and cfg.modality == "audio" and any(k.startswith("frontend.frontend3D.") for k in weights):
         hint = ("It is a video model: train with --modality video or av, or start this model from one of "
                 "Auto-AVSR's audio models (asr_*.pth).")
@@ -2172,50 +2199,89 @@ def shape_problem(path: Path, wrong: list[str], weights: dict, own: dict, cfg: C
         hint = f"Its shapes are those of --preset {fits[0]}: train with --preset {fits[0]}."
     else:
         hint = "No preset of this script has its shapes; leave the parts that differ out of --init-parts."
-    return UserError(f"--init-from {path} does not fit --preset {cfg.preset}: {len(wrong)} weights differ in shape, "
+    return UserError(f"{flag} {path} does not fit --preset {cfg.preset}: {len(wrong)} weights differ in shape, "
                      f"e.g. {key}: {tuple(weights[key].shape)} there, {tuple(own[key].shape)} here. {hint}")
 
 
-def load_pretrained(model: nn.Module, cfg: Config) -> dict:
-    """--init-from into `model`: every weight of the --init-parts whose shape fits. -> what was loaded, skipped
-    (with the reason) and missing, also printed and written to <work_dir>/diagnostics/init_from.txt."""
-    if cfg.arch != "conformer":
-        raise UserError("--init-from loads Auto-AVSR's weights, which fit --arch conformer; the baseline has none of "
-                        "its parts.")
-    path = find_weights(cfg)
-    weights, kind = read_weights(path)
-    parts, own = part_names(cfg.init_parts), model.state_dict()
+def loaded_parts(cfg: Config) -> list[str]:
+    """--init-parts, or by default every part a released file can fill (a non-CNN frontend has none of its)."""
+    return part_names(cfg.init_parts) or [p for p in parts_of(cfg) if p != "frontend" or cfg.frontend == "cnn"]
+
+
+def choose_weights(weights: dict, own: dict, parts: list[str], cfg: Config):
+    """-> the weights that load, those skipped (by reason) and those whose shapes are wrong. By default a decoder
+    that does not fit is skipped (its file's decoder may be another size); a frontend or encoder that does not
+    fit means another preset, and named --init-parts must fit."""
     chosen, skipped, wrong = {}, {}, []
     for key, value in weights.items():
+        part = key.split(".")[0]
         if key not in own:
-            skipped.setdefault("not a weight of this model", []).append(key)
-        elif key.split(".")[0] not in parts:
-            skipped.setdefault(f"not in --init-parts {cfg.init_parts}", []).append(key)
+            why = ("the sound side of an audio-visual model (--modality av uses it)" if part in SOUND_SIDE
+                   else "not a weight of this model")
+            skipped.setdefault(why, []).append(key)
+        elif part not in parts:
+            skipped.setdefault(f"not among the parts loaded ({', '.join(parts)})", []).append(key)
         elif value.shape == own[key].shape:
             chosen[key] = value
         elif key.startswith(VOCAB_SIZED):
             why = f"vocabulary-sized: {value.shape[0]} units there, {own[key].shape[0]} here"
             skipped.setdefault(why, []).append(key)
+        elif part == "decoder" and not cfg.init_parts:
+            skipped.setdefault("the decoder's shapes differ (another size): it starts afresh", []).append(key)
         else:
             wrong.append(key)
+    return chosen, skipped, wrong
+
+
+def load_pretrained(model: nn.Module, cfg: Config) -> dict:
+    """--init-from and --init-from-audio into `model`: every weight of the parts chosen whose shape fits. -> by
+    setting, what was loaded, skipped (with the reason) and missing, also printed and written to
+    <work_dir>/diagnostics/init_from.txt (init_from_audio.txt)."""
+    if cfg.arch != "conformer":
+        raise UserError("--init-from loads Auto-AVSR's or ViSpeR's weights, which fit --arch conformer; the "
+                        "baseline has none of their parts.")
+    reports = {}
+    if cfg.init_from:
+        reports["init_from"] = load_weights_file(model, cfg, "init_from", loaded_parts(cfg), lambda key: key)
+    if cfg.init_from_audio:
+        reports["init_from_audio"] = load_weights_file(model, cfg, "init_from_audio", list(SOUND_SIDE[:3]),
+                                                       sound_side_name)
+    return reports
+
+
+def sound_side_name(key: str) -> str:
+    """An audio model's encoder weights under the audio-visual model's names for its sound side."""
+    return "aux_" + key if key.startswith(("frontend.", "proj_encoder.", "encoder.")) else key
+
+
+def load_weights_file(model: nn.Module, cfg: Config, name: str, parts: list[str], rename) -> dict:
+    """The file of setting `name` into the `parts` of `model`, its keys renamed by `rename`; reported."""
+    flag = "--" + name.replace("_", "-")
+    path = find_weights(getattr(cfg, name), flag, cfg.work_dir)
+    weights, kind, skipped = read_weights(path, flag)
+    weights = {rename(k): v for k, v in weights.items()}
+    own = model.state_dict()
+    chosen, more, wrong = choose_weights(weights, own, parts, cfg)
+    for why, keys in more.items():
+        skipped.setdefault(why, []).extend(keys)
     if wrong:
-        raise shape_problem(path, wrong, weights, own, cfg)
+        raise shape_problem(flag, path, wrong, weights, own, cfg)
     if not chosen:
-        raise UserError(f"--init-from {path}: none of its {len(weights)} weights (e.g. {', '.join(list(weights)[:3])}) "
-                        f"is one of this model's --init-parts ({cfg.init_parts}). Is it an Auto-AVSR video model?")
+        raise UserError(f"{flag} {path}: none of its {len(weights)} weights (e.g. {', '.join(list(weights)[:3])}) "
+                        f"is one of this model's parts ({', '.join(parts)}). Is it a model of another kind "
+                        f"(video, audio, audio-visual)?")
     model.load_state_dict(chosen, strict=False)
-    loaded = Counter(k.split(".")[0] for k in chosen)
     missing = [k for k in own if k.split(".")[0] in parts and k not in weights]
-    report = {"file": str(path), "kind": kind, "loaded": dict(loaded),
+    report = {"file": str(path), "kind": kind, "loaded": dict(Counter(k.split(".")[0] for k in chosen)),
               "values": sum(v.numel() for v in chosen.values()), "skipped": skipped, "missing": missing}
-    write_init_report(report, Path(cfg.work_dir) / "diagnostics" / "init_from.txt")
+    write_init_report(report, flag, Path(cfg.work_dir) / "diagnostics" / f"{name}.txt")
     return report
 
 
-def write_init_report(report: dict, path: Path) -> None:
+def write_init_report(report: dict, flag: str, path: Path) -> None:
     """A summary printed; every key named in the file."""
     by_part = lambda keys: ", ".join(f"{p} {n}" for p, n in Counter(k.split(".")[0] for k in keys).items())
-    head = [f"--init-from {report['file']} ({report['kind']}): {sum(report['loaded'].values())} weights loaded "
+    head = [f"{flag} {report['file']} ({report['kind']}): {sum(report['loaded'].values())} weights loaded "
             f"({', '.join(f'{p} {n}' for p, n in report['loaded'].items())}; {report['values']:,} values)"]
     head += [f"  skipped {len(keys)}, {why}: {by_part(keys)}" for why, keys in report["skipped"].items()]
     head.append(f"  missing {len(report['missing'])} (they keep their random start): {by_part(report['missing'])}"
@@ -3317,7 +3383,7 @@ def train(cfg: Config, ds: Dataset | None = None, done=None) -> dict:
     if not ds.subset("train"):
         raise UserError("The training split is empty: add clips, or change --val-fraction / --test-fraction.")
     model = build_model(cfg, vocab.size)
-    if cfg.init_from and state is None:
+    if (cfg.init_from or cfg.init_from_audio) and state is None:
         load_pretrained(model, cfg)
     model.to(device)
     if cfg.sync_batchnorm and world > 1:
@@ -4554,6 +4620,8 @@ def validate(cfg: Config) -> Config:
                    f"--init-from loads a CNN frontend, not --frontend {cfg.frontend}: leave it out of --init-parts"),
                   (cfg.modality == "video" or cfg.arch == "conformer",
                    "--arch baseline reads video only; sound needs --arch conformer"),
+                  (not cfg.init_from_audio or cfg.modality == "av",
+                   "--init-from-audio fills an audio-visual model's sound side: it needs --modality av"),
                   (cfg.modality == "video" or not cfg.time_warp,
                    "--time-warp changes a clip's frame count, which its sound cannot follow: video only"),
                   (cfg.modality != "audio" or cfg.frontend == "cnn",

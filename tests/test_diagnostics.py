@@ -126,7 +126,7 @@ def test_gradient_flow_warns_of_vanishing_and_of_frozen_parts_that_move():
     assert any("frontend is frozen but its gradients are not zero" in n for n in m.gradient_notes(lively, model))
     with pytest.raises(m.UserError, match="--freeze and --init-parts name parts of --arch baseline: cnn, lstm, ctc"):
         m.validate(m.Config(arch="baseline", freeze="frontend"))
-    assert m.validate(m.Config(arch="baseline", freeze="cnn")).init_parts == "frontend,proj_encoder,encoder"  # unused
+    assert m.validate(m.Config(arch="baseline", freeze="cnn")).init_parts == ""  # unused
 
 
 def test_a_loss_that_drowns_the_other_is_named():

@@ -71,7 +71,7 @@ def test_the_audio_visual_model_is_both_encoders_fused_before_one_decoder():
     torch.manual_seed(0)
     model = build_model("conformer", 40, modality="av").eval()
     for frames in (1, 29, 38):  # 640 samples make one frame, whatever the length
-        assert model.aux_frontend(torch.randn(2, frames * 640)).shape == (2, frames, 64)
+        assert model.aux_frontend(torch.randn(2, frames * 640), torch.tensor([frames, 1])).shape == (2, frames, 64)
     lengths = torch.tensor([38, 29])
     video, sound = torch.randn(2, 38, 88, 88), torch.randn(2, 38 * 640)
     ctc, dec = model((video, sound), lengths, torch.zeros(2, 5, dtype=torch.long))
@@ -136,6 +136,24 @@ def test_clip_alone_equals_clip_in_padded_batch(arch):
             ctc_batch, dec_batch = model(batch, lengths, ys_in)
             assert torch.allclose(ctc_alone[0], ctc_batch[0, :7], atol=1e-5)
             assert torch.allclose(dec_alone[0], dec_batch[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("modality", ["audio", "av"])
+def test_sound_alone_equals_sound_in_padded_batch(modality):
+    """The sound frontend's convolutions look across time at every stage: a clip's last frames would see its
+    batch's padding (noise here) were it not zeroed before each of them."""
+    torch.manual_seed(0)
+    model = build_model("conformer", 40, modality=modality).eval()
+    per_frame = m.SAMPLES_PER_FRAME
+    wave, other = torch.randn(1, 7 * per_frame), torch.randn(1, 11 * per_frame)
+    waves = torch.cat([torch.cat([wave, torch.randn(1, 4 * per_frame)], dim=1), other])
+    video, videos = torch.randn(1, 7, 1, 88, 88), torch.randn(2, 11, 1, 88, 88)
+    videos[0, :7] = video[0]
+    alone, batch = (wave, waves) if modality == "audio" else ((video, wave), (videos, waves))
+    with torch.no_grad():
+        enc_alone, _ = model.encode(alone, torch.tensor([7]))
+        enc_batch, _ = model.encode(batch, torch.tensor([7, 11]))
+    assert torch.allclose(enc_alone[0], enc_batch[0, :7], atol=1e-5)
 
 
 def test_incremental_decoding_equals_full_recomputation():
@@ -250,16 +268,17 @@ def base_model():
 
 @pytest.mark.parametrize("layout", ["plain", "lightning", "pre-2025"])
 def test_auto_avsr_weights_load_into_base_in_each_layout(layout, base_model, tmp_path, capsys):
+    """By default every part loads that does not depend on the vocabulary: the decoder's blocks too."""
     path = tmp_path / f"vsr_{layout}.pth"
     numbers = reference_checkpoint(path, layout)
-    before = {k: v.clone() for k, v in base_model.state_dict().items() if k.startswith(("decoder.", "ctc."))}
+    before = {k: v.clone() for k, v in base_model.state_dict().items() if k in VOCAB_ROWS}
     cfg = m.Config(preset="base", init_from=str(path), work_dir=str(tmp_path / "w"))
-    report = m.load_pretrained(base_model, cfg)
-    transferable = [k for k in numbers if k.startswith(("frontend.", "proj_encoder.", "encoder."))]
-    assert sum(report["loaded"].values()) == len(transferable) == 604
-    assert report["loaded"] == {"frontend": 120, "proj_encoder": 2, "encoder": 482} and report["missing"] == []
-    assert report["skipped"] == {"not in --init-parts frontend,proj_encoder,encoder":
-                                 [k for k in numbers if k.startswith(("decoder.", "ctc."))]}
+    report = m.load_pretrained(base_model, cfg)["init_from"]
+    transferable = [k for k in numbers if k not in VOCAB_ROWS]
+    assert sum(report["loaded"].values()) == len(transferable) == 762
+    assert report["loaded"] == {"frontend": 120, "proj_encoder": 2, "encoder": 482, "decoder": 158}
+    assert report["skipped"] == {"vocabulary-sized: 5049 units there, 230 here": [k for k in numbers if k in VOCAB_ROWS]}
+    assert report["missing"] == []
     assert ("Lightning" in report["kind"]) == (layout == "lightning")
     assert ("pre-2025" in report["kind"]) == (layout == "pre-2025")
     state = base_model.state_dict()
@@ -267,22 +286,21 @@ def test_auto_avsr_weights_load_into_base_in_each_layout(layout, base_model, tmp
         assert torch.all(state[key] == numbers[key]), key
     assert all(torch.equal(state[k], v) for k, v in before.items())  # the vocabulary's side starts afresh
     out = capsys.readouterr().out
-    assert "604 weights loaded (frontend 120, proj_encoder 2, encoder 482; 182,056,288 values)" in out
-    assert "skipped 163, not in --init-parts" in out and "missing: none" in out
+    assert "762 weights loaded (frontend 120, proj_encoder 2, encoder 482, decoder 158; 238,768,480 values)" in out
+    assert "skipped 5, vocabulary-sized" in out and "missing: none" in out
     written = (tmp_path / "w" / "diagnostics" / "init_from.txt").read_text(encoding="utf-8")
-    assert "skipped (not in --init-parts frontend,proj_encoder,encoder): ctc.ctc_lo.weight" in written
+    assert "skipped (vocabulary-sized: 5049 units there, 230 here): ctc.ctc_lo.weight" in written
 
 
-def test_the_vocabulary_sized_layers_are_skipped_with_their_reason(base_model, tmp_path):
+def test_init_parts_chooses_what_loads(base_model, tmp_path):
     path = tmp_path / "vsr.pth"
     numbers = reference_checkpoint(path, "plain")
-    cfg = m.Config(preset="base", init_from=str(path), init_parts="frontend,proj_encoder,encoder,decoder,ctc",
+    cfg = m.Config(preset="base", init_from=str(path), init_parts="frontend,proj_encoder,encoder",
                    work_dir=str(tmp_path / "w"))
-    report = m.load_pretrained(base_model, cfg)
-    assert report["skipped"] == {"vocabulary-sized: 5049 units there, 230 here": sorted(VOCAB_ROWS, key=list(numbers).index)}
-    assert sum(report["loaded"].values()) == 767 - 5 and report["missing"] == []
-    assert torch.all(base_model.decoder.decoders[5].feed_forward.w_2.bias ==
-                     numbers["decoder.decoders.5.feed_forward.w_2.bias"])
+    report = m.load_pretrained(base_model, cfg)["init_from"]
+    assert report["loaded"] == {"frontend": 120, "proj_encoder": 2, "encoder": 482} and report["missing"] == []
+    assert report["skipped"] == {"not among the parts loaded (frontend, proj_encoder, encoder)":
+                                 [k for k in numbers if k.startswith(("decoder.", "ctc."))]}
 
 
 def test_weights_that_cannot_load_say_why(tmp_path):
@@ -295,19 +313,19 @@ def test_weights_that_cannot_load_say_why(tmp_path):
         m.load_pretrained(model, m.dataclasses.replace(small, init_from=str(tmp_path / "vsr.pth")))
     audio = Path(__file__).with_name("auto_avsr_audio_state_dict.tsv")
     reference_checkpoint(tmp_path / "asr.pth", "plain", audio)
-    with pytest.raises(m.UserError, match="It is Auto-AVSR's audio model"):
+    with pytest.raises(m.UserError, match="It is an audio model: train with --modality audio, give it to --init-from-audio"):
         m.load_pretrained(m.build_model(m.Config(preset="base"), 230),
                           m.Config(preset="base", init_from=str(tmp_path / "asr.pth")))
     torch.save({"epoch": 3, "note": "no weights"}, tmp_path / "other.pth")
-    with pytest.raises(m.UserError, match="holds dict, not a model's weights .* model of https://github.com/mpc001"):
+    with pytest.raises(m.UserError, match="holds dict, not a model's weights .*huggingface.co/tiiuae/visper"):
         m.load_pretrained(model, m.dataclasses.replace(small, init_from=str(tmp_path / "other.pth")))
     (tmp_path / "notes.pth").write_text("not a checkpoint")
     with pytest.raises(m.UserError, match="cannot read it as a PyTorch checkpoint"):
         m.load_pretrained(model, m.dataclasses.replace(small, init_from=str(tmp_path / "notes.pth")))
     torch.save({"linear.weight": torch.zeros(2, 2)}, tmp_path / "foreign.pth")
-    with pytest.raises(m.UserError, match=r"none of its 1 weights \(e\.g\. linear\.weight\) is one of this model's"):
+    with pytest.raises(m.UserError, match=r"none of its 1 weights \(e\.g\. linear\.weight\) is one of this model.s parts"):
         m.load_pretrained(model, m.dataclasses.replace(small, init_from=str(tmp_path / "foreign.pth")))
-    with pytest.raises(m.UserError, match=r"no such file\. Looked in:(.|\n)*vsr_trlrs3_base\.pth"):
+    with pytest.raises(m.UserError, match=r"no such file\. Looked in:(.|\n)*visper_vsr_base\.pth for video"):
         m.load_pretrained(model, m.dataclasses.replace(small, init_from="vsr_trlrs3_base.pth"))
     with pytest.raises(m.UserError, match="fit --arch conformer"):
         m.load_pretrained(m.build_model(m.Config(arch="baseline"), 230),
@@ -318,7 +336,7 @@ def test_audio_and_audio_visual_models_load_their_own_kind_of_weights(tmp_path):
     cfg = m.Config(preset="base", modality="audio", work_dir=str(tmp_path / "w"))
     numbers = reference_checkpoint(tmp_path / "asr.pth", "plain", AUDIO_REFERENCE)
     audio = m.build_model(cfg, 230)
-    report = m.load_pretrained(audio, m.dataclasses.replace(cfg, init_from=str(tmp_path / "asr.pth")))
+    report = m.load_pretrained(audio, m.dataclasses.replace(cfg, init_from=str(tmp_path / "asr.pth")))["init_from"]
     assert report["missing"] == [] and report["loaded"]["frontend"] == len([k for k in numbers if k.startswith("frontend.")])
     assert torch.all(audio.frontend.trunk.conv1.weight == numbers["frontend.trunk.conv1.weight"])
     reference_checkpoint(tmp_path / "vsr.pth", "plain")
@@ -334,11 +352,89 @@ def test_audio_and_audio_visual_models_load_their_own_kind_of_weights(tmp_path):
     torch.save(old, tmp_path / "avsr_v1.pth")
     torch.manual_seed(2)
     fresh = m.build_model(small, 40)
-    parts = ",".join(m.parts_of(small))
-    report = m.load_pretrained(fresh, m.dataclasses.replace(small, init_from=str(tmp_path / "avsr_v1.pth"),
-                                                            init_parts=parts))
+    report = m.load_pretrained(fresh, m.dataclasses.replace(small, init_from=str(tmp_path / "avsr_v1.pth")))
+    report = report["init_from"]  # the default takes every part, the sound side and the fusion too
     assert sum(report["loaded"].values()) == len(trained) and not report["skipped"] and not report["missing"]
     assert all(torch.equal(v, trained[k]) for k, v in fresh.state_dict().items())
+
+
+VISPER = Path(__file__).with_name("visper_video_state_dict.tsv")  # see the files' heads for how they were made
+VISPER_AV = Path(__file__).with_name("visper_av_state_dict.tsv")
+
+
+def todays_name(key):
+    return re.sub(r"^(aux_)?encoder\.frontend\.", r"\1frontend.", re.sub(r"^(aux_)?encoder\.embed\.0\.", r"\1proj_encoder.", key))
+
+
+def test_visper_layouts_are_the_base_models_under_pre_2025_names():
+    video, av = reference_shapes(VISPER), reference_shapes(VISPER_AV)
+    assert len(video) == 767 and len(av) == 1380
+    assert {todays_name(k): v for k, v in video.items()} == shapes(meta_model("base", 21460))
+    assert {todays_name(k): v for k, v in av.items()} == shapes(meta_model("base", 21460, "av"))
+
+
+def test_visper_weights_load_as_lightning_checkpoints_too(base_model, tmp_path, capsys):
+    """ViSpeR's ModelModule keeps its search beside the model: a second copy of the decoder, under beam_search."""
+    path = tmp_path / "visper_vsr_base.ckpt"
+    numbers = {todays_name(k): v for k, v in reference_checkpoint(path, "lightning", VISPER).items()}
+    checkpoint = torch.load(path, weights_only=False)
+    search = {f"beam_search.nn_dict.decoder.{k.removeprefix('model.decoder.')}": v
+              for k, v in checkpoint["state_dict"].items() if k.startswith("model.decoder.")}
+    checkpoint["state_dict"] |= search
+    torch.save(checkpoint, path)
+    report = m.load_pretrained(base_model, m.Config(preset="base", init_from=str(path),
+                                                    work_dir=str(tmp_path / "w")))["init_from"]
+    assert report["kind"] == "Lightning checkpoint with pre-2025 names" and report["missing"] == []
+    assert report["loaded"] == {"frontend": 120, "proj_encoder": 2, "encoder": 482, "decoder": 158}
+    assert report["skipped"] == {
+        "the Lightning module's beam search: a second copy of its decoder": list(search),
+        "vocabulary-sized: 21460 units there, 230 here": [k for k in numbers if k in VOCAB_ROWS]}
+    state = base_model.state_dict()
+    assert all(torch.all(state[k] == numbers[k]) for k in numbers if k not in VOCAB_ROWS)
+    assert "skipped 161, the Lightning module's beam search" in capsys.readouterr().out
+
+
+def test_visper_audio_visual_weights_fill_an_av_model_and_only_the_video_side_of_a_video_one(base_model, tmp_path):
+    path = tmp_path / "visper_avsr_base.pth"
+    numbers = {todays_name(k): v for k, v in reference_checkpoint(path, "plain", VISPER_AV).items()}
+    report = m.load_pretrained(base_model, m.Config(preset="base", init_from=str(path),
+                                                    work_dir=str(tmp_path / "w")))["init_from"]
+    sound = [k for k in numbers if k.startswith(("aux_", "fusion."))]
+    assert report["skipped"]["the sound side of an audio-visual model (--modality av uses it)"] == sound
+    assert report["loaded"] == {"frontend": 120, "proj_encoder": 2, "encoder": 482, "decoder": 158}
+    cfg = m.Config(preset="base", modality="av", init_from=str(path), work_dir=str(tmp_path / "w"))
+    av = m.build_model(cfg, 230)
+    report = m.load_pretrained(av, cfg)["init_from"]
+    assert report["loaded"] == {"frontend": 120, "proj_encoder": 2, "encoder": 482, "aux_frontend": 120,
+                                "aux_proj_encoder": 2, "aux_encoder": 482, "fusion": 9, "decoder": 158}
+    assert list(report["skipped"]) == ["vocabulary-sized: 21460 units there, 230 here"] and report["missing"] == []
+    assert torch.all(av.fusion.bn1.running_var == numbers["fusion.bn1.running_var"])
+    assert torch.all(av.aux_encoder.encoders[11].conv_module.depthwise_conv.weight ==
+                     numbers["aux_encoder.encoders.11.conv_module.depthwise_conv.weight"])
+
+
+def test_an_av_model_takes_its_sound_side_from_an_audio_models_file(tmp_path):
+    audio_cfg = m.Config(preset="tiny", modality="audio")
+    torch.manual_seed(1)
+    heard = m.build_model(audio_cfg, 40).state_dict()
+    torch.save(heard, tmp_path / "asr.pth")
+    torch.manual_seed(2)
+    seen = m.build_model(m.Config(preset="tiny"), 40).state_dict()
+    torch.save(seen, tmp_path / "vsr.pth")
+    cfg = m.validate(m.Config(preset="tiny", modality="av", init_from=str(tmp_path / "vsr.pth"),
+                              init_from_audio=str(tmp_path / "asr.pth"), work_dir=str(tmp_path / "w")))
+    av = m.build_model(cfg, 40)
+    reports = m.load_pretrained(av, cfg)
+    state = av.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in seen.items())
+    assert all(torch.equal(state["aux_" + k], v) for k, v in heard.items() if k.startswith(("frontend", "proj_", "encoder")))
+    assert reports["init_from"]["missing"] == [k for k in state if k.startswith(("aux_", "fusion"))]
+    audio = reports["init_from_audio"]
+    assert audio["loaded"] == {"aux_frontend": 120, "aux_proj_encoder": 2, "aux_encoder": 82} and not audio["missing"]
+    assert list(audio["skipped"]) == ["not among the parts loaded (aux_frontend, aux_proj_encoder, aux_encoder)"]
+    assert "--init-from-audio" in (tmp_path / "w" / "diagnostics" / "init_from_audio.txt").read_text(encoding="utf-8")
+    with pytest.raises(m.UserError, match="--init-from-audio fills an audio-visual model's sound side"):
+        m.validate(m.dataclasses.replace(cfg, modality="video"))
 
 
 @pytest.mark.parametrize("modality", ["video", "av"])
@@ -372,6 +468,6 @@ def test_export_writes_weights_both_ways_and_an_onnx_encoder(tmp_path, capsys, m
         assert abs(got - want.detach().numpy()).max() < 1e-4
     # and --init-from takes the export back, every weight of it
     report = m.load_pretrained(m.build_model(cfg, vocab.size), m.dataclasses.replace(
-        cfg, init_from=files["state_dict"], init_parts=",".join(m.parts_of(cfg))))
+        cfg, init_from=files["state_dict"]))["init_from"]
     assert sum(report["loaded"].values()) == len(weights) and not report["skipped"] and not report["missing"]
     assert "encoder_out, ctc_log_probs" in capsys.readouterr().out

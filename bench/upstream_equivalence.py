@@ -1,0 +1,170 @@
+"""Does this script's model compute what the upstream code computes with the same weights?
+
+Builds the E2E model of a folder of Auto-AVSR's or ViSpeR's own source (fetched by you, never part of this
+project) at the base size with random weights and random BatchNorm statistics, saves its state dict, loads that
+into this script's `--preset base` with `--init-from`, and compares on a padded batch of clips of different
+lengths: the frontend, encoder, CTC and decoder outputs of each clip in the batch against the upstream model's
+forward of that clip alone (the way those repositories decode, one clip at a time). Video, audio and, where the
+source has it, audio-visual. Prints the largest relative gap (max |ours - theirs| / max |theirs|) of each.
+
+    git clone https://github.com/YasserdahouML/visper /tmp/visper            # ViSpeR (its video and av models)
+    git clone https://github.com/mpc001/auto_avsr /tmp/auto_avsr             # Auto-AVSR today (video, audio)
+    git -C /tmp/auto_avsr worktree add /tmp/auto_avsr_v1 v1.0.0            # Auto-AVSR v1.0.0 (video, audio, av)
+    python bench/upstream_equivalence.py /tmp/visper [/tmp/auto_avsr ...]
+
+The upstream code needs torch, numpy and PyYAML (the configs of the older layout) beside this project's
+requirements. Exit status 1 when a gap is 1e-4 or more.
+"""
+import argparse
+import importlib
+import sys
+import tempfile
+from argparse import Namespace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import master_all_avsr as m  # noqa: E402
+
+V, LENGTHS, TOLERANCE = 50, (29, 17, 23), 1e-4
+
+
+def import_upstream(src: Path, module: str):
+    """`module` of the espnet package inside `src` (each source folder brings its own espnet)."""
+    for name in [n for n in sys.modules if n == "espnet" or n.startswith("espnet.")]:
+        del sys.modules[name]
+    sys.path.insert(0, str(src))
+    try:
+        return importlib.import_module(module)
+    finally:
+        sys.path.remove(str(src))
+
+
+def backbone_args(src: Path, kind: str) -> Namespace:
+    """The older layout's (ViSpeR, Auto-AVSR v1.0.0) base settings, from its own config files."""
+    import yaml
+    conf = next(p for p in (src / "conf", src / "configs") if p.is_dir()) / "model"
+    args = yaml.safe_load((conf / "visual_backbone/resnet_conformer.yaml").read_text())
+    if kind != "video":
+        name = "audio_backbone" if kind == "audio" else "audiovisual_backbone"
+        args.update(yaml.safe_load((conf / name / "resnet_conformer.yaml").read_text()))
+    for key, value in args.items():  # Hydra's ${model.x_backbone.adim} references, resolved as Hydra would
+        if isinstance(value, str) and value.startswith("${"):
+            args[key] = args[value.strip("${}").split(".")[-1]]
+    return Namespace(**args)
+
+
+class Upstream:
+    """One upstream model and how to run its parts on one clip: (video B x T x 1 x H x W, audio B x S x 1)."""
+
+    def __init__(self, src: Path, modality: str):
+        self.modality, self.today = modality, (src / "espnet/nets/pytorch_backend/frontend").is_dir()
+        if self.today:  # Auto-AVSR since 2025: E2E(odim, modality), frontend and proj_encoder beside the encoder
+            if modality == "av":
+                raise LookupError("no audio-visual model in this layout (Auto-AVSR's is in its tag v1.0.0)")
+            self.model = import_upstream(src, "espnet.nets.pytorch_backend.e2e_asr_conformer").E2E(V, modality)
+        else:
+            name = "e2e_asr_conformer_av" if modality == "av" else "e2e_asr_conformer"
+            if not (src / f"espnet/nets/pytorch_backend/{name}.py").is_file():
+                raise LookupError(f"no {name}.py")
+            args = backbone_args(src, modality)
+            if modality == "audio" and args.transformer_input_layer != "conv1d":
+                args.transformer_input_layer = "conv1d"
+            self.model = import_upstream(src, f"espnet.nets.pytorch_backend.{name}").E2E(V, args)
+        self.mask = import_upstream(src, "espnet.nets.pytorch_backend.transformer.mask").target_mask
+
+    def frontend(self, x):
+        model = self.model
+        return model.frontend(x) if self.today else model.encoder.frontend(x)
+
+    def encode(self, video, audio):
+        model = self.model
+        if self.today:
+            x = model.frontend(video if self.modality == "video" else audio)
+            return model.encoder(model.proj_encoder(x), None)[0]
+        if self.modality == "audio":
+            return model.encoder(audio, None)[0]
+        seen = model.encoder(video, None)[0]
+        if self.modality == "video":
+            return seen
+        return model.fusion(torch.cat([seen, model.aux_encoder(audio, None)[0]], dim=-1))
+
+    def decode(self, ys_in, enc):
+        return self.model.decoder(ys_in, self.mask(ys_in, -1), enc, None)[0]
+
+
+def randomise_batchnorm(model: torch.nn.Module) -> None:
+    g = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.running_mean.copy_(0.1 * torch.randn(module.running_mean.shape, generator=g))
+            module.running_var.copy_(0.5 + torch.rand(module.running_var.shape, generator=g))
+
+
+def gap(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    return ((ours - theirs).abs().max() / theirs.abs().max()).item()
+
+
+def compare(src: Path, modality: str, folder: Path) -> dict[str, float]:
+    torch.manual_seed(0)
+    upstream = Upstream(src, modality)
+    randomise_batchnorm(upstream.model)
+    upstream.model.eval()
+    path = folder / f"{modality}.pth"
+    torch.save(upstream.model.state_dict(), path)
+    cfg = m.Config(preset="base", modality=modality, init_from=str(path), work_dir=str(folder / "run"))
+    ours = m.build_model(cfg, V).eval()
+    report = m.load_pretrained(ours, cfg)["init_from"]
+    if report["skipped"] or report["missing"]:
+        raise SystemExit(f"{src} {modality}: not every weight loaded: {report['skipped']} {report['missing']}")
+    lengths, T = torch.tensor(LENGTHS), max(LENGTHS)
+    real = m.padding_mask(lengths, T)  # padded with zeros, as the script's batches are
+    video = torch.randn(len(LENGTHS), T, 88, 88) * real[:, :, None, None]
+    audio = torch.randn(len(LENGTHS), T * m.SAMPLES_PER_FRAME) * real.repeat_interleave(m.SAMPLES_PER_FRAME, 1)
+    ys_in = torch.randint(1, V - 1, (len(LENGTHS), 6))
+    ys_in[:, 0] = V - 1  # sos
+    inputs = {"video": video, "audio": audio, "av": (video, audio)}[modality]
+    gaps = {"frontend": 0.0, "encoder": 0.0, "ctc": 0.0, "decoder": 0.0}
+    with torch.no_grad():
+        enc, mask = ours.encode(inputs, lengths)
+        ctc, dec = ours.ctc(enc), ours.decoder(ys_in, enc, mask)
+        front = ours.frontend(audio, lengths) if modality == "audio" else ours.frontend(video)
+        for b, n in enumerate(LENGTHS):
+            clip_video, clip_audio = video[b:b + 1, :n, None], audio[b:b + 1, :n * m.SAMPLES_PER_FRAME, None]
+            their_front = upstream.frontend(clip_audio if modality == "audio" else clip_video)
+            their_enc = upstream.encode(clip_video, clip_audio)
+            steps = {"frontend": (front[b, :n], their_front[0]), "encoder": (enc[b, :n], their_enc[0]),
+                     "ctc": (ctc[b, :n], upstream.model.ctc.ctc_lo(their_enc)[0]),
+                     "decoder": (dec[b], upstream.decode(ys_in[b:b + 1], their_enc)[0])}
+            for name, (a, theirs) in steps.items():
+                gaps[name] = max(gaps[name], gap(a, theirs))
+    return gaps
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sources", nargs="+", type=Path, help="folders of Auto-AVSR's or ViSpeR's source")
+    parser.add_argument("--modalities", default="video,audio,av")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    worst = 0.0
+    print(f"base model, V = {V}, a padded batch of clips of {', '.join(map(str, LENGTHS))} frames, each against "
+          "its lone upstream forward; largest relative gap")
+    print(f"{'source':<28} {'modality':<8} {'frontend':>10} {'encoder':>10} {'ctc':>10} {'decoder':>10}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for src in args.sources:
+            for modality in args.modalities.split(","):
+                try:
+                    gaps = compare(src, modality, Path(tmp))
+                except LookupError as e:
+                    print(f"{str(src):<28} {modality:<8} skipped: {e}")
+                    continue
+                worst = max(worst, *gaps.values())
+                print(f"{str(src):<28} {modality:<8} " + " ".join(f"{g:>10.1e}" for g in gaps.values()))
+    print(f"largest gap {worst:.1e}: {'within' if worst < TOLERANCE else 'NOT within'} {TOLERANCE:g}")
+    return 0 if worst < TOLERANCE else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
