@@ -100,6 +100,8 @@ class Config:
     noise: str = "babble"  # babble (other training clips spoken at once) | white | a folder of noise recordings
     noise_snrs: str = "-5,0,5,10,15,20,inf"  # training draws one per clip (dB; inf: clean), Auto-AVSR's levels
     sound: str = "clean"  # what test, decode and validation hear: clean | mute | an SNR in dB (noise as --noise)
+    drop_sound: float = 0.0  # --modality av, training: a clip's sound is silenced with this probability
+    drop_video: float = 0.0  # ...and its video blanked with this one (never both): the model learns each alone
     # batching
     max_frames: int = 1200  # frame budget of one batch (clips x padded length)
     # augmentation (training only; validation and test get the center crop and normalisation)
@@ -1456,6 +1458,17 @@ class Augment:
         if self.train:
             return torch.tensor([random.choice(self.snrs) for _ in range(batch)])
         return torch.full((batch,), math.inf if self.cfg.sound in ("clean", "mute") else float(self.cfg.sound))
+
+    def drop_senses(self, video: torch.Tensor, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Modality dropout: when training, each clip loses its sound (all zeros, what --sound mute feeds) with
+        probability --drop-sound, else its video (the mean gray, zero once normalised) with --drop-video."""
+        if not self.train or not (self.cfg.drop_sound or self.cfg.drop_video):
+            return video, audio
+        draw = torch.rand(len(video)).to(video.device)
+        deaf = draw < self.cfg.drop_sound
+        blind = ~deaf & (draw < self.cfg.drop_sound + self.cfg.drop_video)
+        return (video * (~blind).view(-1, *[1] * (video.dim() - 1)).to(video.dtype),
+                audio * (~deaf).view(-1, 1).to(audio.dtype))
 
     def sound(self, wave: torch.Tensor, lengths: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
         """B x T x 640 samples -> B x (T x 640) float, normalised per clip: when training, Auto-AVSR's
@@ -2998,7 +3011,7 @@ def batch_inputs(ds: Dataset, chosen: list[int], augment: Augment, device, min_l
             return audio, lengths
     frames, lengths = ds.bank.batch(chosen)
     video, lengths = augment(frames.to(device, non_blocking=True), lengths, min_lengths)
-    return (video, audio) if modality == "av" else video, lengths
+    return augment.drop_senses(video, audio) if modality == "av" else video, lengths
 
 
 def training_batch(ds: Dataset, chosen: list[int], augment: Augment, device) -> tuple:
@@ -3497,7 +3510,9 @@ def training_probe(ds: Dataset, cfg: Config) -> list[int]:
 def augmentation_line(cfg: Config) -> str:
     kinds = [f"random {cfg.crop_size}-pixel crop" * cfg.random_crop, f"flip p {cfg.hflip_prob:g}" * (cfg.hflip_prob > 0),
              f"time mask (window {cfg.time_mask_window}, stride {cfg.time_mask_stride})" * cfg.time_mask,
-             f"time warp up to {cfg.time_warp_max:g}" * cfg.time_warp]
+             f"time warp up to {cfg.time_warp_max:g}" * cfg.time_warp,
+             f"sound dropped p {cfg.drop_sound:g}" * (cfg.drop_sound > 0),
+             f"video dropped p {cfg.drop_video:g}" * (cfg.drop_video > 0)]
     kinds = [k for k in kinds if k]
     start = f", from epoch {cfg.augment_from} (the center crop before)" if kinds and cfg.augment_from > 1 else ""
     return "augmentation: " + (", ".join(kinds) + start if kinds else "none (the center crop)")
@@ -4620,6 +4635,10 @@ def validate(cfg: Config) -> Config:
                    f"--init-from loads a CNN frontend, not --frontend {cfg.frontend}: leave it out of --init-parts"),
                   (cfg.modality == "video" or cfg.arch == "conformer",
                    "--arch baseline reads video only; sound needs --arch conformer"),
+                  (0 <= cfg.drop_sound and 0 <= cfg.drop_video and cfg.drop_sound + cfg.drop_video <= 1,
+                   "--drop-sound and --drop-video are probabilities that add up to at most 1"),
+                  (not (cfg.drop_sound or cfg.drop_video) or cfg.modality == "av",
+                   "--drop-sound and --drop-video take one sense from an audio-visual model: they need --modality av"),
                   (not cfg.init_from_audio or cfg.modality == "av",
                    "--init-from-audio fills an audio-visual model's sound side: it needs --modality av"),
                   (cfg.modality == "video" or not cfg.time_warp,

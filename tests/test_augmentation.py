@@ -198,6 +198,24 @@ def test_sound_is_normalised_per_clip_and_muted_or_noisy_as_sound_says():
     assert torch.allclose(share, torch.full((3,), 0.5 ** 0.5), atol=0.05)
 
 
+def test_modality_dropout_takes_one_sense_from_a_clip_at_the_rates_asked():
+    cfg = m.Config(modality="av", drop_sound=0.3, drop_video=0.2)
+    video, audio = torch.rand(4000, 3, 2, 2) + 0.1, torch.rand(4000, 5) + 0.1
+    torch.manual_seed(0)
+    seen, heard = m.Augment(cfg, train=True).drop_senses(video, audio)
+    deaf, blind = (heard == 0).all(1), (seen == 0).flatten(1).all(1)
+    assert not (deaf & blind).any()  # never both
+    assert deaf.float().mean() == pytest.approx(0.3, abs=0.03) and blind.float().mean() == pytest.approx(0.2, abs=0.03)
+    assert torch.equal(seen[~blind], video[~blind]) and torch.equal(heard[~deaf], audio[~deaf])
+    kept = m.Augment(cfg, train=False).drop_senses(video, audio)  # evaluation hears and sees what --sound says
+    assert kept[0] is video and kept[1] is audio
+    with pytest.raises(m.UserError, match="need --modality av"):
+        m.validate(m.Config(drop_sound=0.5))
+    with pytest.raises(m.UserError, match="add up to at most 1"):
+        m.validate(m.Config(modality="av", drop_sound=0.7, drop_video=0.5))
+    assert "sound dropped p 0.3, video dropped p 0.2" in m.augmentation_line(cfg)
+
+
 def test_training_masks_the_waveform_and_draws_each_clips_snr(monkeypatch):
     wave, lengths = speech_batch(lengths=(40, 40, 40))
     quiet = m.Config(noise_snrs="inf")
