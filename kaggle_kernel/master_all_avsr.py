@@ -64,7 +64,7 @@ import torch.nn.functional as F
 @dataclass
 class Config:
     # run
-    mode: str = "train"  # train | test | decode | diagnose | sanity | stats | vocab | synth | preprocess | export | average
+    mode: str = "train"  # train | test | decode | diagnose | sanity | stats | vocab | synth | preprocess | export | average | lm
     work_dir: str = "runs/demo"  # everything a run writes goes here
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 1337  # seeds weights, batches, augmentation and dropout: the same seed, the same run (on CPU)
@@ -171,6 +171,14 @@ class Config:
     min_length_ratio: float = 0.0  # units per frame at least (no end before)
     length_bonus: float = 0.0  # added per unit; > 0 favours longer hypotheses
     nbest: int = 1  # hypotheses kept per clip (nbest.csv, decode's output)
+    lm: str = ""  # a language model (lm/lm.pt of --mode lm) scored in the beam search beside decoder and CTC
+    lm_weight: float = 0.0  # its weight L: (1 - w) decoder + w CTC + L lm + bonus x length (ESPnet's sum)
+    # language model (--mode lm): a unit-level LSTM over the run's vocabulary, written to <work_dir>/lm/lm.pt
+    lm_text: list[str] = field(default_factory=list)  # more sentences to learn from, one a line (repeatable)
+    lm_dim: int = 256  # its embedding and LSTM width
+    lm_layers: int = 2  # its LSTM layers
+    lm_dropout: float = 0.3  # dropout on its embeddings, between its layers and before its output
+    lm_epochs: int = 40  # passes over its sentences; the one with the lowest validation perplexity is kept
     # preprocessing: raw face videos -> mouth clips (--mode preprocess --input RAW --output DIR)
     landmark_model: str = ""  # dlib's shape_predictor_68_face_landmarks.dat; searched for when not given
     detect_every: int = 10  # the face detector runs every N frames; the landmarks follow the face in between
@@ -401,10 +409,13 @@ class Vocabulary:
         return cls({u: i + 1 for i, u in enumerate(SEED_UNITS)})
 
     @classmethod
+    def from_json(cls, obj: dict) -> "Vocabulary":
+        return cls(obj["units"], obj["specials"], obj.get("letters_only", False))
+
+    @classmethod
     def load(cls, path: Path) -> "Vocabulary":
         try:
-            obj = json.loads(Path(path).read_text(encoding="utf-8"))
-            return cls(obj["units"], obj["specials"], obj.get("letters_only", False))
+            return cls.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"Cannot read the vocabulary {path}: {e}. It must be JSON with 'units' and "
                             "'specials' (unit -> id), as written by --mode vocab.") from e
@@ -2069,6 +2080,24 @@ class BaselineModel(nn.Module):
         return self.ctc(self.encode(video, lengths)[0]), None
 
 
+class UnitLM(nn.Module):
+    """A language model of the run's units (word spaces included): sos, the units, eos, as the decoder reads
+    them. An LSTM, chosen over n-grams and a small Transformer by validation perplexity on LRC-AR (README)."""
+
+    def __init__(self, vocab_size: int, dim: int, layers: int, dropout: float):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.drop = nn.Dropout(dropout)
+        self.lstm = nn.LSTM(dim, dim, layers, batch_first=True, dropout=dropout if layers > 1 else 0.0)
+        self.output = nn.Linear(dim, vocab_size)
+
+    def forward(self, tokens: torch.Tensor, state=None):
+        """B x L tokens (and the LSTM's state after what came before) -> B x L x V log-probs of the next unit,
+        and the state after these tokens."""
+        h, state = self.lstm(self.drop(self.embed(tokens)), state)
+        return self.output(self.drop(h)).float().log_softmax(-1), state
+
+
 def model_dims(cfg: Config, vocab_size: int) -> SimpleNamespace:
     if cfg.preset not in PRESETS:
         raise UserError(f"--preset {cfg.preset!r} is not known; choose one of {', '.join(PRESETS)}.")
@@ -2550,6 +2579,8 @@ class Beams:
         self.r[..., 1] = lp[:, blank].cumsum(1).repeat_interleave(k, 0).t()
         self.psi = lp.new_zeros(n * k)  # the CTC prefix score of each row's prefix
         self.cached = None  # each row's row in the decoder cache (decoder_scores)
+        self.lm_state = self.lm_next = None  # the language model's LSTM state after each row's prefix, and after
+        # each row's prefix and its last token once scored (lm_scores)
 
     def keep(self, live: torch.Tensor) -> None:
         """Drop finished clips (live: bool per current clip), and the frames no live clip has."""
@@ -2560,19 +2591,70 @@ class Beams:
         self.lp, self.score = self.lp[live, :, :T], self.score[live]
         self.row_clip = torch.arange(len(self.clips), device=self.lp.device).repeat_interleave(self.k)
         self.tokens, self.r, self.psi = self.tokens[rows], self.r[:T, rows], self.psi[rows]
+        if self.lm_state is not None:
+            self.lm_state = tuple(x[:, rows] for x in self.lm_state)
         if self.cache is not None:
             self.cache.keep_clips(live, rows, T)
+
+
+LM_WEIGHT = 0.3  # --lm-weight when --lm comes without one: the best of those measured on LRC-AR (README)
+LM_FILE = "lm.pt"
+
+
+@dataclasses.dataclass
+class LanguageModel:
+    model: UnitLM
+    weight: float
+    path: Path
+
+
+def read_lm(path: Path, vocab: Vocabulary) -> tuple[UnitLM, dict]:
+    """The model in an lm.pt of --mode lm, and the file's other entries; refused unless its units are the
+    vocabulary's, in the same order."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file raises anything
+        raise UserError(f"--lm {path}: cannot read it ({type(e).__name__}: {e}). Train one with --mode lm.") from e
+    if not isinstance(saved, dict) or not {"model", "vocab", "dims"} <= saved.keys():
+        raise UserError(f"--lm {path}: not a language model of --mode lm (no model, vocab and dims in it).")
+    units = Vocabulary.from_json(saved["vocab"]).itos
+    if units != vocab.itos:
+        raise UserError(f"--lm {path} was trained over {len(units)} units, this model reads {vocab.size}"
+                        + (" (the same number, other units or order)" if len(units) == vocab.size else "")
+                        + ": train the language model with this run's vocabulary (--mode lm --work-dir RUN).")
+    lm = UnitLM(len(units), **saved["dims"])
+    lm.load_state_dict(saved["model"])
+    return lm.eval(), saved
+
+
+def load_lm(cfg: Config, vocab: Vocabulary, device) -> LanguageModel | None:
+    """--lm, as given or found by name (on Kaggle under /kaggle/input), at --lm-weight (or LM_WEIGHT)."""
+    if not cfg.lm:
+        return None
+    path = Path(cfg.lm)
+    if not path.is_file():
+        found, places = find_on_disk(path.name, Path(cfg.work_dir), Path(cfg.work_dir) / "lm")
+        if found is None:
+            looked = "\n  ".join(map(str, [cfg.lm, *places]))
+            raise UserError(f"--lm {cfg.lm}: no such file. Looked in:\n  {looked}\nTrain one with --mode lm.")
+        path = found
+    lm, saved = read_lm(path, vocab)
+    weight = cfg.lm_weight or LM_WEIGHT
+    print(f"language model {path} (validation perplexity {saved.get('val_perplexity', float('nan')):.2f}) "
+          f"at weight {weight:g} in the beam search")
+    return LanguageModel(lm.to(device), weight, path)
 
 
 def search_ctc_weight(model: nn.Module, cfg: Config) -> float:
     return 1.0 if model.decoder is None else cfg.beam_ctc_weight  # a CTC-only model gets a CTC prefix search
 
 
-def search_settings(model: nn.Module, cfg: Config, vocab_size: int) -> SimpleNamespace:
-    """ESPnet's choices: no pre-beam without a decoder, or when the pre-beam would hold the whole vocabulary."""
+def search_settings(model: nn.Module, cfg: Config, vocab_size: int, lm=None) -> SimpleNamespace:
+    """ESPnet's choices: no pre-beam without a decoder (a language model does not bring one), or when the
+    pre-beam would hold the whole vocabulary."""
     w = search_ctc_weight(model, cfg)
     pre_beam = int(1.5 * cfg.beam_size)
-    return SimpleNamespace(w=w, use_decoder=w < 1, use_ctc=w > 0,
+    return SimpleNamespace(w=w, use_decoder=w < 1, use_ctc=w > 0, lm_weight=lm.weight if lm else 0.0,
                            pre_beam=pre_beam if w < 1 and pre_beam < vocab_size else 0)
 
 
@@ -2588,13 +2670,23 @@ def decoder_scores(model, beams: Beams, step: int) -> torch.Tensor:
     return log_probs.new_zeros(len(beams.tokens), log_probs.size(1)).index_copy_(0, beams.cache.where, log_probs)
 
 
-def joint_scores(model, beams: Beams, s: SimpleNamespace, cfg: Config, vocab: Vocabulary, step: int):
-    """Every row's total score for each next token, summed in ESPnet's order (decoder, length bonus, CTC,
-    the row's own score), and the CTC side's (candidates, psi over the vocabulary, forward variables)."""
+def lm_scores(lm: UnitLM, beams: Beams) -> torch.Tensor:
+    """The language model's R x V log-probs of every row's next token: one LSTM step on each row's last token
+    from the state after the rest of its prefix."""
+    log_probs, beams.lm_next = lm(beams.tokens[:, -1:], beams.lm_state)
+    return log_probs[:, 0]
+
+
+def joint_scores(model, beams: Beams, s: SimpleNamespace, cfg: Config, vocab: Vocabulary, step: int, lm=None):
+    """Every row's total score for each next token, summed in ESPnet's order (decoder, language model, length
+    bonus, CTC, the row's own score), and the CTC side's (candidates, psi over the vocabulary, forward
+    variables). The pre-beam, as ESPnet's, picks the CTC's candidates by the sum before CTC."""
     R, V, device = beams.tokens.size(0), vocab.size, beams.lp.device
     weighted = torch.zeros(R, V, device=device)
     if s.use_decoder:
         weighted += (1 - s.w) * decoder_scores(model, beams, step).float()
+    if lm is not None:
+        weighted += s.lm_weight * lm_scores(lm, beams)
     if cfg.length_bonus:
         weighted += cfg.length_bonus
     ctc = None
@@ -2629,14 +2721,18 @@ def advance(beams: Beams, parent, token, score, done_row, ctc) -> None:
         beams.psi = psi_full[parent, token]
     beams.tokens = torch.cat([beams.tokens[parent], token[:, None]], 1)
     beams.score = score.masked_fill(done_row.view(score.shape), -math.inf)
+    if beams.lm_next is not None:
+        beams.lm_state = tuple(x[:, parent] for x in beams.lm_next)
     if beams.cache is not None:
         beams.cache.select_rows(beams.cached[parent])
 
 
 @torch.no_grad()
-def beam_search_batch(model, enc, mask, lengths, vocab: Vocabulary, cfg: Config) -> list[list[tuple[list[int], float]]]:
-    """The n-best (tokens, score) of each clip, best first, by Auto-AVSR's joint CTC/attention search."""
-    s = search_settings(model, cfg, vocab.size)
+def beam_search_batch(model, enc, mask, lengths, vocab: Vocabulary, cfg: Config,
+                      lm: LanguageModel | None = None) -> list[list[tuple[list[int], float]]]:
+    """The n-best (tokens, score) of each clip, best first, by Auto-AVSR's joint CTC/attention search (with a
+    language model's term where one is given)."""
+    s = search_settings(model, cfg, vocab.size, lm)
     K, V, eos = cfg.beam_size, vocab.size, vocab.sos_eos
     lengths = lengths.cpu()
     max_len = lengths if cfg.max_length_ratio == 0 else (lengths * cfg.max_length_ratio).long().clamp(min=1)
@@ -2645,7 +2741,7 @@ def beam_search_batch(model, enc, mask, lengths, vocab: Vocabulary, cfg: Config)
                   model.decoder.start(enc, mask, len(lengths) * K, int(max_len.max())) if s.use_decoder else None)
     ended: list[list[tuple[float, int, list[int]]]] = [[] for _ in lengths]  # (score, length, tokens) per clip
     for step in range(int(max_len.max())):
-        weighted, ctc = joint_scores(model, beams, s, cfg, vocab, step)
+        weighted, ctc = joint_scores(model, beams, s, cfg, vocab, step, lm and lm.model)
         weighted[(step < min_len[beams.clips]).repeat_interleave(K).to(weighted.device), eos] = -math.inf
         score, flat = weighted.view(-1, K * V).topk(K, -1)
         parent = (flat // V + torch.arange(len(beams.clips), device=flat.device)[:, None] * K).view(-1)
@@ -2680,15 +2776,18 @@ def beam_chunk_clips(model: nn.Module, cfg: Config, vocab_size: int, frames: int
     return max(1, BEAM_MEMORY // per_clip)
 
 
-def decode(model: nn.Module, enc, mask, lengths, vocab: Vocabulary, cfg: Config) -> list[list[tuple[list[int], float]]]:
-    """Test's and decode's one entry point: each clip's n-best (tokens, score), best first, by --decoder."""
+def decode(model: nn.Module, enc, mask, lengths, vocab: Vocabulary, cfg: Config,
+           lm: LanguageModel | None = None) -> list[list[tuple[list[int], float]]]:
+    """Test's and decode's one entry point: each clip's n-best (tokens, score), best first, by --decoder (the
+    language model counts in the beam search only)."""
     if cfg.decoder == "attention" and model.decoder is not None:
         return [[h] for h in greedy_attention(model, enc, mask, lengths, vocab.sos_eos)]
     if cfg.decoder != "beam":
         return [[h] for h in greedy_ctc(model.ctc(enc), lengths, vocab.blank)]
     step = beam_chunk_clips(model, cfg, vocab.size, enc.size(1), enc.size(2))
     return [hyps for i in range(0, enc.size(0), step)
-            for hyps in beam_search_batch(model, enc[i:i + step], mask[i:i + step], lengths[i:i + step], vocab, cfg)]
+            for hyps in beam_search_batch(model, enc[i:i + step], mask[i:i + step], lengths[i:i + step], vocab, cfg,
+                                          lm)]
 
 
 def words_of(ids: list[int], vocab: Vocabulary) -> list[tuple[int, ...]]:
@@ -2725,10 +2824,10 @@ def eval_batches(ds: Dataset, index: list[int], cfg: Config) -> list[list[int]]:
 
 @torch.no_grad()
 def evaluate(model, ds: Dataset, index: list[int], vocab: Vocabulary, cfg: Config, device,
-             decoders: tuple[str, ...] = ("ctc", "attention"), features=None) -> dict:
+             decoders: tuple[str, ...] = ("ctc", "attention"), features=None, lm: LanguageModel | None = None) -> dict:
     """Loss, and error rates and n-best lists per decoder, on clips seen without augmentation (with `features`,
     a frozen frontend's FeatureBank: from its center-crop view). Every epoch asks for the two greedy decoders;
-    test adds the one it reports."""
+    test adds the one it reports (the beam search with `lm`'s term, where given)."""
     model.eval()
     augment = Augment(cfg, train=False)
     decoders = tuple(d for d in decoders if d != "attention" or model.decoder is not None)
@@ -2746,7 +2845,7 @@ def evaluate(model, ds: Dataset, index: list[int], vocab: Vocabulary, cfg: Confi
                 enc, mask = model.encode_features(x.to(device), lengths.to(device))
             parts = joint_loss(model, enc, mask, model.ctc(enc), lengths.to(device), targets, vocab, cfg)
             for d in decoders:
-                nbest[d] += decode(model, enc, mask, lengths.to(device), vocab, dataclasses.replace(cfg, decoder=d))
+                nbest[d] += decode(model, enc, mask, lengths.to(device), vocab, dataclasses.replace(cfg, decoder=d), lm)
         for k, v in parts.items():
             totals[k] += v.item() * len(chosen)
         seen += len(chosen)
@@ -2898,7 +2997,7 @@ def model_from_checkpoint(path: Path, cfg: Config, device, state: dict | None = 
         saved = saved_config(state)
         kept = MODEL_SETTINGS + DATA_SETTINGS + ("dropout", "freeze", "unfreeze_at")
         model_cfg = dataclasses.replace(cfg, **{k: getattr(saved, k) for k in kept})
-        vocab = Vocabulary(state["vocab"]["units"], state["vocab"]["specials"], state["vocab"].get("letters_only", False))
+        vocab = Vocabulary.from_json(state["vocab"])
         model = build_model(model_cfg, vocab.size)
         model.load_state_dict(state["model"])
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:  # a damaged or foreign file
@@ -3485,6 +3584,154 @@ def train(cfg: Config, ds: Dataset | None = None, done=None) -> dict:
         if rank0_says(last, device):
             break
     return {"history": history, "model": model, "vocab": vocab, "dataset": ds}
+
+
+# Language model (--mode lm) ---------------------------------------------------------------------------------
+# Lips leave letters that look alike (ب/م, ت/د/ن/ل); text settles them. The model learns the units of the
+# training clips' labels and of any text given, and keeps the epoch that predicts the validation labels best.
+
+LM_BATCH = 64  # sentences a step
+
+
+def text_sentences(path: Path, vocab: Vocabulary) -> list[list[int]]:
+    """--lm-text: one sentence a line (UTF-8 or UTF-16 with its BOM); a line with a unit the vocabulary lacks
+    is skipped, counted and shown."""
+    try:
+        raw = path.read_bytes()
+        lines = raw.decode(label_encoding(raw)).splitlines()
+    except (OSError, ValueError) as e:
+        raise UserError(f"--lm-text {path}: cannot read it ({e}).") from e
+    kept, skipped = [], []
+    for line in filter(str.strip, lines):
+        ids, unknown = vocab.encode(line)
+        if unknown:
+            skipped.append((line.strip(), unknown))
+        else:
+            kept.append(ids)
+    print(f"--lm-text {path}: {len(kept)} sentences used, {len(skipped)} skipped for units outside the vocabulary"
+          + "".join(f"\n  e.g. {line[:60]!r}: {', '.join(sorted(set(u))[:5])}" for line, u in skipped[:3]))
+    return kept
+
+
+def lm_sentences(cfg: Config, vocab: Vocabulary) -> dict[str, list[list[int]]]:
+    """The sentences the language model learns from (the labels of every clip that trains, then --lm-text)
+    and those it is measured on (the validation labels), as ids."""
+    ds = load_dataset(cfg, vocab, torch.device("cpu"))
+    sentences = {"train": [ds.samples[i].ids for i in ds.trained()],
+                 "val": [ds.samples[i].ids for i in ds.subset("val")]}
+    for path in cfg.lm_text:
+        sentences["train"] += text_sentences(Path(path), vocab)
+    if not sentences["train"] or not sentences["val"]:
+        raise UserError("--mode lm needs training and validation labels: check --data-dir and --val-fraction.")
+    return sentences
+
+
+def lm_batch(sentences: list[list[int]], sos_eos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs sos + ids and targets ids + eos, right-padded (targets with -1, ignored)."""
+    n = max(len(ids) for ids in sentences) + 1
+    inputs = torch.full((len(sentences), n), sos_eos)
+    targets = torch.full((len(sentences), n), -1)
+    for b, ids in enumerate(sentences):
+        inputs[b, 1:len(ids) + 1] = torch.tensor(ids, dtype=torch.long)
+        targets[b, :len(ids) + 1] = torch.tensor(ids + [sos_eos], dtype=torch.long)
+    return inputs, targets
+
+
+def lm_loss(lm: UnitLM, sentences: list[list[int]], sos_eos: int, device) -> tuple[torch.Tensor, int]:
+    """Summed negative log-likelihood of the sentences' units and eos, and how many there are."""
+    inputs, targets = lm_batch(sentences, sos_eos)
+    log_probs, _ = lm(inputs.to(device))
+    targets = targets.to(device)
+    return F.nll_loss(log_probs.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="sum"), \
+        int((targets >= 0).sum())
+
+
+@torch.no_grad()
+def lm_perplexity(lm: UnitLM, sentences: list[list[int]], sos_eos: int, device) -> float:
+    lm.eval()
+    total, n = 0.0, 0
+    for i in range(0, len(sentences), LM_BATCH):
+        nll, count = lm_loss(lm, sentences[i:i + LM_BATCH], sos_eos, device)
+        total, n = total + nll.item(), n + count
+    return math.exp(total / n)
+
+
+def lm_file(lm: UnitLM, cfg: Config, vocab: Vocabulary, epoch: int, val_perplexity: float) -> dict:
+    return {"model": lm.state_dict(), "vocab": vocab.to_json(), "epoch": epoch, "val_perplexity": val_perplexity,
+            "dims": lm_dims(cfg)}
+
+
+def lm_dims(cfg: Config) -> dict:
+    return {"dim": cfg.lm_dim, "layers": cfg.lm_layers, "dropout": cfg.lm_dropout}
+
+
+def resumable_lm(path: Path, cfg: Config, vocab: Vocabulary) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a file cut short or of another kind; torch raises many types here
+        raise UserError(f"Cannot read {path} ({type(e).__name__}: {e}): delete it to start the language model "
+                        "afresh.") from e
+    if Vocabulary.from_json(state["vocab"]).itos != vocab.itos or state["dims"] != lm_dims(cfg):
+        raise UserError(f"{path} was trained with {state['dims']} over {len(state['vocab']['units'])} units; "
+                        f"these settings ask for {lm_dims(cfg)} over {vocab.size}: resume with its settings, or "
+                        "give another --work-dir.")
+    return state
+
+
+def train_lm(cfg: Config) -> dict:
+    """--mode lm: <work_dir>/lm/lm.pt (the epoch of lowest validation perplexity), lm/last.pt to resume from,
+    and lm/perplexity.json."""
+    device = pick_device(cfg.device)
+    vocab = load_vocabulary(cfg)
+    folder = Path(cfg.work_dir) / "lm"
+    last_path = folder / "last.pt"
+    if last_path.exists() and not cfg.resume:
+        raise UserError(f"{last_path} exists: add --resume to continue it, or give another --work-dir.")
+    sentences = lm_sentences(cfg, vocab)
+    torch.manual_seed(cfg.seed)
+    lm = UnitLM(vocab.size, cfg.lm_dim, cfg.lm_layers, cfg.lm_dropout).to(device)
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                  weight_decay=cfg.weight_decay)
+    start, history = 1, []
+    if cfg.resume and last_path.exists():
+        state = resumable_lm(last_path, cfg, vocab)
+        lm.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        start, history = state["epoch"] + 1, state["history"]
+    n_units = sum(len(ids) + 1 for ids in sentences["train"])
+    print(f"language model: LSTM {cfg.lm_layers} x {cfg.lm_dim} over {vocab.size} units; "
+          f"{len(sentences['train'])} sentences ({n_units} units and ends) to learn, {len(sentences['val'])} "
+          f"validation labels to measure")
+    for epoch in range(start, cfg.lm_epochs + 1):
+        lm.train()
+        order = sentences["train"][:]
+        random.Random(cfg.seed * 100_003 + epoch).shuffle(order)
+        total, n = 0.0, 0
+        for i in range(0, len(order), LM_BATCH):
+            nll, count = lm_loss(lm, order[i:i + LM_BATCH], vocab.sos_eos, device)
+            optimizer.zero_grad(set_to_none=True)
+            (nll / count).backward()
+            torch.nn.utils.clip_grad_norm_(lm.parameters(), cfg.grad_clip)
+            optimizer.step()
+            total, n = total + nll.item(), n + count
+        val = lm_perplexity(lm, sentences["val"], vocab.sos_eos, device)
+        history.append({"epoch": epoch, "train_perplexity": math.exp(total / n), "val_perplexity": val})
+        best = min(r["val_perplexity"] for r in history)
+        print(f"lm epoch {epoch}/{cfg.lm_epochs}: perplexity train {math.exp(total / n):.2f}, validation "
+              f"{val:.2f}" + (" (best so far)" if val == best else ""), flush=True)
+        if val == best:
+            atomic_write(folder / LM_FILE, lambda tmp: torch.save(lm_file(lm, cfg, vocab, epoch, val), tmp))
+        state = {"model": lm.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+                 "epoch": epoch, "history": history, "vocab": vocab.to_json(), "dims": lm_dims(cfg)}
+        atomic_write(last_path, lambda tmp: torch.save(state, tmp))
+    best = min(history, key=lambda r: r["val_perplexity"])
+    report = {"val_perplexity": best["val_perplexity"], "epoch": best["epoch"], "history": history,
+              "sentences": {k: len(v) for k, v in sentences.items()}, "lm_text": cfg.lm_text}
+    write_json(folder / "perplexity.json", report)
+    print(f"Wrote {folder / LM_FILE}: validation perplexity {best['val_perplexity']:.2f} (epoch {best['epoch']}). "
+          f"Use it with --lm {folder / LM_FILE} in --mode test/decode/diagnose.")
+    return report
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -4373,7 +4620,7 @@ KAGGLE_WORKING = Path("/kaggle/working")  # kept as the session's output (20 GB)
 KAGGLE_SCRATCH = Path("/tmp/master_all_avsr_cache")  # the clip cache: rebuilt in a minute, not worth output space
 KAGGLE_BUDGET = 11 * 60.0  # minutes of training; the rest of the 12 h reads the data, tests and saves the output
 SETTINGS_FILE = "master_all_avsr.json"  # a pushed kernel's --config, found in any attached dataset
-DATA_MODES = ("train", "test", "diagnose", "sanity", "stats", "vocab", "average")
+DATA_MODES = ("train", "test", "diagnose", "sanity", "stats", "vocab", "average", "lm")
 CHECKPOINT_MODES = ("test", "diagnose", "decode")
 
 
@@ -4593,7 +4840,7 @@ def read_config_file(path: str) -> dict:
 
 
 CHOICES = {"mode": ("train", "test", "decode", "diagnose", "sanity", "stats", "vocab", "synth", "preprocess", "export",
-                    "average"),
+                    "average", "lm"),
            "frontend": ("cnn", "noise", "linear"),
            "data": ("auto", "files", "synthetic"), "units": ("diacritized", "letters"), "unknown_units": ("skip", "map"), "arch": ("conformer", "baseline"),
            "preset": tuple(PRESETS), "amp": ("auto", "bf16", "fp16", "off"), "split": ("train", "val", "test", "all"),
@@ -4635,6 +4882,9 @@ def validate(cfg: Config) -> Config:
                    f"--init-from loads a CNN frontend, not --frontend {cfg.frontend}: leave it out of --init-parts"),
                   (cfg.modality == "video" or cfg.arch == "conformer",
                    "--arch baseline reads video only; sound needs --arch conformer"),
+                  (min(cfg.lm_dim, cfg.lm_layers, cfg.lm_epochs) >= 1 and 0 <= cfg.lm_dropout < 1
+                   and cfg.lm_weight >= 0, "--lm-dim, --lm-layers and --lm-epochs must be 1 or more, --lm-dropout "
+                                           "in [0, 1), --lm-weight 0 or more"),
                   (0 <= cfg.drop_sound and 0 <= cfg.drop_video and cfg.drop_sound + cfg.drop_video <= 1,
                    "--drop-sound and --drop-video are probabilities that add up to at most 1"),
                   (not (cfg.drop_sound or cfg.drop_video) or cfg.modality == "av",
@@ -4777,12 +5027,21 @@ def checkpoint_path(cfg: Config) -> Path:
     return folder / "best.pt"
 
 
-def decoding_settings(model: nn.Module, cfg: Config) -> dict:
+def decoding_settings(model: nn.Module, cfg: Config, lm: LanguageModel | None = None) -> dict:
     if cfg.decoder != "beam":
         return {"decoder": cfg.decoder if model.decoder is not None else "ctc", "search": "greedy"}
     return {"decoder": "beam", "beam_size": cfg.beam_size, "ctc_weight": search_ctc_weight(model, cfg),
             "max_length_ratio": cfg.max_length_ratio, "min_length_ratio": cfg.min_length_ratio,
-            "length_bonus": cfg.length_bonus, "nbest": cfg.nbest}
+            "length_bonus": cfg.length_bonus, "nbest": cfg.nbest,
+            **({"lm": str(lm.path), "lm_weight": lm.weight} if lm else {})}
+
+
+def search_lm(cfg: Config, vocab: Vocabulary, device) -> LanguageModel | None:
+    """--lm for the beam search; with a greedy --decoder it has nothing to score, which is said."""
+    if cfg.lm and cfg.decoder != "beam":
+        print(f"warning: --lm counts in the beam search only; --decoder {cfg.decoder} does without it.")
+        return None
+    return load_lm(cfg, vocab, device)
 
 
 def split_index(ds: Dataset, split: str) -> list[int]:
@@ -4799,9 +5058,11 @@ def run_test(cfg: Config, ds: Dataset | None = None, name: str = "") -> dict:
     model, vocab, model_cfg = model_from_checkpoint(checkpoint_path(cfg), cfg, device)
     ds = ds or load_dataset(model_cfg, vocab, device)
     index = split_index(ds, cfg.split)
-    decoding = decoding_settings(model, model_cfg)
+    lm = search_lm(model_cfg, vocab, device)
+    decoding = decoding_settings(model, model_cfg, lm)
     t0 = time.perf_counter()
-    result = evaluate(model, ds, index, vocab, model_cfg, device, tuple(dict.fromkeys(("ctc", decoding["decoder"]))))
+    result = evaluate(model, ds, index, vocab, model_cfg, device, tuple(dict.fromkeys(("ctc", decoding["decoder"]))),
+                      lm=lm)
     seconds = time.perf_counter() - t0
     order, refs, nbest = result["rows"]["order"], result["rows"]["refs"], result["rows"][decoding["decoder"]]
     work = Path(cfg.work_dir)
@@ -4852,8 +5113,10 @@ def run_diagnose(cfg: Config) -> dict:
     print(f"Diagnosing {path} (epoch {state['epoch']}) on {len(index)} {cfg.split} clips; the settings it was "
           "trained with:")
     report_setup(model, ds, trained, folder / "setup.txt")
-    decoding = decoding_settings(model, model_cfg)["decoder"]
-    result = evaluate(model, ds, index, vocab, model_cfg, device, tuple(dict.fromkeys(("ctc", "attention", decoding))))
+    lm = search_lm(model_cfg, vocab, device)
+    decoding = decoding_settings(model, model_cfg, lm)["decoder"]
+    result = evaluate(model, ds, index, vocab, model_cfg, device, tuple(dict.fromkeys(("ctc", "attention", decoding))),
+                      lm=lm)
     cers = {d: result[d]["cer"] for d in ("ctc", "attention", "beam") if d in result}
     lines = ["CER " + ", ".join(f"{d} {v:.3f}" for d, v in cers.items()) + f" (WER {fmt(result[decoding]['wer'])}, "
              f"mean per clip {result[decoding]['cer_mean_per_clip']:.3f})"]
@@ -5003,12 +5266,12 @@ def run_decode(cfg: Config) -> list[tuple[str, list[tuple[str, float]]]]:
     device = pick_device(cfg.device)
     model, vocab, model_cfg = model_from_checkpoint(checkpoint_path(cfg), cfg, device)
     names, clips = read_clips_to_decode(clips_to_decode(model_cfg), model_cfg)
-    augment, out = Augment(model_cfg, train=False), []
+    augment, out, lm = Augment(model_cfg, train=False), [], search_lm(model_cfg, vocab, device)
     for batch in frame_budget_batches(clips.bank.lengths.tolist(), model_cfg.max_frames, random.Random(0)):
         x, lengths = batch_inputs(clips, batch, augment, device)
         with torch.no_grad(), autocast(device, model_cfg):
             enc, mask = model.encode(x, lengths.to(device))
-            nbest = decode(model, enc, mask, lengths.to(device), vocab, model_cfg)
+            nbest = decode(model, enc, mask, lengths.to(device), vocab, model_cfg, lm)
         for i, hyps in zip(batch, nbest):
             out.append((names[i], [(vocab.decode(ids), score) for ids, score in hyps]))
     out.sort()
@@ -5057,10 +5320,10 @@ def run_export(cfg: Config) -> dict:
     return {k: str(v) for k, v in files.items()}
 
 
-WRITING_MODES = ("train", "test", "diagnose", "sanity", "stats", "vocab", "average", "export")  # lock the work dir
+WRITING_MODES = ("train", "test", "diagnose", "sanity", "stats", "vocab", "average", "export", "lm")  # lock the work dir
 MODES = {"train": run_train, "test": run_test, "decode": run_decode, "diagnose": run_diagnose, "sanity": run_sanity,
          "stats": run_stats, "vocab": run_vocab, "synth": run_synth, "preprocess": run_preprocess, "export": run_export,
-         "average": run_average}
+         "average": run_average, "lm": train_lm}
 
 
 def in_notebook() -> bool:

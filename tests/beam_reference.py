@@ -41,9 +41,10 @@ def end_detect(ended, i, m=3, d_end=-10.0):
 
 
 @torch.no_grad()
-def beam_search_one_clip(model, enc, beam, ctc_weight, eos, blank, max_length_ratio=0.0, length_bonus=0.0):
+def beam_search_one_clip(model, enc, beam, ctc_weight, eos, blank, max_length_ratio=0.0, length_bonus=0.0,
+                         lm=None, lm_weight=0.0):
     """enc: 1 x T x d, this clip's frames only. -> ended hypotheses, best first: dicts with yseq (sos ... eos)
-    and score."""
+    and score. `lm`, a language model (tokens -> log-probs of each next token), reads each whole prefix anew."""
     lp = model.ctc(enc)[0].float().log_softmax(-1).cpu()  # the CTC side runs on the CPU, the model where it is
     T, V = lp.shape
     w = ctc_weight
@@ -57,11 +58,16 @@ def beam_search_one_clip(model, enc, beam, ctc_weight, eos, blank, max_length_ra
         if w < 1:
             ys = torch.tensor([h["yseq"] for h in running], device=enc.device)
             dec = model.decoder(ys, enc.expand(len(running), -1, -1))[:, -1].float().log_softmax(-1).cpu()
+        if lm is not None:
+            ys = torch.tensor([h["yseq"] for h in running], device=enc.device)
+            lm_lp = lm(ys)[0][:, -1].float().cpu()
         rows, states = [], []
         for k, h in enumerate(running):
             scores = torch.zeros(V)
             if w < 1:
                 scores += (1 - w) * dec[k]
+            if lm is not None:
+                scores += lm_weight * lm_lp[k]
             if length_bonus:
                 scores += length_bonus
             log_psi, r_new, ids = None, None, None

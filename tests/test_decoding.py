@@ -1,6 +1,7 @@
 """Section 7: greedy decoding, the batched beam search against a one-clip reference of Auto-AVSR's search,
 and the error rates on cases worked out by hand."""
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,6 +117,48 @@ def test_batched_search_gives_the_one_clip_reference_best_hypothesis_and_score(w
             best = ended[0]
             assert got[b][0][0] == [t for t in best["yseq"][1:] if t != eos], (which, beam, w, b)
             assert got[b][0][1] == pytest.approx(best["score"], abs=1e-4), (which, beam, w, b)
+
+
+def unit_lm(seed=3):
+    torch.manual_seed(seed)
+    return m.UnitLM(m.Vocabulary.seed().size, 32, 2, 0.0).eval()
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_the_language_models_term_follows_the_reference(trained, beam):
+    """The batched search steps the LSTM once a token, its state following each row's parent; the reference
+    reads every prefix whole. Both add L x log p_lm before the pre-beam, as ESPnet does."""
+    model, x, lengths = trained
+    lm, eos = unit_lm(), m.Vocabulary.seed().sos_eos
+    vocab = m.Vocabulary.seed()
+    for w, weight in ((0.3, 0.5), (1.0, 0.3), (0.0, 1.0)):
+        cfg = m.Config(preset="tiny", input_size=44, beam_size=beam, beam_ctc_weight=w)
+        with torch.no_grad():
+            enc, mask = model.encode(x, lengths)
+            got = m.beam_search_batch(model, enc, mask, lengths, vocab, cfg, m.LanguageModel(lm, weight, Path("lm.pt")))
+            plain = m.beam_search_batch(model, enc, mask, lengths, vocab, cfg)
+        for b, ended in enumerate(reference(model, x, lengths, beam, w, lm=lm, lm_weight=weight)):
+            assert got[b][0][0] == [t for t in ended[0]["yseq"][1:] if t != eos], (beam, w, b)
+            assert got[b][0][1] == pytest.approx(ended[0]["score"], abs=1e-4), (beam, w, b)
+        assert [g[0][1] for g in got] != [p[0][1] for p in plain]  # the term counts
+
+
+def test_a_language_model_of_another_vocabulary_is_refused_with_both_sizes(tmp_path):
+    vocab = m.Vocabulary.seed()
+    cfg = m.Config(lm_dim=32, lm_layers=1, lm_dropout=0.0)
+    bigger = vocab.with_units(["zz"])
+    lm = m.UnitLM(bigger.size, 32, 1, 0.0)
+    torch.save(m.lm_file(lm, cfg, bigger, 1, 9.0), tmp_path / "lm.pt")
+    with pytest.raises(m.UserError, match=f"trained over {bigger.size} units, this model reads {vocab.size}"):
+        m.load_lm(m.Config(lm=str(tmp_path / "lm.pt")), vocab, torch.device("cpu"))
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(m.UserError, match="not a language model of --mode lm"):
+        m.load_lm(m.Config(lm=str(tmp_path / "other.pt")), vocab, torch.device("cpu"))
+    with pytest.raises(m.UserError, match="no such file. Looked in"):
+        m.load_lm(m.Config(lm="nowhere_lm.pt", work_dir=str(tmp_path)), vocab, torch.device("cpu"))
+    torch.save(m.lm_file(m.UnitLM(vocab.size, 32, 1, 0.0), cfg, vocab, 1, 9.0), tmp_path / "lm.pt")
+    found = m.load_lm(m.Config(lm=str(tmp_path / "lm.pt")), vocab, torch.device("cpu"))
+    assert found.weight == m.LM_WEIGHT  # --lm without --lm-weight: the measured one
 
 
 def test_length_bonus_and_max_length_ratio_follow_the_reference(trained):

@@ -601,3 +601,47 @@ def test_ctrl_c_leaves_whole_files_and_says_how_to_resume(tmp_path):
     assert "Interrupted" in output and f"--work-dir {work} --resume" in output
     assert torch.load(work / "checkpoints" / "last.pt", weights_only=False)["epoch"] >= 1
     assert not list((work / "checkpoints").glob(".*")) and not (work / ".lock").exists()
+
+
+# Language model (--mode lm) -------------------------------------------------------------------------------------
+
+def test_the_language_model_learns_the_labels_resumes_exactly_and_serves_test_and_decode(tmp_path, capsys):
+    text = tmp_path / "more.txt"
+    vocab = m.load_vocabulary(m.Config())
+    known = vocab.decode(vocab.encode("قَالَ")[0])
+    text.write_text(f"\ufeff{known}\n\n{known} {known}\nqq unknown\n", encoding="utf-8")  # BOM, a blank line
+    small = dict(lm_dim=32, lm_layers=1, lm_epochs=20, lm_text=[str(text)], lr=1e-2)
+    whole = m.train_lm(fast_cfg(tmp_path / "whole", mode="lm", **small))
+    out = capsys.readouterr().out
+    assert "more.txt: 2 sentences used, 1 skipped for units outside the vocabulary" in out and "'qq unknown'" in out
+    history = whole["history"]
+    assert len(history) == 20 and min(r["val_perplexity"] for r in history) < 0.7 * history[0]["val_perplexity"]
+    assert whole["sentences"]["train"] == len(m.load_dataset(fast_cfg(tmp_path / "d"), vocab, torch.device("cpu"))
+                                              .subset("train")) + 2
+    saved = torch.load(tmp_path / "whole" / "lm" / "lm.pt", weights_only=True)
+    assert saved["val_perplexity"] == min(r["val_perplexity"] for r in history) and saved["dims"]["dim"] == 32
+    # ten epochs, then ten more with --resume: the same model, bit for bit
+    m.train_lm(fast_cfg(tmp_path / "split", mode="lm", **{**small, "lm_epochs": 10}))
+    with pytest.raises(m.UserError, match="last.pt exists: add --resume"):
+        m.train_lm(fast_cfg(tmp_path / "split", mode="lm", **small))
+    resumed = m.train_lm(fast_cfg(tmp_path / "split", mode="lm", resume=True, **small))
+    assert resumed["history"] == history
+    again = torch.load(tmp_path / "split" / "lm" / "lm.pt", weights_only=True)
+    assert all(torch.equal(v, saved["model"][k]) for k, v in again["model"].items())
+    with pytest.raises(m.UserError, match="resume with its settings"):
+        m.train_lm(fast_cfg(tmp_path / "split", mode="lm", resume=True, **{**small, "lm_dim": 64}))
+    # a model's run uses it in test (recorded) and decode; greedy decoding goes without, and says so
+    work = tmp_path / "run"
+    m.train(fast_cfg(work, epochs=1))
+    lm_path = str(tmp_path / "whole" / "lm" / "lm.pt")
+    metrics = m.run_test(fast_cfg(work, mode="test", beam_size=3, lm=lm_path, lm_weight=0.5))
+    assert metrics["decoding"]["lm"] == lm_path and metrics["decoding"]["lm_weight"] == 0.5
+    plain = m.run_test(fast_cfg(work, mode="test", beam_size=3))
+    assert "lm" not in plain["decoding"]
+    m.run_test(fast_cfg(work, mode="test", decoder="ctc", lm=lm_path))
+    assert "--lm counts in the beam search only" in capsys.readouterr().out
+    clips = tmp_path / "clips"
+    m.run_synth(fast_cfg(tmp_path / "s", output=str(clips), synthetic_clips=3))
+    decoded = m.run_decode(fast_cfg(work, mode="decode", input=str(clips / "Preprocessed_Video"), beam_size=3,
+                                    lm=lm_path))
+    assert len(decoded) == 3
