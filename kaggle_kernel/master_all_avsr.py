@@ -172,9 +172,9 @@ class Config:
     length_bonus: float = 0.0  # added per unit; > 0 favours longer hypotheses
     nbest: int = 1  # hypotheses kept per clip (nbest.csv, decode's output)
     lm: str = ""  # a language model (lm/lm.pt of --mode lm) scored in the beam search beside decoder and CTC
-    lm_weight: float = 0.0  # its weight L: (1 - w) decoder + w CTC + L lm + bonus x length (ESPnet's sum)
+    lm_weight: float = 0.0  # its weight L: (1-w) decoder + w CTC + L lm + bonus x length (0: the best measured)
     # language model (--mode lm): a unit-level LSTM over the run's vocabulary, written to <work_dir>/lm/lm.pt
-    lm_text: list[str] = field(default_factory=list)  # more sentences to learn from, one a line (repeatable)
+    lm_text: list[str] = field(default_factory=list)  # a text file of more sentences to learn from, one a line
     lm_dim: int = 256  # its embedding and LSTM width
     lm_layers: int = 2  # its LSTM layers
     lm_dropout: float = 0.3  # dropout on its embeddings, between its layers and before its output
@@ -2597,12 +2597,17 @@ class Beams:
             self.cache.keep_clips(live, rows, T)
 
 
+# A language model's term (--lm) ---------------------------------------------------------------------------
+# ESPnet's `lm` scorer beside `decoder` and `ctc`: each row's next-unit log-probs from a model of text alone,
+# weighted by --lm-weight, summed in before the pre-beam picks the CTC's candidates.
+
 LM_WEIGHT = 0.3  # --lm-weight when --lm comes without one: the best of those measured on LRC-AR (README)
 LM_FILE = "lm.pt"
 
 
 @dataclasses.dataclass
 class LanguageModel:
+    """A loaded --lm: the model, its weight in the search and the file it came from."""
     model: UnitLM
     weight: float
     path: Path
@@ -3678,11 +3683,23 @@ def resumable_lm(path: Path, cfg: Config, vocab: Vocabulary) -> dict:
     return state
 
 
+def lm_run_settings(cfg: Config) -> tuple[Config, Vocabulary]:
+    """The vocabulary and split of the model trained in --work-dir, where there is one (no label that model is
+    validated or tested on then trains its language model); else --vocab and the split settings given."""
+    last = Path(cfg.work_dir) / "checkpoints" / "last.pt"
+    if not last.exists():
+        return cfg, load_vocabulary(cfg)
+    state = load_checkpoint(last)
+    saved = saved_config(state)
+    print(f"language model: the vocabulary and split of the run in {cfg.work_dir}")
+    return dataclasses.replace(cfg, **{k: getattr(saved, k) for k in DATA_SETTINGS}), Vocabulary.from_json(state["vocab"])
+
+
 def train_lm(cfg: Config) -> dict:
     """--mode lm: <work_dir>/lm/lm.pt (the epoch of lowest validation perplexity), lm/last.pt to resume from,
     and lm/perplexity.json."""
     device = pick_device(cfg.device)
-    vocab = load_vocabulary(cfg)
+    cfg, vocab = lm_run_settings(cfg)
     folder = Path(cfg.work_dir) / "lm"
     last_path = folder / "last.pt"
     if last_path.exists() and not cfg.resume:
@@ -5317,6 +5334,12 @@ def run_export(cfg: Config) -> dict:
     else:
         del files["onnx"]
         print("The baseline's LSTM is not exported to ONNX; its state dict is.")
+    lm = Path(cfg.lm) if cfg.lm else Path(cfg.work_dir) / "lm" / LM_FILE
+    if lm.is_file():  # the search's language model travels with the model it was checked against
+        read_lm(lm, vocab)
+        files["lm"] = folder / LM_FILE
+        atomic_write(files["lm"], lambda tmp: shutil.copyfile(lm, tmp))
+        print(f"Wrote {files['lm']}, the language model of {lm} (--lm in the beam search)")
     return {k: str(v) for k, v in files.items()}
 
 

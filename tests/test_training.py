@@ -634,6 +634,9 @@ def test_the_language_model_learns_the_labels_resumes_exactly_and_serves_test_an
     work = tmp_path / "run"
     m.train(fast_cfg(work, epochs=1))
     lm_path = str(tmp_path / "whole" / "lm" / "lm.pt")
+    # in a model's run dir it takes that run's split, whatever is asked: no tested label trains it
+    beside = m.train_lm(fast_cfg(work, mode="lm", lm_dim=32, lm_layers=1, lm_epochs=1, val_fraction=0.5))
+    assert beside["sentences"]["train"] == whole["sentences"]["train"] - 2
     metrics = m.run_test(fast_cfg(work, mode="test", beam_size=3, lm=lm_path, lm_weight=0.5))
     assert metrics["decoding"]["lm"] == lm_path and metrics["decoding"]["lm_weight"] == 0.5
     plain = m.run_test(fast_cfg(work, mode="test", beam_size=3))
@@ -645,3 +648,5 @@ def test_the_language_model_learns_the_labels_resumes_exactly_and_serves_test_an
     decoded = m.run_decode(fast_cfg(work, mode="decode", input=str(clips / "Preprocessed_Video"), beam_size=3,
                                     lm=lm_path))
     assert len(decoded) == 3
+    files = m.run_export(fast_cfg(work, mode="export", lm=lm_path))  # the language model travels with the model
+    assert Path(files["lm"]).read_bytes() == Path(lm_path).read_bytes()
