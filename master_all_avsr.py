@@ -78,7 +78,7 @@ class Config:
     extra_labels_dir: list[str] = field(default_factory=list)  # the labels' folder of each --extra-data-dir
     extra_weight: float = 0.2  # an extra clip is drawn this often relative to a main one (the user's runs: 1/5)
     cache_dir: str = ""  # decoded clips as uint8; default <work_dir>/cache
-    output: str = ""  # --mode synth: where the generated dataset goes; --mode export: where the files go
+    output: str = ""  # synth: the dataset's folder; export: the files' folder; decode: results .csv/.jsonl (decode.csv)
     # data: what a clip and a label must be
     frame_size: int = 112  # clips must be frame_size x frame_size gray mouth crops
     vocab: str = ""  # vocabulary JSON; default vocab.json beside this script, else the built-in one
@@ -227,10 +227,13 @@ def write_json(path: Path, obj) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, ensure_ascii=False, indent=1), encoding="utf-8"))
 
 
+CSV_ENCODING = "utf-8-sig"  # with a BOM: Excel then shows the Arabic as Arabic (and reading it accepts no BOM too)
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
     """Rows to CSV, atomically; the columns are every key any row has, in order of appearance."""
     def write(tmp):
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
+        with open(tmp, "w", newline="", encoding=CSV_ENCODING) as f:
             writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
             writer.writeheader()
             writer.writerows(rows)
@@ -3854,7 +3857,7 @@ def append_rows(path: Path, rows: list[dict], epoch: int) -> None:
     so a resumed run's file reads as if it had never stopped."""
     kept = []
     if path.exists():
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding=CSV_ENCODING) as f:
             kept = [r for r in csv.DictReader(f) if int(r["epoch"]) < epoch]
     write_csv(path, kept + rows)
 
@@ -5085,7 +5088,7 @@ def run_test(cfg: Config, ds: Dataset | None = None, name: str = "") -> dict:
     work = Path(cfg.work_dir)
 
     def write_predictions(tmp):
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
+        with open(tmp, "w", newline="", encoding=CSV_ENCODING) as f:
             writer = csv.writer(f)
             writer.writerow(["id", "reference", "hypothesis", "cer", "score"])
             for i, ref, hyps in zip(order, refs, nbest):
@@ -5093,7 +5096,7 @@ def run_test(cfg: Config, ds: Dataset | None = None, name: str = "") -> dict:
                                  round(error_rates([ref], [hyps[0][0]], vocab)["cer"], 4), round(hyps[0][1], 4)])
 
     def write_nbest(tmp):
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
+        with open(tmp, "w", newline="", encoding=CSV_ENCODING) as f:
             writer = csv.writer(f)
             writer.writerow(["id", "rank", "hypothesis", "cer", "score"])
             for i, ref, hyps in zip(order, refs, nbest):
@@ -5277,24 +5280,63 @@ def read_clips_to_decode(paths: list[Path], cfg: Config) -> tuple[list[str], Dat
     return names, Dataset([], ClipBank(clips, torch.device("cpu")), {}, ClipBank(waves, torch.device("cpu")), noise)
 
 
+def labels_beside(cfg: Config, vocab: Vocabulary) -> dict[str, list[int]]:
+    """Labels by clip name for decode's CER: under --labels-dir, else --data-dir, else --input's folder."""
+    folder = cfg.labels_dir or cfg.data_dir or (cfg.input if Path(cfg.input).is_dir() else str(Path(cfg.input).parent))
+    labels = {}
+    for stem, paths in files_by_stem(Path(folder), LABEL_EXTS, set()).items():
+        try:
+            labels[stem] = vocab.encode(read_label(min(paths)))[0]
+        except (OSError, ValueError):  # a CSV that is no label (a report, say) just gets no CER
+            continue
+    return labels
+
+
+def write_decoded(path: Path, rows: list[dict]) -> None:
+    if path.suffix.lower() == ".jsonl":
+        atomic_write(path, lambda tmp: Path(tmp).write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"))
+    else:
+        write_csv(path, rows)
+
+
 def run_decode(cfg: Config) -> list[tuple[str, list[tuple[str, float]]]]:
     """The hypotheses of every clip of --input (a clip or a folder), printed `name<TAB>text`, or with
-    --nbest N, N lines `name<TAB>rank<TAB>score<TAB>text` a clip."""
+    --nbest N, N lines `name<TAB>rank<TAB>score<TAB>text` a clip; and written to --output (.csv or .jsonl;
+    default <work-dir>/decode.csv) with the clip's frames, seconds, and its reference and CER where a label of
+    its name is found."""
     device = pick_device(cfg.device)
     model, vocab, model_cfg = model_from_checkpoint(checkpoint_path(cfg), cfg, device)
     names, clips = read_clips_to_decode(clips_to_decode(model_cfg), model_cfg)
     augment, out, lm = Augment(model_cfg, train=False), [], search_lm(model_cfg, vocab, device)
+    labels, rows, refs, best = labels_beside(model_cfg, vocab), [], [], []
     for batch in frame_budget_batches(clips.bank.lengths.tolist(), model_cfg.max_frames, random.Random(0)):
+        t0 = time.perf_counter()
         x, lengths = batch_inputs(clips, batch, augment, device)
         with torch.no_grad(), autocast(device, model_cfg):
             enc, mask = model.encode(x, lengths.to(device))
             nbest = decode(model, enc, mask, lengths.to(device), vocab, model_cfg, lm)
+        seconds = (time.perf_counter() - t0) / len(batch)
         for i, hyps in zip(batch, nbest):
             out.append((names[i], [(vocab.decode(ids), score) for ids, score in hyps]))
+            ref = labels.get(names[i])
+            if ref is not None:
+                refs.append(ref)
+                best.append(hyps[0][0])
+            for rank, (ids, score) in enumerate(hyps, 1):
+                rows.append({"name": names[i], "rank": rank, "text": vocab.decode(ids), "score": round(score, 4),
+                             "frames": int(clips.bank.lengths[i]), "seconds": round(seconds, 4),
+                             "reference": vocab.decode(ref) if ref is not None else "",
+                             "cer": round(error_rates([ref], [ids], vocab)["cer"], 4) if ref is not None else ""})
     out.sort()
     for name, hyps in out:
         for rank, (text, score) in enumerate(hyps, 1):
             print(f"{name}\t{text}" if model_cfg.nbest == 1 else f"{name}\t{rank}\t{score:.4f}\t{text}")
+    path = Path(cfg.output) if cfg.output else Path(cfg.work_dir) / "decode.csv"
+    write_decoded(path, sorted(rows, key=lambda r: (r["name"], r["rank"])))
+    print(f"Wrote {path}: {len(out)} clips" + (f"; {len(refs)} with a label of their name, CER "
+                                               f"{error_rates(refs, best, vocab)['cer']:.4f}" if refs else ""),
+          file=sys.stderr)
     return out
 
 

@@ -49,7 +49,7 @@ def fast_cfg(work, *flags, **changes):
 
 
 def read_csv(path):
-    return list(csv.DictReader(open(path, encoding="utf-8")))
+    return list(csv.DictReader(open(path, encoding="utf-8-sig")))
 
 
 def test_alignment_is_a_minimal_edit_path():

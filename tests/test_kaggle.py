@@ -169,7 +169,7 @@ def test_train_starts_its_own_processes_and_rank_0_tests(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     assert "Starting 2 training processes" in run.stdout and "x 2 processes" in run.stdout
     assert run.stdout.strip().splitlines()[-1].startswith("CER=")
-    assert len(list(csv.DictReader(open(work / "metrics.csv")))) == 2
+    assert len(list(csv.DictReader(open(work / "metrics.csv", encoding="utf-8-sig")))) == 2
     assert json.loads((work / "test_metrics.json").read_text())["n"] > 0
 
 
@@ -190,6 +190,6 @@ def test_the_script_runs_as_a_notebook_cell(tmp_path):
     out = "".join(o.get("text", "") for o in notebook.cells[1].outputs if o.output_type == "stream")
     assert "epoch   2 |" in out and out.strip().splitlines()[-1].startswith("CER=")
     assert not any(o.output_type == "error" for cell in notebook.cells for o in cell.outputs)
-    assert len(list(csv.DictReader(open(work / "metrics.csv")))) == 2
+    assert len(list(csv.DictReader(open(work / "metrics.csv", encoding="utf-8-sig")))) == 2
     assert (work / "checkpoints" / "best.pt").exists() and (work / "test_metrics.json").exists()
     assert "".join(o.get("text", "") for o in notebook.cells[2].outputs).strip().endswith("1")

@@ -53,7 +53,7 @@ def write_video(path: Path, frames: list[np.ndarray], fps: float = 25) -> Path:
 
 def preprocess(folder: Path, out: Path, **settings) -> dict[str, dict]:
     rows = m.preprocess_videos(m.Config(input=str(folder), workers=1, save_landmarks=True, **settings), out)
-    report = list(csv.DictReader(open(out / "preprocess_report.csv", encoding="utf-8")))
+    report = list(csv.DictReader(open(out / "preprocess_report.csv", encoding="utf-8-sig")))
     assert [r["video"] for r in report] == [r["video"] for r in rows]
     return {Path(r["video"]).stem: r for r in report}
 
@@ -278,5 +278,5 @@ def test_ctrl_c_stops_preprocessing_in_order_with_its_report(astronaut, tmp_path
     os.killpg(run.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to the whole group, workers too
     out, err = run.communicate(timeout=120)
     assert run.returncode == 130 and "Traceback" not in err and "Interrupted" in err, err
-    done = list(csv.DictReader(open(tmp_path / "out" / "preprocess_report.csv", encoding="utf-8")))
+    done = list(csv.DictReader(open(tmp_path / "out" / "preprocess_report.csv", encoding="utf-8-sig")))
     assert 1 <= len(done) < 12 and all((tmp_path / "out" / f"{Path(r['video']).stem}.mp4").exists() for r in done)

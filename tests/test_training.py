@@ -74,7 +74,7 @@ def test_training_writes_log_lines_metrics_curves_and_checkpoints(tmp_path, caps
     epoch_lines = [line for line in out.splitlines() if line.startswith("epoch")]
     assert len(epoch_lines) == 2 and all("val CER ctc" in line and "clips/s" in line for line in epoch_lines)
     assert out.strip().splitlines()[-1].startswith("CER=")
-    rows = list(csv.DictReader(open(tmp_path / "w" / "metrics.csv")))
+    rows = list(csv.DictReader(open(tmp_path / "w" / "metrics.csv", encoding="utf-8-sig")))
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert float(rows[0]["train_loss"]) == pytest.approx(result["history"][0]["train_loss"])
     assert (tmp_path / "w" / "curves.png").read_bytes()[:4] == b"\x89PNG"
@@ -153,13 +153,15 @@ def test_test_and_decode_modes_use_the_checkpoint(tmp_path, capsys):
     work = tmp_path / "w"
     m.train(fast_cfg(work, epochs=1))
     metrics = m.run_test(fast_cfg(work, split="all", nbest=3, beam_size=4))
-    rows = list(csv.DictReader(open(work / "predictions.csv", encoding="utf-8")))
+    rows = list(csv.DictReader(open(work / "predictions.csv", encoding="utf-8-sig")))
     assert len(rows) == metrics["n"] == 48 and set(rows[0]) == {"id", "reference", "hypothesis", "cer", "score"}
     assert metrics["decoding"] == {"decoder": "beam", "beam_size": 4, "ctc_weight": 0.3, "max_length_ratio": 0.0,
                                    "min_length_ratio": 0.0, "length_bonus": 0.0, "nbest": 3}
     assert capsys.readouterr().out.strip().splitlines()[-1] == (
         f"CER={metrics['cer']:.4f} WER={metrics['wer']:.4f} n=48 (all split, best.pt, beam)")
-    nbest = list(csv.DictReader(open(work / "nbest.csv", encoding="utf-8")))
+    nbest = list(csv.DictReader(open(work / "nbest.csv", encoding="utf-8-sig")))
+    for name in ("predictions.csv", "nbest.csv", "metrics.csv"):  # with a BOM, so that Excel reads them as UTF-8
+        assert (work / name).read_bytes().startswith(b"\xef\xbb\xbf"), name
     first = [r for r in nbest if r["id"] == rows[0]["id"]]
     assert [r["rank"] for r in first] == ["1", "2", "3"] and first[0]["hypothesis"] == rows[0]["hypothesis"]
     assert float(first[0]["score"]) >= float(first[1]["score"]) >= float(first[2]["score"])
@@ -171,8 +173,24 @@ def test_test_and_decode_modes_use_the_checkpoint(tmp_path, capsys):
         assert [d[0] for d in decoded] == ["synth_00000", "synth_00001", "synth_00002"]
         assert lines[-3:] == [f"{stem}\t{hyps[0][0]}" for stem, hyps in decoded]
     decoded = m.run_decode(fast_cfg(work, input=str(clips / "Preprocessed_Video"), nbest=2, beam_size=3))
-    lines = capsys.readouterr().out.strip().splitlines()
+    out = capsys.readouterr()
+    lines = out.out.strip().splitlines()
     assert len(lines) == 6 and lines[0].startswith("synth_00000\t1\t") and lines[1].startswith("synth_00000\t2\t")
+    # decode.csv: every hypothesis with its rank, the clip's frames and time, and the CER against the label of
+    # its name (the dataset's Csv folder, found under --input's parent by --labels-dir)
+    written = list(csv.DictReader(open(work / "decode.csv", encoding="utf-8-sig")))
+    assert [(r["name"], r["rank"]) for r in written][:2] == [("synth_00000", "1"), ("synth_00000", "2")]
+    assert written[0]["text"] == decoded[0][1][0][0] and int(written[0]["frames"]) > 0 and written[0]["reference"] == ""
+    m.run_decode(fast_cfg(work, input=str(clips / "Preprocessed_Video"), labels_dir=str(clips / "Csv"),
+                          output=str(tmp_path / "out.jsonl")))
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()]
+    labels = {p.stem: m.read_label(p) for p in (clips / "Csv").glob("*.csv")}
+    assert len(records) == 3 and all(r["reference"] == labels[r["name"]] for r in records)
+    vocab = m.load_vocabulary(m.Config())
+    for r in records:
+        expected = m.error_rates([vocab.encode(r["reference"])[0]], [vocab.encode(r["text"])[0]], vocab)["cer"]
+        assert r["cer"] == pytest.approx(expected, abs=1e-4)
+    assert "3 with a label of their name, CER" in capsys.readouterr().err
 
 
 def test_sound_models_are_tested_clean_muted_or_noisy_and_decode_sound_files(tmp_path, capsys):
@@ -418,7 +436,7 @@ def test_the_ctc_weight_schedule_weights_each_epochs_loss_and_is_logged(tmp_path
     for r in history:  # every batch's loss is w * ctc + (1 - w) * att, so their means are too
         assert r["train_loss"] == pytest.approx(r["ctc_weight"] * r["train_ctc"] + (1 - r["ctc_weight"]) * r["train_att"],
                                                 rel=1e-5)
-    assert [float(r["ctc_weight"]) for r in csv.DictReader(open(tmp_path / "w" / "metrics.csv"))] == [1.0, 0.0, 0.5]
+    assert [float(r["ctc_weight"]) for r in csv.DictReader(open(tmp_path / "w" / "metrics.csv", encoding="utf-8-sig"))] == [1.0, 0.0, 0.5]
     assert "1 x CTC + 0 x attention by epoch (1:1,2-3:0>0.5: 1 in epoch 1 .. 0.5 in epoch 3; else 0.3)" in \
         (tmp_path / "w" / "diagnostics" / "setup.txt").read_text(encoding="utf-8")
 

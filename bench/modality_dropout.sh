@@ -1,0 +1,15 @@
+#!/bin/bash
+# Modality dropout for --modality av (README, "Real clips: sound, sight and both"): the audio-visual recipe of
+# that section trained with --drop-sound P (one CPU thread; run two values side by side on a 2-core machine),
+# then bench/sound_robustness.py's row for it: test CER clean, in babble noise and muted.
+# Usage: bash bench/modality_dropout.sh DATASET_DIR P [OUT_DIR]   (P = 0: the plain av model)
+set -u
+R=$1; P=$2; OUT=${3:-runs/modality_dropout}
+W=$OUT/av_drop$P
+mkdir -p "$OUT"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+python master_all_avsr.py --data-dir "$R" --videos-dir "$R/Preprocessed_Video" --modality av --preset tiny \
+    --input-size 44 --lr 2e-3 --ctc-weight 0.3 --warmup-epochs 2 --max-frames 400 --epochs 20 --no-time-mask \
+    --no-random-crop --hflip-prob 0 --decoder ctc --no-diagnostics --drop-sound "$P" --work-dir "$W" \
+    > "$W.log" 2>&1 || exit 1
+python bench/sound_robustness.py "$W" --data-dir "$R" --videos-dir "$R/Preprocessed_Video" | tail -n 3
