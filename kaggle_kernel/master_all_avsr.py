@@ -154,6 +154,7 @@ class Config:
     sync_batchnorm: bool = False  # under torchrun: BatchNorm statistics of the global batch, not of each share
     # diagnostics (seed 001's checklist), every epoch and in --mode diagnose / sanity
     diagnostics: bool = True  # off: no training-subset scores, gradient flow, worst clips or confusions
+    verbose: bool = False  # the checklist's detail (gradients, loss shares, worst clips, confusions) on the console too
     train_eval_clips: int = 64  # fixed training clips scored without augmentation each epoch (learning curves)
     worst_k: int = 5  # worst validation clips shown each epoch
     patience: int = 3  # epochs the over/under-fitting verdict looks back over
@@ -1097,13 +1098,34 @@ def data_kind(cfg: Config) -> str:
     return "files" if (cfg.data_dir or cfg.videos_dir or cfg.labels_dir) else "synthetic"
 
 
+def duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+PLAIN_PROGRESS_EVERY = 60.0  # seconds between progress lines in a log
+
+
 def progress(items, desc: str):
-    """tqdm bars in a terminal or a notebook; the plain list in logs (a Kaggle batch run) or without tqdm."""
-    try:
-        from tqdm.auto import tqdm
-        return tqdm(items, desc=desc, leave=False, disable=not (sys.stderr.isatty() or in_notebook()))
-    except ImportError:
-        return items
+    """tqdm bars in a terminal or a notebook; in a log (a pushed Kaggle kernel, nohup) a plain line now and then."""
+    if sys.stderr.isatty() or in_notebook():
+        try:
+            from tqdm.auto import tqdm
+            return tqdm(items, desc=desc, leave=False)
+        except ImportError:
+            pass
+    return plain_progress(items, desc)
+
+
+def plain_progress(items, desc: str):
+    """The items, with `desc: n/total, elapsed` printed at most every PLAIN_PROGRESS_EVERY seconds."""
+    total = f"/{len(items)}" if hasattr(items, "__len__") else ""
+    began = last = time.time()
+    for n, item in enumerate(items, 1):
+        yield item
+        if time.time() - last >= PLAIN_PROGRESS_EVERY:
+            last = time.time()
+            print(f"  {desc}: {n}{total}, {duration(last - began)}", flush=True)
 
 
 def epoch_clips(ds: Dataset, cfg: Config, epoch: int) -> list[int]:
@@ -3326,13 +3348,21 @@ def fmt(v, spec=".3f") -> str:
     return "n/a" if v is None else format(v, spec)
 
 
-def log_epoch(row: dict) -> None:
+def time_left(history: list[dict], cfg: Config, began: float) -> float:
+    """Seconds until the last epoch, from the last three epochs' times; within --time-budget where set."""
+    recent = [r["epoch_s"] for r in history[-3:]]
+    left = (cfg.epochs - history[-1]["epoch"]) * sum(recent) / len(recent)
+    return min(left, cfg.time_budget * 60 - (time.time() - began)) if cfg.time_budget else left
+
+
+def log_epoch(row: dict, cfg: Config, eta: float) -> None:
     probe = (f" | train CER ctc {fmt(row['train_cer_ctc'])} att {fmt(row['train_cer_att'])}"
              if row.get("train_cer_ctc") is not None else "")
-    print(f"epoch {row['epoch']:3d} | train loss {fmt(row['train_loss'])} (ctc {fmt(row['train_ctc'])}, "
+    print(f"epoch {row['epoch']:3d}/{cfg.epochs} | train loss {fmt(row['train_loss'])} (ctc {fmt(row['train_ctc'])}, "
           f"att {fmt(row['train_att'])}){probe} | val loss {fmt(row['val_loss'])} | val CER ctc "
           f"{fmt(row['val_cer_ctc'])} att {fmt(row['val_cer_att'])} WER {fmt(row['val_wer'])} | lr {row['lr']:.2e} | "
-          f"{row['epoch_s']:.0f}s {row['clips_per_s']:.1f} clips/s", flush=True)
+          f"{row['epoch_s']:.0f}s {row['clips_per_s']:.1f} clips/s" + (f" | ETA {duration(eta)}" if eta > 0 else ""),
+          flush=True)
 
 
 def selection_cer(row: dict, decoder: str, split: str = "val") -> float:
@@ -3565,8 +3595,8 @@ def train(cfg: Config, ds: Dataset | None = None, done=None) -> dict:
         out_of_time = cfg.time_budget and (time.time() - began + 1.2 * slowest) / 60 > cfg.time_budget
         stalled = stalled_for(history, cfg)
         last = reached or out_of_time or epoch == cfg.epochs or stalled
-        log_epoch(row)
-        for line in notes:
+        log_epoch(row, cfg, 0 if last else time_left(history, cfg, began))
+        for line in notes if cfg.verbose else notes[:1]:  # the verdict; the rest is in diagnostics/ and metrics.csv
             print(line, flush=True)
         if last or time.time() - curves_drawn >= REDRAW_CURVES:
             curves_drawn = time.time()
@@ -5032,7 +5062,26 @@ def run_train(cfg: Config) -> dict:
         if averaged:
             result["test_best"] = run_test(dataclasses.replace(cfg, checkpoint=str(best), split="test"), ds, "best")
         result["test"] = run_test(dataclasses.replace(cfg, checkpoint=str(averaged or best), split="test"), ds)
+    if result["history"]:
+        print_closing(cfg, result)
     return result
+
+
+def print_closing(cfg: Config, result: dict) -> None:
+    """What the run reached, where its files are, and what to run next; the test's line last, as test ends."""
+    history, work = result["history"], Path(cfg.work_dir)
+    best = min(history, key=lambda r: selection_cer(r, cfg.decoder))
+    kept = ", ".join(p.name for p in sorted((work / "checkpoints").glob("*.pt")))
+    lines = ["", f"Finished after epoch {history[-1]['epoch']}: the best was epoch {best['epoch']}, validation CER "
+                 f"{selection_cer(best, cfg.decoder):.3f} (greedy, as it picks best.pt).",
+             f"Files in {work}: checkpoints/ ({kept}), metrics.csv, curves.png, predictions.csv, diagnostics/.",
+             f"Next: python {Path(sys.argv[0]).name} --mode decode --work-dir {work} --input YOUR_CLIPS "
+             f"(or --mode diagnose, or --resume --epochs {cfg.epochs + 20} to train on)"]
+    test = result.get("test")
+    if test:
+        lines.append(f"CER={test['cer']:.4f} WER={fmt(test['wer'], '.4f')} n={test['n']} ({test['split']} split, "
+                     f"{Path(test['checkpoint']).name}, {test['decoding']['decoder']})")
+    print("\n".join(lines))
 
 
 def checkpoint_path(cfg: Config) -> Path:

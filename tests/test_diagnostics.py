@@ -157,10 +157,27 @@ def test_hyperparameter_report_states_steps_warmup_and_parameters(cfg, capsys):
     assert text in capsys.readouterr().out
 
 
+def test_the_console_gives_an_epoch_a_line_and_its_verdict_then_a_closing_block(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(m, "PLAIN_PROGRESS_EVERY", 0.0)  # captured output is no terminal: plain progress lines
+    work = tmp_path / "w"
+    m.run_train(fast_cfg(work, "--epochs", "3"))
+    lines = capsys.readouterr().out.splitlines()
+    epochs = [line for line in lines if line.startswith("epoch ")]
+    assert [e.split(" |")[0] for e in epochs] == ["epoch   1/3", "epoch   2/3", "epoch   3/3"]
+    assert "ETA 0m" in epochs[0] and "ETA" not in epochs[-1]
+    after = lines[lines.index(epochs[0]) + 1]
+    assert after.startswith("verdict: ") and lines[lines.index(epochs[0]) + 2].startswith("  epoch 2: 1/")
+    assert not any(line.startswith(("gradient norm:", "worst ", "losses: ")) for line in lines)  # --verbose shows them
+    assert any(line.startswith("  epoch 1: 1/") for line in lines)  # a progress line a batch here
+    closing = lines[-4:]
+    assert closing[0].startswith("Finished after epoch 3: the best was epoch ") and f"Files in {work}" in closing[1]
+    assert f"--mode decode --work-dir {work}" in closing[2] and closing[3].startswith("CER=")
+
+
 def test_every_epoch_writes_the_checklist_with_the_right_numbers(tmp_path, capsys):
     work = tmp_path / "w"
     cfg = fast_cfg(work, "--epochs", "2", "--freeze", "frontend", "--log-param-updates", "--worst-k", "3",
-                   "--train-eval-clips", "12")
+                   "--train-eval-clips", "12", "--verbose")
     result = m.train(cfg)
     out = capsys.readouterr().out
     model, ds, vocab = result["model"], result["dataset"], result["vocab"]

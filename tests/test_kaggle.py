@@ -188,7 +188,7 @@ def test_the_script_runs_as_a_notebook_cell(tmp_path):
     NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
                    ).execute()
     out = "".join(o.get("text", "") for o in notebook.cells[1].outputs if o.output_type == "stream")
-    assert "epoch   2 |" in out and out.strip().splitlines()[-1].startswith("CER=")
+    assert "epoch   2/" in out and out.strip().splitlines()[-1].startswith("CER=")
     assert not any(o.output_type == "error" for cell in notebook.cells for o in cell.outputs)
     assert len(list(csv.DictReader(open(work / "metrics.csv", encoding="utf-8-sig")))) == 2
     assert (work / "checkpoints" / "best.pt").exists() and (work / "test_metrics.json").exists()
