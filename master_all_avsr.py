@@ -40,6 +40,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import unicodedata
 import warnings
@@ -3600,7 +3601,7 @@ def train(cfg: Config, ds: Dataset | None = None, done=None) -> dict:
             print(line, flush=True)
         if last or time.time() - curves_drawn >= REDRAW_CURVES:
             curves_drawn = time.time()
-            plot_curves(history, work / "curves.png")
+            plot_curves(history, work / "curves.png", cfg.decoder)
         if pairs is not None and (last or time.time() - heatmap_drawn >= REDRAW_HEATMAP):
             heatmap_drawn = time.time()
             plot_confusions(pairs, work / "diagnostics" / "confusions.png")
@@ -4150,21 +4151,24 @@ def drawable(label: str) -> str:
 
 
 def plot_confusions(pairs: Counter, path: Path, units: int = 30) -> None:
-    """Heatmaps of how each reference unit (the most frequent), letter and diacritic was recognised."""
+    """Heatmaps of how each reference unit (the `units` most frequent), letter (as many) and diacritic was
+    recognised: each row a reference, its shares over what was heard, one colour scale for all three."""
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(24, 8.5))
-    for n, (title, part, limit) in enumerate((("units", str, units), ("letters", base_letter, 60),
-                                               ("diacritics", diacritic_of, 30))):
+    panels = []
+    for title, part in (("units", str), ("letters", base_letter), ("diacritics", diacritic_of)):
         counts = pairs if part is str else pairs_by(pairs, part)
-        labels = [label for label, _ in reference_counts(counts).most_common(limit)]
-        names = [drawable(label) for label in labels]
-        ax = fig.add_subplot(1, 3, n + 1)
-        ax.imshow(confusion_matrix(counts, labels), cmap="viridis", vmin=0, vmax=1)
-        ax.set_yticks(range(len(labels)), names, fontsize=7)
-        ax.set_xticks(range(len(labels) + 2), names + ["other", "deleted"], fontsize=7, rotation=90)
-        ax.set_title(f"{title}: reference (rows) recognised as (columns), share of the row", fontsize=9)
-    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.14, top=0.95, wspace=0.25)  # tight_layout costs 0.4 s
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
+        panels.append((title, counts, [label for label, _ in reference_counts(counts).most_common(units)]))
+    fig = Figure(figsize=(26, 10))
+    axes = fig.subplots(1, 3, gridspec_kw={"width_ratios": [len(labels) + 2 for _, _, labels in panels]})
+    for ax, (title, counts, labels) in zip(axes, panels):
+        names = [textwrap.shorten(drawable(label), 14, placeholder="~") for label in labels]
+        image = ax.imshow(confusion_matrix(counts, labels), cmap="viridis", vmin=0, vmax=1)
+        ax.set_yticks(range(len(labels)), names, fontsize=11)
+        ax.set_xticks(range(len(labels) + 2), names + ["other", "deleted"], fontsize=11, rotation=90)
+        ax.set_title(f"{title}: reference (rows) heard as (columns)", fontsize=13)
+    fig.subplots_adjust(left=0.05, right=0.94, bottom=0.16, top=0.94, wspace=0.28)  # tight_layout costs 0.4 s
+    fig.colorbar(image, cax=fig.add_axes((0.955, 0.25, 0.008, 0.6)), label="share of the reference's occurrences")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
 
 
 def write_confusions(pairs: Counter, folder: Path, heading: str) -> None:
@@ -4246,6 +4250,7 @@ def dataset_stats(ds: Dataset, vocab: Vocabulary) -> dict:
 
 def plot_stats(stats: dict, path: Path) -> None:
     from matplotlib.figure import Figure  # not pyplot: no global state, no display needed
+    from matplotlib.ticker import MaxNLocator
     fig = Figure(figsize=(15, 4))
     axes = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1, 1, 2.5]})
     for ax, key, title in ((axes[0], "frames", "frames a clip"), (axes[1], "label_units", "units a label")):
@@ -4253,19 +4258,27 @@ def plot_stats(stats: dict, path: Path) -> None:
         ax.bar(list(hist), list(hist.values()))
         ax.set_title(f"{title} (mean {stats[key]['mean']})")
         ax.set_ylabel("clips")
-    top = list(stats["unit_frequency"].values())[:60]
-    axes[2].bar(range(1, len(top) + 1), top)
-    axes[2].set_title(f"unit frequency by rank, top {len(top)} of {stats['distinct_units']} (names in stats.json)")
+    top = list(stats["unit_frequency"].items())[:40]
+    axes[2].bar(range(len(top)), [n for _, n in top])
+    axes[2].set_xticks(range(len(top)), [drawable(unit) for unit, _ in top], fontsize=10)
+    for tick in axes[2].get_xticklabels():  # a name in words (the font lacks the letter) stands upright
+        tick.set_rotation(90 if len(tick.get_text()) > 2 else 0)
+    axes[2].set_title(f"the {len(top)} most frequent of {stats['distinct_units']} units (all in stats.json)")
+    axes[2].set_ylabel("occurrences")
+    for ax in axes[:2]:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
 
-def plot_curves(history: list[dict], path: Path) -> None:
+def plot_curves(history: list[dict], path: Path, decoder: str = "beam") -> None:
     """The learning curves side by side: loss and CER, training (the fixed probe, no augmentation) against
-    validation; gradient norm per module group; learning rate. The title is the last epoch's verdict."""
+    validation, the best epoch (best.pt's, by `decoder`) marked; gradient norm per module group; learning rate.
+    The title is the last epoch's verdict, whole."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
     epochs = [r["epoch"] for r in history]
-    fig = Figure(figsize=(20, 4.6))
+    fig = Figure(figsize=(20, 5))
     axes = fig.subplots(1, 4)
 
     def line(ax, key, label=None, style="-"):
@@ -4280,19 +4293,26 @@ def plot_curves(history: list[dict], path: Path) -> None:
                               ("train_cer_att", "train probe, attention", "--"), ("val_cer_ctc", "val, greedy CTC", "-"),
                               ("val_cer_att", "val, attention", "-"), ("val_wer", "val WER", ":")):
         line(axes[1], key, label, style)
-    axes[1].set_ylim(0, min(axes[1].get_ylim()[1], 1.5))  # past 1 an error rate only says "worse than nothing"
+    axes[1].set_ylim(bottom=0)
     for key in [k for k in history[-1] if k.startswith("grad_")]:
         line(axes[2], key, key.removeprefix("grad_"))
     axes[2].set_yscale("log")
     line(axes[3], "lr")
+    scored = [r for r in history if selection_cer(r, decoder) < math.inf]
+    if scored:
+        best = min(scored, key=lambda r: selection_cer(r, decoder))
+        for ax in axes[:2]:
+            ax.axvline(best["epoch"], color="gray", linestyle="--", linewidth=1,
+                       label=f"best: epoch {best['epoch']}, val CER {selection_cer(best, decoder):.3f}")
     for ax, title in zip(axes, ("loss", "error rate", "gradient norm by part", "learning rate (end of epoch)")):
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ax.get_legend_handles_labels()[0] and ax is not axes[3]:
             ax.legend(fontsize=8)
     if history[-1].get("verdict"):
-        fig.suptitle(f"epoch {epochs[-1]}: {history[-1]['verdict'][:160]}", fontsize=10)
-    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.12, top=0.86, wspace=0.22)  # tight_layout costs 0.4 s
+        fig.suptitle(textwrap.fill(f"epoch {epochs[-1]}: {history[-1]['verdict']}", 190), fontsize=10)
+    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.11, top=0.82, wspace=0.22)  # tight_layout costs 0.4 s
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
 
 
@@ -5208,7 +5228,7 @@ def run_diagnose(cfg: Config) -> dict:
     if history:
         history[-1].setdefault("verdict", fit_verdict(history, trained))
         lines.append(f"verdict of its last epoch ({history[-1]['epoch']}): {history[-1]['verdict']}")
-        plot_curves(history, folder / "curves.png")
+        plot_curves(history, folder / "curves.png", trained.decoder)
     for line in lines:
         print(line)
     report = {"checkpoint": str(path), "epoch": state["epoch"], "split": cfg.split, "clips": len(index),
