@@ -175,12 +175,14 @@ class Config:
     nbest: int = 1  # hypotheses kept per clip (nbest.csv, decode's output)
     lm: str = ""  # a language model (lm/lm.pt of --mode lm) scored in the beam search beside decoder and CTC
     lm_weight: float = 0.0  # its weight L: (1-w) decoder + w CTC + L lm + bonus x length (0: the best measured)
-    # language model (--mode lm): a unit-level LSTM over the run's vocabulary, written to <work_dir>/lm/lm.pt
+    # language model (--mode lm): a unit-level model over the run's vocabulary, written to <work_dir>/lm/lm.pt
+    lm_kind: str = "ngram"  # ngram (Kneser-Ney: trained at once) | lstm (epochs; for large --lm-text); README
     lm_text: list[str] = field(default_factory=list)  # a text file of more sentences to learn from, one a line
-    lm_dim: int = 256  # its embedding and LSTM width
-    lm_layers: int = 2  # its LSTM layers
-    lm_dropout: float = 0.3  # dropout on its embeddings, between its layers and before its output
-    lm_epochs: int = 40  # passes over its sentences; the one with the lowest validation perplexity is kept
+    lm_order: int = 7  # ngram: units of context + 1 (7: the lowest validation perplexity on LRC-AR)
+    lm_dim: int = 256  # lstm: its embedding and LSTM width
+    lm_layers: int = 2  # lstm: its layers
+    lm_dropout: float = 0.3  # lstm: dropout on its embeddings, between its layers and before its output
+    lm_epochs: int = 40  # lstm: passes over its sentences; the one of lowest validation perplexity is kept
     # preprocessing: raw face videos -> mouth clips (--mode preprocess --input RAW --output DIR)
     landmark_model: str = ""  # dlib's shape_predictor_68_face_landmarks.dat; searched for when not given
     detect_every: int = 10  # the face detector runs every N frames; the landmarks follow the face in between
@@ -2124,6 +2126,52 @@ class UnitLM(nn.Module):
         return self.output(self.drop(h)).float().log_softmax(-1), state
 
 
+class NgramLM(nn.Module):
+    """Interpolated Kneser-Ney over the units (one discount): each order's counts discounted, the mass taken
+    given to the next lower order, whose counts are continuation counts (in how many contexts a unit follows);
+    below the unigrams, the uniform. The same calls as UnitLM: its state is each row's last order-1 tokens."""
+
+    def __init__(self, sentences: list[list[int]], order: int, vocab_size: int, sos_eos: int, discount=0.75):
+        super().__init__()
+        self.sentences, self.order, self.vocab_size, self.sos = sentences, order, vocab_size, sos_eos
+        self.discount, self.cache = discount, {}
+        self.register_buffer("where", torch.zeros(0), persistent=False)  # follows .to(device): the outputs' device
+        grams = Counter(tuple(seq[i - order + 1:i + 1]) for ids in sentences
+                        for seq in [[sos_eos] * (order - 1) + ids + [sos_eos]] for i in range(order - 1, len(seq)))
+        self.followers = {}  # order -> context -> (next ids, their counts, all counts, distinct next ids)
+        for n in range(order, 0, -1):
+            by_context: dict[tuple, dict[int, int]] = {}
+            for gram, count in grams.items():
+                by_context.setdefault(gram[:-1], {})[gram[-1]] = count
+            self.followers[n] = {h: (np.array(list(f)), np.array(list(f.values()), np.float64), sum(f.values()), len(f))
+                                 for h, f in by_context.items()}
+            grams = Counter(gram[1:] for gram in grams)  # continuation counts for the order below
+
+    def log_probs(self, context: tuple) -> np.ndarray:
+        if context not in self.cache:
+            p = np.full(self.vocab_size, 1.0 / self.vocab_size)
+            for n in range(1, self.order + 1):
+                found = self.followers[n].get(context[len(context) - n + 1:] if n > 1 else ())
+                if found:
+                    ids, counts, total, distinct = found
+                    p = p * (self.discount * distinct / total)
+                    p[ids] += np.maximum(counts - self.discount, 0) / total
+            self.cache[context] = np.log(p)
+        return self.cache[context]
+
+    def forward(self, tokens: torch.Tensor, state=None):
+        """B x L tokens (and the state after what came before) -> B x L x V log-probs of the next unit, and the
+        state after these tokens: ((1 x B x order-1 tokens),), rows on dim 1 as an LSTM's."""
+        context = (state[0][0] if state is not None else
+                   torch.full((len(tokens), self.order - 1), self.sos, dtype=torch.long)).cpu()
+        out = []
+        for t in range(tokens.size(1)):
+            context = torch.cat([context[:, 1:], tokens[:, t:t + 1].cpu()], 1)
+            out.append(np.stack([self.log_probs(tuple(row)) for row in context.tolist()]))
+        log_probs = torch.from_numpy(np.stack(out, 1)).float().to(self.where.device)
+        return log_probs, (context[None].to(self.where.device),)
+
+
 def model_dims(cfg: Config, vocab_size: int) -> SimpleNamespace:
     if cfg.preset not in PRESETS:
         raise UserError(f"--preset {cfg.preset!r} is not known; choose one of {', '.join(PRESETS)}.")
@@ -2633,26 +2681,29 @@ LM_FILE = "lm.pt"
 
 @dataclasses.dataclass
 class LanguageModel:
-    """A loaded --lm: the model, its weight in the search and the file it came from."""
-    model: UnitLM
+    """A loaded --lm: the model (NgramLM or UnitLM), its weight in the search and the file it came from."""
+    model: nn.Module
     weight: float
     path: Path
 
 
-def read_lm(path: Path, vocab: Vocabulary) -> tuple[UnitLM, dict]:
-    """The model in an lm.pt of --mode lm, and the file's other entries; refused unless its units are the
-    vocabulary's, in the same order."""
+def read_lm(path: Path, vocab: Vocabulary) -> tuple[nn.Module, dict]:
+    """The model in an lm.pt of --mode lm (an NgramLM or a UnitLM), and the file's other entries; refused
+    unless its units are the vocabulary's, in the same order."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file raises anything
         raise UserError(f"--lm {path}: cannot read it ({type(e).__name__}: {e}). Train one with --mode lm.") from e
-    if not isinstance(saved, dict) or not {"model", "vocab", "dims"} <= saved.keys():
-        raise UserError(f"--lm {path}: not a language model of --mode lm (no model, vocab and dims in it).")
+    kinds = {"ngram": {"sentences", "order"}, "lstm": {"model", "dims"}}
+    if not isinstance(saved, dict) or "vocab" not in saved or not kinds.get(saved.get("kind"), {None}) <= saved.keys():
+        raise UserError(f"--lm {path}: not a language model of --mode lm.")
     units = Vocabulary.from_json(saved["vocab"]).itos
     if units != vocab.itos:
         raise UserError(f"--lm {path} was trained over {len(units)} units, this model reads {vocab.size}"
                         + (" (the same number, other units or order)" if len(units) == vocab.size else "")
                         + ": train the language model with this run's vocabulary (--mode lm --work-dir RUN).")
+    if saved["kind"] == "ngram":
+        return NgramLM(saved["sentences"], saved["order"], len(units), vocab.sos_eos, saved["discount"]), saved
     lm = UnitLM(len(units), **saved["dims"])
     lm.load_state_dict(saved["model"])
     return lm.eval(), saved
@@ -2701,9 +2752,9 @@ def decoder_scores(model, beams: Beams, step: int) -> torch.Tensor:
     return log_probs.new_zeros(len(beams.tokens), log_probs.size(1)).index_copy_(0, beams.cache.where, log_probs)
 
 
-def lm_scores(lm: UnitLM, beams: Beams) -> torch.Tensor:
-    """The language model's R x V log-probs of every row's next token: one LSTM step on each row's last token
-    from the state after the rest of its prefix."""
+def lm_scores(lm: nn.Module, beams: Beams) -> torch.Tensor:
+    """The language model's R x V log-probs of every row's next token: one step on each row's last token from
+    the state after the rest of its prefix."""
     log_probs, beams.lm_next = lm(beams.tokens[:, -1:], beams.lm_state)
     return log_probs[:, 0]
 
@@ -3676,7 +3727,7 @@ def lm_batch(sentences: list[list[int]], sos_eos: int) -> tuple[torch.Tensor, to
     return inputs, targets
 
 
-def lm_loss(lm: UnitLM, sentences: list[list[int]], sos_eos: int, device) -> tuple[torch.Tensor, int]:
+def lm_loss(lm: nn.Module, sentences: list[list[int]], sos_eos: int, device) -> tuple[torch.Tensor, int]:
     """Summed negative log-likelihood of the sentences' units and eos, and how many there are."""
     inputs, targets = lm_batch(sentences, sos_eos)
     log_probs, _ = lm(inputs.to(device))
@@ -3686,7 +3737,7 @@ def lm_loss(lm: UnitLM, sentences: list[list[int]], sos_eos: int, device) -> tup
 
 
 @torch.no_grad()
-def lm_perplexity(lm: UnitLM, sentences: list[list[int]], sos_eos: int, device) -> float:
+def lm_perplexity(lm: nn.Module, sentences: list[list[int]], sos_eos: int, device) -> float:
     lm.eval()
     total, n = 0.0, 0
     for i in range(0, len(sentences), LM_BATCH):
@@ -3695,9 +3746,12 @@ def lm_perplexity(lm: UnitLM, sentences: list[list[int]], sos_eos: int, device) 
     return math.exp(total / n)
 
 
-def lm_file(lm: UnitLM, cfg: Config, vocab: Vocabulary, epoch: int, val_perplexity: float) -> dict:
-    return {"model": lm.state_dict(), "vocab": vocab.to_json(), "epoch": epoch, "val_perplexity": val_perplexity,
-            "dims": lm_dims(cfg)}
+def lm_file(lm: nn.Module, cfg: Config, vocab: Vocabulary, epoch: int, val_perplexity: float) -> dict:
+    if isinstance(lm, NgramLM):
+        return {"kind": "ngram", "sentences": lm.sentences, "order": lm.order, "discount": lm.discount,
+                "vocab": vocab.to_json(), "val_perplexity": val_perplexity}
+    return {"kind": "lstm", "model": lm.state_dict(), "dims": lm_dims(cfg), "vocab": vocab.to_json(), "epoch": epoch,
+            "val_perplexity": val_perplexity}
 
 
 def lm_dims(cfg: Config) -> dict:
@@ -3729,11 +3783,28 @@ def lm_run_settings(cfg: Config) -> tuple[Config, Vocabulary]:
     return dataclasses.replace(cfg, **{k: getattr(saved, k) for k in DATA_SETTINGS}), Vocabulary.from_json(state["vocab"])
 
 
+def count_ngrams(cfg: Config, vocab: Vocabulary, device) -> dict:
+    """--mode lm --lm-kind ngram: the counts are the training; lm/lm.pt keeps the sentences they come from."""
+    sentences = lm_sentences(cfg, vocab)
+    lm = NgramLM(sentences["train"], cfg.lm_order, vocab.size, vocab.sos_eos)
+    val = lm_perplexity(lm.to(device), sentences["val"], vocab.sos_eos, device)
+    folder = Path(cfg.work_dir) / "lm"
+    atomic_write(folder / LM_FILE, lambda tmp: torch.save(lm_file(lm, cfg, vocab, 0, val), tmp))
+    report = {"kind": "ngram", "order": cfg.lm_order, "val_perplexity": val,
+              "sentences": {k: len(v) for k, v in sentences.items()}, "lm_text": cfg.lm_text}
+    write_json(folder / "perplexity.json", report)
+    print(f"Wrote {folder / LM_FILE}: a {cfg.lm_order}-gram (Kneser-Ney) of {len(sentences['train'])} sentences, "
+          f"validation perplexity {val:.2f}. Use it with --lm {folder / LM_FILE} in --mode test/decode/diagnose.")
+    return report
+
+
 def train_lm(cfg: Config) -> dict:
     """--mode lm: <work_dir>/lm/lm.pt (the epoch of lowest validation perplexity), lm/last.pt to resume from,
     and lm/perplexity.json."""
     device = pick_device(cfg.device)
     cfg, vocab = lm_run_settings(cfg)
+    if cfg.lm_kind == "ngram":
+        return count_ngrams(cfg, vocab, device)
     folder = Path(cfg.work_dir) / "lm"
     last_path = folder / "last.pt"
     if last_path.exists() and not cfg.resume:
@@ -4914,7 +4985,7 @@ CHOICES = {"mode": ("train", "test", "decode", "diagnose", "sanity", "stats", "v
            "frontend": ("cnn", "noise", "linear"),
            "data": ("auto", "files", "synthetic"), "units": ("diacritized", "letters"), "unknown_units": ("skip", "map"), "arch": ("conformer", "baseline"),
            "preset": tuple(PRESETS), "amp": ("auto", "bf16", "fp16", "off"), "split": ("train", "val", "test", "all"),
-           "decoder": ("beam", "attention", "ctc"), "modality": ("video", "audio", "av")}
+           "decoder": ("beam", "attention", "ctc"), "modality": ("video", "audio", "av"), "lm_kind": ("ngram", "lstm")}
 
 
 def is_number_list(text: str) -> bool:
@@ -4952,9 +5023,9 @@ def validate(cfg: Config) -> Config:
                    f"--init-from loads a CNN frontend, not --frontend {cfg.frontend}: leave it out of --init-parts"),
                   (cfg.modality == "video" or cfg.arch == "conformer",
                    "--arch baseline reads video only; sound needs --arch conformer"),
-                  (min(cfg.lm_dim, cfg.lm_layers, cfg.lm_epochs) >= 1 and 0 <= cfg.lm_dropout < 1
-                   and cfg.lm_weight >= 0, "--lm-dim, --lm-layers and --lm-epochs must be 1 or more, --lm-dropout "
-                                           "in [0, 1), --lm-weight 0 or more"),
+                  (min(cfg.lm_dim, cfg.lm_layers, cfg.lm_epochs) >= 1 and cfg.lm_order >= 2 and 0 <= cfg.lm_dropout < 1
+                   and cfg.lm_weight >= 0, "--lm-dim, --lm-layers and --lm-epochs must be 1 or more, --lm-order 2 "
+                                           "or more, --lm-dropout in [0, 1), --lm-weight 0 or more"),
                   (0 <= cfg.drop_sound and 0 <= cfg.drop_video and cfg.drop_sound + cfg.drop_video <= 1,
                    "--drop-sound and --drop-video are probabilities that add up to at most 1"),
                   (not (cfg.drop_sound or cfg.drop_video) or cfg.modality == "av",

@@ -119,17 +119,24 @@ def test_batched_search_gives_the_one_clip_reference_best_hypothesis_and_score(w
             assert got[b][0][1] == pytest.approx(best["score"], abs=1e-4), (which, beam, w, b)
 
 
-def unit_lm(seed=3):
-    torch.manual_seed(seed)
-    return m.UnitLM(m.Vocabulary.seed().size, 32, 2, 0.0).eval()
+def language_model(kind):
+    """An LSTM of random weights, or a 3-gram of random sentences: both have something to say."""
+    vocab, g = m.Vocabulary.seed(), torch.Generator().manual_seed(3)
+    if kind == "ngram":
+        sentences = [torch.randint(1, vocab.size - 1, (int(n),), generator=g).tolist()
+                     for n in torch.randint(3, 12, (40,), generator=g)]
+        return m.NgramLM(sentences, 3, vocab.size, vocab.sos_eos)
+    torch.manual_seed(3)
+    return m.UnitLM(vocab.size, 32, 2, 0.0).eval()
 
 
+@pytest.mark.parametrize("kind", ["lstm", "ngram"])
 @pytest.mark.parametrize("beam", [1, 4])
-def test_the_language_models_term_follows_the_reference(trained, beam):
-    """The batched search steps the LSTM once a token, its state following each row's parent; the reference
-    reads every prefix whole. Both add L x log p_lm before the pre-beam, as ESPnet does."""
+def test_the_language_models_term_follows_the_reference(trained, beam, kind):
+    """The batched search steps the language model once a token, its state following each row's parent; the
+    reference reads every prefix whole. Both add L x log p_lm before the pre-beam, as ESPnet does."""
     model, x, lengths = trained
-    lm, eos = unit_lm(), m.Vocabulary.seed().sos_eos
+    lm, eos = language_model(kind), m.Vocabulary.seed().sos_eos
     vocab = m.Vocabulary.seed()
     for w, weight in ((0.3, 0.5), (1.0, 0.3), (0.0, 1.0)):
         cfg = m.Config(preset="tiny", input_size=44, beam_size=beam, beam_ctc_weight=w)

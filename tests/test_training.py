@@ -628,7 +628,7 @@ def test_the_language_model_learns_the_labels_resumes_exactly_and_serves_test_an
     vocab = m.load_vocabulary(m.Config())
     known = vocab.decode(vocab.encode("قَالَ")[0])
     text.write_text(f"\ufeff{known}\n\n{known} {known}\nqq unknown\n", encoding="utf-8")  # BOM, a blank line
-    small = dict(lm_dim=32, lm_layers=1, lm_epochs=20, lm_text=[str(text)], lr=1e-2)
+    small = dict(lm_kind="lstm", lm_dim=32, lm_layers=1, lm_epochs=20, lm_text=[str(text)], lr=1e-2)
     whole = m.train_lm(fast_cfg(tmp_path / "whole", mode="lm", **small))
     out = capsys.readouterr().out
     assert "more.txt: 2 sentences used, 1 skipped for units outside the vocabulary" in out and "'qq unknown'" in out
@@ -653,8 +653,11 @@ def test_the_language_model_learns_the_labels_resumes_exactly_and_serves_test_an
     m.train(fast_cfg(work, epochs=1))
     lm_path = str(tmp_path / "whole" / "lm" / "lm.pt")
     # in a model's run dir it takes that run's split, whatever is asked: no tested label trains it
-    beside = m.train_lm(fast_cfg(work, mode="lm", lm_dim=32, lm_layers=1, lm_epochs=1, val_fraction=0.5))
-    assert beside["sentences"]["train"] == whole["sentences"]["train"] - 2
+    beside = m.train_lm(fast_cfg(work, mode="lm", val_fraction=0.5))  # the default: an n-gram, counted at once
+    assert beside["sentences"]["train"] == whole["sentences"]["train"] - 2 and beside["kind"] == "ngram"
+    ngram = torch.load(work / "lm" / "lm.pt", weights_only=True)
+    assert ngram["order"] == 7 and len(ngram["sentences"]) == beside["sentences"]["train"]
+    assert beside["val_perplexity"] < history[-1]["val_perplexity"]  # synthetic words: counting them is enough
     metrics = m.run_test(fast_cfg(work, mode="test", beam_size=3, lm=lm_path, lm_weight=0.5))
     assert metrics["decoding"]["lm"] == lm_path and metrics["decoding"]["lm_weight"] == 0.5
     plain = m.run_test(fast_cfg(work, mode="test", beam_size=3))
