@@ -4769,6 +4769,37 @@ def on_kaggle() -> bool:
     return "KAGGLE_KERNEL_RUN_TYPE" in os.environ  # set in every Kaggle session, interactive or batch
 
 
+TESTED = {"torch": "2.13.0 (CPU) here; 2.10 on Kaggle's image", "kornia": "0.9.0 here; 0.8 on Kaggle's image"}
+OLDEST = {"torch": (2, 10), "kornia": (0, 8)}  # older ones are refused: nothing below them was tried
+PACKAGES = {"kornia": "kornia", "editdistance": "editdistance", "cv2": "opencv-python-headless",
+            "matplotlib": "matplotlib", "av": "av"}  # import name -> pip name
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(n) for n in re.findall(r"\d+", version.split("+")[0])[:2])
+
+
+def check_packages(cfg: Config) -> None:
+    """Every package the run needs, at a version tested, before any work: on Kaggle, with the internet off, a
+    missing one cannot be fetched later. On Kaggle the versions are stated."""
+    import importlib.metadata
+    import importlib.util
+    needed = [n for n in PACKAGES if n != "av" or cfg.modality != "video"]
+    missing = [PACKAGES[n] for n in needed if importlib.util.find_spec(n) is None]
+    if missing:
+        where = (" On Kaggle with the internet off: switch the internet on in the notebook's settings (or attach a "
+                 "dataset holding their wheels and pip install --no-index --find-links /kaggle/input/<it>).")
+        raise UserError(f"missing: {', '.join(missing)}: pip install {' '.join(missing)}." + where * on_kaggle())
+    versions = {"torch": torch.__version__, "kornia": importlib.metadata.version("kornia")}
+    for name, oldest in OLDEST.items():
+        if version_tuple(versions[name]) < oldest:
+            raise UserError(f"{name} {versions[name]} is older than any this script was tested with "
+                            f"({TESTED[name]}): pip install -U {name}.")
+    if on_kaggle():
+        versions |= {n: getattr(importlib.import_module(n), "__version__", "?") for n in needed if n != "kornia"}
+        print(f"Kaggle: Python {sys.version.split()[0]}, " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+
+
 def kaggle_files(pattern: str) -> list[Path]:
     return sorted(KAGGLE_INPUT.rglob(pattern)) if KAGGLE_INPUT.is_dir() else []
 
@@ -5554,6 +5585,7 @@ def main(argv: list[str] | None = None):
                 raise UserError(f"torchrun starts several processes for --mode train only; run --mode {cfg.mode} "
                                 "with plain python.")
             join_process_group(cfg.device)
+        check_packages(cfg)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         writes = cfg.mode in WRITING_MODES or cfg.mode == "decode" and cfg.preprocess

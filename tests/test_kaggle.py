@@ -5,6 +5,7 @@ import csv
 import importlib
 import io
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -59,6 +60,19 @@ def kaggle_push(monkeypatch, tmp_path):
                 return sent.args[0]
         pytest.fail("kernels_push sent nothing")
     return push
+
+
+def test_the_notebook_holds_todays_script_after_its_settings(kaggle_push):
+    sys.path.insert(0, str(KERNEL))
+    import make_notebook
+    written = json.loads((KERNEL / "notebook" / "master_all_avsr.ipynb").read_text(encoding="utf-8"))
+    assert written == json.loads(make_notebook.nbformat.writes(make_notebook.notebook())), \
+        "kaggle_kernel/notebook is behind the script: python kaggle_kernel/make_notebook.py"
+    kinds = [c["cell_type"] for c in written["cells"]]
+    assert kinds == ["markdown", "code", "code"] and "SETTINGS = [" in "".join(written["cells"][1]["source"])
+    request = kaggle_push(KERNEL / "notebook")  # and it passes the kaggle CLI's checks as a notebook kernel
+    assert request.kernel_type == "notebook" and request.language == "python"
+    assert (ROOT / "master_all_avsr.py").read_text(encoding="utf-8") in json.loads(request.text)["cells"][2]["source"]
 
 
 def test_kernel_metadata_passes_the_kaggle_clis_own_checks(kaggle_push, tmp_path):
@@ -173,23 +187,40 @@ def test_train_starts_its_own_processes_and_rank_0_tests(tmp_path):
     assert json.loads((work / "test_metrics.json").read_text())["n"] > 0
 
 
-def test_the_script_runs_as_a_notebook_cell(tmp_path):
+def test_the_notebook_runs_with_its_settings_cell_edited(tmp_path):
+    """kaggle_kernel's notebook as a user runs it: the settings cell edited (a tiny run here), then the script's
+    cell; and the script's main() called from a later cell."""
     import nbformat
     from nbclient import NotebookClient
     work, clip = tmp_path / "work", tmp_path / "clip.npy"
     np.save(clip, np.zeros((30, 112, 112), np.uint8))
-    args = " ".join(TINY + ["--epochs", "2", "--work-dir", str(work)])
-    notebook = nbformat.v4.new_notebook(cells=[
-        nbformat.v4.new_code_cell(f"%env AVSR_ARGS={args}"),
-        nbformat.v4.new_code_cell((ROOT / "master_all_avsr.py").read_text(encoding="utf-8")),
-        nbformat.v4.new_code_cell(f"decoded = main(['--mode', 'decode', '--work-dir', '{work}', '--input', '{clip}'])\n"
-                                  "print(len(decoded))"),
-    ])
+    notebook = nbformat.read(KERNEL / "notebook" / "master_all_avsr.ipynb", as_version=4)
+    settings = notebook.cells[1].source
+    notebook.cells[1].source = re.sub(r"SETTINGS = \[.*?\]", f"SETTINGS = {TINY + ['--epochs', '2', '--work-dir', str(work)]!r}",
+                                      settings, flags=re.S)
+    assert notebook.cells[1].source != settings
+    notebook.cells.append(nbformat.v4.new_code_cell(
+        f"decoded = main(['--mode', 'decode', '--work-dir', '{work}', '--input', '{clip}'])\nprint(len(decoded))"))
     NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
                    ).execute()
-    out = "".join(o.get("text", "") for o in notebook.cells[1].outputs if o.output_type == "stream")
+    out = "".join(o.get("text", "") for o in notebook.cells[2].outputs if o.output_type == "stream")
     assert "epoch   2/" in out and out.strip().splitlines()[-1].startswith("CER=")
-    assert not any(o.output_type == "error" for cell in notebook.cells for o in cell.outputs)
+    assert not any(o.output_type == "error" for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs)
     assert len(list(csv.DictReader(open(work / "metrics.csv", encoding="utf-8-sig")))) == 2
     assert (work / "checkpoints" / "best.pt").exists() and (work / "test_metrics.json").exists()
-    assert "".join(o.get("text", "") for o in notebook.cells[2].outputs).strip().endswith("1")
+    assert "".join(o.get("text", "") for o in notebook.cells[3].outputs if o.get("name") == "stdout").strip().endswith("1")
+
+
+def test_a_missing_or_too_old_package_is_named_before_any_work(monkeypatch, capsys):
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
+    m.check_packages(m.Config())
+    stated = capsys.readouterr().out
+    assert stated.startswith("Kaggle: Python ") and f"torch {torch.__version__}" in stated and "kornia " in stated
+    monkeypatch.setitem(m.PACKAGES, "not_a_package_here", "not-a-package-here")
+    with pytest.raises(m.UserError, match="missing: not-a-package-here: pip install not-a-package-here. On Kaggle "
+                                          "with the internet off"):
+        m.check_packages(m.Config())
+    monkeypatch.delitem(m.PACKAGES, "not_a_package_here")
+    monkeypatch.setattr(torch, "__version__", "2.4.1+cu121")
+    with pytest.raises(m.UserError, match=r"torch 2.4.1\+cu121 is older than any this script was tested with"):
+        m.check_packages(m.Config())
