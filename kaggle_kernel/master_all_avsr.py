@@ -2675,7 +2675,7 @@ class Beams:
 # ESPnet's `lm` scorer beside `decoder` and `ctc`: each row's next-unit log-probs from a model of text alone,
 # weighted by --lm-weight, summed in before the pre-beam picks the CTC's candidates.
 
-LM_WEIGHT = 0.3  # --lm-weight when --lm comes without one: the best of those measured on LRC-AR (README)
+LM_WEIGHT = 0.1  # --lm-weight when --lm comes without one: the best on LRC-AR's validation split (MEASUREMENTS.md)
 LM_FILE = "lm.pt"
 
 
