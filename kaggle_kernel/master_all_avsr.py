@@ -244,7 +244,33 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     atomic_write(path, write)
 
 
-# One run at a time in a work dir ------------------------------------------------------------------------------
+# Files the script uses but never downloads -------------------------------------------------------------------
+
+KAGGLE_INPUT = Path("/kaggle/input")  # attached datasets, earlier outputs, the landmark model
+
+
+def kaggle_files(pattern: str) -> list[Path]:
+    return sorted(KAGGLE_INPUT.rglob(pattern)) if KAGGLE_INPUT.is_dir() else []
+
+
+def find_on_disk(name: str, *folders: Path) -> tuple[Path | None, list[Path]]:
+    """A file the script can use but never downloads (weights, dlib's landmark model): the first `name` in the
+    working folder, beside this script or in `folders`, else anywhere under /kaggle/input; and where it looked."""
+    here = globals().get("__file__")
+    places = [folder / name for folder in dict.fromkeys([Path.cwd(), *([Path(here).resolve().parent] if here else []),
+                                                         *folders])]
+    found = next((p for p in places if p.is_file()), None)
+    if found is None and KAGGLE_INPUT.is_dir():
+        found = next(iter(kaggle_files(name)), None)
+        places.append(KAGGLE_INPUT / "**" / name)
+    return found, places
+
+
+def in_notebook() -> bool:
+    return "ipykernel" in sys.modules
+
+
+# One run at a time in a work dir -----------------------------------------------------------------------------
 # Two runs writing into one folder would leave a mixture of both. The lock names its process and machine; a lock
 # whose process is gone (killed, or on another machine, as in a Kaggle session continuing an earlier one's output)
 # is taken over. Processes a run starts itself (torchrun's) find their starter named in LOCK_OWNER and go ahead.
@@ -1160,7 +1186,7 @@ def frame_budget_batches(lengths: list[int], max_frames: int, rng: random.Random
     return batches
 
 
-# Built-in synthetic clips -------------------------------------------------------------------------------
+# Built-in synthetic clips ------------------------------------------------------------------------------------
 # Mouth shapes come from visemes, as on real lips: letters articulated at the same place look nearly the same
 # (ب م: closed lips; ت د ط ض ن ل ر ز س ص: teeth; ...; each letter differs from its class by a small offset),
 # so the word list does much of the telling apart, and vowels change the opening and rounding. Shapes blend
@@ -1527,6 +1553,22 @@ class Augment:
         return normalize_sound(x, valid)
 
 
+# The model's input -------------------------------------------------------------------------------------------
+
+def batch_inputs(ds: Dataset, chosen: list[int], augment: Augment, device, min_lengths=None) -> tuple:
+    """The model's input for clips `chosen` from memory, augmented on the device: frames (video), samples
+    (audio) or the pair (av); and the lengths in frames."""
+    modality = augment.cfg.modality
+    if modality != "video":
+        wave, lengths = ds.sound.batch(chosen)
+        audio = augment.sound(wave.to(device, non_blocking=True), lengths, ds.noise)
+        if modality == "audio":
+            return audio, lengths
+    frames, lengths = ds.bank.batch(chosen)
+    video, lengths = augment(frames.to(device, non_blocking=True), lengths, min_lengths)
+    return augment.drop_senses(video, audio) if modality == "av" else video, lengths
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 5. Model: Auto-AVSR's models under their own state_dict names (a 3D-conv + ResNet-18 frontend for video, a
 #    1-D ResNet for sound, Conformer encoder, Transformer decoder, CTC head; for both, two encoders fused), in
@@ -1566,7 +1608,7 @@ def layer_norm(d):
     return nn.LayerNorm(d, eps=1e-12)
 
 
-# Frontend ---------------------------------------------------------------------------------------------------
+# Frontend ----------------------------------------------------------------------------------------------------
 
 class BasicBlock(nn.Module):
     """ResNet's block over images (dims 2) or over time (dims 1, the sound frontend)."""
@@ -1713,7 +1755,7 @@ def make_frontend(dims: SimpleNamespace) -> nn.Module:
     return VideoFrontend(dims.frontend_channels)
 
 
-# Attention --------------------------------------------------------------------------------------------------
+# Attention ---------------------------------------------------------------------------------------------------
 
 class MultiHeadAttention(nn.Module):
     """Masks are boolean, True where attending is allowed, broadcastable to B x heads x Tq x Tk."""
@@ -1799,7 +1841,7 @@ class RelPositionAttention(MultiHeadAttention):
         return self.attend(q + self.pos_bias_u[:, None], k, v, position_scores)
 
 
-# Encoder ----------------------------------------------------------------------------------------------------
+# Encoder -----------------------------------------------------------------------------------------------------
 
 class FeedForward(nn.Module):
     def __init__(self, d, d_ff, dropout):
@@ -1867,7 +1909,7 @@ class ConformerEncoder(nn.Module):
         return self.after_norm(x)
 
 
-# Decoder ----------------------------------------------------------------------------------------------------
+# Decoder -----------------------------------------------------------------------------------------------------
 
 class PositionalEncoding(nn.Module):
     def __init__(self, d, dropout):
@@ -2005,7 +2047,7 @@ class TransformerDecoder(nn.Module):
         return self.output_layer(self.after_norm(x[:, 0])).log_softmax(-1)
 
 
-# Whole models -----------------------------------------------------------------------------------------------
+# Whole models ------------------------------------------------------------------------------------------------
 
 class CTCHead(nn.Module):
     def __init__(self, d, vocab_size, dropout):
@@ -2450,6 +2492,25 @@ def export_onnx(model: nn.Module, cfg: Config, path: Path) -> None:
     atomic_write(path, program.save)
 
 
+# Mixed precision ---------------------------------------------------------------------------------------------
+
+def amp_dtype(device: torch.device, cfg: Config):
+    """bf16 where the GPU has it (compute capability 8+), fp16 where not (T4, P100), none on CPU; --amp fp16 on
+    a newer GPU runs as a T4 would."""
+    if cfg.amp == "off" or device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    if cfg.amp == "bf16" and major < 8:
+        raise UserError(f"--amp bf16: the {torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) "
+                        "has no bf16 arithmetic; use --amp fp16 (or auto, which picks it here).")
+    return torch.bfloat16 if cfg.amp == "bf16" or (cfg.amp == "auto" and major >= 8) else torch.float16
+
+
+def autocast(device: torch.device, cfg: Config):
+    dtype = amp_dtype(device, cfg)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 6. Loss: Auto-AVSR's joint objective, w * CTC + (1 - w) * label-smoothed attention, both summed / batch.
 # ---------------------------------------------------------------------------------------------------------
@@ -2671,7 +2732,7 @@ class Beams:
             self.cache.keep_clips(live, rows, T)
 
 
-# A language model's term (--lm) ---------------------------------------------------------------------------
+# A language model's term (--lm) ------------------------------------------------------------------------------
 # ESPnet's `lm` scorer beside `decoder` and `ctc`: each row's next-unit log-probs from a model of text alone,
 # weighted by --lm-weight, summed in before the pre-beam picks the CTC's candidates.
 
@@ -2950,23 +3011,6 @@ def evaluate(model, ds: Dataset, index: list[int], vocab: Vocabulary, cfg: Confi
 REDRAW_CURVES, REDRAW_HEATMAP = 30.0, 300.0
 
 
-def amp_dtype(device: torch.device, cfg: Config):
-    """bf16 where the GPU has it (compute capability 8+), fp16 where not (T4, P100), none on CPU; --amp fp16 on
-    a newer GPU runs as a T4 would."""
-    if cfg.amp == "off" or device.type != "cuda":
-        return None
-    major, minor = torch.cuda.get_device_capability(device)
-    if cfg.amp == "bf16" and major < 8:
-        raise UserError(f"--amp bf16: the {torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) "
-                        "has no bf16 arithmetic; use --amp fp16 (or auto, which picks it here).")
-    return torch.bfloat16 if cfg.amp == "bf16" or (cfg.amp == "auto" and major >= 8) else torch.float16
-
-
-def autocast(device: torch.device, cfg: Config):
-    dtype = amp_dtype(device, cfg)
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-
-
 def compile_model(model: nn.Module, device: torch.device) -> None:
     """torch.compile the encoding (frontend and encoder, where the time goes), where Triton can: not on GPUs
     before compute capability 7 (P100)."""
@@ -3089,7 +3133,7 @@ def model_from_checkpoint(path: Path, cfg: Config, device, state: dict | None = 
     return model.to(device).eval(), vocab, model_cfg
 
 
-# Several processes (torchrun, one per GPU) ------------------------------------------------------------------
+# Several processes (torchrun, one per GPU) -------------------------------------------------------------------
 # Every process holds the whole dataset and the whole model; rank 0 alone evaluates, draws, writes checkpoints
 # and decides when to stop, and tells the others.
 
@@ -3181,20 +3225,6 @@ def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
-def batch_inputs(ds: Dataset, chosen: list[int], augment: Augment, device, min_lengths=None) -> tuple:
-    """The model's input for clips `chosen` from memory, augmented on the device: frames (video), samples
-    (audio) or the pair (av); and the lengths in frames."""
-    modality = augment.cfg.modality
-    if modality != "video":
-        wave, lengths = ds.sound.batch(chosen)
-        audio = augment.sound(wave.to(device, non_blocking=True), lengths, ds.noise)
-        if modality == "audio":
-            return audio, lengths
-    frames, lengths = ds.bank.batch(chosen)
-    video, lengths = augment(frames.to(device, non_blocking=True), lengths, min_lengths)
-    return augment.drop_senses(video, audio) if modality == "av" else video, lengths
-
-
 def training_batch(ds: Dataset, chosen: list[int], augment: Augment, device) -> tuple:
     """Inputs from memory, augmented on the device: (x, lengths, targets)."""
     targets = [ds.samples[i].ids for i in chosen]
@@ -3202,7 +3232,7 @@ def training_batch(ds: Dataset, chosen: list[int], augment: Augment, device) -> 
     return x, lengths.to(device), targets
 
 
-# A frozen frontend, run once -------------------------------------------------------------------------------
+# A frozen frontend, run once ---------------------------------------------------------------------------------
 # While the frontend is frozen, its output for a given crop and flip of a clip never changes: it is computed once
 # for a few views of every clip, and the epochs train the rest of the model from memory.
 
@@ -3426,7 +3456,7 @@ def selection_cer(row: dict, decoder: str, split: str = "val") -> float:
     return math.inf if value is None else value
 
 
-# Checkpoint averaging (--average-last, --mode average) ---------------------------------------------------
+# Checkpoint averaging (--average-last, --mode average) -------------------------------------------------------
 # Auto-AVSR averages its last 10 epochs before testing: with the cosine schedule falling to 0 they lie close
 # together, and their mean is a smoother model than any one of them. (The N best by validation CER could lie
 # epochs apart, where averaging weights is not sound, and would pick on the validation split once more.)
@@ -3676,7 +3706,7 @@ def train(cfg: Config, ds: Dataset | None = None, done=None) -> dict:
     return {"history": history, "model": model, "vocab": vocab, "dataset": ds}
 
 
-# Language model (--mode lm) ---------------------------------------------------------------------------------
+# Language model (--mode lm) ----------------------------------------------------------------------------------
 # Lips leave letters that look alike (ب/م, ت/د/ن/ل); text settles them. The model learns the units of the
 # training clips' labels and of any text given, and keeps the epoch that predicts the validation labels best.
 
@@ -3936,7 +3966,7 @@ def report_setup(model: nn.Module, ds: Dataset, cfg: Config, path: Path) -> list
     return lines
 
 
-# Parameter updates (--log-param-updates, as seed 002 offers) ------------------------------------------------
+# Parameter updates (--log-param-updates, as seed 002 offers) -------------------------------------------------
 
 def snapshot(groups: dict[str, list[nn.Parameter]]) -> dict[str, list[torch.Tensor]]:
     return {g: [p.detach().clone() for p in params] for g, params in groups.items()}
@@ -3964,7 +3994,7 @@ def append_rows(path: Path, rows: list[dict], epoch: int) -> None:
     write_csv(path, kept + rows)
 
 
-# Over/under-fitting verdict -------------------------------------------------------------------------------
+# Over/under-fitting verdict ----------------------------------------------------------------------------------
 
 def best_hypotheses(result: dict, decoder: str) -> list[list[int]]:
     """Each clip's first hypothesis from an evaluation's n-best lists."""
@@ -4045,7 +4075,7 @@ def loss_note(row: dict, cfg: Config, model: nn.Module) -> list[str]:
     return [line]
 
 
-# Worst clips -----------------------------------------------------------------------------------------------
+# Worst clips -------------------------------------------------------------------------------------------------
 
 def scored_clips(result: dict, ds: Dataset, vocab: Vocabulary, decoder: str) -> list[dict]:
     """Every clip of an evaluation, side by side with its hypothesis, worst first."""
@@ -4067,7 +4097,7 @@ def worst_lines(worst: list[dict]) -> list[str]:
     return lines
 
 
-# Unit confusions --------------------------------------------------------------------------------------------
+# Unit confusions ---------------------------------------------------------------------------------------------
 
 def alignment(ref: list[str], hyp: list[str]) -> list[tuple]:
     """A minimal edit-distance alignment: (reference unit, hypothesis unit) pairs, None on the side without
@@ -4249,7 +4279,7 @@ def write_confusions(pairs: Counter, folder: Path, heading: str) -> None:
     write_csv(folder / "confusions.csv", confusion_rows(pairs))
 
 
-# Every epoch ------------------------------------------------------------------------------------------------
+# Every epoch -------------------------------------------------------------------------------------------------
 
 def better_greedy_decoder(result: dict) -> str:
     return min((d for d in ("ctc", "attention") if d in result), key=lambda d: result[d]["cer"])
@@ -4291,7 +4321,7 @@ def gradient_flow(model: nn.Module, ds: Dataset, index: list[int], vocab: Vocabu
     return {f"grad_{g}": v for g, v in zip(module_groups(model), torch.stack(norms).mean(0).tolist())}
 
 
-# Dataset statistics -----------------------------------------------------------------------------------------
+# Dataset statistics ------------------------------------------------------------------------------------------
 
 def pixel_mean_std(bank: ClipBank) -> tuple[float, float]:
     """Exact, from the 256-bin histogram of all frames (/255)."""
@@ -4756,7 +4786,6 @@ def preprocess_videos(cfg: Config, out_dir: Path) -> list[dict]:
 #     kernel that sees several GPUs starts itself under torchrun.
 # ---------------------------------------------------------------------------------------------------------
 
-KAGGLE_INPUT = Path("/kaggle/input")  # attached datasets, earlier outputs, the landmark model
 KAGGLE_WORKING = Path("/kaggle/working")  # kept as the session's output (20 GB)
 KAGGLE_SCRATCH = Path("/tmp/master_all_avsr_cache")  # the clip cache: rebuilt in a minute, not worth output space
 KAGGLE_BUDGET = 11 * 60.0  # minutes of training; the rest of the 12 h reads the data, tests and saves the output
@@ -4798,23 +4827,6 @@ def check_packages(cfg: Config) -> None:
     if on_kaggle():
         versions |= {n: getattr(importlib.import_module(n), "__version__", "?") for n in needed if n != "kornia"}
         print(f"Kaggle: Python {sys.version.split()[0]}, " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-
-
-def kaggle_files(pattern: str) -> list[Path]:
-    return sorted(KAGGLE_INPUT.rglob(pattern)) if KAGGLE_INPUT.is_dir() else []
-
-
-def find_on_disk(name: str, *folders: Path) -> tuple[Path | None, list[Path]]:
-    """A file the script can use but never downloads (weights, dlib's landmark model): the first `name` in the
-    working folder, beside this script or in `folders`, else anywhere under /kaggle/input; and where it looked."""
-    here = globals().get("__file__")
-    places = [folder / name for folder in dict.fromkeys([Path.cwd(), *([Path(here).resolve().parent] if here else []),
-                                                         *folders])]
-    found = next((p for p in places if p.is_file()), None)
-    if found is None and KAGGLE_INPUT.is_dir():
-        found = next(iter(kaggle_files(name)), None)
-        places.append(KAGGLE_INPUT / "**" / name)
-    return found, places
 
 
 def kaggle_settings_file() -> str:
@@ -5560,10 +5572,6 @@ WRITING_MODES = ("train", "test", "diagnose", "sanity", "stats", "vocab", "avera
 MODES = {"train": run_train, "test": run_test, "decode": run_decode, "diagnose": run_diagnose, "sanity": run_sanity,
          "stats": run_stats, "vocab": run_vocab, "synth": run_synth, "preprocess": run_preprocess, "export": run_export,
          "average": run_average, "lm": train_lm}
-
-
-def in_notebook() -> bool:
-    return "ipykernel" in sys.modules
 
 
 def interrupted(argv: list[str]) -> str:
