@@ -2167,6 +2167,10 @@ class UnitLM(nn.Module):
         h, state = self.lstm(self.drop(self.embed(tokens)), state)
         return self.output(self.drop(h)).float().log_softmax(-1), state
 
+    def state_size(self) -> int:
+        """Values of one row's state (its h and c in every layer)."""
+        return 2 * self.lstm.num_layers * self.lstm.hidden_size
+
 
 class NgramLM(nn.Module):
     """Interpolated Kneser-Ney over the units (one discount): each order's counts discounted, the mass taken
@@ -2212,6 +2216,9 @@ class NgramLM(nn.Module):
             out.append(np.stack([self.log_probs(tuple(row)) for row in context.tolist()]))
         log_probs = torch.from_numpy(np.stack(out, 1)).float().to(self.where.device)
         return log_probs, (context[None].to(self.where.device),)
+
+    def state_size(self) -> int:
+        return self.order - 1
 
 
 def model_dims(cfg: Config, vocab_size: int) -> SimpleNamespace:
@@ -2909,13 +2916,15 @@ def beam_search_batch(model, enc, mask, lengths, vocab: Vocabulary, cfg: Config,
 BEAM_MEMORY = 2 ** 30  # bytes one beam search may hold in its largest tensors
 
 
-def beam_chunk_clips(model: nn.Module, cfg: Config, vocab_size: int, frames: int, d_model: int) -> int:
-    """Clips searched at once: the CTC candidates' forward variables (and their temporaries) and the
-    decoder's key and value buffers stay within BEAM_MEMORY bytes."""
+def beam_chunk_clips(model: nn.Module, cfg: Config, vocab_size: int, frames: int, d_model: int,
+                     lm: LanguageModel | None = None) -> int:
+    """Clips searched at once: the CTC candidates' forward variables (and their temporaries), the decoder's key
+    and value buffers and the language model's states and scores stay within BEAM_MEMORY bytes."""
     candidates = search_settings(model, cfg, vocab_size).pre_beam or vocab_size
     positions = frames if cfg.max_length_ratio == 0 else math.ceil(frames * cfg.max_length_ratio)
     buffers = 0 if model.decoder is None else 2 * len(model.decoder.decoders)
-    per_clip = 4 * cfg.beam_size * (6 * candidates * frames + buffers * d_model * positions)
+    lm_values = 0 if lm is None else 2 * vocab_size + 4 * lm.model.state_size()  # scores; states, now and next
+    per_clip = 4 * cfg.beam_size * (6 * candidates * frames + buffers * d_model * positions + lm_values)
     return max(1, BEAM_MEMORY // per_clip)
 
 
@@ -2927,7 +2936,7 @@ def decode(model: nn.Module, enc, mask, lengths, vocab: Vocabulary, cfg: Config,
         return [[h] for h in greedy_attention(model, enc, mask, lengths, vocab.sos_eos)]
     if cfg.decoder != "beam":
         return [[h] for h in greedy_ctc(model.ctc(enc), lengths, vocab.blank)]
-    step = beam_chunk_clips(model, cfg, vocab.size, enc.size(1), enc.size(2))
+    step = beam_chunk_clips(model, cfg, vocab.size, enc.size(1), enc.size(2), lm)
     return [hyps for i in range(0, enc.size(0), step)
             for hyps in beam_search_batch(model, enc[i:i + step], mask[i:i + step], lengths[i:i + step], vocab, cfg,
                                           lm)]
@@ -3833,12 +3842,14 @@ def train_lm(cfg: Config) -> dict:
     and lm/perplexity.json."""
     device = pick_device(cfg.device)
     cfg, vocab = lm_run_settings(cfg)
-    if cfg.lm_kind == "ngram":
-        return count_ngrams(cfg, vocab, device)
     folder = Path(cfg.work_dir) / "lm"
     last_path = folder / "last.pt"
-    if last_path.exists() and not cfg.resume:
-        raise UserError(f"{last_path} exists: add --resume to continue it, or give another --work-dir.")
+    for made in (last_path, folder / LM_FILE):
+        if made.exists() and not cfg.resume:
+            raise UserError(f"{made} exists: add --resume to continue it (an LSTM; an n-gram is counted anew), or "
+                            "give another --work-dir.")
+    if cfg.lm_kind == "ngram":
+        return count_ngrams(cfg, vocab, device)
     sentences = lm_sentences(cfg, vocab)
     torch.manual_seed(cfg.seed)
     lm = UnitLM(vocab.size, cfg.lm_dim, cfg.lm_layers, cfg.lm_dropout).to(device)

@@ -150,7 +150,7 @@ def test_the_language_models_term_follows_the_reference(trained, beam, kind):
         assert [g[0][1] for g in got] != [p[0][1] for p in plain]  # the term counts
 
 
-def test_a_language_model_of_another_vocabulary_is_refused_with_both_sizes(tmp_path):
+def test_a_language_model_of_another_vocabulary_is_refused_with_both_sizes(tmp_path, monkeypatch):
     vocab = m.Vocabulary.seed()
     cfg = m.Config(lm_dim=32, lm_layers=1, lm_dropout=0.0)
     bigger = vocab.with_units(["zz"])
@@ -166,6 +166,12 @@ def test_a_language_model_of_another_vocabulary_is_refused_with_both_sizes(tmp_p
     torch.save(m.lm_file(m.UnitLM(vocab.size, 32, 1, 0.0), cfg, vocab, 1, 9.0), tmp_path / "lm.pt")
     found = m.load_lm(m.Config(lm=str(tmp_path / "lm.pt")), vocab, torch.device("cpu"))
     assert found.weight == m.LM_WEIGHT  # --lm without --lm-weight: the measured one
+    attached = tmp_path / "kaggle_input" / "my-lm" / "lm.pt"  # on Kaggle, an attached dataset's file by name
+    attached.parent.mkdir(parents=True)
+    attached.write_bytes((tmp_path / "lm.pt").read_bytes())
+    monkeypatch.setattr(m, "KAGGLE_INPUT", tmp_path / "kaggle_input")
+    monkeypatch.chdir(tmp_path / "kaggle_input")
+    assert m.load_lm(m.Config(lm="lm.pt", lm_weight=0.2, work_dir=str(tmp_path / "w")), vocab, "cpu").path == attached
 
 
 def test_length_bonus_and_max_length_ratio_follow_the_reference(trained):
@@ -221,6 +227,15 @@ def test_chunks_give_the_same_answers_as_one_search(trained, monkeypatch):
         chunked = m.decode(model, enc, mask, lengths, vocab, cfg)
     assert [[ids for ids, _ in h] for h in chunked] == [[ids for ids, _ in h] for h in whole]
     assert [s for h in chunked for _, s in h] == pytest.approx([s for h in whole for _, s in h], abs=1e-4)
+    lm = m.LanguageModel(language_model("lstm"), 0.3, Path("lm.pt"))  # with a language model, its state counts
+    monkeypatch.setattr(m, "BEAM_MEMORY", 2 ** 30)
+    plain = m.beam_chunk_clips(model, cfg, vocab.size, enc.size(1), enc.size(2))
+    assert m.beam_chunk_clips(model, cfg, vocab.size, enc.size(1), enc.size(2), lm) < plain
+    with torch.no_grad():
+        whole = m.decode(model, enc, mask, lengths, vocab, cfg, lm)
+        monkeypatch.setattr(m, "BEAM_MEMORY", 1)
+        chunked = m.decode(model, enc, mask, lengths, vocab, cfg, lm)
+    assert [[ids for ids, _ in h] for h in chunked] == [[ids for ids, _ in h] for h in whole]
 
 
 def test_one_entry_point_for_every_decoder_and_a_ctc_search_for_the_baseline(trained):

@@ -664,6 +664,8 @@ def test_the_language_model_learns_the_labels_resumes_exactly_and_serves_test_an
     assert "lm" not in plain["decoding"]
     m.run_test(fast_cfg(work, mode="test", decoder="ctc", lm=lm_path))
     assert "--lm counts in the beam search only" in capsys.readouterr().out
+    diagnosed = m.run_diagnose(fast_cfg(work, mode="diagnose", split="val", beam_size=3, lm=lm_path))
+    assert "beam" in diagnosed["cer"] and f"language model {lm_path}" in capsys.readouterr().out
     clips = tmp_path / "clips"
     m.run_synth(fast_cfg(tmp_path / "s", output=str(clips), synthetic_clips=3))
     decoded = m.run_decode(fast_cfg(work, mode="decode", input=str(clips / "Preprocessed_Video"), beam_size=3,
