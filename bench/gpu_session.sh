@@ -21,6 +21,8 @@ step "test on the GPU, beam 20" 200 python3 $M --mode test --work-dir $W/fp16 --
 step "the same checkpoint on the CPU" 200 python3 $M --mode test --work-dir $W/fp16 --decoder beam --device cpu
 python3 $M --mode synth --output $W/clips --synthetic-clips 12 > /dev/null
 step "decode a folder, 3 best" 120 python3 $M --mode decode --work-dir $W/fp16 --input $W/clips --nbest 3
+step "a language model (n-gram), then the GPU's beam search with it" 200 bash -c "python3 $M --mode lm --work-dir $W/fp16 \
+    ${SMALL[*]} && python3 $M --mode test --work-dir $W/fp16 --decoder beam --lm $W/fp16/lm/lm.pt"
 step "fp16 with extra clips, a CTC-weight schedule, averaging, early stopping" 300 python3 $M --preset mini --epochs 3 \
     --amp fp16 --decoder ctc --extra-data-dir $W/clips --ctc-weight-schedule 1:0.7,2-:0.5>0.2 --average-last 2 \
     --stop-after 5 --work-dir $W/means "${SMALL[@]}"
