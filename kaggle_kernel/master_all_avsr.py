@@ -2182,8 +2182,10 @@ class NgramLM(nn.Module):
         self.sentences, self.order, self.vocab_size, self.sos = sentences, order, vocab_size, sos_eos
         self.discount, self.cache = discount, {}
         self.register_buffer("where", torch.zeros(0), persistent=False)  # follows .to(device): the outputs' device
-        grams = Counter(tuple(seq[i - order + 1:i + 1]) for ids in sentences
-                        for seq in [[sos_eos] * (order - 1) + ids + [sos_eos]] for i in range(order - 1, len(seq)))
+        grams = Counter()  # every order-gram, each sentence after order-1 sos and before its eos
+        for ids in sentences:
+            seq = [sos_eos] * (order - 1) + ids + [sos_eos]
+            grams.update(tuple(seq[i:i + order]) for i in range(len(seq) - order + 1))
         self.followers = {}  # order -> context -> (next ids, their counts, all counts, distinct next ids)
         for n in range(order, 0, -1):
             by_context: dict[tuple, dict[int, int]] = {}
