@@ -174,7 +174,7 @@ class Config:
     length_bonus: float = 0.0  # added per unit; > 0 favours longer hypotheses
     nbest: int = 1  # hypotheses kept per clip (nbest.csv, decode's output)
     lm: str = ""  # a language model (lm/lm.pt of --mode lm) scored in the beam search beside decoder and CTC
-    lm_weight: float = 0.0  # its weight L: (1-w) decoder + w CTC + L lm + bonus x length (0: the best measured)
+    lm_weight: float = 0.1  # with --lm, its weight L: (1-w) dec + w CTC + L lm + bonus x len (0.1: best measured)
     # language model (--mode lm): a unit-level model over the run's vocabulary, written to <work_dir>/lm/lm.pt
     lm_kind: str = "ngram"  # ngram (Kneser-Ney: trained at once) | lstm (epochs; for large --lm-text); README
     lm_text: list[str] = field(default_factory=list)  # a text file of more sentences to learn from, one a line
@@ -2745,7 +2745,6 @@ class Beams:
 # ESPnet's `lm` scorer beside `decoder` and `ctc`: each row's next-unit log-probs from a model of text alone,
 # weighted by --lm-weight, summed in before the pre-beam picks the CTC's candidates.
 
-LM_WEIGHT = 0.1  # --lm-weight when --lm comes without one: the best on LRC-AR's validation split (MEASUREMENTS.md)
 LM_FILE = "lm.pt"
 
 
@@ -2780,7 +2779,7 @@ def read_lm(path: Path, vocab: Vocabulary) -> tuple[nn.Module, dict]:
 
 
 def load_lm(cfg: Config, vocab: Vocabulary, device) -> LanguageModel | None:
-    """--lm, as given or found by name (on Kaggle under /kaggle/input), at --lm-weight (or LM_WEIGHT)."""
+    """--lm, as given or found by name (on Kaggle under /kaggle/input), at --lm-weight."""
     if not cfg.lm:
         return None
     path = Path(cfg.lm)
@@ -2791,7 +2790,7 @@ def load_lm(cfg: Config, vocab: Vocabulary, device) -> LanguageModel | None:
             raise UserError(f"--lm {cfg.lm}: no such file. Looked in:\n  {looked}\nTrain one with --mode lm.")
         path = found
     lm, saved = read_lm(path, vocab)
-    weight = cfg.lm_weight or LM_WEIGHT
+    weight = cfg.lm_weight
     print(f"language model {path} (validation perplexity {saved.get('val_perplexity', float('nan')):.2f}) "
           f"at weight {weight:g} in the beam search")
     return LanguageModel(lm.to(device), weight, path)

@@ -165,7 +165,7 @@ def test_a_language_model_of_another_vocabulary_is_refused_with_both_sizes(tmp_p
         m.load_lm(m.Config(lm="nowhere_lm.pt", work_dir=str(tmp_path)), vocab, torch.device("cpu"))
     torch.save(m.lm_file(m.UnitLM(vocab.size, 32, 1, 0.0), cfg, vocab, 1, 9.0), tmp_path / "lm.pt")
     found = m.load_lm(m.Config(lm=str(tmp_path / "lm.pt")), vocab, torch.device("cpu"))
-    assert found.weight == m.LM_WEIGHT  # --lm without --lm-weight: the measured one
+    assert found.weight == 0.1  # --lm without --lm-weight: the weight measured best
     attached = tmp_path / "kaggle_input" / "my-lm" / "lm.pt"  # on Kaggle, an attached dataset's file by name
     attached.parent.mkdir(parents=True)
     attached.write_bytes((tmp_path / "lm.pt").read_bytes())
