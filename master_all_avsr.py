@@ -266,6 +266,17 @@ def find_on_disk(name: str, *folders: Path) -> tuple[Path | None, list[Path]]:
     return found, places
 
 
+def find_given(name: str, flag: str, hint: str, *folders: Path) -> Path:
+    """A file a flag names: as given, else one of that name where find_on_disk looks; else what to do."""
+    if Path(name).is_file():
+        return Path(name)
+    found, places = find_on_disk(Path(name).name, *folders)
+    if found is None:
+        looked = "\n  ".join(map(str, [name, *places]))
+        raise UserError(f"{flag} {name}: no such file. Looked in:\n  {looked}\n{hint}")
+    return found
+
+
 def in_notebook() -> bool:
     return "ipykernel" in sys.modules
 
@@ -2295,17 +2306,6 @@ WHERE_TO_GET = (f"ViSpeR's models, trained on 1,200 h of Arabic among five langu
                 "there is internet and pass its path (on Kaggle, attach it as a dataset: it is then found by name).")
 
 
-def find_weights(name: str, flag: str, work_dir: str) -> Path:
-    """A weights file as given, else one of that name in the usual places or anywhere under /kaggle/input."""
-    if Path(name).is_file():
-        return Path(name)
-    found, places = find_on_disk(Path(name).name, Path(work_dir))
-    if found is None:
-        looked = "\n  ".join(map(str, [name, *places]))
-        raise UserError(f"{flag} {name}: no such file. Looked in:\n  {looked}\n{WHERE_TO_GET}")
-    return found
-
-
 def read_weights(path: Path, flag: str) -> tuple[dict[str, torch.Tensor], str, dict[str, list[str]]]:
     """The state dict in a checkpoint file under today's names, what kind of file it was, and the entries that are
     no model weights (by reason)."""
@@ -2424,7 +2424,7 @@ def sound_side_name(key: str) -> str:
 def load_weights_file(model: nn.Module, cfg: Config, name: str, parts: list[str], rename) -> dict:
     """The file of setting `name` into the `parts` of `model`, its keys renamed by `rename`; reported."""
     flag = "--" + name.replace("_", "-")
-    path = find_weights(getattr(cfg, name), flag, cfg.work_dir)
+    path = find_given(getattr(cfg, name), flag, WHERE_TO_GET, Path(cfg.work_dir))
     weights, kind, skipped = read_weights(path, flag)
     weights = {rename(k): v for k, v in weights.items()}
     own = model.state_dict()
@@ -2782,13 +2782,7 @@ def load_lm(cfg: Config, vocab: Vocabulary, device) -> LanguageModel | None:
     """--lm, as given or found by name (on Kaggle under /kaggle/input), at --lm-weight."""
     if not cfg.lm:
         return None
-    path = Path(cfg.lm)
-    if not path.is_file():
-        found, places = find_on_disk(path.name, Path(cfg.work_dir), Path(cfg.work_dir) / "lm")
-        if found is None:
-            looked = "\n  ".join(map(str, [cfg.lm, *places]))
-            raise UserError(f"--lm {cfg.lm}: no such file. Looked in:\n  {looked}\nTrain one with --mode lm.")
-        path = found
+    path = find_given(cfg.lm, "--lm", "Train one with --mode lm.", Path(cfg.work_dir), Path(cfg.work_dir) / "lm")
     lm, saved = read_lm(path, vocab)
     weight = cfg.lm_weight
     print(f"language model {path} (validation perplexity {saved.get('val_perplexity', float('nan')):.2f}) "
