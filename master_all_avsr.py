@@ -2671,29 +2671,6 @@ def ctc_log_probs(model: nn.Module, enc: torch.Tensor, lengths: torch.Tensor, bl
     return lp
 
 
-def ctc_prefix_scores(r, last, ids, lp, clip, prefix_len: int, blank: int):
-    """CTC prefix scores of every row's prefix extended by each of its candidate tokens, over time in one
-    vectorised recursion (time-major, so that each step reads contiguous memory). r: T x R x 2 (non-blank,
-    blank) forward log-probs of each row's prefix; last: R last tokens; ids: R x S candidates; lp: clips x V x T
-    log-probs, row r reading clip[r]'s. -> psi R x S, and the candidates' forward log-probs, two T x R x S."""
-    T = lp.size(2)
-    x_c = lp[clip[:, None], ids].permute(2, 0, 1).contiguous()  # T x R x S
-    x_blank = lp[clip, blank].t()[..., None]
-    prefix = torch.logaddexp(r[..., 0], r[..., 1])[..., None]
-    # a repeated token must pass through a blank first, so only the prefix's blank-ending paths extend it
-    phi = torch.where((ids == last[:, None])[None], r[..., 1:], prefix)
-    r_nb = torch.full_like(x_c, LOGZERO)
-    r_b = torch.full_like(x_c, LOGZERO)
-    if prefix_len == 0:
-        r_nb[0] = x_c[0]
-    start = max(prefix_len, 1)
-    for t in range(start, T):
-        r_nb[t] = torch.logaddexp(r_nb[t - 1], phi[t - 1]) + x_c[t]
-        r_b[t] = torch.logaddexp(r_nb[t - 1], r_b[t - 1]) + x_blank[t]
-    psi = torch.cat([phi[start - 1:T - 1] + x_c[start:], r_nb[start - 1:start]]).logsumexp(0)
-    return psi, (r_nb, r_b)
-
-
 def end_detected(ended: list[tuple[float, int]], step: int, m: int = 3, d_end: float = -10.0) -> bool:
     """ESPnet's end detection: the best hypotheses that ended in each of the last m steps all score d_end or
     more below the best ended so far. `ended` holds (score, length with sos and eos)."""
@@ -2719,12 +2696,23 @@ class Beams:
         self.tokens = torch.full((n * k, 1), sos, dtype=torch.long, device=lp.device)
         self.score = torch.full((n, k), -math.inf, device=lp.device)
         self.score[:, 0] = 0.0  # one hypothesis (sos) to start from
-        self.r = lp.new_full((lp.size(2), n * k, 2), LOGZERO)  # time-major: T x rows x (non-blank, blank)
-        self.r[..., 1] = lp[:, blank].cumsum(1).repeat_interleave(k, 0).t()
+        # each row's forward variables, time-major: T x rows x (non-blank, blank ending); the empty prefix is
+        # complete at t with the probability of t + 1 blanks
+        r = lp.new_full((lp.size(2), n * k, 2), LOGZERO)
+        r[..., 1] = lp[:, blank].cumsum(1).repeat_interleave(k, 0).t()
+        self.set_forward(r)
+        # each clip's CTC probabilities as ctc_prefix_scores multiplies them: clips x T x V, scaled per token
+        self.peak = lp.double().max(2).values
+        self.probs = (lp.double() - self.peak[..., None]).exp().transpose(1, 2).contiguous()
         self.psi = lp.new_zeros(n * k)  # the CTC prefix score of each row's prefix
         self.cached = None  # each row's row in the decoder cache (decoder_scores)
         self.lm_state = self.lm_next = None  # the language model's LSTM state after each row's prefix, and after
         # each row's prefix and its last token once scored (lm_scores)
+
+    def set_forward(self, r: torch.Tensor) -> None:
+        """r: the rows' forward variables; `complete`, T x rows: the probability that a row's prefix is complete
+        at t, by either ending."""
+        self.r, self.complete = r, torch.logaddexp(r[..., 0], r[..., 1])
 
     def keep(self, live: torch.Tensor) -> None:
         """Drop finished clips (live: bool per current clip), and the frames no live clip has."""
@@ -2733,12 +2721,54 @@ class Beams:
         T = int(self.lengths[live.cpu()].max())
         self.clips, self.lengths = self.clips[live.cpu()], self.lengths[live.cpu()]
         self.lp, self.score = self.lp[live, :, :T], self.score[live]
+        self.probs, self.peak = self.probs[live, :T], self.peak[live]
         self.row_clip = torch.arange(len(self.clips), device=self.lp.device).repeat_interleave(self.k)
-        self.tokens, self.r, self.psi = self.tokens[rows], self.r[:T, rows], self.psi[rows]
+        self.tokens, self.psi = self.tokens[rows], self.psi[rows]
+        self.set_forward(self.r[:T, rows])
         if self.lm_state is not None:
             self.lm_state = tuple(x[:, rows] for x in self.lm_state)
         if self.cache is not None:
             self.cache.keep_clips(live, rows, T)
+
+
+def time_shifted(x: torch.Tensor, first: float) -> torch.Tensor:
+    """T x R -> each frame's value at the frame before, `first` at frame 0."""
+    return torch.cat([x.new_full((1, x.size(1)), first), x[:-1]])
+
+
+def ctc_prefix_scores(beams: "Beams", step: int) -> torch.Tensor:
+    """R x V CTC prefix scores of every row's prefix extended by each token: psi = log sum_t phi[t-1] p_t(token),
+    phi the probability that the prefix is complete at t-1 (for a repeated token, only by its blank-ending
+    paths: a repeat must pass through a blank). No recursion over time: the sum over t for all tokens of a clip's
+    rows is one matrix product in probability space (float64, each row and token scaled by its largest value,
+    so that only values some 700 nats below both peaks underflow, to LOGZERO)."""
+    first = 0.0 if step == 0 else LOGZERO  # the empty prefix is complete before the first frame
+    phi = time_shifted(beams.complete, first).double()
+    scale = phi.max(0).values
+    n, T, V = beams.probs.shape
+    summed = torch.bmm((phi - scale).exp().t().reshape(n, beams.k, T), beams.probs).log_()
+    psi = (summed + beams.peak[:, None]).view(-1, V).add_(scale[:, None]).clamp_(min=LOGZERO).float()
+    last = beams.tokens[:, -1]
+    rows = torch.arange(len(last), device=last.device)
+    repeat = time_shifted(beams.r[..., 1], first) + beams.lp[beams.row_clip, last].t()
+    psi[rows, last] = repeat.logsumexp(0)
+    return psi
+
+
+def ctc_extended(beams: "Beams", parent: torch.Tensor, token: torch.Tensor, step: int, blank: int) -> torch.Tensor:
+    """T x R x 2 forward variables (non-blank, blank ending) of each parent's prefix extended by its token:
+    ESPnet's recursion, run for the R chosen extensions alone rather than for every candidate."""
+    r_nb, r_b = beams.r[:, parent].unbind(-1)
+    phi = torch.where((token == beams.tokens[parent, -1])[None], r_b, beams.complete[:, parent])
+    clip = beams.row_clip[parent]
+    x = torch.stack([beams.lp[clip, token], beams.lp[clip, blank]], -1).transpose(0, 1)  # T x R x 2
+    new = torch.full_like(x, LOGZERO)
+    start = max(step, 1)  # a prefix of step + 1 units cannot end before frame step
+    if step == 0:
+        new[0, :, 0] = x[0, :, 0]
+    for t in range(start, x.size(0)):
+        new[t] = torch.logaddexp(new[t - 1, :, :1], torch.stack([phi[t - 1], new[t - 1, :, 1]], -1)) + x[t]
+    return new
 
 
 # A language model's term (--lm) ------------------------------------------------------------------------------
@@ -2812,6 +2842,8 @@ def decoder_scores(model, beams: Beams, step: int) -> torch.Tensor:
     place = beams.cache.place(rows, len(beams.tokens))
     log_probs = model.decoder.step(beams.tokens[beams.cache.where, -1], step, beams.cache)
     beams.cached = torch.zeros_like(beams.row_clip).index_copy_(0, rows, place)
+    if len(rows) == len(beams.tokens) and torch.equal(beams.cache.where, rows):
+        return log_probs  # every row live and in its own place: nothing to scatter
     return log_probs.new_zeros(len(beams.tokens), log_probs.size(1)).index_copy_(0, beams.cache.where, log_probs)
 
 
@@ -2824,8 +2856,8 @@ def lm_scores(lm: nn.Module, beams: Beams) -> torch.Tensor:
 
 def joint_scores(model, beams: Beams, s: SimpleNamespace, cfg: Config, vocab: Vocabulary, step: int, lm=None):
     """Every row's total score for each next token, summed in ESPnet's order (decoder, language model, length
-    bonus, CTC, the row's own score), and the CTC side's (candidates, psi over the vocabulary, forward
-    variables). The pre-beam, as ESPnet's, picks the CTC's candidates by the sum before CTC."""
+    bonus, CTC, the row's own score), and the CTC prefix scores (R x V; None without CTC). The pre-beam, as
+    ESPnet's, picks the CTC's candidates by the sum before CTC."""
     R, V, device = beams.tokens.size(0), vocab.size, beams.lp.device
     weighted = torch.zeros(R, V, device=device)
     if s.use_decoder:
@@ -2834,17 +2866,17 @@ def joint_scores(model, beams: Beams, s: SimpleNamespace, cfg: Config, vocab: Vo
         weighted += s.lm_weight * lm_scores(lm, beams)
     if cfg.length_bonus:
         weighted += cfg.length_bonus
-    ctc = None
+    psi = None
     if s.use_ctc:
-        ids = weighted.topk(s.pre_beam, -1).indices if s.pre_beam else torch.arange(V, device=device).expand(R, V)
-        psi, r_new = ctc_prefix_scores(beams.r, beams.tokens[:, -1], ids, beams.lp, beams.row_clip, step, vocab.blank)
-        psi_full = psi.new_full((R, V), LOGZERO).scatter_(1, ids, psi)
+        psi = ctc_prefix_scores(beams, step)
+        if s.pre_beam:  # ESPnet scores the pre-beam's candidates only; the others are impossible to CTC
+            ids = weighted.topk(s.pre_beam, -1, sorted=False).indices
+            psi = torch.full_like(psi, LOGZERO).scatter_(1, ids, psi.gather(1, ids))
         ends = beams.lengths.to(device)[beams.row_clip] - 1  # eos: every path of the prefix, to the clip's end
-        psi_full[:, vocab.sos_eos] = torch.logaddexp(beams.r[..., 0], beams.r[..., 1])[ends, torch.arange(R, device=device)]
-        psi_full[:, vocab.blank] = LOGZERO
-        weighted += s.w * (psi_full - beams.psi[:, None])
-        ctc = (ids, psi_full, r_new)
-    return weighted + beams.score.view(R, 1), ctc
+        psi[:, vocab.sos_eos] = beams.complete[ends, torch.arange(R, device=device)]
+        psi[:, vocab.blank] = LOGZERO
+        weighted += s.w * (psi - beams.psi[:, None])
+    return weighted + beams.score.view(R, 1), psi
 
 
 def record_ended(ended: list, rows: list[int], beams: Beams, parent, token, score, last_step, eos: int) -> None:
@@ -2857,13 +2889,11 @@ def record_ended(ended: list, rows: list[int], beams: Beams, parent, token, scor
         ended[int(beams.clips[clip])].append((value, length, [t for t in seq if t != eos]))
 
 
-def advance(beams: Beams, parent, token, score, done_row, ctc) -> None:
+def advance(beams: Beams, parent, token, score, done_row, psi, step: int, blank: int) -> None:
     """Move the beams to the chosen extensions; finished ones free their slots."""
-    if ctc is not None:
-        ids, psi_full, (r_nb, r_b) = ctc
-        slot = (ids[parent] == token[:, None]).float().argmax(1)  # where the token sat among its row's candidates
-        beams.r = torch.stack([r_nb[:, parent, slot], r_b[:, parent, slot]], -1)
-        beams.psi = psi_full[parent, token]
+    if psi is not None:
+        beams.set_forward(ctc_extended(beams, parent, token, step, blank))
+        beams.psi = psi[parent, token]
     beams.tokens = torch.cat([beams.tokens[parent], token[:, None]], 1)
     beams.score = score.masked_fill(done_row.view(score.shape), -math.inf)
     if beams.lm_next is not None:
@@ -2886,7 +2916,7 @@ def beam_search_batch(model, enc, mask, lengths, vocab: Vocabulary, cfg: Config,
                   model.decoder.start(enc, mask, len(lengths) * K, int(max_len.max())) if s.use_decoder else None)
     ended: list[list[tuple[float, int, list[int]]]] = [[] for _ in lengths]  # (score, length, tokens) per clip
     for step in range(int(max_len.max())):
-        weighted, ctc = joint_scores(model, beams, s, cfg, vocab, step, lm and lm.model)
+        weighted, psi = joint_scores(model, beams, s, cfg, vocab, step, lm and lm.model)
         weighted[(step < min_len[beams.clips]).repeat_interleave(K).to(weighted.device), eos] = -math.inf
         score, flat = weighted.view(-1, K * V).topk(K, -1)
         parent = (flat // V + torch.arange(len(beams.clips), device=flat.device)[:, None] * K).view(-1)
@@ -2896,7 +2926,7 @@ def beam_search_batch(model, enc, mask, lengths, vocab: Vocabulary, cfg: Config,
         finished = (done_row & (score.view(-1) > -math.inf)).nonzero().flatten().tolist()
         if finished:
             record_ended(ended, finished, beams, parent, token, score, last_step, eos)
-        advance(beams, parent, token, score, done_row, ctc)
+        advance(beams, parent, token, score, done_row, psi, step, vocab.blank)
         emptied = (beams.score.max(1).values == -math.inf).cpu()  # one transfer a step, not one a clip
         live = torch.tensor([not (last_step[j] or emptied[j] or
                                   (cfg.max_length_ratio == 0 and end_detected([e[:2] for e in ended[c]], step)))
@@ -2913,14 +2943,15 @@ BEAM_MEMORY = 2 ** 30  # bytes one beam search may hold in its largest tensors
 
 def beam_chunk_clips(model: nn.Module, cfg: Config, vocab_size: int, frames: int, d_model: int,
                      lm: LanguageModel | None = None) -> int:
-    """Clips searched at once: the CTC candidates' forward variables (and their temporaries), the decoder's key
-    and value buffers and the language model's states and scores stay within BEAM_MEMORY bytes."""
-    candidates = search_settings(model, cfg, vocab_size).pre_beam or vocab_size
+    """Clips searched at once: the CTC's scaled probabilities (float64, frames x vocabulary a clip), its scores
+    and forward variables with their temporaries, the decoder's key and value buffers and the language model's
+    states and scores stay within BEAM_MEMORY bytes."""
     positions = frames if cfg.max_length_ratio == 0 else math.ceil(frames * cfg.max_length_ratio)
     buffers = 0 if model.decoder is None else 2 * len(model.decoder.decoders)
     lm_values = 0 if lm is None else 2 * vocab_size + 4 * lm.model.state_size()  # scores; states, now and next
-    per_clip = 4 * cfg.beam_size * (6 * candidates * frames + buffers * d_model * positions + lm_values)
-    return max(1, BEAM_MEMORY // per_clip)
+    ctc_values = 2 * (3 * vocab_size + 12 * frames)  # float64: scores and their temporaries; r, now and next
+    per_row = 4 * (ctc_values + buffers * d_model * positions + lm_values)
+    return max(1, BEAM_MEMORY // (8 * frames * vocab_size + cfg.beam_size * per_row))
 
 
 def decode(model: nn.Module, enc, mask, lengths, vocab: Vocabulary, cfg: Config,
