@@ -1,9 +1,17 @@
 """Shared fixtures: the script imported as a module, and small datasets the tests generate themselves."""
+import math
+import os
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N workers share the cores, one thread each (their
+    os.environ["OMP_NUM_THREADS"] = "1"  # scripts too), else 2 workers x 2 threads on 2 cores slow each other
+    import torch
+
+    torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -28,3 +36,9 @@ def dataset_copy(synthetic_root, tmp_path) -> Path:
 @pytest.fixture
 def cfg(tmp_path) -> m.Config:
     return m.Config(work_dir=str(tmp_path / "work"), synthetic_clips=40, seed=5)
+
+
+@pytest.fixture(autouse=True)
+def no_progress_lines(monkeypatch):
+    """Tests read the output line by line: on a slow machine a loop over 60 s would add a progress line."""
+    monkeypatch.setattr(m, "PLAIN_PROGRESS_EVERY", math.inf)
