@@ -1095,10 +1095,10 @@ def load_dataset(cfg: Config, vocab: Vocabulary, device: torch.device) -> Datase
     in memory."""
     bad, hears = BadSamples(), cfg.modality != "video"
     read = generated_source if data_kind(cfg) == "synthetic" else files_source
-    main = read(cfg, vocab, bad, hears)
-    samples, clips, waves = main.samples, main.clips, main.waves
+    own = read(cfg, vocab, bad, hears)
+    samples, clips, waves = own.samples, own.clips, own.waves
     if not samples:
-        bad.write(cfg.work_dir, main.found, [])
+        bad.write(cfg.work_dir, own.found, [])
         raise UserError(f"No usable clip was found (see {Path(cfg.work_dir) / 'data_report.json'}).")
     listed = read_split_lists(Path(cfg.split_lists)) if cfg.split_lists else None
     splits: dict[str, list[int]] = {"train": [], "val": [], "test": []}
@@ -1116,7 +1116,7 @@ def load_dataset(cfg: Config, vocab: Vocabulary, device: torch.device) -> Datase
                   f"e.g. {', '.join(missing[:5])}")
     held_out = {frames_digest(clips[i]): f"{samples[i].stem} ({split})" for split in ("val", "test")
                 for i in splits[split]}
-    report = [{"data": main.name, "found": main.found, "usable": len(main.samples), "splits": "train/val/test"}]
+    report = [{"data": own.name, "found": own.found, "usable": len(own.samples), "splits": "train/val/test"}]
     splits["extra"] = []
     for extra_cfg in extra_sources(cfg):
         extra = leave_out_evaluated(files_source(extra_cfg, vocab, bad, hears), held_out, bad)
@@ -1474,12 +1474,12 @@ class Augment:
     clip); the pixels are then cut from the uint8 frames, which is exact and, on a CPU, several times faster
     than Kornia's warp of float frames. Only the crop is converted to float."""
 
-    def __init__(self, cfg: Config, train: bool):
+    def __init__(self, cfg: Config, training: bool):
         import kornia.augmentation as K
-        self.cfg, self.train = cfg, train
+        self.cfg, self.train = cfg, training
         self.snrs = snr_levels(cfg.noise_snrs)
         self.random_crops = {}  # one Kornia sampler per crop size met (full or shrunken frames)
-        self.flip = K.RandomHorizontalFlip(p=cfg.hflip_prob) if train and cfg.hflip_prob > 0 else None
+        self.flip = K.RandomHorizontalFlip(p=cfg.hflip_prob) if training and cfg.hflip_prob > 0 else None
 
     def crop_boxes(self, shape: torch.Size, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Top, left and flip of every clip: drawn when training, the center crop otherwise."""
@@ -3007,7 +3007,7 @@ def evaluate(model, ds: Dataset, index: list[int], vocab: Vocabulary, cfg: Confi
     a frozen frontend's FeatureBank: from its center-crop view). Every epoch asks for the two greedy decoders;
     test adds the one it reports (the beam search with `lm`'s term, where given)."""
     model.eval()
-    augment = Augment(cfg, train=False)
+    augment = Augment(cfg, training=False)
     decoders = tuple(d for d in decoders if d != "attention" or model.decoder is not None)
     totals, seen, refs, order = Counter(), 0, [], []
     nbest: dict[str, list] = {d: [] for d in decoders}
@@ -3243,7 +3243,7 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             + self.bias.view(shape)
 
 
-def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+def with_synced_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     """Every BatchNorm of `model` synchronised across processes; same parameters, buffers and state_dict keys."""
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -3256,7 +3256,7 @@ def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
             synced.bias.requires_grad_(child.bias.requires_grad)
             setattr(model, name, synced.train(child.training))
         else:
-            sync_batchnorm(child, device)
+            with_synced_batchnorm(child, device)
     return model
 
 
@@ -3290,7 +3290,7 @@ class FeatureBank:
             torch.manual_seed(cfg.seed)
             for view in range(shape[0]):
                 index = used if view == 0 else ds.trained()
-                augment = Augment(spatial_only, train=view > 0)
+                augment = Augment(spatial_only, training=view > 0)
                 for batch in eval_batches(ds, index, cfg):
                     chosen = [index[i] for i in batch]
                     frames, lengths = ds.bank.batch(chosen)
@@ -3393,6 +3393,34 @@ def rank_share(batch_size: int) -> tuple[list[int], float]:
     return (rows, len(rows) * world / batch_size) if rows else ([0], 0.0)
 
 
+# Parameter updates (--log-param-updates, as seed 002 offers) -------------------------------------------------
+
+def snapshot(groups: dict[str, list[nn.Parameter]]) -> dict[str, list[torch.Tensor]]:
+    return {g: [p.detach().clone() for p in params] for g, params in groups.items()}
+
+
+def param_update_rows(groups, before, grad_norms: torch.Tensor, epoch: int, step: int, lr: float) -> list[dict]:
+    """Per module group: the gradient norm, the parameter norm after the step, and how far the step moved
+    the parameters relative to their size (about 1e-3 is healthy; far below, that part hardly learns)."""
+    rows = []
+    for (g, params), grad in zip(groups.items(), grad_norms.tolist()):
+        size = torch.nn.utils.get_total_norm([p.detach() for p in params]).item()
+        moved = torch.nn.utils.get_total_norm([p.detach() - b for p, b in zip(params, before[g])]).item()
+        rows.append({"epoch": epoch, "step": step, "lr": lr, "group": g, "grad_norm": grad, "param_norm": size,
+                     "update_norm": moved, "update_ratio": moved / max(size, 1e-12)})
+    return rows
+
+
+def append_rows(path: Path, rows: list[dict], epoch: int) -> None:
+    """Add an epoch's rows to a per-epoch CSV; rows a killed run wrote for this epoch or later are dropped,
+    so a resumed run's file reads as if it had never stopped."""
+    kept = []
+    if path.exists():
+        with open(path, newline="", encoding=CSV_ENCODING) as f:
+            kept = [r for r in csv.DictReader(f) if int(r["epoch"]) < epoch]
+    write_csv(path, kept + rows)
+
+
 def train_epoch(objective: nn.Module, ds: Dataset, cfg: Config, device, optimizer, scheduler, scaler, epoch: int,
                 updates: list | None = None, features: FeatureBank | None = None) -> dict:
     """One pass over the training split -> mean losses, clips seen, and each module group's mean gradient norm
@@ -3404,7 +3432,7 @@ def train_epoch(objective: nn.Module, ds: Dataset, cfg: Config, device, optimize
     model, world = unwrapped(objective), rank_and_world()[1]
     getattr(objective, "module", objective).cfg = cfg  # this epoch's loss weights
     train_mode(model)
-    augment = Augment(cfg, train=epoch >= cfg.augment_from)
+    augment = Augment(cfg, training=epoch >= cfg.augment_from)
     groups = module_groups(model)
     train_index = epoch_clips(ds, cfg, epoch)
     batches = frame_budget_batches([ds.samples[i].frames for i in train_index], cfg.max_frames,
@@ -3446,19 +3474,20 @@ def steps_per_epoch(ds: Dataset, cfg: Config) -> int:
     return math.ceil(n_batches / cfg.accum_steps)
 
 
-def epoch_row(epoch, train, val, probe, lr, seconds, cfg: Config) -> dict:
+def epoch_row(epoch, train_stats, val, probe, lr, seconds, cfg: Config) -> dict:
     """Everything metrics.csv keeps of an epoch; `probe` scores the fixed training clips (None without
     diagnostics)."""
     scores = lambda result, decoder: ((result or {}).get(decoder) or {})
     att, ctc = scores(val, "attention"), scores(val, "ctc")
-    return {"epoch": epoch, "train_loss": train["loss"], "train_ctc": train["ctc"], "train_att": train["att"],
-            "ctc_weight": cfg.ctc_weight, "ctc_share": ctc_share(train["ctc"], train["att"], cfg),
+    return {"epoch": epoch, "train_loss": train_stats["loss"], "train_ctc": train_stats["ctc"],
+            "train_att": train_stats["att"],
+            "ctc_weight": cfg.ctc_weight, "ctc_share": ctc_share(train_stats["ctc"], train_stats["att"], cfg),
             "train_eval_loss": (probe or {}).get("loss"), "train_cer_ctc": scores(probe, "ctc").get("cer"),
             "train_cer_att": scores(probe, "attention").get("cer"),
             "val_loss": (val or {}).get("loss"), "val_cer_ctc": ctc.get("cer"), "val_cer_att": att.get("cer"),
             "val_wer": (att or ctc).get("wer"), "val_cer_mean_per_clip": (att or ctc).get("cer_mean_per_clip"),
-            **{k: v for k, v in train.items() if k.startswith("grad_")},
-            "lr": lr, "epoch_s": seconds, "clips_per_s": train["clips"] / max(seconds, 1e-9)}
+            **{k: v for k, v in train_stats.items() if k.startswith("grad_")},
+            "lr": lr, "epoch_s": seconds, "clips_per_s": train_stats["clips"] / max(seconds, 1e-9)}
 
 
 def fmt(v, spec=".3f") -> str:
@@ -3536,7 +3565,7 @@ def refresh_batchnorm(model: nn.Module, ds: Dataset, cfg: Config, device) -> int
         layer.reset_running_stats()
         layer.momentum = None  # a plain mean over the batches
         layer.train()
-    index, augment, outside = ds.subset("train"), Augment(cfg, train=True), rng_state()
+    index, augment, outside = ds.subset("train"), Augment(cfg, training=True), rng_state()
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)  # the time mask draws from Python's generator
     for batch in eval_batches(ds, index, cfg):
@@ -3637,108 +3666,6 @@ def load_dataset_once(cfg: Config, vocab: Vocabulary, device) -> Dataset:
     if rank == 0 and world > 1:
         dist.barrier()
     return ds
-
-
-def train(cfg: Config, ds: Dataset | None = None, done=None) -> dict:
-    """Train on `ds` (default: the dataset cfg names); `done(row)`, when given, ends training after an epoch.
-    Under torchrun, rank 0's result has the history; the other processes' is empty."""
-    device = pick_device(cfg.device)
-    rank, world = rank_and_world()
-    vocab = load_vocabulary(cfg)
-    state = previous_run(cfg, vocab)
-    ds = ds or load_dataset_once(cfg, vocab, device)
-    if not ds.subset("train"):
-        raise UserError("The training split is empty: add clips, or change --val-fraction / --test-fraction.")
-    model = build_model(cfg, vocab.size)
-    if (cfg.init_from or cfg.init_from_audio) and state is None:
-        load_pretrained(model, cfg)
-    model.to(device)
-    if cfg.sync_batchnorm and world > 1:
-        model = sync_batchnorm(model, device)
-    optimizer, scheduler = make_optimizer(model, cfg, steps_per_epoch(ds, cfg))
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device, cfg) == torch.float16)
-    work, ckpt_dir = Path(cfg.work_dir), Path(cfg.work_dir) / "checkpoints"
-    history, start = [], 1
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        apply_new_rates(optimizer, scheduler, cfg)
-        if state["scaler"] and scaler.is_enabled():  # empty when saved on a CPU or a bf16 GPU
-            scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        history, start = state["history"], state["epoch"] + 1
-        print(f"Resumed from {ckpt_dir / 'last.pt'} after epoch {state['epoch']}")
-    frozen = frozen_in(cfg, start)
-    set_frozen(model, frozen)
-    if cfg.compile:
-        compile_model(model, device)
-    print(f"{cfg.arch}/{cfg.preset} ({cfg.modality}): {sum(p.numel() for p in model.parameters()):,} parameters "
-          f"on {device}"
-          f"{f' x {world} processes' if world > 1 else ''}; {len(ds.subset('train'))} train / "
-          f"{len(ds.subset('val'))} val / {len(ds.subset('test'))} test clips"
-          + (f" + {len(ds.subset('extra'))} extra training clips" if ds.subset("extra") else ""))
-    if rank == 0:
-        report_setup(model, ds, cfg, work / "diagnostics" / "setup.txt")
-    probe = training_probe(ds, cfg) if cfg.diagnostics and rank == 0 else []
-    began, slowest, curves_drawn, heatmap_drawn = time.time(), 0.0, 0.0, 0.0
-    objective = objective_for(model, vocab, cfg, device)
-    features = FeatureBank(model, ds, cfg, device) if caches_features(model, cfg, frozen) else None
-    for epoch in range(start, cfg.epochs + 1):
-        t0 = time.time()
-        if frozen_in(cfg, epoch) != frozen:
-            frozen, features = frozen_in(cfg, epoch), None
-            set_frozen(model, frozen)
-            objective = objective_for(model, vocab, cfg, device)
-        if epoch == cfg.unfreeze_at:
-            print(f"epoch {epoch}: {cfg.freeze} unfrozen, at {cfg.unfreeze_lr:g} x the learning rate", flush=True)
-        updates = [] if cfg.log_param_updates and rank == 0 else None
-        if world > 1 and device.type == "cuda":  # own dropout masks per GPU; augmentation draws (CPU) stay shared
-            torch.cuda.manual_seed((cfg.seed * 10_000 + epoch) * 64 + rank)
-        ecfg = at_epoch(cfg, epoch)
-        train_stats = train_epoch(objective, ds, ecfg, device, optimizer, scheduler, scaler, epoch, updates, features)
-        if rank > 0:
-            if rank0_says(False, device):
-                break
-            continue
-        val = evaluate(model, ds, ds.subset("val"), vocab, ecfg, device, features=features) if ds.subset("val") else None
-        probe_scores = evaluate(model, ds, probe, vocab, ecfg, device, features=features) if probe else None
-        seconds = time.time() - t0
-        slowest = max(slowest, seconds)
-        row = epoch_row(epoch, train_stats, val, probe_scores, optimizer.param_groups[0]["lr"], seconds, ecfg)
-        history.append(row)
-        notes, pairs = diagnose_epoch(history, val, ds, vocab, model, ecfg) if cfg.diagnostics else ([], None)
-        reached = done is not None and done(row)
-        out_of_time = cfg.time_budget and (time.time() - began + 1.2 * slowest) / 60 > cfg.time_budget
-        stalled = stalled_for(history, cfg)
-        last = reached or out_of_time or epoch == cfg.epochs or stalled
-        log_epoch(row, cfg, 0 if last else time_left(history, cfg, began))
-        for line in notes if cfg.verbose else notes[:1]:  # the verdict; the rest is in diagnostics/ and metrics.csv
-            print(line, flush=True)
-        if last or time.time() - curves_drawn >= REDRAW_CURVES:
-            curves_drawn = time.time()
-            plot_curves(history, work / "curves.png", cfg.decoder)
-        if pairs is not None and (last or time.time() - heatmap_drawn >= REDRAW_HEATMAP):
-            heatmap_drawn = time.time()
-            plot_confusions(pairs, work / "diagnostics" / "confusions.png")
-        write_csv(work / "metrics.csv", history)
-        if updates is not None:
-            append_rows(work / "diagnostics" / "param_updates.csv", updates, epoch)
-        if cfg.average_last:  # before last.pt: a run killed in between resumes with this epoch's weights redone
-            keep_epoch_weights(model, epoch, cfg)
-        save_checkpoint(ckpt_dir / "last.pt", model, optimizer, scheduler, scaler, epoch, history, cfg, vocab)
-        if selection_cer(row, cfg.decoder) <= min(selection_cer(r, cfg.decoder) for r in history):
-            atomic_write(ckpt_dir / "best.pt", lambda tmp: shutil.copyfile(ckpt_dir / "last.pt", tmp))
-        if stalled and epoch < cfg.epochs:
-            best = min(history, key=lambda r: selection_cer(r, cfg.decoder))["epoch"]
-            print(f"Stopping after epoch {epoch}: no better validation CER for {cfg.stop_after} epochs "
-                  f"(--stop-after; the best was epoch {best}).")
-        elif out_of_time and epoch < cfg.epochs:
-            print(f"Stopping after epoch {epoch}: the next one would overrun --time-budget {cfg.time_budget} min. "
-                  f"Continue with --resume.")
-        if rank0_says(last, device):
-            break
-    return {"history": history, "model": model, "vocab": vocab, "dataset": ds}
 
 
 # Language model (--mode lm) ----------------------------------------------------------------------------------
@@ -3939,8 +3866,8 @@ SANITY_CER = 0.01  # "about 0" for --mode sanity
 
 def training_probe(ds: Dataset, cfg: Config) -> list[int]:
     """The fixed training clips scored each epoch without augmentation: the train side of the curves."""
-    train = ds.subset("train")
-    return sorted(random.Random(cfg.seed).sample(train, min(cfg.train_eval_clips, len(train))))
+    clips = ds.subset("train")
+    return sorted(random.Random(cfg.seed).sample(clips, min(cfg.train_eval_clips, len(clips))))
 
 
 def augmentation_line(cfg: Config) -> str:
@@ -3957,7 +3884,7 @@ def augmentation_line(cfg: Config) -> str:
 def report_setup(model: nn.Module, ds: Dataset, cfg: Config, path: Path) -> list[str]:
     """Seed 001's hyperparameter sanity check: what one step and one epoch are, in numbers, with warnings;
     printed and written to `path`."""
-    train, extra = ds.subset("train"), ds.subset("extra")
+    training, extra = ds.subset("train"), ds.subset("extra")
     epoch = epoch_clips(ds, cfg, 1)
     batches = len(frame_budget_batches([ds.samples[i].frames for i in epoch], cfg.max_frames, random.Random(0)))
     clips_per_batch = len(epoch) / max(batches, 1)
@@ -3970,8 +3897,9 @@ def report_setup(model: nn.Module, ds: Dataset, cfg: Config, path: Path) -> list
     schedule = (f" by epoch ({cfg.ctc_weight_schedule}: {weights[0]:g} in epoch 1 .. {weights[-1]:g} in epoch "
                 f"{cfg.epochs}; else {cfg.ctc_weight:g})" if cfg.ctc_weight_schedule else "")
     lines = [
-        f"an epoch: {len(train)} training clips" + (f" + {len(epoch) - len(train)} of {len(extra)} extra clips drawn "
-                                                  f"afresh (--extra-weight {cfg.extra_weight:g})" if extra else ""),
+        f"an epoch: {len(training)} training clips"
+        + (f" + {len(epoch) - len(training)} of {len(extra)} extra clips drawn afresh (--extra-weight "
+           f"{cfg.extra_weight:g})" if extra else ""),
         f"batch: {clips_per_batch:.1f} clips on average (frame budget {cfg.max_frames}), x {cfg.accum_steps} "
         f"accumulated = effective batch {clips_per_batch * cfg.accum_steps:.1f} clips",
         f"steps: {steps} optimizer steps an epoch, {total} in {cfg.epochs} epochs; warmup {warmup} steps "
@@ -3985,7 +3913,7 @@ def report_setup(model: nn.Module, ds: Dataset, cfg: Config, path: Path) -> list
         f"{sum(n for g, n in counts.items() if g in frozen):,} frozen ("
         + ", ".join(f"{g} {n:,}{' frozen' if g in frozen else ''}" for g, n in counts.items()) + ")",
     ]
-    warnings = [
+    cautions = [
         (cfg.lr > 5e-3, f"a peak learning rate of {cfg.lr:g} is high for a Transformer under AdamW (Auto-AVSR: 1e-3)"),
         (cfg.lr < 1e-5, f"a peak learning rate of {cfg.lr:g} barely moves the weights"),
         (warmup >= total, "the warmup never ends: --warmup-epochs is not below --epochs"),
@@ -3996,39 +3924,11 @@ def report_setup(model: nn.Module, ds: Dataset, cfg: Config, path: Path) -> list
          "--ctc-weight 0 leaves the CTC head untrained, yet greedy CTC and the beam search use it"),
         (model.decoder is not None and min(weights) == 1, "--ctc-weight 1 leaves the attention decoder untrained"),
     ]
-    lines += [f"warning: {why}" for bad, why in warnings if bad]
+    lines += [f"warning: {why}" for bad, why in cautions if bad]
     for line in lines:
         print(line)
     atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n", encoding="utf-8"))
     return lines
-
-
-# Parameter updates (--log-param-updates, as seed 002 offers) -------------------------------------------------
-
-def snapshot(groups: dict[str, list[nn.Parameter]]) -> dict[str, list[torch.Tensor]]:
-    return {g: [p.detach().clone() for p in params] for g, params in groups.items()}
-
-
-def param_update_rows(groups, before, grad_norms: torch.Tensor, epoch: int, step: int, lr: float) -> list[dict]:
-    """Per module group: the gradient norm, the parameter norm after the step, and how far the step moved
-    the parameters relative to their size (about 1e-3 is healthy; far below, that part hardly learns)."""
-    rows = []
-    for (g, params), grad in zip(groups.items(), grad_norms.tolist()):
-        size = torch.nn.utils.get_total_norm([p.detach() for p in params]).item()
-        moved = torch.nn.utils.get_total_norm([p.detach() - b for p, b in zip(params, before[g])]).item()
-        rows.append({"epoch": epoch, "step": step, "lr": lr, "group": g, "grad_norm": grad, "param_norm": size,
-                     "update_norm": moved, "update_ratio": moved / max(size, 1e-12)})
-    return rows
-
-
-def append_rows(path: Path, rows: list[dict], epoch: int) -> None:
-    """Add an epoch's rows to a per-epoch CSV; rows a killed run wrote for this epoch or later are dropped,
-    so a resumed run's file reads as if it had never stopped."""
-    kept = []
-    if path.exists():
-        with open(path, newline="", encoding=CSV_ENCODING) as f:
-            kept = [r for r in csv.DictReader(f) if int(r["epoch"]) < epoch]
-    write_csv(path, kept + rows)
 
 
 # Over/under-fitting verdict ----------------------------------------------------------------------------------
@@ -4047,7 +3947,7 @@ def same_hypothesis_share(result: dict, decoder: str) -> float:
 def fit_verdict(history: list[dict], cfg: Config) -> str:
     """Seed 001's reading of the learning curves, in words, from the better greedy CER of each epoch."""
     row, k = history[-1], cfg.patience
-    val, train = selection_cer(row, "beam"), selection_cer(row, "beam", "train")
+    val, train_cer = selection_cer(row, "beam"), selection_cer(row, "beam", "train")
     if math.isinf(val):
         return "no verdict: there are no validation clips"
     vals = [selection_cer(r, "beam") for r in history]
@@ -4055,26 +3955,26 @@ def fit_verdict(history: list[dict], cfg: Config) -> str:
     stalled = len(vals) > k and min(vals[-k:]) > min(vals[:-k]) - 0.005
     rising = next((n for n in range(len(vals) - 1) if vals[-1 - n] <= vals[-2 - n]), len(vals) - 1)
     change = f"{vals[-1] - vals[max(len(vals) - 1 - k, 0)]:+.3f} in the last {min(k, len(vals) - 1)} epochs"
-    cers = f"train CER {train:.3f}, val CER {val:.3f}"
-    if math.isinf(train):  # a run without the training probe (--no-diagnostics, or older): validation alone
+    cers = f"train CER {train_cer:.3f}, val CER {val:.3f}"
+    if math.isinf(train_cer):  # a run without the training probe (--no-diagnostics, or older): validation alone
         trend = f"not better in the last {k} epochs" if stalled else change
         return f"val CER {val:.3f}, {trend}; over- or underfitting needs the training probe (--diagnostics)"
     if row.get("val_same_hyp", 0) >= COLLAPSED:
         early = " (usual while the learning rate warms up)" if row["epoch"] <= cfg.warmup_epochs + 1 else ""
         return (f"collapsed{early}: {row['val_same_hyp']:.0%} of validation clips get the same hypothesis; "
                 f"{cers}. The model answers without looking: check --mode sanity, the learning rate and the labels")
-    if val - train >= OVERFIT_GAP and stalled:
+    if val - train_cer >= OVERFIT_GAP and stalled:
         trend = f"rising for {rising} epochs" if rising > 1 else f"not better for {len(vals) - 1 - best} epochs"
         return (f"overfitting: {cers} and {trend} (best {vals[best]:.3f} at epoch {history[best]['epoch']}). "
                 "best.pt keeps the best epoch; more augmentation, dropout or data, or a smaller model")
-    if val - train >= OVERFIT_GAP:
+    if val - train_cer >= OVERFIT_GAP:
         return f"overfitting begins: {cers} (val {change}); val still improves"
-    if stalled and train >= HIGH_CER:
+    if stalled and train_cer >= HIGH_CER:
         return (f"stuck, underfitting: {cers}, neither better in the last {k} epochs. The model does not fit even "
                 "its training clips: check the gradient flow, the learning rate, and --mode sanity")
     if stalled:
         return f"converged: {cers}, not better in the last {k} epochs"
-    if train >= HIGH_CER:
+    if train_cer >= HIGH_CER:
         return f"underfitting: {cers} (val {change}), both high and still falling: train longer or a larger model"
     return f"learning: {cers} (val {change})"
 
@@ -4347,7 +4247,7 @@ def gradient_flow(model: nn.Module, ds: Dataset, index: list[int], vocab: Vocabu
     """--mode diagnose: each module group's mean gradient norm over the split's batches (no step is taken)."""
     train_mode(model)
     one_step, unscaled = dataclasses.replace(cfg, accum_steps=1), torch.amp.GradScaler(device.type, enabled=False)
-    augment, norms = Augment(cfg, train=False), []
+    augment, norms = Augment(cfg, training=False), []
     for batch in eval_batches(ds, index, cfg):
         model.zero_grad(set_to_none=True)
         x, lengths, targets = training_batch(ds, [index[i] for i in batch], augment, device)
@@ -4467,7 +4367,176 @@ def print_stats(stats: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 10. Preprocessing: raw face videos -> the 112 x 112 gray 25 fps mouth clips the model reads, cut the way the
+# 10. The training run: setup (fresh, pretrained or resumed), a short loop over epochs, and the end of each
+#     epoch on rank 0 (scores, the verdict, curves, checkpoints) that decides, for every process, when to stop.
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class TrainingRun:
+    """What a run carries from epoch to epoch: built by start_training, updated by each epoch's end."""
+    cfg: Config
+    device: torch.device
+    rank: int
+    world: int
+    vocab: Vocabulary
+    ds: Dataset
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    history: list[dict]
+    start: int  # the first epoch to train (after a resumed run's last)
+    frozen: str  # what is frozen now (--freeze until --unfreeze-at)
+    objective: nn.Module
+    features: FeatureBank | None  # a frozen frontend's cached features
+    probe: list[int]  # the training clips scored each epoch without augmentation
+    began: float = dataclasses.field(default_factory=time.time)
+    slowest: float = 0.0  # the longest epoch's seconds, for --time-budget
+    curves_drawn: float = 0.0
+    heatmap_drawn: float = 0.0
+
+    @property
+    def work(self) -> Path:
+        return Path(self.cfg.work_dir)
+
+
+def start_training(cfg: Config, ds: Dataset | None) -> TrainingRun:
+    """The model, optimizer and schedule, fresh (pretrained parts loaded) or as the run in --work-dir left them
+    (--resume), on the device; the setup printed and written to diagnostics/setup.txt."""
+    device = pick_device(cfg.device)
+    rank, world = rank_and_world()
+    vocab = load_vocabulary(cfg)
+    state = previous_run(cfg, vocab)
+    ds = ds or load_dataset_once(cfg, vocab, device)
+    if not ds.subset("train"):
+        raise UserError("The training split is empty: add clips, or change --val-fraction / --test-fraction.")
+    model = build_model(cfg, vocab.size)
+    if (cfg.init_from or cfg.init_from_audio) and state is None:
+        load_pretrained(model, cfg)
+    model.to(device)
+    if cfg.sync_batchnorm and world > 1:
+        model = with_synced_batchnorm(model, device)
+    optimizer, scheduler = make_optimizer(model, cfg, steps_per_epoch(ds, cfg))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device, cfg) == torch.float16)
+    history, start = [], 1
+    if state is not None:
+        history, start = resume_from(state, model, optimizer, scheduler, scaler, cfg), state["epoch"] + 1
+    frozen = frozen_in(cfg, start)
+    set_frozen(model, frozen)
+    if cfg.compile:
+        compile_model(model, device)
+    print(f"{cfg.arch}/{cfg.preset} ({cfg.modality}): {sum(p.numel() for p in model.parameters()):,} parameters "
+          f"on {device}"
+          f"{f' x {world} processes' if world > 1 else ''}; {len(ds.subset('train'))} train / "
+          f"{len(ds.subset('val'))} val / {len(ds.subset('test'))} test clips"
+          + (f" + {len(ds.subset('extra'))} extra training clips" if ds.subset("extra") else ""))
+    if rank == 0:
+        report_setup(model, ds, cfg, Path(cfg.work_dir) / "diagnostics" / "setup.txt")
+    return TrainingRun(cfg, device, rank, world, vocab, ds, model, optimizer, scheduler, scaler, history, start,
+                       frozen, objective_for(model, vocab, cfg, device),
+                       FeatureBank(model, ds, cfg, device) if caches_features(model, cfg, frozen) else None,
+                       training_probe(ds, cfg) if cfg.diagnostics and rank == 0 else [])
+
+
+def resume_from(state: dict, model, optimizer, scheduler, scaler, cfg: Config) -> list[dict]:
+    """Weights, optimizer, schedule, loss scale and random streams as last.pt saved them -> its history."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    apply_new_rates(optimizer, scheduler, cfg)
+    if state["scaler"] and scaler.is_enabled():  # empty when saved on a CPU or a bf16 GPU
+        scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    print(f"Resumed from {Path(cfg.work_dir) / 'checkpoints' / 'last.pt'} after epoch {state['epoch']}")
+    return state["history"]
+
+
+def begin_epoch(run: TrainingRun, epoch: int) -> Config:
+    """Freezing that changes with this epoch, each GPU's own dropout masks -> the settings of this epoch."""
+    cfg = run.cfg
+    if frozen_in(cfg, epoch) != run.frozen:
+        run.frozen, run.features = frozen_in(cfg, epoch), None
+        set_frozen(run.model, run.frozen)
+        run.objective = objective_for(run.model, run.vocab, cfg, run.device)
+    if epoch == cfg.unfreeze_at:
+        print(f"epoch {epoch}: {cfg.freeze} unfrozen, at {cfg.unfreeze_lr:g} x the learning rate", flush=True)
+    if run.world > 1 and run.device.type == "cuda":  # own dropout masks per GPU; augmentation draws (CPU) stay shared
+        torch.cuda.manual_seed((cfg.seed * 10_000 + epoch) * 64 + run.rank)
+    return at_epoch(cfg, epoch)
+
+
+def end_epoch(run: TrainingRun, epoch: int, ecfg: Config, train_stats: dict, updates, t0: float, done) -> bool:
+    """Rank 0's end of an epoch: validation and the training probe scored, the row logged and drawn, the
+    checkpoints saved -> whether this was the last epoch (done, out of time, stalled or the final one)."""
+    cfg, model, ds, history = run.cfg, run.model, run.ds, run.history
+    val = evaluate(model, ds, ds.subset("val"), run.vocab, ecfg, run.device, features=run.features) if ds.subset("val") else None
+    probe = evaluate(model, ds, run.probe, run.vocab, ecfg, run.device, features=run.features) if run.probe else None
+    seconds = time.time() - t0
+    run.slowest = max(run.slowest, seconds)
+    row = epoch_row(epoch, train_stats, val, probe, run.optimizer.param_groups[0]["lr"], seconds, ecfg)
+    history.append(row)
+    notes, pairs = diagnose_epoch(history, val, ds, run.vocab, model, ecfg) if cfg.diagnostics else ([], None)
+    reached = done is not None and done(row)
+    out_of_time = cfg.time_budget and (time.time() - run.began + 1.2 * run.slowest) / 60 > cfg.time_budget
+    stalled = stalled_for(history, cfg)
+    last = reached or out_of_time or epoch == cfg.epochs or stalled
+    log_epoch(row, cfg, 0 if last else time_left(history, cfg, run.began))
+    for line in notes if cfg.verbose else notes[:1]:  # the verdict; the rest is in diagnostics/ and metrics.csv
+        print(line, flush=True)
+    draw_epoch(run, pairs, last)
+    save_epoch(run, epoch, updates)
+    if stalled and epoch < cfg.epochs:
+        best = min(history, key=lambda r: selection_cer(r, cfg.decoder))["epoch"]
+        print(f"Stopping after epoch {epoch}: no better validation CER for {cfg.stop_after} epochs "
+              f"(--stop-after; the best was epoch {best}).")
+    elif out_of_time and epoch < cfg.epochs:
+        print(f"Stopping after epoch {epoch}: the next one would overrun --time-budget {cfg.time_budget} min. "
+              f"Continue with --resume.")
+    return bool(last)
+
+
+def draw_epoch(run: TrainingRun, pairs, last: bool) -> None:
+    """curves.png and the confusion heatmap, redrawn at most every few minutes (and after the last epoch)."""
+    if last or time.time() - run.curves_drawn >= REDRAW_CURVES:
+        run.curves_drawn = time.time()
+        plot_curves(run.history, run.work / "curves.png", run.cfg.decoder)
+    if pairs is not None and (last or time.time() - run.heatmap_drawn >= REDRAW_HEATMAP):
+        run.heatmap_drawn = time.time()
+        plot_confusions(pairs, run.work / "diagnostics" / "confusions.png")
+
+
+def save_epoch(run: TrainingRun, epoch: int, updates) -> None:
+    """metrics.csv, the parameter updates, the epoch's weights for averaging, last.pt and (when better) best.pt."""
+    cfg, ckpt_dir = run.cfg, run.work / "checkpoints"
+    write_csv(run.work / "metrics.csv", run.history)
+    if updates is not None:
+        append_rows(run.work / "diagnostics" / "param_updates.csv", updates, epoch)
+    if cfg.average_last:  # before last.pt: a run killed in between resumes with this epoch's weights redone
+        keep_epoch_weights(run.model, epoch, cfg)
+    save_checkpoint(ckpt_dir / "last.pt", run.model, run.optimizer, run.scheduler, run.scaler, epoch, run.history,
+                    cfg, run.vocab)
+    if selection_cer(run.history[-1], cfg.decoder) <= min(selection_cer(r, cfg.decoder) for r in run.history):
+        atomic_write(ckpt_dir / "best.pt", lambda tmp: shutil.copyfile(ckpt_dir / "last.pt", tmp))
+
+
+def train(cfg: Config, ds: Dataset | None = None, done=None) -> dict:
+    """Train on `ds` (default: the dataset cfg names); `done(row)`, when given, ends training after an epoch.
+    Under torchrun, rank 0's result has the history; the other processes' is empty."""
+    run = start_training(cfg, ds)
+    for epoch in range(run.start, cfg.epochs + 1):
+        t0 = time.time()
+        ecfg = begin_epoch(run, epoch)
+        updates = [] if cfg.log_param_updates and run.rank == 0 else None
+        train_stats = train_epoch(run.objective, run.ds, ecfg, run.device, run.optimizer, run.scheduler, run.scaler,
+                                  epoch, updates, run.features)
+        last = run.rank == 0 and end_epoch(run, epoch, ecfg, train_stats, updates, t0, done)
+        if rank0_says(last, run.device):  # every process stops where rank 0 does, once an epoch
+            break
+    return {"history": run.history, "model": run.model, "vocab": run.vocab, "dataset": run.ds}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 11. Preprocessing: raw face videos -> the 112 x 112 gray 25 fps mouth clips the model reads, cut the way the
 #     user's own crops were: dlib's 68 landmarks on every frame, the crop centred on the mouth (points 48-67),
 #     sized and turned by the eyes.
 # ---------------------------------------------------------------------------------------------------------
@@ -4817,7 +4886,7 @@ def preprocess_videos(cfg: Config, out_dir: Path) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 11. Kaggle: what a Kaggle session changes. Attached datasets and earlier outputs are under /kaggle/input
+# 12. Kaggle: what a Kaggle session changes. Attached datasets and earlier outputs are under /kaggle/input
 #     (read-only), outputs go to /kaggle/working, a session ends after 12 h; so the defaults search the input
 #     for clips and labels, write to the working folder, stop in time, continue the newest attached run, and a
 #     kernel that sees several GPUs starts itself under torchrun.
@@ -4992,7 +5061,7 @@ def train_under_torchrun(cfg: Config, processes: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 12. CLI: flags from the Config fields, one function per mode, and the entry point.
+# 13. CLI: flags from the Config fields, one function per mode, and the entry point.
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -5528,7 +5597,7 @@ def run_decode(cfg: Config) -> list[tuple[str, list[tuple[str, float]]]]:
     device = pick_device(cfg.device)
     model, vocab, model_cfg = model_from_checkpoint(checkpoint_path(cfg), cfg, device)
     names, clips = read_clips_to_decode(clips_to_decode(model_cfg), model_cfg)
-    augment, out, lm = Augment(model_cfg, train=False), [], search_lm(model_cfg, vocab, device)
+    augment, out, lm = Augment(model_cfg, training=False), [], search_lm(model_cfg, vocab, device)
     labels, rows, refs, best = labels_beside(model_cfg, vocab), [], [], []
     for batch in frame_budget_batches(clips.bank.lengths.tolist(), model_cfg.max_frames, random.Random(0)):
         t0 = time.perf_counter()

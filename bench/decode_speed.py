@@ -50,7 +50,7 @@ def clips_and_model(preset: str, weights: str):
         model, _, cfg = m.model_from_checkpoint(Path(args.checkpoint), cfg, device)
     ds = m.load_dataset(cfg, vocab, device)
     index = list(range(min(args.clips, len(ds.samples))))
-    x, lengths, targets = m.training_batch(ds, index, m.Augment(cfg, train=False), device)
+    x, lengths, targets = m.training_batch(ds, index, m.Augment(cfg, training=False), device)
     if not (weights == "trained" and args.checkpoint):
         torch.manual_seed(0)
         model = m.build_model(cfg, vocab.size).to(device)

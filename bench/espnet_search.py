@@ -211,7 +211,7 @@ print(f"device {device} ({where}), torch {torch.__version__}, ESPnet {espnet.__v
       f"length bonus {args.length_bonus:g}, fp32", flush=True)
 ds = m.load_dataset(base_cfg, vocab, device)
 index = list(range(min(args.clips, len(ds.samples))))
-x, lengths, targets = m.training_batch(ds, index, m.Augment(base_cfg, train=False), device)
+x, lengths, targets = m.training_batch(ds, index, m.Augment(base_cfg, training=False), device)
 frames = lengths.tolist()
 by_length = sorted(index, key=lambda b: (frames[b], b))
 n_esp = min(args.espnet_clips or len(index), len(index))

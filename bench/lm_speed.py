@@ -32,7 +32,7 @@ with contextlib.redirect_stdout(io.StringIO()):
     ds = m.load_dataset(model_cfg, vocab, device)
     lm = m.load_lm(model_cfg, vocab, device)
 index = ds.subset(args.split)
-augment = m.Augment(model_cfg, train=False)
+augment = m.Augment(model_cfg, training=False)
 with torch.no_grad():
     x, lengths = m.batch_inputs(ds, index, augment, device)
     enc, mask = model.encode(x, lengths)

@@ -30,7 +30,7 @@ def time_training_steps(cfg: m.Config, ds: m.Dataset, vocab: m.Vocabulary, devic
         m.compile_model(model, device)
     optimizer, scheduler = m.make_optimizer(model, cfg, 1000)
     scaler = torch.amp.GradScaler(device.type, enabled=m.amp_dtype(device, cfg) == torch.float16)
-    augment = m.Augment(cfg, train=True)
+    augment = m.Augment(cfg, training=True)
     train = ds.subset("train")
     batches = m.frame_budget_batches([ds.samples[i].frames for i in train], cfg.max_frames, random.Random(0))
     if device.type == "cuda":

@@ -18,7 +18,7 @@ def frames_with_texture(batch=4, t=30, size=112, seed=0):
 def test_validation_is_a_center_crop_normalised():
     cfg = m.Config()
     frames = frames_with_texture()
-    x, lengths = m.Augment(cfg, train=False)(frames, torch.full((4,), 30))
+    x, lengths = m.Augment(cfg, training=False)(frames, torch.full((4,), 30))
     expected = (frames[:, :, 12:100, 12:100].float() / 255 - cfg.mean) / cfg.std
     assert x.shape == (4, 30, 88, 88) and torch.allclose(x, expected, atol=1e-6)
 
@@ -27,7 +27,7 @@ def test_training_crop_and_flip_are_one_per_clip_and_differ_between_clips():
     torch.manual_seed(0)
     cfg = m.Config(time_mask=False)
     frames = frames_with_texture(batch=8)
-    x, _ = m.Augment(cfg, train=True)(frames, torch.full((8,), 30))
+    x, _ = m.Augment(cfg, training=True)(frames, torch.full((8,), 30))
     assert torch.equal(x, x[:, :1].expand_as(x))  # all frames of a clip got the same crop and flip
     crops = set()
     for b in range(8):
@@ -48,9 +48,9 @@ def test_padding_stays_zero_and_each_switch_turns_its_step_off():
     cfg = m.Config(random_crop=False, hflip_prob=0.0, time_mask=False)
     frames = frames_with_texture(batch=2)
     lengths = torch.tensor([30, 20])
-    x, _ = m.Augment(cfg, train=True)(frames, lengths)
+    x, _ = m.Augment(cfg, training=True)(frames, lengths)
     assert x[1, 20:].abs().sum() == 0 and x[1, :20].abs().sum() > 0
-    assert torch.equal(x, m.Augment(cfg, train=False)(frames, lengths)[0])
+    assert torch.equal(x, m.Augment(cfg, training=False)(frames, lengths)[0])
 
 
 def auto_avsr_time_mask(video, window, stride):
@@ -84,7 +84,7 @@ def test_time_mask_zeroes_whole_frames_before_normalisation():
     torch.manual_seed(1), random.seed(1)
     cfg = m.Config(random_crop=False, hflip_prob=0.0, time_mask_window=8, time_mask_stride=10)
     frames = torch.full((6, 30, 112, 112), 200, dtype=torch.uint8)
-    x, _ = m.Augment(cfg, train=True)(frames, torch.full((6,), 30))
+    x, _ = m.Augment(cfg, training=True)(frames, torch.full((6,), 30))
     per_frame = x.flatten(2)
     masked = torch.isclose(per_frame, torch.tensor((0 - cfg.mean) / cfg.std)).all(-1)
     kept = torch.isclose(per_frame, torch.tensor((200 / 255 - cfg.mean) / cfg.std)).all(-1)
@@ -111,7 +111,7 @@ def test_time_warp_runs_in_the_augmentation_when_switched_on():
     cfg = m.Config(time_warp=True, time_warp_max=0.3, time_mask=False)
     frames = frames_with_texture(batch=16)
     lengths = torch.full((16,), 30)
-    x, new = m.Augment(cfg, train=True)(frames, lengths, torch.full((16,), 12))
+    x, new = m.Augment(cfg, training=True)(frames, lengths, torch.full((16,), 12))
     assert (new != 30).any() and x.shape[1] == int(new.max()) and torch.all(new >= 12)
 
 
@@ -125,8 +125,8 @@ def test_frames_kept_shrunk_give_the_input_the_full_size_path_gives():
     full = m.ClipBank(clips, torch.device("cpu")).batch([0, 1])
     small = m.ClipBank(clips, torch.device("cpu"), m.stored_size(cfg)).batch([0, 1])
     assert small[0].shape == (2, 30, 56, 56)
-    expected, _ = m.Augment(cfg, train=False)(*full)
-    x, _ = m.Augment(cfg, train=False)(*small)
+    expected, _ = m.Augment(cfg, training=False)(*full)
+    x, _ = m.Augment(cfg, training=False)(*small)
     assert x.shape == expected.shape == (2, 30, 44, 44)
     assert (x - expected).abs().max() < 1 / (255 * cfg.std) + 1e-5
     assert x[1, 25:].abs().sum() == 0
@@ -140,7 +140,7 @@ def test_cached_features_get_the_same_time_masking_and_warping_as_frames():
     lengths, needed = torch.full((8,), 30), torch.full((8,), 12)
     torch.manual_seed(4)
     random.seed(4)
-    x, new = m.Augment(cfg, train=True).features(features.clone(), lengths, needed)
+    x, new = m.Augment(cfg, training=True).features(features.clone(), lengths, needed)
     torch.manual_seed(4)
     random.seed(4)
     frames = m.resample_frames(torch.arange(1, 31)[None, :, None].expand(8, 30, 1), lengths, m.time_warp_lengths(
@@ -153,7 +153,7 @@ def test_cached_features_get_the_same_time_masking_and_warping_as_frames():
         kept = ~zeroed[b, :new[b]]
         assert torch.equal(x[b, :new[b]][kept], features[b, shown[kept]])
         assert torch.all(x[b, new[b]:] == 0)
-    plain = m.Augment(m.Config(), train=False).features(features.clone(), lengths)
+    plain = m.Augment(m.Config(), training=False).features(features.clone(), lengths)
     assert torch.equal(plain[0], features) and torch.equal(plain[1], lengths)
 
 
@@ -185,14 +185,14 @@ def test_noise_is_mixed_at_each_clips_snr_over_its_own_samples():
 def test_sound_is_normalised_per_clip_and_muted_or_noisy_as_sound_says():
     wave, lengths = speech_batch()
     valid = torch.arange(wave.shape[1] * 640)[None] < (lengths * 640)[:, None]
-    clean = m.Augment(m.Config(), train=False).sound(wave, lengths, None)
+    clean = m.Augment(m.Config(), training=False).sound(wave, lengths, None)
     for b, n in enumerate((lengths * 640).tolist()):
         assert clean[b, :n].mean().abs() < 1e-5 and clean[b, :n].std(unbiased=False) == pytest.approx(1, abs=1e-4)
     assert not clean[~valid].any()
     assert torch.allclose(clean, m.normalize_sound(wave.flatten(1), valid))
-    assert not m.Augment(m.Config(sound="mute"), train=False).sound(wave, lengths, None).any()
+    assert not m.Augment(m.Config(sound="mute"), training=False).sound(wave, lengths, None).any()
     track = torch.randn(100_000)
-    noisy = m.Augment(m.Config(sound="0"), train=False).sound(wave, lengths, track)
+    noisy = m.Augment(m.Config(sound="0"), training=False).sound(wave, lengths, track)
     # at 0 dB half the power is noise: the normalised clean sound explains half of the noisy one
     share = (noisy * clean).sum(1) / (clean * clean).sum(1)
     assert torch.allclose(share, torch.full((3,), 0.5 ** 0.5), atol=0.05)
@@ -202,12 +202,12 @@ def test_modality_dropout_takes_one_sense_from_a_clip_at_the_rates_asked():
     cfg = m.Config(modality="av", drop_sound=0.3, drop_video=0.2)
     video, audio = torch.rand(4000, 3, 2, 2) + 0.1, torch.rand(4000, 5) + 0.1
     torch.manual_seed(0)
-    seen, heard = m.Augment(cfg, train=True).drop_senses(video, audio)
+    seen, heard = m.Augment(cfg, training=True).drop_senses(video, audio)
     deaf, blind = (heard == 0).all(1), (seen == 0).flatten(1).all(1)
     assert not (deaf & blind).any()  # never both
     assert deaf.float().mean() == pytest.approx(0.3, abs=0.03) and blind.float().mean() == pytest.approx(0.2, abs=0.03)
     assert torch.equal(seen[~blind], video[~blind]) and torch.equal(heard[~deaf], audio[~deaf])
-    kept = m.Augment(cfg, train=False).drop_senses(video, audio)  # evaluation hears and sees what --sound says
+    kept = m.Augment(cfg, training=False).drop_senses(video, audio)  # evaluation hears and sees what --sound says
     assert kept[0] is video and kept[1] is audio
     with pytest.raises(m.UserError, match="need --modality av"):
         m.validate(m.Config(drop_sound=0.5))
@@ -220,15 +220,15 @@ def test_training_masks_the_waveform_and_draws_each_clips_snr(monkeypatch):
     wave, lengths = speech_batch(lengths=(40, 40, 40))
     quiet = m.Config(noise_snrs="inf")
     torch.manual_seed(3), random.seed(3)
-    masked = m.Augment(quiet, train=True).sound(wave, lengths, None)
+    masked = m.Augment(quiet, training=True).sound(wave, lengths, None)
     # zeroed before normalisation, masked samples share one value; the random speech has no repeats
     zeroed = [int(torch.unique(row, return_counts=True)[1].max()) for row in masked]
     assert max(zeroed) > 1 and max(zeroed) <= 2 * 6399  # two masks in 1.6 s, each under 0.4 s
-    unmasked = m.Augment(m.dataclasses.replace(quiet, time_mask=False), train=True).sound(wave, lengths, None)
-    assert torch.allclose(unmasked, m.Augment(quiet, train=False).sound(wave, lengths, None))
+    unmasked = m.Augment(m.dataclasses.replace(quiet, time_mask=False), training=True).sound(wave, lengths, None)
+    assert torch.allclose(unmasked, m.Augment(quiet, training=False).sound(wave, lengths, None))
     drawn = []
     monkeypatch.setattr(m, "mix_at_snr", lambda s, n, v, snrs: drawn.append(snrs.tolist()) or s)
-    loud = m.Augment(m.Config(noise_snrs="-5,20", time_mask=False), train=True)
+    loud = m.Augment(m.Config(noise_snrs="-5,20", time_mask=False), training=True)
     for _ in range(20):
         loud.sound(wave, lengths, None)
     assert {v for row in drawn for v in row} == {-5.0, 20.0}

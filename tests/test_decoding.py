@@ -72,7 +72,7 @@ def trained(tmp_path_factory):
     model = m.build_model(cfg, vocab.size)
     optimizer, scheduler = m.make_optimizer(model, cfg, 1000)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    x, lengths, targets = m.training_batch(ds, [0, 1, 2, 3], m.Augment(cfg, train=False), torch.device("cpu"))
+    x, lengths, targets = m.training_batch(ds, [0, 1, 2, 3], m.Augment(cfg, training=False), torch.device("cpu"))
     model.train()
     for _ in range(60):
         m.backward_pass(m.Objective(model, vocab, cfg), x, lengths, targets, cfg, torch.device("cpu"), scaler)

@@ -182,6 +182,7 @@ def test_incremental_decoding_follows_the_beam_as_it_reorders():
     clips = torch.arange(3)
     with torch.no_grad():
         cache = decoder.start(memory, memory_mask, 6, 6)
+        beams = m.Beams(torch.randn(3, 40, 10, generator=g).log_softmax(1), torch.tensor([10, 6, 8]), 2, 0, 0, cache)
         for i in range(6):
             n = len(clips)
             live = torch.ones(2 * n, dtype=torch.bool)
@@ -190,20 +191,20 @@ def test_incremental_decoding_follows_the_beam_as_it_reorders():
             if i == 2:
                 live[1] = False  # a slot freed by a hypothesis that ended
             rows = live.nonzero().flatten()
-            cache.select_rows(rows)
-            place = cache.place(rows, 2 * n)
+            beams.continue_from(rows)
+            place = beams.place(rows)
             assert sorted(place.tolist()) == list(range(len(rows)))
-            log_probs = decoder.step(history[cache.where, -1], i, cache)
+            log_probs = decoder.step(history[beams.where, -1], i, cache, beams.where, 2 * n)
             full = decoder(history, memory[clips].repeat_interleave(2, 0), memory_mask[clips].repeat_interleave(2, 0))
-            assert torch.allclose(log_probs, full[cache.where, -1].log_softmax(-1), atol=1e-5)
+            assert torch.allclose(log_probs, full[beams.where, -1].log_softmax(-1), atol=1e-5)
             cached = torch.zeros(2 * n, dtype=torch.long).index_copy_(0, rows, place)
             own_clip = [rows[rows // 2 == r // 2] for r in range(2 * n)]  # each row goes on from a live row of its clip
             parents = torch.stack([c[torch.randint(0, len(c), (1,), generator=g)][0] for c in own_clip])
-            cache.select_rows(cached[parents])
+            beams.continue_from(cached[parents])
             history = torch.cat([history[parents], torch.randint(0, 40, (2 * n, 1), generator=g)], 1)
             if i == 3:  # the middle clip ends
                 kept = torch.tensor([True, False, True])
-                cache.keep_clips(kept, kept.repeat_interleave(2), 10)
+                beams.keep(kept)
                 clips, history = clips[kept], history[kept.repeat_interleave(2)]
         assert cache.rows == 4
 

@@ -404,7 +404,7 @@ def test_the_cache_holds_the_center_crop_and_augmented_views(tmp_path):
     assert bank.views.shape == (4, int(ds.bank.lengths.sum()), 64)
     clips = ds.subset("val")[:3]
     frames, lengths = ds.bank.batch(clips)
-    center = model.frontend(m.Augment(cfg, train=False)(frames, lengths)[0])
+    center = model.frontend(m.Augment(cfg, training=False)(frames, lengths)[0])
     features, same_lengths = bank.batch(clips, [0, 0, 0])
     assert torch.equal(same_lengths, lengths) and torch.allclose(features, center * (features != 0), atol=1e-5)
     assert torch.all(features[1, lengths[1]:] == 0) and torch.all(features[1, :lengths[1]].abs().sum(-1) > 0)
