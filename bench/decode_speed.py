@@ -10,14 +10,12 @@ batched code fed those clips one at a time. On a GPU the reference runs its mode
 cores: 8.8 s a clip at beam 10 and 19.8 s at beam 40 (base-sized, untrained; ../shared/reference/auto_avsr_notes.md).
 Usage: python bench/decode_speed.py [--presets small,base] [--beams 10,40] [--clips 64] [--device auto]"""
 import argparse
-import resource
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from timing import m, peak_memory_mb, sync
+from timing import m, peak_memory_mb, quick_fit, timed
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from beam_reference import beam_search_one_clip  # noqa: E402
@@ -55,25 +53,10 @@ def clips_and_model(preset: str, weights: str):
         torch.manual_seed(0)
         model = m.build_model(cfg, vocab.size).to(device)
         if weights == "trained":
-            fit(model, cfg, x[:4], lengths[:4], targets[:4])
+            quick_fit(model, cfg, vocab, x[:4], lengths[:4], targets[:4], args.fit_steps, device)
     return model.eval(), x, lengths, cfg
 
 
-def fit(model, cfg, x, lengths, targets):
-    optimizer, scheduler = m.make_optimizer(model, cfg, 1000)
-    scaler = torch.amp.GradScaler(device.type, enabled=m.amp_dtype(device, cfg) == torch.float16)
-    model.train()
-    for _ in range(args.fit_steps):
-        m.backward_pass(m.Objective(model, vocab, cfg), x, lengths, targets, cfg, device, scaler)
-        m.optimizer_step(model, optimizer, scheduler, scaler, cfg)
-
-
-def timed(fn):
-    sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    sync(device)
-    return out, time.perf_counter() - t0
 
 
 print(f"{'preset':6} {'weights':9} {'beam':>4} {'batched':>9} {'one-by-one':>10} {'reference':>9} "
@@ -94,13 +77,13 @@ for preset in args.presets.split(","):
                 torch.cuda.reset_peak_memory_stats(device)
             with torch.no_grad(), m.autocast(device, cfg):
                 m.decode(model, enc[:2], mask[:2], lengths[:2].to(device), vocab, run)  # first-use costs out of the timing
-                batched, t_batch = timed(lambda: m.decode(model, enc, mask, lengths.to(device), vocab, run))
+                batched, t_batch = timed(lambda: m.decode(model, enc, mask, lengths.to(device), vocab, run), device)
                 _, t_single = timed(lambda: [m.decode(model, alone[b], torch.ones(alone[b].shape[:2], dtype=torch.bool,
                                                                                    device=device),
                                                       lengths[b:b + 1].to(device), vocab, run)
-                                             for b in sample])
+                                             for b in sample], device)
                 ref, t_ref = timed(lambda: [beam_search_one_clip(model, e.float(), beam, args.ctc_weight, vocab.sos_eos,
-                                                                 vocab.blank) for e in map(alone.__getitem__, sample)])
+                                                                 vocab.blank) for e in map(alone.__getitem__, sample)], device)
             same = sum(batched[b][0][0] == [t for t in r[0]["yseq"][1:] if t != vocab.sos_eos]
                        and abs(batched[b][0][1] - r[0]["score"]) < 1e-3 for b, r in zip(sample, ref))
             rate, rate_single, rate_ref = len(alone) / t_batch, n_ref / t_single, n_ref / t_ref

@@ -60,12 +60,11 @@ import dataclasses
 import io
 import logging
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
-from timing import m, sync
+from timing import m, quick_fit, timed
 
 try:
     with contextlib.redirect_stdout(io.StringIO()):  # attention.py prints when flash_attn cannot be imported
@@ -105,21 +104,6 @@ base_cfg = m.Config(input_size=args.input_size, synthetic_clips=args.clips, lr=3
                     length_bonus=args.length_bonus, nbest=10 ** 9)  # every ended hypothesis (explains differences)
 
 
-def timed(fn):
-    sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    sync(device)
-    return out, time.perf_counter() - t0
-
-
-def fit(model, cfg, x, lengths, targets):
-    optimizer, scheduler = m.make_optimizer(model, cfg, 1000)
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
-    model.train()
-    for _ in range(args.fit_steps):
-        m.backward_pass(m.Objective(model, vocab, cfg), x, lengths, targets, cfg, device, scaler)
-        m.optimizer_step(model, optimizer, scheduler, scaler, cfg)
 
 
 def load_strict(module: torch.nn.Module, state: dict) -> torch.nn.Module:
@@ -228,7 +212,7 @@ for preset in args.presets.split(","):
         torch.manual_seed(0)
         model = m.build_model(cfg, V).to(device)
         if weights == "trained":
-            fit(model, cfg, x[:4], lengths[:4], targets[:4])
+            quick_fit(model, cfg, vocab, x[:4], lengths[:4], targets[:4], args.fit_steps, device)
         model.eval()
         dec, ctc = espnet_modules(model)
         with torch.no_grad():
@@ -240,9 +224,9 @@ for preset in args.presets.split(","):
                 search = espnet_beam_search(dec, ctc, beam, w)
                 with torch.no_grad():
                     m.decode(model, enc[:2], mask[:2], lengths[:2], vocab, run)  # first-use costs out of the timing
-                    ours, t_ours = timed(lambda: m.decode(model, enc, mask, lengths, vocab, run))
+                    ours, t_ours = timed(lambda: m.decode(model, enc, mask, lengths, vocab, run), device)
                     espnet_nbest(search, enc[by_length[0], :min(8, frames[by_length[0]])])
-                    theirs, t_esp = timed(lambda: [espnet_nbest(search, enc[b, :frames[b]]) for b in sample])
+                    theirs, t_esp = timed(lambda: [espnet_nbest(search, enc[b, :frames[b]]) for b in sample], device)
                 same, gap, lines = 0, 0.0, []
                 for b, e in zip(sample, theirs):
                     o = ours[b]

@@ -1,5 +1,4 @@
 """Shared by the benchmarks: time the parts of real training steps on the current device."""
-import random
 import resource
 import sys
 import time
@@ -14,6 +13,25 @@ import master_all_avsr as m  # noqa: E402
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device):
+    """fn's result and the seconds it took (the device's queue drained before and after)."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t0
+
+
+def quick_fit(model, cfg: m.Config, vocab: m.Vocabulary, x, lengths, targets, steps: int, device) -> None:
+    """A few training steps on a few clips: weights whose searches end early, as a trained model's do."""
+    optimizer, scheduler = m.make_optimizer(model, cfg, 1000)
+    scaler = torch.amp.GradScaler(device.type, enabled=m.amp_dtype(device, cfg) == torch.float16)
+    model.train()
+    for _ in range(steps):
+        m.backward_pass(m.Objective(model, vocab, cfg), x, lengths, targets, cfg, device, scaler)
+        m.optimizer_step(model, optimizer, scheduler, scaler, cfg)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -32,7 +50,7 @@ def time_training_steps(cfg: m.Config, ds: m.Dataset, vocab: m.Vocabulary, devic
     scaler = torch.amp.GradScaler(device.type, enabled=m.amp_dtype(device, cfg) == torch.float16)
     augment = m.Augment(cfg, training=True)
     train = ds.subset("train")
-    batches = m.frame_budget_batches([ds.samples[i].frames for i in train], cfg.max_frames, random.Random(0))
+    batches = ds.batches(train, cfg.max_frames)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     data_s = compute_s = 0.0

@@ -34,12 +34,12 @@ import math
 import os
 import random
 import re
+import secrets
 import shlex
 import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 import unicodedata
@@ -47,7 +47,6 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # our own messages name bad files; FFmpeg's noise does not
 
@@ -205,12 +204,12 @@ class UserError(Exception):
 def atomic_write(path: Path, write) -> None:
     """Write through `write(tmp_path)` and rename, so a killed run never leaves a half-written file. A folder
     that cannot be written, or a full disk, stops the run with what to do; the file keeps its earlier content."""
-    path, tmp = Path(path), None
+    path = Path(path)
+    # named before it exists, so that an interrupt (Ctrl-C) at any point after leaves it to `finally`
+    tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{path.suffix}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-        os.close(fd)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide results from the other users of a shared machine
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))  # readable by a shared machine's users
         write(tmp)
         if os.path.getsize(tmp) == 0:  # every file the tool makes holds something
             raise OSError(28, "nothing was written: the disk may be full")
@@ -223,12 +222,22 @@ def atomic_write(path: Path, write) -> None:
                         "Free some space or make the folder writable, or choose another --work-dir (--output for "
                         "synth and export).") from e
     finally:
-        if tmp and os.path.exists(tmp):
+        if os.path.exists(tmp):
             os.remove(tmp)
 
 
+def write_text(path: Path, text: str) -> None:
+    """UTF-8 text, written atomically."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
 def write_json(path: Path, obj) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, ensure_ascii=False, indent=1), encoding="utf-8"))
+    write_text(path, json.dumps(obj, ensure_ascii=False, indent=1))
+
+
+def checkpoints_of(work_dir) -> Path:
+    """A run's checkpoints folder: last.pt, best.pt, averaged.pt and the kept epoch weights."""
+    return Path(work_dir) / "checkpoints"
 
 
 CSV_ENCODING = "utf-8-sig"  # with a BOM: Excel then shows the Arabic as Arabic (and reading it accepts no BOM too)
@@ -327,7 +336,7 @@ def work_dir_lock(cfg: Config):
                         "pass --checkpoint with another --work-dir.")
     if holder:
         print(f"Taking over {path}: its process {holder[0]} on {holder[1]} is gone.")
-    atomic_write(path, lambda tmp: Path(tmp).write_text(mine, encoding="utf-8"))
+    write_text(path, mine)
     if lock_holder(path) != (os.getpid(), socket.gethostname()):  # another run took it at the same moment
         raise UserError(f"{cfg.work_dir} was taken by another run starting at the same time ({path}).")
     os.environ[LOCK_OWNER] = str(os.getpid())
@@ -840,7 +849,7 @@ def noise_track(cfg: Config, waves: list[np.ndarray], device: torch.device) -> t
     else:
         raise UserError(f"--noise {cfg.noise}: not a folder. Give babble, white or a folder of noise recordings.")
     track = torch.from_numpy(track.astype(np.float32))
-    return track.to(memory_for(track.numel() * 4, device))
+    return track.to(device_with_room(track.numel() * 4, device))
 
 
 def frames_needed(ids: list[int]) -> int:
@@ -947,7 +956,7 @@ def shrink(clip: np.ndarray, size: int) -> np.ndarray:
     return np.stack([cv2.resize(f, (size, size), interpolation=cv2.INTER_AREA) for f in clip])
 
 
-def memory_for(nbytes: int, device: torch.device) -> torch.device:
+def device_with_room(nbytes: int, device: torch.device) -> torch.device:
     """`device` if `nbytes` take less than 30% of its free memory (the rest is the model's), else the CPU."""
     if device.type != "cuda":
         return device
@@ -976,7 +985,7 @@ class ClipBank:
         self.lengths = torch.tensor([len(c) for c in clips], dtype=torch.long)
         self.offsets = torch.cumsum(self.lengths, 0) - self.lengths
         frames = torch.from_numpy(np.concatenate(clips)) if clips else torch.zeros(0, 1, 1, dtype=torch.uint8)
-        self.device = memory_for(frames.numel(), device)
+        self.device = device_with_room(frames.numel(), device)
         self.frames = frames.to(self.device)
 
     def batch(self, index: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1002,6 +1011,11 @@ class Dataset:
     def trained(self) -> list[int]:
         """Every clip that may train: the training split and the extra clips."""
         return self.subset("train") + self.subset("extra")
+
+    def batches(self, index: list[int], max_frames: int, seed: int = 0) -> list[list[int]]:
+        """The clips `index` cut into batches within the frame budget (frame_budget_batches; `seed` orders
+        clips of equal length)."""
+        return frame_budget_batches([self.samples[i].frames for i in index], max_frames, random.Random(seed))
 
 
 @dataclass
@@ -1386,7 +1400,7 @@ def write_synthetic_dataset(cfg: Config, vocab: Vocabulary) -> Path:
         atomic_write(root / "Preprocessed_Video" / f"{stem}.mp4", write_video)
         write_wav(root / "Preprocessed_Video" / f"{stem}.wav", wave.reshape(-1))
         csv_text = "word\n" + "\n".join(text.split()) + "\n"
-        atomic_write(root / "Csv" / f"{stem}.csv", lambda tmp: Path(tmp).write_text(csv_text, encoding="utf-8"))
+        write_text(root / "Csv" / f"{stem}.csv", csv_text)
     print(f"Wrote {cfg.synthetic_clips} synthetic clips to {root}")
     return root
 
@@ -1586,6 +1600,25 @@ def batch_inputs(ds: Dataset, chosen: list[int], augment: Augment, device, min_l
 #    three sizes, and the user's earlier CNN + BiLSTM baseline.
 # ---------------------------------------------------------------------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
+class ModelDims:
+    """What a model's shapes are built from (as nanoGPT's GPTConfig): a preset's sizes, the vocabulary's, and
+    the settings that change the layers (model_dims makes it from the Config)."""
+    vocab_size: int
+    d_model: int
+    n_heads: int
+    d_ff: int
+    n_encoder_layers: int
+    n_decoder_layers: int
+    conv_kernel: int  # the Conformer's depthwise convolution over time
+    frontend_channels: tuple[int, ...]  # the ResNet's four stages (the sound frontend's too)
+    fusion_hidden: int  # av: the fusion MLP's width
+    dropout: float = 0.1
+    frontend: str = "cnn"
+    input_size: int = 88
+    modality: str = "video"
+
+
 PRESETS = {
     "base": dict(d_model=768, n_heads=12, d_ff=3072, n_encoder_layers=12, n_decoder_layers=6,
                  conv_kernel=31, frontend_channels=(64, 128, 256, 512), fusion_hidden=8192),
@@ -1757,7 +1790,7 @@ class LinearFrontend(nn.Module):
         return self.proj(video.flatten(2))
 
 
-def make_frontend(dims: SimpleNamespace) -> nn.Module:
+def make_frontend(dims: ModelDims) -> nn.Module:
     out_dim = dims.frontend_channels[-1]
     if dims.frontend == "noise":
         return NoiseFrontend(dims.input_size, out_dim)
@@ -1881,19 +1914,19 @@ class ConvModule(nn.Module):
 
 
 class ConformerBlock(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, dims: ModelDims):
         super().__init__()
-        d = cfg.d_model
-        self.self_attn = RelPositionAttention(d, cfg.n_heads, 0.0)  # Auto-AVSR drops no encoder attention weights
-        self.feed_forward = FeedForward(d, cfg.d_ff, cfg.dropout)
-        self.conv_module = ConvModule(d, cfg.conv_kernel)
+        d = dims.d_model
+        self.self_attn = RelPositionAttention(d, dims.n_heads, 0.0)  # Auto-AVSR drops no encoder attention weights
+        self.feed_forward = FeedForward(d, dims.d_ff, dims.dropout)
+        self.conv_module = ConvModule(d, dims.conv_kernel)
         self.norm_ff = layer_norm(d)
         self.norm_mha = layer_norm(d)
-        self.feed_forward_macaron = FeedForward(d, cfg.d_ff, cfg.dropout)
+        self.feed_forward_macaron = FeedForward(d, dims.d_ff, dims.dropout)
         self.norm_ff_macaron = layer_norm(d)
         self.norm_conv = layer_norm(d)
         self.norm_final = layer_norm(d)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = nn.Dropout(dims.dropout)
 
     def forward(self, x, pos_emb, mask):
         x = x + 0.5 * self.dropout(self.feed_forward_macaron(self.norm_ff_macaron(x)))
@@ -1904,11 +1937,11 @@ class ConformerBlock(nn.Module):
 
 
 class ConformerEncoder(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, dims: ModelDims):
         super().__init__()
-        self.dropout = nn.Dropout(cfg.dropout)
-        self.encoders = nn.ModuleList(ConformerBlock(cfg) for _ in range(cfg.n_encoder_layers))
-        self.after_norm = layer_norm(cfg.d_model)
+        self.dropout = nn.Dropout(dims.dropout)
+        self.encoders = nn.ModuleList(ConformerBlock(dims) for _ in range(dims.n_encoder_layers))
+        self.after_norm = layer_norm(dims.d_model)
 
     def forward(self, x, mask):  # x: B x T x d, mask: B x T
         T, d = x.shape[1:]
@@ -1934,16 +1967,16 @@ class PositionalEncoding(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, dims: ModelDims):
         super().__init__()
-        d = cfg.d_model
-        self.self_attn = MultiHeadAttention(d, cfg.n_heads, cfg.dropout)
-        self.src_attn = MultiHeadAttention(d, cfg.n_heads, cfg.dropout)
-        self.feed_forward = FeedForward(d, cfg.d_ff, cfg.dropout)
+        d = dims.d_model
+        self.self_attn = MultiHeadAttention(d, dims.n_heads, dims.dropout)
+        self.src_attn = MultiHeadAttention(d, dims.n_heads, dims.dropout)
+        self.feed_forward = FeedForward(d, dims.d_ff, dims.dropout)
         self.norm1 = layer_norm(d)
         self.norm2 = layer_norm(d)
         self.norm3 = layer_norm(d)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = nn.Dropout(dims.dropout)
 
     def forward(self, x, self_mask, memory, memory_mask):
         h = self.norm1(x)
@@ -1951,14 +1984,14 @@ class DecoderBlock(nn.Module):
         x = x + self.dropout(self.src_attn(self.norm2(x), memory, memory, memory_mask))
         return x + self.dropout(self.feed_forward(self.norm3(x)))
 
-    def step(self, x, cache: "DecoderCache", i: int):
+    def step(self, x, cache: "DecoderCache", i: int, where=None, layout: int = 0):
         """The newest position only (x: R x 1 x d, a row of `cache` each), attending to its row's earlier
-        positions, whose keys and values block i keeps in `cache`."""
+        positions, whose keys and values block i keeps in `cache`; `where`: each row's row in a clips x beam
+        layout of `layout` rows (None: the rows are that layout)."""
         h = self.norm1(x)
         q, k, v = self.self_attn.project(h, h, h)
         x = x + self.self_attn.merge_heads(self.self_attn.attend_few(q, *cache.append(i, k, v)))
-        x = x + self.src_attn.attend_grouped(self.norm2(x), *cache.memory[i], cache.memory_bias, cache.where,
-                                             cache.layout)
+        x = x + self.src_attn.attend_grouped(self.norm2(x), *cache.memory[i], cache.memory_bias, where, layout)
         return x + self.feed_forward(self.norm3(x))
 
 
@@ -1969,43 +2002,21 @@ class DecoderCache:
     Those live in buffers made once for the longest search (a new tensor every step costs several times the
     copying: fresh memory must be mapped in), two a block, positions first (positions x rows x heads x
     d_head), so that a step writes one block of memory and a search maps in only the positions it reaches.
-    Rows are places in these buffers; in a beam search, `where` says which hypothesis each place holds."""
+    Rows are places in these buffers (a beam search decides which hypothesis each holds: Beams.place)."""
     memory: list[tuple[torch.Tensor, torch.Tensor]]
     memory_bias: torch.Tensor  # clips x 1 x 1 x T: 0 at a clip's frames, -inf past its end
     past: list[torch.Tensor]  # block i's keys at 2i, values at 2i + 1
     rows: int = 0  # rows in use
     length: int = 0  # positions written
-    order: torch.Tensor | None = None  # the past row each row asked for continues (select_rows, then place)
-    where: torch.Tensor | None = None  # each row's row in the search's clips x beam layout (None: the same)
-    layout: int = 0  # that layout's rows
 
-    def select_rows(self, rows: torch.Tensor) -> None:
-        self.order = rows if self.order is None else self.order[rows]
-
-    def keep_clips(self, clips: torch.Tensor, rows: torch.Tensor, frames: int) -> None:
+    def keep_clips(self, clips: torch.Tensor, frames: int) -> None:
         self.memory = [(k[clips, ..., :frames], v[clips, :, :frames]) for k, v in self.memory]
         self.memory_bias = self.memory_bias[clips, ..., :frames]
-        self.select_rows(rows.nonzero().flatten())
 
-    def place(self, rows: torch.Tensor, layout: int) -> torch.Tensor:
-        """The rows asked for (select_rows; `rows`: their rows in a clips x beam layout of `layout` rows) take
-        places: the first to go on from a past row takes that row's place where it fits, the others the places
-        left free, with a copy of their past. So only a few rows are copied (a quarter, in a trained base
-        model's search), not all. -> each asked-for row's place."""
-        order, n = self.order, len(rows)
-        asked = torch.arange(n, device=rows.device)
-        place = asked
-        if self.length:
-            first = torch.full((self.rows,), n, device=rows.device).scatter_reduce_(0, order, asked, "amin")
-            stays = (order < n) & (first[order] == asked)
-            taken = torch.zeros(n, dtype=torch.bool, device=rows.device).index_fill_(0, order[stays], True)
-            moves = (~stays).nonzero().flatten()
-            place = torch.where(stays, order, 0).index_copy_(0, moves, (~taken).nonzero().flatten())
-            for past in self.past:
-                past[:self.length].index_copy_(1, place[moves], past[:self.length].index_select(1, order[moves]))
-        self.where = torch.empty_like(rows).index_copy_(0, place, rows)
-        self.layout, self.order = layout, None
-        return place
+    def copy_rows(self, to: torch.Tensor, source: torch.Tensor) -> None:
+        """Rows `to` get the pasts of rows `source`."""
+        for past in self.past:
+            past[:self.length].index_copy_(1, to, past[:self.length].index_select(1, source))
 
     def append(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Block i's keys and values of the newest position (R x heads x 1 x d_head) added -> all of them, as
@@ -2018,13 +2029,13 @@ class DecoderCache:
 class TransformerDecoder(nn.Module):
     """Token ids must be valid everywhere; pad ys_in with eos as ESPnet does, targets with ignore_id."""
 
-    def __init__(self, cfg):
+    def __init__(self, dims: ModelDims):
         super().__init__()
-        d = cfg.d_model
-        self.embed = nn.Sequential(nn.Embedding(cfg.vocab_size, d), PositionalEncoding(d, cfg.dropout))
-        self.decoders = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.n_decoder_layers))
+        d = dims.d_model
+        self.embed = nn.Sequential(nn.Embedding(dims.vocab_size, d), PositionalEncoding(d, dims.dropout))
+        self.decoders = nn.ModuleList(DecoderBlock(dims) for _ in range(dims.n_decoder_layers))
         self.after_norm = layer_norm(d)
-        self.output_layer = nn.Linear(d, cfg.vocab_size)
+        self.output_layer = nn.Linear(d, dims.vocab_size)
 
     def forward(self, ys_in, memory, memory_mask=None):
         """Teacher forcing: B x L tokens -> B x L x V logits. Padded tokens trail the real ones, so the
@@ -2046,14 +2057,14 @@ class TransformerDecoder(nn.Module):
         bias = torch.zeros(memory_mask.shape, device=memory.device).masked_fill(~memory_mask, -math.inf)
         return DecoderCache(projected, bias[:, None, None, :], buffers)
 
-    def step(self, tokens, position: int, cache: DecoderCache) -> torch.Tensor:
-        """R newest tokens (at `position`), one for each of the cache's rows (placed, in a beam search) ->
-        R x V log-probs of the next ones, the same as `forward` on the whole prefixes gives; `cache` moves one
-        position on."""
+    def step(self, tokens, position: int, cache: DecoderCache, where=None, layout: int = 0) -> torch.Tensor:
+        """R newest tokens (at `position`), one for each of the cache's rows (in a beam search `where` says
+        which row of its clips x beam layout each is) -> R x V log-probs of the next ones, the same as
+        `forward` on the whole prefixes gives; `cache` moves one position on."""
         cache.rows = len(tokens)
         x = self.embed[1](self.embed[0](tokens[:, None]), offset=position)
         for i, block in enumerate(self.decoders):
-            x = block.step(x, cache, i)
+            x = block.step(x, cache, i, where, layout)
         cache.length += 1
         return self.output_layer(self.after_norm(x[:, 0])).log_softmax(-1)
 
@@ -2090,19 +2101,19 @@ class AVSRModel(nn.Module):
     the video model's encoder and a second one for sound (aux_*, Auto-AVSR v1.0.0's names), fused per frame.
     One decoder and one CTC head read the result."""
 
-    def __init__(self, cfg: SimpleNamespace):
+    def __init__(self, dims: ModelDims):
         super().__init__()
-        self.modality = cfg.modality
-        self.frontend = AudioFrontend(cfg.frontend_channels) if cfg.modality == "audio" else make_frontend(cfg)
-        self.proj_encoder = nn.Linear(cfg.frontend_channels[-1], cfg.d_model)
-        self.encoder = ConformerEncoder(cfg)
-        if cfg.modality == "av":
-            self.aux_frontend = AudioFrontend(cfg.frontend_channels)
-            self.aux_proj_encoder = nn.Linear(cfg.frontend_channels[-1], cfg.d_model)
-            self.aux_encoder = ConformerEncoder(cfg)
-            self.fusion = FusionHead(cfg.d_model, cfg.fusion_hidden)
-        self.decoder = TransformerDecoder(cfg)
-        self.ctc = CTCHead(cfg.d_model, cfg.vocab_size, cfg.dropout)
+        self.modality = dims.modality
+        self.frontend = AudioFrontend(dims.frontend_channels) if dims.modality == "audio" else make_frontend(dims)
+        self.proj_encoder = nn.Linear(dims.frontend_channels[-1], dims.d_model)
+        self.encoder = ConformerEncoder(dims)
+        if dims.modality == "av":
+            self.aux_frontend = AudioFrontend(dims.frontend_channels)
+            self.aux_proj_encoder = nn.Linear(dims.frontend_channels[-1], dims.d_model)
+            self.aux_encoder = ConformerEncoder(dims)
+            self.fusion = FusionHead(dims.d_model, dims.fusion_hidden)
+        self.decoder = TransformerDecoder(dims)
+        self.ctc = CTCHead(dims.d_model, dims.vocab_size, dims.dropout)
 
     def encode(self, inputs, lengths):
         """Frames (video: B x T x H x W), samples (audio: B x (T x 640)) or the pair of them (av) -> (B x T x d,
@@ -2234,11 +2245,11 @@ class NgramLM(nn.Module):
         return self.order - 1
 
 
-def model_dims(cfg: Config, vocab_size: int) -> SimpleNamespace:
+def model_dims(cfg: Config, vocab_size: int) -> ModelDims:
     if cfg.preset not in PRESETS:
         raise UserError(f"--preset {cfg.preset!r} is not known; choose one of {', '.join(PRESETS)}.")
-    return SimpleNamespace(vocab_size=vocab_size, dropout=cfg.dropout, frontend=cfg.frontend,
-                           input_size=cfg.input_size, modality=cfg.modality, **PRESETS[cfg.preset])
+    return ModelDims(vocab_size=vocab_size, dropout=cfg.dropout, frontend=cfg.frontend, input_size=cfg.input_size,
+                     modality=cfg.modality, **PRESETS[cfg.preset])
 
 
 def build_model(cfg: Config, vocab_size: int) -> nn.Module:
@@ -2456,7 +2467,7 @@ def write_init_report(report: dict, flag: str, path: Path) -> None:
     print("\n".join(head))
     detail = head + [""] + [f"skipped ({why}): {k}" for why, keys in report["skipped"].items() for k in keys]
     detail += [f"missing: {k}" for k in report["missing"]]
-    atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(detail) + "\n", encoding="utf-8"))
+    write_text(path, "\n".join(detail) + "\n")
 
 
 class EncoderForExport(nn.Module):
@@ -2705,7 +2716,9 @@ class Beams:
         self.peak = lp.double().max(2).values
         self.probs = (lp.double() - self.peak[..., None]).exp().transpose(1, 2).contiguous()
         self.psi = lp.new_zeros(n * k)  # the CTC prefix score of each row's prefix
-        self.cached = None  # each row's row in the decoder cache (decoder_scores)
+        self.order = None  # the cache row each hypothesis continues (None: its own; continue_from)
+        self.where = None  # each cache row's hypothesis (place)
+        self.cached = None  # each hypothesis's row in the decoder cache (decoder_scores)
         self.lm_state = self.lm_next = None  # the language model's LSTM state after each row's prefix, and after
         # each row's prefix and its last token once scored (lm_scores)
 
@@ -2728,7 +2741,30 @@ class Beams:
         if self.lm_state is not None:
             self.lm_state = tuple(x[:, rows] for x in self.lm_state)
         if self.cache is not None:
-            self.cache.keep_clips(live, rows, T)
+            self.cache.keep_clips(live, T)
+            self.continue_from(rows.nonzero().flatten())
+
+    def continue_from(self, rows: torch.Tensor) -> None:
+        """The hypotheses now go on from these rows of the previous layout."""
+        self.order = rows if self.order is None else self.order[rows]
+
+    def place(self, rows: torch.Tensor) -> torch.Tensor:
+        """The hypotheses `rows` (their rows in the clips x beam layout) take rows of the decoder cache: the
+        first to go on from a cached row takes that row where it fits, the others the rows left free, with a
+        copy of their past. So only a few rows are copied (a quarter, in a trained base model's search), not
+        all. -> each one's cache row."""
+        order, n = self.order, len(rows)
+        asked = torch.arange(n, device=rows.device)
+        place = asked
+        if self.cache.length:
+            first = torch.full((self.cache.rows,), n, device=rows.device).scatter_reduce_(0, order, asked, "amin")
+            stays = (order < n) & (first[order] == asked)
+            taken = torch.zeros(n, dtype=torch.bool, device=rows.device).index_fill_(0, order[stays], True)
+            moves = (~stays).nonzero().flatten()
+            place = torch.where(stays, order, 0).index_copy_(0, moves, (~taken).nonzero().flatten())
+            self.cache.copy_rows(place[moves], order[moves])
+        self.where, self.order = torch.empty_like(rows).index_copy_(0, place, rows), None
+        return place
 
 
 def time_shifted(x: torch.Tensor, first: float) -> torch.Tensor:
@@ -2824,27 +2860,41 @@ def search_ctc_weight(model: nn.Module, cfg: Config) -> float:
     return 1.0 if model.decoder is None else cfg.beam_ctc_weight  # a CTC-only model gets a CTC prefix search
 
 
-def search_settings(model: nn.Module, cfg: Config, vocab_size: int, lm=None) -> SimpleNamespace:
+@dataclasses.dataclass(frozen=True)
+class SearchSettings:
+    """One search's weights and pruning, as ESPnet chooses them."""
+    ctc_weight: float  # 1: a CTC prefix search (a model without a decoder); 0: the decoder alone
+    lm_weight: float
+    pre_beam: int  # the CTC scores the best pre_beam tokens of each row by the other scores (0: every token)
+
+    @property
+    def use_decoder(self) -> bool:
+        return self.ctc_weight < 1
+
+    @property
+    def use_ctc(self) -> bool:
+        return self.ctc_weight > 0
+
+
+def search_settings(model: nn.Module, cfg: Config, vocab_size: int, lm=None) -> SearchSettings:
     """ESPnet's choices: no pre-beam without a decoder (a language model does not bring one), or when the
     pre-beam would hold the whole vocabulary."""
     w = search_ctc_weight(model, cfg)
     pre_beam = int(1.5 * cfg.beam_size)
-    return SimpleNamespace(w=w, use_decoder=w < 1, use_ctc=w > 0, lm_weight=lm.weight if lm else 0.0,
-                           pre_beam=pre_beam if w < 1 and pre_beam < vocab_size else 0)
-
+    return SearchSettings(w, lm.weight if lm else 0.0, pre_beam if w < 1 and pre_beam < vocab_size else 0)
 
 def decoder_scores(model, beams: Beams, step: int) -> torch.Tensor:
     """The decoder's R x V log-probs of every row's next token, computed for the live rows alone (0 for the
     others): at the first step a clip's beam holds one hypothesis, and a slot freed by one that ended stays
     empty for a step. The cache keeps the computed rows only, each in the place it gave (`beams.cached`)."""
     rows = (beams.score.view(-1) > -math.inf).nonzero().flatten()
-    beams.cache.select_rows(rows)
-    place = beams.cache.place(rows, len(beams.tokens))
-    log_probs = model.decoder.step(beams.tokens[beams.cache.where, -1], step, beams.cache)
+    beams.continue_from(rows)
+    place = beams.place(rows)
+    log_probs = model.decoder.step(beams.tokens[beams.where, -1], step, beams.cache, beams.where, len(beams.tokens))
     beams.cached = torch.zeros_like(beams.row_clip).index_copy_(0, rows, place)
-    if len(rows) == len(beams.tokens) and torch.equal(beams.cache.where, rows):
+    if len(rows) == len(beams.tokens) and torch.equal(beams.where, rows):
         return log_probs  # every row live and in its own place: nothing to scatter
-    return log_probs.new_zeros(len(beams.tokens), log_probs.size(1)).index_copy_(0, beams.cache.where, log_probs)
+    return log_probs.new_zeros(len(beams.tokens), log_probs.size(1)).index_copy_(0, beams.where, log_probs)
 
 
 def lm_scores(lm: nn.Module, beams: Beams) -> torch.Tensor:
@@ -2854,28 +2904,28 @@ def lm_scores(lm: nn.Module, beams: Beams) -> torch.Tensor:
     return log_probs[:, 0]
 
 
-def joint_scores(model, beams: Beams, s: SimpleNamespace, cfg: Config, vocab: Vocabulary, step: int, lm=None):
+def joint_scores(model, beams: Beams, search: SearchSettings, cfg: Config, vocab: Vocabulary, step: int, lm=None):
     """Every row's total score for each next token, summed in ESPnet's order (decoder, language model, length
     bonus, CTC, the row's own score), and the CTC prefix scores (R x V; None without CTC). The pre-beam, as
     ESPnet's, picks the CTC's candidates by the sum before CTC."""
     R, V, device = beams.tokens.size(0), vocab.size, beams.lp.device
     weighted = torch.zeros(R, V, device=device)
-    if s.use_decoder:
-        weighted += (1 - s.w) * decoder_scores(model, beams, step).float()
+    if search.use_decoder:
+        weighted += (1 - search.ctc_weight) * decoder_scores(model, beams, step).float()
     if lm is not None:
-        weighted += s.lm_weight * lm_scores(lm, beams)
+        weighted += search.lm_weight * lm_scores(lm, beams)
     if cfg.length_bonus:
         weighted += cfg.length_bonus
     psi = None
-    if s.use_ctc:
+    if search.use_ctc:
         psi = ctc_prefix_scores(beams, step)
-        if s.pre_beam:  # ESPnet scores the pre-beam's candidates only; the others are impossible to CTC
-            ids = weighted.topk(s.pre_beam, -1, sorted=False).indices
+        if search.pre_beam:  # ESPnet scores the pre-beam's candidates only; the others are impossible to CTC
+            ids = weighted.topk(search.pre_beam, -1, sorted=False).indices
             psi = torch.full_like(psi, LOGZERO).scatter_(1, ids, psi.gather(1, ids))
         ends = beams.lengths.to(device)[beams.row_clip] - 1  # eos: every path of the prefix, to the clip's end
         psi[:, vocab.sos_eos] = beams.complete[ends, torch.arange(R, device=device)]
         psi[:, vocab.blank] = LOGZERO
-        weighted += s.w * (psi - beams.psi[:, None])
+        weighted += search.ctc_weight * (psi - beams.psi[:, None])
     return weighted + beams.score.view(R, 1), psi
 
 
@@ -2899,7 +2949,7 @@ def advance(beams: Beams, parent, token, score, done_row, psi, step: int, blank:
     if beams.lm_next is not None:
         beams.lm_state = tuple(x[:, parent] for x in beams.lm_next)
     if beams.cache is not None:
-        beams.cache.select_rows(beams.cached[parent])
+        beams.continue_from(beams.cached[parent])
 
 
 @torch.no_grad()
@@ -2907,16 +2957,16 @@ def beam_search_batch(model, enc, mask, lengths, vocab: Vocabulary, cfg: Config,
                       lm: LanguageModel | None = None) -> list[list[tuple[list[int], float]]]:
     """The n-best (tokens, score) of each clip, best first, by Auto-AVSR's joint CTC/attention search (with a
     language model's term where one is given)."""
-    s = search_settings(model, cfg, vocab.size, lm)
+    search = search_settings(model, cfg, vocab.size, lm)
     K, V, eos = cfg.beam_size, vocab.size, vocab.sos_eos
     lengths = lengths.cpu()
     max_len = lengths if cfg.max_length_ratio == 0 else (lengths * cfg.max_length_ratio).long().clamp(min=1)
     min_len = (lengths * cfg.min_length_ratio).long()
     beams = Beams(ctc_log_probs(model, enc, lengths, vocab.blank).transpose(1, 2).contiguous(), lengths, K, eos, vocab.blank,
-                  model.decoder.start(enc, mask, len(lengths) * K, int(max_len.max())) if s.use_decoder else None)
+                  model.decoder.start(enc, mask, len(lengths) * K, int(max_len.max())) if search.use_decoder else None)
     ended: list[list[tuple[float, int, list[int]]]] = [[] for _ in lengths]  # (score, length, tokens) per clip
     for step in range(int(max_len.max())):
-        weighted, psi = joint_scores(model, beams, s, cfg, vocab, step, lm and lm.model)
+        weighted, psi = joint_scores(model, beams, search, cfg, vocab, step, lm and lm.model)
         weighted[(step < min_len[beams.clips]).repeat_interleave(K).to(weighted.device), eos] = -math.inf
         score, flat = weighted.view(-1, K * V).topk(K, -1)
         parent = (flat // V + torch.arange(len(beams.clips), device=flat.device)[:, None] * K).view(-1)
@@ -2955,12 +3005,13 @@ def beam_chunk_clips(model: nn.Module, cfg: Config, vocab_size: int, frames: int
 
 
 def decode(model: nn.Module, enc, mask, lengths, vocab: Vocabulary, cfg: Config,
-           lm: LanguageModel | None = None) -> list[list[tuple[list[int], float]]]:
-    """Test's and decode's one entry point: each clip's n-best (tokens, score), best first, by --decoder (the
-    language model counts in the beam search only)."""
-    if cfg.decoder == "attention" and model.decoder is not None:
+           lm: LanguageModel | None = None, decoder: str = "") -> list[list[tuple[list[int], float]]]:
+    """Test's and decode's one entry point: each clip's n-best (tokens, score), best first, by `decoder`
+    (default --decoder; the language model counts in the beam search only)."""
+    decoder = decoder or cfg.decoder
+    if decoder == "attention" and model.decoder is not None:
         return [[h] for h in greedy_attention(model, enc, mask, lengths, vocab.sos_eos)]
-    if cfg.decoder != "beam":
+    if decoder != "beam":
         return [[h] for h in greedy_ctc(model.ctc(enc), lengths, vocab.blank)]
     step = beam_chunk_clips(model, cfg, vocab.size, enc.size(1), enc.size(2), lm)
     return [hyps for i in range(0, enc.size(0), step)
@@ -2996,8 +3047,13 @@ def error_rates(refs: list[list[int]], hyps: list[list[int]], vocab: Vocabulary)
             "n": len(refs)}
 
 
+def clip_cer(ref: list[int], hyp: list[int], vocab: Vocabulary) -> float:
+    """One clip's CER, as the reports show it."""
+    return round(error_rates([ref], [hyp], vocab)["cer"], 4)
+
+
 def eval_batches(ds: Dataset, index: list[int], cfg: Config) -> list[list[int]]:
-    return frame_budget_batches([ds.samples[i].frames for i in index], cfg.max_frames, random.Random(0))
+    return ds.batches(index, cfg.max_frames)
 
 
 @torch.no_grad()
@@ -3023,7 +3079,7 @@ def evaluate(model, ds: Dataset, index: list[int], vocab: Vocabulary, cfg: Confi
                 enc, mask = model.encode_features(x.to(device), lengths.to(device))
             parts = joint_loss(model, enc, mask, model.ctc(enc), lengths.to(device), targets, vocab, cfg)
             for d in decoders:
-                nbest[d] += decode(model, enc, mask, lengths.to(device), vocab, dataclasses.replace(cfg, decoder=d), lm)
+                nbest[d] += decode(model, enc, mask, lengths.to(device), vocab, cfg, lm, decoder=d)
         for k, v in parts.items():
             totals[k] += v.item() * len(chosen)
         seen += len(chosen)
@@ -3102,10 +3158,13 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# What a checkpoint fixes: its model, and the data it saw (the same clips, split and preprocessing)
+# What a checkpoint fixes, in one place: its model and the data it saw (the same clips, split and preprocessing)
+# must match to resume and are taken from it to test; the training state its weights are in is taken with them
 MODEL_SETTINGS = ("arch", "preset", "frontend", "modality", "units", "word_boundary")
 DATA_SETTINGS = ("split_seed", "val_fraction", "test_fraction", "split_lists", "frame_size", "crop_size",
                  "input_size", "mean", "std", "seed", "synthetic_clips", "synthetic_words", "synthetic_speakers")
+MATCHED_SETTINGS = MODEL_SETTINGS + DATA_SETTINGS
+CHECKPOINT_SETTINGS = MATCHED_SETTINGS + ("dropout", "freeze", "unfreeze_at")
 
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, epoch: int, history: list, cfg: Config,
@@ -3134,7 +3193,7 @@ def load_checkpoint(path: Path) -> dict:
 def check_compatible(state: dict, cfg: Config, vocab: Vocabulary, path: Path) -> None:
     """Refuse a checkpoint whose vocabulary or architecture differs, saying which."""
     saved = {**dataclasses.asdict(Config()), **state["config"]}  # settings added since it was written: defaults
-    diffs = [f"{k}: checkpoint {saved[k]!r}, now {getattr(cfg, k)!r}" for k in MODEL_SETTINGS + DATA_SETTINGS
+    diffs = [f"{k}: checkpoint {saved[k]!r}, now {getattr(cfg, k)!r}" for k in MATCHED_SETTINGS
              if saved[k] != getattr(cfg, k)]
     if diffs:
         raise UserError(f"The checkpoint {path} was trained with other settings ({'; '.join(diffs)}). "
@@ -3156,8 +3215,7 @@ def model_from_checkpoint(path: Path, cfg: Config, device, state: dict | None = 
     state = state or load_checkpoint(path)
     try:
         saved = saved_config(state)
-        kept = MODEL_SETTINGS + DATA_SETTINGS + ("dropout", "freeze", "unfreeze_at")
-        model_cfg = dataclasses.replace(cfg, **{k: getattr(saved, k) for k in kept})
+        model_cfg = dataclasses.replace(cfg, **{k: getattr(saved, k) for k in CHECKPOINT_SETTINGS})
         vocab = Vocabulary.from_json(state["vocab"])
         model = build_model(model_cfg, vocab.size)
         model.load_state_dict(state["model"])
@@ -3281,7 +3339,7 @@ class FeatureBank:
         self.offsets, self.lengths = ds.bank.offsets, ds.bank.lengths
         dtype = amp_dtype(device, cfg) or torch.float32
         shape = (cfg.feature_views + 1, int(self.lengths.sum()), model.proj_encoder.in_features)
-        self.device = memory_for(math.prod(shape) * dtype.itemsize, device)
+        self.device = device_with_room(math.prod(shape) * dtype.itemsize, device)
         self.views = torch.zeros(shape, dtype=dtype, device=self.device)
         spatial_only = dataclasses.replace(cfg, time_mask=False, time_warp=False)
         model.frontend.eval()
@@ -3435,8 +3493,7 @@ def train_epoch(objective: nn.Module, ds: Dataset, cfg: Config, device, optimize
     augment = Augment(cfg, training=epoch >= cfg.augment_from)
     groups = module_groups(model)
     train_index = epoch_clips(ds, cfg, epoch)
-    batches = frame_budget_batches([ds.samples[i].frames for i in train_index], cfg.max_frames,
-                                   random.Random(cfg.seed * 1000 + epoch))
+    batches = ds.batches(train_index, cfg.max_frames, cfg.seed * 1000 + epoch)
     totals, seen = Counter(), 0
     grad_sums, grad_steps = torch.zeros(len(groups), device=device), torch.zeros(len(groups), device=device)
     optimizer.zero_grad(set_to_none=True)
@@ -3469,8 +3526,7 @@ def train_epoch(objective: nn.Module, ds: Dataset, cfg: Config, device, optimize
 
 def steps_per_epoch(ds: Dataset, cfg: Config) -> int:
     """Optimizer steps of an epoch (the first's, where extra clips make each epoch's draw a little different)."""
-    n_batches = len(frame_budget_batches([ds.samples[i].frames for i in epoch_clips(ds, cfg, 1)], cfg.max_frames,
-                                         random.Random(0)))
+    n_batches = len(ds.batches(epoch_clips(ds, cfg, 1), cfg.max_frames))
     return math.ceil(n_batches / cfg.accum_steps)
 
 
@@ -3490,7 +3546,8 @@ def epoch_row(epoch, train_stats, val, probe, lr, seconds, cfg: Config) -> dict:
             "lr": lr, "epoch_s": seconds, "clips_per_s": train_stats["clips"] / max(seconds, 1e-9)}
 
 
-def fmt(v, spec=".3f") -> str:
+def shown(v, spec=".3f") -> str:
+    """A figure for the console, or n/a."""
     return "n/a" if v is None else format(v, spec)
 
 
@@ -3502,11 +3559,11 @@ def time_left(history: list[dict], cfg: Config, began: float) -> float:
 
 
 def log_epoch(row: dict, cfg: Config, eta: float) -> None:
-    probe = (f" | train CER ctc {fmt(row['train_cer_ctc'])} att {fmt(row['train_cer_att'])}"
+    probe = (f" | train CER ctc {shown(row['train_cer_ctc'])} att {shown(row['train_cer_att'])}"
              if row.get("train_cer_ctc") is not None else "")
-    print(f"epoch {row['epoch']:3d}/{cfg.epochs} | train loss {fmt(row['train_loss'])} (ctc {fmt(row['train_ctc'])}, "
-          f"att {fmt(row['train_att'])}){probe} | val loss {fmt(row['val_loss'])} | val CER ctc "
-          f"{fmt(row['val_cer_ctc'])} att {fmt(row['val_cer_att'])} WER {fmt(row['val_wer'])} | lr {row['lr']:.2e} | "
+    print(f"epoch {row['epoch']:3d}/{cfg.epochs} | train loss {shown(row['train_loss'])} (ctc {shown(row['train_ctc'])}, "
+          f"att {shown(row['train_att'])}){probe} | val loss {shown(row['val_loss'])} | val CER ctc "
+          f"{shown(row['val_cer_ctc'])} att {shown(row['val_cer_att'])} WER {shown(row['val_wer'])} | lr {row['lr']:.2e} | "
           f"{row['epoch_s']:.0f}s {row['clips_per_s']:.1f} clips/s" + (f" | ETA {duration(eta)}" if eta > 0 else ""),
           flush=True)
 
@@ -3526,7 +3583,7 @@ def selection_cer(row: dict, decoder: str, split: str = "val") -> float:
 # epochs apart, where averaging weights is not sound, and would pick on the validation split once more.)
 
 def epoch_weights_dir(cfg: Config) -> Path:
-    return Path(cfg.work_dir) / "checkpoints" / "epochs"
+    return checkpoints_of(cfg.work_dir) / "epochs"
 
 
 def kept_epochs(folder: Path) -> list[int]:
@@ -3581,7 +3638,7 @@ def refresh_batchnorm(model: nn.Module, ds: Dataset, cfg: Config, device) -> int
 
 def write_averaged(cfg: Config, ds: Dataset, device) -> Path:
     """checkpoints/averaged.pt: the last --average-last epochs' weights averaged, BatchNorm measured anew."""
-    folder, ckpt_dir = epoch_weights_dir(cfg), Path(cfg.work_dir) / "checkpoints"
+    folder, ckpt_dir = epoch_weights_dir(cfg), checkpoints_of(cfg.work_dir)
     epochs = kept_epochs(folder)[-cfg.average_last:]
     if not epochs:
         raise UserError(f"No epoch weights in {folder} to average: train with --average-last N, which keeps the "
@@ -3610,7 +3667,7 @@ def stalled_for(history: list[dict], cfg: Config) -> bool:
 
 def previous_run(cfg: Config, vocab: Vocabulary) -> dict | None:
     """The checkpoint to continue (checked before any data is read), or None for a fresh run."""
-    ckpt_dir = Path(cfg.work_dir) / "checkpoints"
+    ckpt_dir = checkpoints_of(cfg.work_dir)
     for stale in ckpt_dir.glob(".*.pt.*"):  # temporary files of a run killed while saving
         stale.unlink(missing_ok=True)  # (another process of the run may have got there first)
     last = ckpt_dir / "last.pt"
@@ -3766,7 +3823,7 @@ def resumable_lm(path: Path, cfg: Config, vocab: Vocabulary) -> dict:
 def lm_run_settings(cfg: Config) -> tuple[Config, Vocabulary]:
     """The vocabulary and split of the model trained in --work-dir, where there is one (no label that model is
     validated or tested on then trains its language model); else --vocab and the split settings given."""
-    last = Path(cfg.work_dir) / "checkpoints" / "last.pt"
+    last = checkpoints_of(cfg.work_dir) / "last.pt"
     if not last.exists():
         return cfg, load_vocabulary(cfg)
     state = load_checkpoint(last)
@@ -3886,7 +3943,7 @@ def report_setup(model: nn.Module, ds: Dataset, cfg: Config, path: Path) -> list
     printed and written to `path`."""
     training, extra = ds.subset("train"), ds.subset("extra")
     epoch = epoch_clips(ds, cfg, 1)
-    batches = len(frame_budget_batches([ds.samples[i].frames for i in epoch], cfg.max_frames, random.Random(0)))
+    batches = len(ds.batches(epoch, cfg.max_frames))
     clips_per_batch = len(epoch) / max(batches, 1)
     steps = steps_per_epoch(ds, cfg)
     warmup, total = schedule_steps(cfg, steps)
@@ -3927,7 +3984,7 @@ def report_setup(model: nn.Module, ds: Dataset, cfg: Config, path: Path) -> list
     lines += [f"warning: {why}" for bad, why in cautions if bad]
     for line in lines:
         print(line)
-    atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n", encoding="utf-8"))
+    write_text(path, "\n".join(lines) + "\n")
     return lines
 
 
@@ -4021,7 +4078,7 @@ def scored_clips(result: dict, ds: Dataset, vocab: Vocabulary, decoder: str) -> 
     for i, ref, nbest in zip(rows["order"], rows["refs"], rows[decoder]):
         hyp, score = nbest[0]
         clips.append({"id": ds.samples[i].stem, "frames": ds.samples[i].frames, "decoder": decoder,
-                      "cer": round(error_rates([ref], [hyp], vocab)["cer"], 4), "score": round(score, 3),
+                      "cer": clip_cer(ref, hyp, vocab), "score": round(score, 3),
                       "reference": vocab.decode(ref), "hypothesis": vocab.decode(hyp)})
     return sorted(clips, key=lambda c: (-c["cer"], c["id"]))
 
@@ -4212,7 +4269,7 @@ def plot_confusions(pairs: Counter, path: Path, units: int = 30) -> None:
 def write_confusions(pairs: Counter, folder: Path, heading: str) -> None:
     """confusions.txt and confusions.csv (the heatmap is drawn apart: it costs 0.6 s)."""
     lines = [heading] + confusion_lines(pairs)
-    atomic_write(folder / "confusions.txt", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n", encoding="utf-8"))
+    write_text(folder / "confusions.txt", "\n".join(lines) + "\n")
     write_csv(folder / "confusions.csv", confusion_rows(pairs))
 
 
@@ -4507,7 +4564,7 @@ def draw_epoch(run: TrainingRun, pairs, last: bool) -> None:
 
 def save_epoch(run: TrainingRun, epoch: int, updates) -> None:
     """metrics.csv, the parameter updates, the epoch's weights for averaging, last.pt and (when better) best.pt."""
-    cfg, ckpt_dir = run.cfg, run.work / "checkpoints"
+    cfg, ckpt_dir = run.cfg, checkpoints_of(run.work)
     write_csv(run.work / "metrics.csv", run.history)
     if updates is not None:
         append_rows(run.work / "diagnostics" / "param_updates.csv", updates, epoch)
@@ -4949,10 +5006,10 @@ def earlier_runs() -> list[Path]:
 
     def progress_of(run: Path):
         try:
-            epoch = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=False, mmap=True)["epoch"]
+            epoch = torch.load(checkpoints_of(run) / "last.pt", map_location="cpu", weights_only=False, mmap=True)["epoch"]
         except Exception:  # unreadable: tried last; resuming from it gives the clear error
             epoch = -1
-        return epoch, (run / "checkpoints" / "last.pt").stat().st_mtime
+        return epoch, (checkpoints_of(run) / "last.pt").stat().st_mtime
     return sorted(runs, key=progress_of, reverse=True)
 
 
@@ -5009,11 +5066,11 @@ def kaggle_defaults(given: dict) -> dict:
     if cfg.mode in DATA_MODES and not given.keys() & {"data", "data_dir", "videos_dir", "labels_dir"}:
         out |= find_kaggle_data(cfg)
     if cfg.mode == "train" and "resume" not in given:
-        out["resume"] = (work / "checkpoints" / "last.pt").exists() or bool(earlier_runs())
-    if cfg.mode in CHECKPOINT_MODES and "checkpoint" not in given and not (work / "checkpoints" / "best.pt").exists():
+        out["resume"] = (checkpoints_of(work) / "last.pt").exists() or bool(earlier_runs())
+    if cfg.mode in CHECKPOINT_MODES and "checkpoint" not in given and not (checkpoints_of(work) / "best.pt").exists():
         runs = earlier_runs()
         if runs:
-            out["checkpoint"] = str(runs[0] / "checkpoints" / "best.pt")
+            out["checkpoint"] = str(checkpoints_of(runs[0]) / "best.pt")
     return out
 
 
@@ -5022,7 +5079,7 @@ def adopt_earlier_run(cfg: Config) -> None:
     input cannot be written to), file by file and atomically, last.pt last, so a cut copy is simply redone."""
     work = Path(cfg.work_dir)
     runs = earlier_runs()
-    if (work / "checkpoints" / "last.pt").exists() or not runs:
+    if (checkpoints_of(work) / "last.pt").exists() or not runs:
         return
     files = sorted((f for f in runs[0].rglob("*") if f.is_file() and "cache" not in f.relative_to(runs[0]).parts
                     and f.name != LOCK_FILE), key=lambda f: f.name == "last.pt")
@@ -5293,7 +5350,7 @@ def run_train(cfg: Config) -> dict:
         dist.destroy_process_group()
     if rank > 0:
         return result
-    ds, best = result["dataset"], Path(cfg.work_dir) / "checkpoints" / "best.pt"
+    ds, best = result["dataset"], checkpoints_of(cfg.work_dir) / "best.pt"
     averaged = write_averaged(cfg, ds, pick_device(cfg.device)) if cfg.average_last else None
     if ds.subset("test") and not best.exists():
         print(f"No {best} to test (see the warning above); test the run's last.pt with --mode test --checkpoint "
@@ -5311,7 +5368,7 @@ def print_closing(cfg: Config, result: dict) -> None:
     """What the run reached, where its files are, and what to run next; the test's line last, as test ends."""
     history, work = result["history"], Path(cfg.work_dir)
     best = min(history, key=lambda r: selection_cer(r, cfg.decoder))
-    kept = ", ".join(p.name for p in sorted((work / "checkpoints").glob("*.pt")))
+    kept = ", ".join(p.name for p in sorted(checkpoints_of(work).glob("*.pt")))
     lines = ["", f"Finished after epoch {history[-1]['epoch']}: the best was epoch {best['epoch']}, validation CER "
                  f"{selection_cer(best, cfg.decoder):.3f} (greedy, as it picks best.pt).",
              f"Files in {work}: checkpoints/ ({kept}), metrics.csv, curves.png, predictions.csv, diagnostics/.",
@@ -5319,7 +5376,7 @@ def print_closing(cfg: Config, result: dict) -> None:
              f"(or --mode diagnose, or --resume --epochs {cfg.epochs + 20} to train on)"]
     test = result.get("test")
     if test:
-        lines.append(f"CER={test['cer']:.4f} WER={fmt(test['wer'], '.4f')} n={test['n']} ({test['split']} split, "
+        lines.append(f"CER={test['cer']:.4f} WER={shown(test['wer'], '.4f')} n={test['n']} ({test['split']} split, "
                      f"{Path(test['checkpoint']).name}, {test['decoding']['decoder']})")
     print("\n".join(lines))
 
@@ -5329,7 +5386,7 @@ def checkpoint_path(cfg: Config) -> Path:
     best.pt."""
     if cfg.checkpoint:
         return Path(cfg.checkpoint)
-    folder = Path(cfg.work_dir) / "checkpoints"
+    folder = checkpoints_of(cfg.work_dir)
     averaged, last = folder / "averaged.pt", folder / "last.pt"
     if averaged.exists() and (not last.exists() or averaged.stat().st_mtime_ns >= last.stat().st_mtime_ns):
         return averaged
@@ -5382,7 +5439,7 @@ def run_test(cfg: Config, ds: Dataset | None = None, name: str = "") -> dict:
             writer.writerow(["id", "reference", "hypothesis", "cer", "score"])
             for i, ref, hyps in zip(order, refs, nbest):
                 writer.writerow([ds.samples[i].stem, vocab.decode(ref), vocab.decode(hyps[0][0]),
-                                 round(error_rates([ref], [hyps[0][0]], vocab)["cer"], 4), round(hyps[0][1], 4)])
+                                 clip_cer(ref, hyps[0][0], vocab), round(hyps[0][1], 4)])
 
     def write_nbest(tmp):
         with open(tmp, "w", newline="", encoding=CSV_ENCODING) as f:
@@ -5390,7 +5447,7 @@ def run_test(cfg: Config, ds: Dataset | None = None, name: str = "") -> dict:
             writer.writerow(["id", "rank", "hypothesis", "cer", "score"])
             for i, ref, hyps in zip(order, refs, nbest):
                 writer.writerows([ds.samples[i].stem, rank, vocab.decode(hyp),
-                                  round(error_rates([ref], [hyp], vocab)["cer"], 4), round(score, 4)]
+                                  clip_cer(ref, hyp, vocab), round(score, 4)]
                                  for rank, (hyp, score) in enumerate(hyps, 1))
     tag = f"_{name}" if name else ""
     atomic_write(work / f"predictions{tag}.csv", write_predictions)
@@ -5402,7 +5459,7 @@ def run_test(cfg: Config, ds: Dataset | None = None, name: str = "") -> dict:
                "checkpoint": str(checkpoint_path(cfg)), "decoding": decoding,
                "cer_greedy_ctc": result["ctc"]["cer"], "seconds": round(seconds, 2)}
     write_json(work / f"test_metrics{tag}.json", metrics)
-    print(f"CER={metrics['cer']:.4f} WER={fmt(metrics['wer'], '.4f')} n={metrics['n']} "
+    print(f"CER={metrics['cer']:.4f} WER={shown(metrics['wer'], '.4f')} n={metrics['n']} "
           f"({cfg.split} split, {checkpoint_path(cfg).name}, {decoding['decoder']})")
     return metrics
 
@@ -5427,7 +5484,7 @@ def run_diagnose(cfg: Config) -> dict:
     result = evaluate(model, ds, index, vocab, model_cfg, device, tuple(dict.fromkeys(("ctc", "attention", decoding))),
                       lm=lm)
     cers = {d: result[d]["cer"] for d in ("ctc", "attention", "beam") if d in result}
-    lines = ["CER " + ", ".join(f"{d} {v:.3f}" for d, v in cers.items()) + f" (WER {fmt(result[decoding]['wer'])}, "
+    lines = ["CER " + ", ".join(f"{d} {v:.3f}" for d, v in cers.items()) + f" (WER {shown(result[decoding]['wer'])}, "
              f"mean per clip {result[decoding]['cer_mean_per_clip']:.3f})"]
     if cers["ctc"] >= HIGH_CER and min(cers.values()) >= HIGH_CER:
         lines.append("greedy CTC is as poor as the decoder: the problem lies upstream of the decoder, in the "
@@ -5466,7 +5523,7 @@ def run_sanity(cfg: Config) -> dict:
     device = pick_device(cfg.device)
     vocab = load_vocabulary(cfg)
     work = Path(cfg.work_dir) / "sanity"
-    shutil.rmtree(work / "checkpoints", ignore_errors=True)  # a sanity run is a scratch run: always afresh
+    shutil.rmtree(checkpoints_of(work), ignore_errors=True)  # a sanity run is a scratch run: always afresh
     ds = load_dataset(cfg, vocab, device)
     train_index = ds.subset("train")
     if not train_index:
@@ -5583,8 +5640,7 @@ def labels_beside(cfg: Config, vocab: Vocabulary) -> dict[str, list[int]]:
 
 def write_decoded(path: Path, rows: list[dict]) -> None:
     if path.suffix.lower() == ".jsonl":
-        atomic_write(path, lambda tmp: Path(tmp).write_text(
-            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"))
+        write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     else:
         write_csv(path, rows)
 
@@ -5616,7 +5672,7 @@ def run_decode(cfg: Config) -> list[tuple[str, list[tuple[str, float]]]]:
                 rows.append({"name": names[i], "rank": rank, "text": vocab.decode(ids), "score": round(score, 4),
                              "frames": int(clips.bank.lengths[i]), "seconds": round(seconds, 4),
                              "reference": vocab.decode(ref) if ref is not None else "",
-                             "cer": round(error_rates([ref], [ids], vocab)["cer"], 4) if ref is not None else ""})
+                             "cer": clip_cer(ref, ids, vocab) if ref is not None else ""})
     out.sort()
     for name, hyps in out:
         for rank, (text, score) in enumerate(hyps, 1):
@@ -5634,7 +5690,7 @@ def run_average(cfg: Config) -> Path:
     if cfg.average_last < 1:
         raise UserError("--mode average needs --average-last N: how many of the last epochs to average.")
     device = pick_device(cfg.device)
-    last = Path(cfg.work_dir) / "checkpoints" / "last.pt"
+    last = checkpoints_of(cfg.work_dir) / "last.pt"
     _, vocab, model_cfg = model_from_checkpoint(last, cfg, device)
     return write_averaged(cfg, load_dataset(model_cfg, vocab, device), device)
 

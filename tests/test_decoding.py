@@ -1,6 +1,5 @@
 """Section 7: greedy decoding, the batched beam search against a one-clip reference of Auto-AVSR's search,
 and the error rates on cases worked out by hand."""
-import dataclasses
 from pathlib import Path
 
 import pytest

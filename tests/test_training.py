@@ -579,8 +579,8 @@ def test_a_full_disk_or_a_folder_that_cannot_be_written_stops_with_what_to_do_an
     with pytest.raises(m.UserError, match="the disk is full"):
         m.atomic_write(tmp_path / "new.pt", torch_full)
     assert not (tmp_path / "new.pt").exists()
-    monkeypatch.setattr(m.tempfile, "mkstemp", lambda **kw: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
-    with pytest.raises(m.UserError, match="Permission denied.*make the folder writable"):
+    with monkeypatch.context() as patch, pytest.raises(m.UserError, match="Permission denied.*make the folder writable"):
+        patch.setattr(m.os, "open", lambda *a, **kw: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
         m.atomic_write(tmp_path / "ro" / "x.json", lambda tmp: None)
 
 
