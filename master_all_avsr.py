@@ -3124,7 +3124,7 @@ def schedule_steps(cfg: Config, epoch_steps: int) -> tuple[int, int]:
     return max(int(cfg.warmup_epochs * epoch_steps), 1), cfg.epochs * epoch_steps
 
 
-def make_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int):
+def make_optimizer(model: nn.Module, cfg: Config, epoch_steps: int):
     """AdamW over the parts that train from the start, and (--unfreeze-at) a second group for the frozen parts,
     at --unfreeze-lr times the schedule from their epoch on, ramped up over a warmup so that the pretrained
     weights are not thrown about by the first steps. Parts frozen for good stay out."""
@@ -3133,9 +3133,9 @@ def make_optimizer(model: nn.Module, cfg: Config, steps_per_epoch: int):
     later = [p for g, params in groups.items() if g in frozen for p in params] if cfg.unfreeze_at else []
     optimizer = torch.optim.AdamW([{"params": trained}] + [{"params": later}] * bool(later), lr=cfg.lr,
                                   betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-    warmup, total = schedule_steps(cfg, steps_per_epoch)
+    warmup, total = schedule_steps(cfg, epoch_steps)
     total = max(total, warmup + 1)
-    unfrozen = (cfg.unfreeze_at - 1) * steps_per_epoch  # optimizer steps before the unfreezing
+    unfrozen = (cfg.unfreeze_at - 1) * epoch_steps  # optimizer steps before the unfreezing
     ramp = lambda k: min(max(k - unfrozen + 1, 0) / warmup, 1)
     schedules = [lambda k: warmup_cosine(k + 1, warmup, total),
                  lambda k: cfg.unfreeze_lr * warmup_cosine(k + 1, warmup, total) * ramp(k)]
