@@ -2794,8 +2794,7 @@ def ctc_prefix_scores(beams: "Beams", step: int) -> torch.Tensor:
 def ctc_extended(beams: "Beams", parent: torch.Tensor, token: torch.Tensor, step: int, blank: int) -> torch.Tensor:
     """T x R x 2 forward variables (non-blank, blank ending) of each parent's prefix extended by its token:
     ESPnet's recursion, run for the R chosen extensions alone rather than for every candidate."""
-    r_nb, r_b = beams.r[:, parent].unbind(-1)
-    phi = torch.where((token == beams.tokens[parent, -1])[None], r_b, beams.complete[:, parent])
+    phi = torch.where((token == beams.tokens[parent, -1])[None], beams.r[:, parent, 1], beams.complete[:, parent])
     clip = beams.row_clip[parent]
     x = torch.stack([beams.lp[clip, token], beams.lp[clip, blank]], -1).transpose(0, 1)  # T x R x 2
     new = torch.full_like(x, LOGZERO)
@@ -2999,8 +2998,8 @@ def beam_chunk_clips(model: nn.Module, cfg: Config, vocab_size: int, frames: int
     positions = frames if cfg.max_length_ratio == 0 else math.ceil(frames * cfg.max_length_ratio)
     buffers = 0 if model.decoder is None else 2 * len(model.decoder.decoders)
     lm_values = 0 if lm is None else 2 * vocab_size + 4 * lm.model.state_size()  # scores; states, now and next
-    ctc_values = 2 * (3 * vocab_size + 12 * frames)  # float64: scores and their temporaries; r, now and next
-    per_row = 4 * (ctc_values + buffers * d_model * positions + lm_values)
+    ctc_bytes = 8 * (3 * vocab_size + 12 * frames)  # float64 scores and their temporaries; r, now and next
+    per_row = ctc_bytes + 4 * (buffers * d_model * positions + lm_values)
     return max(1, BEAM_MEMORY // (8 * frames * vocab_size + cfg.beam_size * per_row))
 
 
@@ -4504,7 +4503,7 @@ def resume_from(state: dict, model, optimizer, scheduler, scaler, cfg: Config) -
     if state["scaler"] and scaler.is_enabled():  # empty when saved on a CPU or a bf16 GPU
         scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
-    print(f"Resumed from {Path(cfg.work_dir) / 'checkpoints' / 'last.pt'} after epoch {state['epoch']}")
+    print(f"Resumed from {checkpoints_of(cfg.work_dir) / 'last.pt'} after epoch {state['epoch']}")
     return state["history"]
 
 
