@@ -4015,13 +4015,15 @@ def fit_verdict(history: list[dict], cfg: Config) -> str:
     if math.isinf(train_cer):  # a run without the training probe (--no-diagnostics, or older): validation alone
         trend = f"not better in the last {k} epochs" if stalled else change
         return f"val CER {val:.3f}, {trend}; over- or underfitting needs the training probe (--diagnostics)"
-    if row.get("val_same_hyp", 0) >= COLLAPSED:
+    same = row.get("val_same_hyp", 0)
+    if same >= COLLAPSED and val - train_cer < OVERFIT_GAP:  # far better on its training clips: it does look
         early = " (usual while the learning rate warms up)" if row["epoch"] <= cfg.warmup_epochs + 1 else ""
-        return (f"collapsed{early}: {row['val_same_hyp']:.0%} of validation clips get the same hypothesis; "
+        return (f"collapsed{early}: {same:.0%} of validation clips get the same hypothesis; "
                 f"{cers}. The model answers without looking: check --mode sanity, the learning rate and the labels")
     if val - train_cer >= OVERFIT_GAP and stalled:
         trend = f"rising for {rising} epochs" if rising > 1 else f"not better for {len(vals) - 1 - best} epochs"
-        return (f"overfitting: {cers} and {trend} (best {vals[best]:.3f} at epoch {history[best]['epoch']}). "
+        recited = f"; {same:.0%} of validation clips get one and the same answer" if same >= COLLAPSED else ""
+        return (f"overfitting: {cers} and {trend} (best {vals[best]:.3f} at epoch {history[best]['epoch']}){recited}. "
                 "best.pt keeps the best epoch; more augmentation, dropout or data, or a smaller model")
     if val - train_cer >= OVERFIT_GAP:
         return f"overfitting begins: {cers} (val {change}); val still improves"

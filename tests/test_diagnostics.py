@@ -100,6 +100,9 @@ def rows_of(train, val, same=0.0):
     ([0.5, 0.3, 0.2], [0.55, 0.38, 0.3], 0.0, "learning: train CER 0.200, val CER 0.300"),
     ([0.2, 0.2, 0.2, 0.2, 0.2], [0.3, 0.29, 0.3, 0.3, 0.3], 0.0, "converged"),
     ([0.9, 0.9], [0.9, 0.9], 0.8, "collapsed: 80% of validation clips get the same hypothesis"),
+    ([0.5, 0.1, 0.0, 0.0, 0.0], [1.0, 1.1, 1.2, 1.3, 1.3], 0.67, "overfitting: train CER 0.000, val CER 1.300 and "
+                                                                  "not better for 4 epochs (best 1.000 at epoch 1); "
+                                                                  "67% of validation clips get one and the same"),
     ([None] * 5, [0.9, 0.8, 0.81, 0.8, 0.82], 0.0, "val CER 0.820, not better in the last 3 epochs; over- or "
                                                   "underfitting needs the training probe"),
 ])
