@@ -17,7 +17,8 @@ INTRO = """# Arabic lip reading: master_all_avsr
    them; `--mode test`, `decode`, `lm` ... run the other jobs).
 3. **Run all** (*Save Version* for a run that goes on without you; GPU T4 x2 trains in two processes by itself).
 4. **Outputs** go to `/kaggle/working/run`: checkpoints, `metrics.csv`, `curves.png`, `predictions.csv`,
-   `diagnostics/`. Attach this notebook's output to a later session and add `--resume` to continue it."""
+   `diagnostics/`. Attach this notebook's output to a later session and add `--resume` to continue it.
+5. **A page** to lip-read your own videos with the model: the last cell (`SERVE = True`)."""
 SETTINGS = '''# the script's flags (python master_all_avsr.py --help); here the GPU recipe of the README
 SETTINGS = [
     "--preset", "small", "--input-size", "88", "--epochs", "80", "--warmup-epochs", "5",
@@ -26,11 +27,24 @@ SETTINGS = [
 import os, shlex
 os.environ["AVSR_ARGS"] = shlex.join(SETTINGS)'''
 
+SERVE = '''# Lip-read your own videos on a page with this run's model (--mode serve): SERVE = True, then run this cell.
+# The server runs in the background while the kernel does. Kaggle gives it no address of its own: with Internet
+# on (Settings), TUNNEL = True opens a public one through localtunnel (npm); its page asks each visitor once for
+# the password printed below (this session's public IP). Anyone with the address can use the page meanwhile.
+SERVE, TUNNEL, PORT = False, False, 8000
+if SERVE:
+    server = main(SETTINGS + ["--mode", "serve", "--port", str(PORT)])
+    if TUNNEL:
+        import subprocess, urllib.request
+        tunnel = subprocess.Popen(["npx", "--yes", "localtunnel", "--port", str(PORT)], stdout=subprocess.PIPE, text=True)
+        password = urllib.request.urlopen("https://loca.lt/mytunnelpassword").read().decode()
+        print(tunnel.stdout.readline().strip(), "- password:", password)'''
+
 
 def notebook() -> nbformat.NotebookNode:
     script = (ROOT / "master_all_avsr.py").read_text(encoding="utf-8")
     book = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(INTRO), nbformat.v4.new_code_cell(SETTINGS),
-                                           nbformat.v4.new_code_cell(script)])
+                                           nbformat.v4.new_code_cell(script), nbformat.v4.new_code_cell(SERVE)])
     book.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
                      "language_info": {"name": "python"}}
     for n, cell in enumerate(book.cells):

@@ -12,9 +12,11 @@ Mouth-region clips in, diacritized Arabic text out. The file reads top to bottom
     8. training        optimizer, schedule, mixed precision, checkpoints, resume, time budget, several GPUs
     9. diagnostics     dataset statistics; seed 001's checklist for a stuck model (every epoch, and --mode
                        diagnose / sanity): curves and a verdict, gradient flow, worst clips, confusions
-   10. preprocessing   raw face videos -> mouth clips (dlib landmarks, followed from frame to frame)
-   11. kaggle          a Kaggle session's defaults: data searched, outputs kept, 12 h, resume, all its GPUs
-   12. cli             modes, flags and the entry point
+   10. training run    setup (fresh, pretrained or resumed) and the loop over epochs
+   11. preprocessing   raw face videos -> mouth clips (dlib landmarks, followed from frame to frame)
+   12. kaggle          a Kaggle session's defaults: data searched, outputs kept, 12 h, resume, all its GPUs
+   13. serving         --mode serve: a page and a JSON API that lip-read uploads, followed live
+   14. cli             modes, flags and the entry point
 
 Run `python master_all_avsr.py --help` for the flags. With no arguments it trains the default (small) model on
 built-in synthetic clips, a GPU's demo; on a CPU, README.md's first command is the quick one.
@@ -29,6 +31,7 @@ import datetime
 import functools
 import hashlib
 import inspect
+import io
 import json
 import math
 import os
@@ -41,6 +44,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import unicodedata
 import warnings
@@ -64,7 +68,7 @@ import torch.nn.functional as F
 @dataclass
 class Config:
     # run
-    mode: str = "train"  # train | test | decode | diagnose | sanity | stats | vocab | synth | preprocess | export | average | lm
+    mode: str = "train"  # train | test | decode | serve | diagnose | sanity | stats | vocab | synth | preprocess | export | average | lm
     work_dir: str = "runs/demo"  # everything a run writes goes here
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 1337  # seeds weights, batches, augmentation and dropout: the same seed, the same run (on CPU)
@@ -191,6 +195,12 @@ class Config:
     save_landmarks: bool = False  # also write <stem>.npz: landmarks, frames with a face, the crop of every frame
     workers: int = 0  # preprocessing processes; 0: one per CPU core
     preprocess: bool = False  # --mode decode: --input holds raw face videos; cut their mouths out first
+    # serving (--mode serve): a page and a JSON API that lip-read uploaded videos with the run's model
+    host: str = "127.0.0.1"  # the address served; 0.0.0.0 opens it to every network this machine is on
+    port: int = 8000  # the port served
+    max_upload_mb: float = 10.0  # larger uploads are refused (HTTP 413), as in the user's own service
+    serve_jobs: int = 1  # videos read at once (with 2, one's preprocessing overlaps another's decoding)
+    serve_queue: int = 16  # uploads waiting their turn at most; more are refused (HTTP 429) until some are done
 
     @property
     def cache_path(self) -> Path:
@@ -1442,6 +1452,13 @@ def resample_frames(frames: torch.Tensor, lengths: torch.Tensor, new_lengths: to
 
 def snr_levels(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
+
+
+def is_number_list(text: str) -> bool:
+    try:
+        return bool(snr_levels(text))
+    except ValueError:
+        return False
 
 
 def noise_pieces(track: torch.Tensor | None, count: int, length: int, device) -> torch.Tensor:
@@ -2855,6 +2872,14 @@ def load_lm(cfg: Config, vocab: Vocabulary, device) -> LanguageModel | None:
     return LanguageModel(lm.to(device), weight, path)
 
 
+def search_lm(cfg: Config, vocab: Vocabulary, device) -> LanguageModel | None:
+    """--lm for the beam search; with a greedy --decoder it has nothing to score, which is said."""
+    if cfg.lm and cfg.decoder != "beam":
+        print(f"warning: --lm counts in the beam search only; --decoder {cfg.decoder} does without it.")
+        return None
+    return load_lm(cfg, vocab, device)
+
+
 def search_ctc_weight(model: nn.Module, cfg: Config) -> float:
     return 1.0 if model.decoder is None else cfg.beam_ctc_weight  # a CTC-only model gets a CTC prefix search
 
@@ -3090,6 +3115,49 @@ def evaluate(model, ds: Dataset, index: list[int], vocab: Vocabulary, cfg: Confi
     return result
 
 
+# Decoding files (--mode decode, --mode serve): clips without labels, read one by one, decoded in batches --------
+
+def read_frames_to_decode(path: Path, frame_size: int) -> np.ndarray:
+    frames = read_video(path)
+    if frames.shape[1:] != (frame_size, frame_size):
+        raise ValueError(f"frames are {frames.shape[2]} x {frames.shape[1]}, the model wants {frame_size} x "
+                         f"{frame_size} mouth crops (for face videos, add --preprocess)")
+    return frames
+
+
+def clip_to_decode(path: Path, cfg: Config, sound: list[Path]) -> tuple[np.ndarray, np.ndarray | None]:
+    """What the model sees and hears of one clip: its frames, and for audio / av its sound (from the first of
+    `sound` that has any); ValueError says why it cannot be read."""
+    if cfg.modality == "audio":
+        wave = read_audio(path)
+        frames = np.zeros((max(1, round(len(wave) / SAMPLES_PER_FRAME)), 0, 0), np.uint8)
+        return frames, fit_to_frames(wave, len(frames))
+    frames = read_frames_to_decode(path, cfg.frame_size)
+    if cfg.modality == "video":
+        return frames, None
+    wave, why = clip_sound(read_audio, sound, len(frames))
+    if why:
+        raise ValueError(why)
+    return frames, wave
+
+
+def unlabelled_clips(clips: list[np.ndarray], waves: list, cfg: Config) -> Dataset:
+    if cfg.modality == "video":
+        return Dataset([], ClipBank(clips, torch.device("cpu")), {})
+    noise = noise_track(cfg, [w.reshape(-1) for w in waves], torch.device("cpu")) if is_number_list(cfg.sound) else None
+    return Dataset([], ClipBank(clips, torch.device("cpu")), {}, ClipBank(waves, torch.device("cpu")), noise)
+
+
+@torch.no_grad()
+def decode_clips(model: nn.Module, clips: Dataset, batch: list[int], vocab: Vocabulary, cfg: Config, device,
+                 lm: LanguageModel | None = None) -> list[list[tuple[list[int], float]]]:
+    """The n-best of the clips `batch` of an unlabelled Dataset, as --decoder (and --beam-size, --nbest) say."""
+    x, lengths = batch_inputs(clips, batch, Augment(cfg, training=False), device)
+    with autocast(device, cfg):
+        enc, mask = model.encode(x, lengths.to(device))
+        return decode(model, enc, mask, lengths.to(device), vocab, cfg, lm)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 8. Training: AdamW + WarmupCosine per optimizer step, mixed precision by GPU, checkpoints that resume
 #    exactly, a time budget, and one log line, one metrics row and one redrawn plot per epoch.
@@ -3205,6 +3273,18 @@ def check_compatible(state: dict, cfg: Config, vocab: Vocabulary, path: Path) ->
 def saved_config(state: dict) -> Config:
     """The settings a checkpoint was trained with (settings added since: their defaults)."""
     return Config(**{k: v for k, v in state["config"].items() if k in {f.name for f in dataclasses.fields(Config)}})
+
+
+def checkpoint_path(cfg: Config) -> Path:
+    """--checkpoint, else averaged.pt where it is as new as last.pt (a run trained on since left it behind), else
+    best.pt."""
+    if cfg.checkpoint:
+        return Path(cfg.checkpoint)
+    folder = checkpoints_of(cfg.work_dir)
+    averaged, last = folder / "averaged.pt", folder / "last.pt"
+    if averaged.exists() and (not last.exists() or averaged.stat().st_mtime_ns >= last.stat().st_mtime_ns):
+        return averaged
+    return folder / "best.pt"
 
 
 def model_from_checkpoint(path: Path, cfg: Config, device, state: dict | None = None
@@ -4704,11 +4784,14 @@ class FaceFollower:
         shape = self.predictor(gray, self.rectangle(*(int(round(v)) for v in box)))
         return np.array([(p.x, p.y) for p in shape.parts()], np.float32)
 
-    def track(self, frames: np.ndarray) -> FaceTrack:
+    def track(self, frames: np.ndarray, on_frame=None) -> FaceTrack:
+        """on_frame(t, frames), when given, is called before each frame (serve's progress; it may raise to stop)."""
         points = np.full((len(frames), 68, 2), np.nan, np.float32)
         detections, most_faces = 0, 0
         box = followed = look = None  # detector-style box to use now; the face's last box; its look
         for t, gray in enumerate(frames):
+            if on_frame:
+                on_frame(t, len(frames))
             p = None
             if box is not None and t % self.every:
                 p = self.landmarks(gray, box)
@@ -4830,8 +4913,9 @@ def report_row(path: Path, status: str = "failed", note: str = "", **counts) -> 
             "output": "", "note": note, **counts}
 
 
-def preprocess_video(path: Path, out_dir: Path, cfg: Config) -> dict:
-    """Cut one video's mouth clip; the report row says what happened, in words where something went wrong."""
+def preprocess_video(path: Path, out_dir: Path, cfg: Config, on_frame=None) -> dict:
+    """Cut one video's mouth clip; the report row says what happened, in words where something went wrong.
+    on_frame: FaceFollower.track's."""
     import cv2
     cv2.setNumThreads(1)  # the parallelism is one video per process
     try:
@@ -4839,7 +4923,7 @@ def preprocess_video(path: Path, out_dir: Path, cfg: Config) -> dict:
     except ValueError as e:
         return report_row(path, note=f"{e}. Re-encode it (ffmpeg -i IN -c:v libx264 OUT.mp4) or remove it.")
     frames = at_clip_rate(frames, fps)
-    track = follower_for(cfg).track(frames)
+    track = follower_for(cfg).track(frames, on_frame)
     missing = np.flatnonzero(np.isnan(track.points[:, 0, 0]))
     counts = dict(frames=len(frames), faces=track.most_faces, detections=track.detections, filled=len(missing))
     if len(missing) == len(frames):
@@ -5119,7 +5203,577 @@ def train_under_torchrun(cfg: Config, processes: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 13. CLI: flags from the Config fields, one function per mode, and the entry point.
+# 13. Serving (--mode serve): a page and a JSON API that lip-read uploaded videos with a run's model. Each upload
+#    is a job: stored under <work-dir>/serve, cut to its mouth when it is a face video, decoded, and followed live
+#    through server-sent events. Built on FastAPI and uvicorn, optional packages (README).
+# ---------------------------------------------------------------------------------------------------------
+
+SERVE_STATES = ("queued", "preprocessing", "decoding", "done", "failed", "cancelled")
+FINISHED = ("done", "failed", "cancelled")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+PREVIEW_FRAMES = 8  # mouth-crop frames side by side in a job's preview
+RESULT_COLUMNS = ["job", "name", "rank", "text", "score", "frames", "seconds", "beam_size"]
+
+
+class JobCancelled(Exception):
+    pass
+
+
+@dataclass
+class Job:
+    """One upload and what became of it; the worker thread writes it, the page's event streams read it."""
+    id: str
+    name: str  # the file's name as uploaded (shown, never used as a path)
+    folder: Path  # <work-dir>/serve/jobs/<id>: the upload, its preview and result.json
+    beam_size: int
+    nbest: int
+    upload: Path | None = None
+    state: str = "queued"
+    detail: str = "waiting its turn"
+    progress: float = 0.0  # 0..1 within the current state
+    hypotheses: list = field(default_factory=list)  # [{"text", "score"}], best first
+    frames: int = 0
+    seconds: float = 0.0  # decoding time
+    notes: str = ""  # what preprocessing noticed (face lost on some frames, resampled, ...)
+    created: float = field(default_factory=time.time)
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    def set(self, state: str, detail: str, progress: float = 0.0) -> None:
+        if self.cancel.is_set() and state not in FINISHED:
+            raise JobCancelled
+        self.state, self.detail, self.progress = state, detail, progress
+
+    def result(self) -> dict:
+        return {"id": self.id, "name": self.name, "state": self.state, "detail": self.detail,
+                "progress": round(self.progress, 3), "beam_size": self.beam_size, "nbest": self.nbest,
+                "frames": self.frames, "seconds": round(self.seconds, 3), "notes": self.notes,
+                "hypotheses": self.hypotheses,
+                "preview": f"/api/jobs/{self.id}/preview.png" if (self.folder / "preview.png").exists() else None}
+
+
+def preview_strip(frames: np.ndarray) -> bytes:
+    """PREVIEW_FRAMES evenly spaced frames of a mouth clip side by side, as PNG bytes."""
+    import cv2
+    chosen = frames[np.linspace(0, len(frames) - 1, min(PREVIEW_FRAMES, len(frames))).round().astype(int)]
+    ok, png = cv2.imencode(".png", np.concatenate(list(chosen), axis=1))
+    if not ok:
+        raise OSError("OpenCV could not encode the preview")
+    return png.tobytes()
+
+
+class LipReader:
+    """The run's model, loaded once, and the way from an uploaded file to its n-best: a face video is cut to
+    its mouth first (the mouth clip kept by the upload's hash, so the same video sent again is not cut again);
+    a clip already of the model's frame size is read as it is."""
+
+    def __init__(self, cfg: Config):
+        self.device = pick_device(cfg.device)
+        self.checkpoint = checkpoint_path(cfg)
+        self.model, self.vocab, self.cfg = model_from_checkpoint(self.checkpoint, cfg, self.device)
+        self.lm = search_lm(self.cfg, self.vocab, self.device)
+        self.mouths = Path(cfg.work_dir) / "serve" / "mouths"
+        self.model_lock, self.dlib_lock = threading.Lock(), threading.Lock()  # dlib's objects are not shared safely
+
+    def describe(self) -> dict:
+        return {"checkpoint": str(self.checkpoint), "preset": self.cfg.preset, "modality": self.cfg.modality,
+                "decoder": self.cfg.decoder, "beam_size": self.cfg.beam_size, "frame_size": self.cfg.frame_size,
+                "device": str(self.device), "units": self.vocab.size}
+
+    def mouth_clip(self, job: Job) -> Path:
+        if self.cfg.modality == "audio":
+            return job.upload
+        frames = read_video(job.upload)
+        if frames.shape[1:] == (self.cfg.frame_size, self.cfg.frame_size):
+            return job.upload
+        cut = self.mouths / f"{job.upload.stem}.mp4"
+        if cut.exists():
+            job.notes = "the same video was cut before: its mouth clip is reused"
+            return cut
+        job.set("preprocessing", f"a {frames.shape[2]} x {frames.shape[1]} face video: finding the mouth")
+        follow = lambda t, n: job.set("preprocessing", f"finding the mouth: frame {t + 1} of {n}", t / n)
+        cfg = dataclasses.replace(self.cfg, landmark_model=str(find_landmark_model(self.cfg)))
+        with self.dlib_lock:
+            row = preprocess_video(job.upload, self.mouths, cfg, on_frame=follow)
+        if row["status"] != "done":
+            raise ValueError(row["note"])
+        job.notes = row["note"]
+        return cut
+
+    def read(self, job: Job) -> None:
+        mouth = self.mouth_clip(job)
+        frames, wave = clip_to_decode(mouth, self.cfg, [job.upload])
+        if self.cfg.modality != "audio":
+            atomic_write(job.folder / "preview.png", lambda tmp: Path(tmp).write_bytes(preview_strip(frames)))
+        job.set("decoding", f"reading the lips: {len(frames)} frames, beam {job.beam_size}")
+        cfg = dataclasses.replace(self.cfg, beam_size=job.beam_size, nbest=job.nbest)
+        t0 = time.perf_counter()
+        with self.model_lock:
+            [nbest] = decode_clips(self.model, unlabelled_clips([frames], [wave], cfg), [0], self.vocab, cfg,
+                                   self.device, self.lm)
+        job.frames, job.seconds = len(frames), time.perf_counter() - t0
+        job.hypotheses = [{"text": self.vocab.decode(ids), "score": round(score, 4)} for ids, score in nbest]
+
+
+class JobBoard:
+    """Every job of this server: uploads wait in a queue of at most --serve-queue, --serve-jobs are read at once,
+    and each finished job's result.json stays in its folder (a restarted server lists them again)."""
+
+    def __init__(self, reader: LipReader, cfg: Config):
+        import concurrent.futures
+        self.reader, self.cfg, self.lock = reader, cfg, threading.Lock()
+        self.root = Path(cfg.work_dir) / "serve" / "jobs"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.jobs: dict[str, Job] = {}
+        self.earlier_results()
+        self.pool = concurrent.futures.ThreadPoolExecutor(cfg.serve_jobs, thread_name_prefix="lipread")
+
+    def earlier_results(self) -> None:
+        for path in sorted(self.root.glob("*/result.json")):
+            try:
+                saved = json.loads(path.read_text(encoding="utf-8"))
+                job = Job(saved["id"], saved["name"], path.parent, saved["beam_size"], saved["nbest"])
+                for key in ("state", "detail", "progress", "hypotheses", "frames", "seconds", "notes"):
+                    setattr(job, key, saved[key])
+            except (OSError, ValueError, KeyError, TypeError):
+                print(f"warning: {path} is not a job's result (left as it is)", file=sys.stderr)
+                continue
+            job.created = path.stat().st_mtime
+            self.jobs[job.id] = job
+
+    def new_job(self, name: str, beam_size: int, nbest: int) -> Job:
+        job_id = secrets.token_hex(8)
+        folder = self.root / job_id
+        folder.mkdir()
+        return Job(job_id, name[:200], folder, beam_size, nbest)
+
+    def waiting(self) -> list[Job]:
+        return sorted((j for j in self.jobs.values() if j.state == "queued"), key=lambda j: j.created)
+
+    def submit(self, job: Job) -> bool:
+        """Queue the job; False (nothing queued) when the queue is full."""
+        with self.lock:
+            if len(self.waiting()) >= self.cfg.serve_queue:
+                return False
+            self.jobs[job.id] = job
+        self.pool.submit(self.work_on, job)
+        return True
+
+    def view(self, job: Job) -> dict:
+        out = job.result()
+        if job.state == "queued":
+            ahead = next((n for n, j in enumerate(self.waiting()) if j is job), 0)
+            out["detail"] = f"waiting its turn: {ahead} ahead" if ahead else "next in line"
+        return out
+
+    def work_on(self, job: Job) -> None:
+        try:
+            if job.state == "cancelled":  # while it waited
+                raise JobCancelled
+            self.reader.read(job)
+            job.set("done", "done", 1.0)
+        except JobCancelled:
+            job.set("cancelled", job.detail if job.state == "cancelled" else f"cancelled while {job.state}")
+        except (ValueError, OSError, UserError) as e:  # the upload's fault, or a missing model file: said on its page
+            job.set("failed", f"{job.name}: {e}")
+        except Exception as e:  # a bug: the job says so and the server goes on with the next
+            import traceback
+            traceback.print_exc()
+            job.set("failed", f"{job.name}: internal error {type(e).__name__}: {e} (the server's console has more)")
+        write_text(job.folder / "result.json", json.dumps(job.result(), ensure_ascii=False, indent=1))
+
+    def cancel(self, job: Job) -> None:
+        job.cancel.set()
+        with self.lock:
+            if job.state == "queued":
+                job.set("cancelled", "cancelled before it started")
+
+    def results_rows(self) -> list[dict]:
+        return [dict(zip(RESULT_COLUMNS, (j.id, j.name, rank, h["text"], h["score"], j.frames, round(j.seconds, 3),
+                                          j.beam_size)))
+                for j in sorted(self.jobs.values(), key=lambda j: j.created) if j.state == "done"
+                for rank, h in enumerate(j.hypotheses, 1)]
+
+    def stop(self) -> None:
+        for job in self.jobs.values():
+            job.cancel.set()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def accepted_types(cfg: Config) -> list[str]:
+    kinds = SOUND_EXTS | SOUND_IN_VIDEO_EXTS if cfg.modality == "audio" else VIDEO_EXTS | RAW_VIDEO_EXTS
+    return sorted(kinds)
+
+
+async def receive_upload(request, job: Job, ext: str, limit: int) -> str:
+    """The request's body into the job's folder, refused past `limit` bytes; the file is named by its hash."""
+    digest, size, part = hashlib.sha256(), 0, job.folder / ".upload.part"
+    with open(part, "wb") as f:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                break
+            digest.update(chunk)
+            f.write(chunk)
+    if size > limit or size == 0:
+        part.unlink()
+        return "too large" if size else "empty"
+    job.upload = job.folder / f"{digest.hexdigest()[:32]}{ext}"
+    os.replace(part, job.upload)
+    return ""
+
+
+SERVE_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Lip reading</title>
+<style>
+  body { font-family: system-ui, sans-serif; margin: 0; background: #f4f5f7; color: #1d2330; }
+  header { background: #1d2330; color: #fff; padding: 14px 24px; }
+  header h1 { font-size: 20px; margin: 0; }
+  header .model { font-size: 13px; opacity: 0.8; margin-top: 4px; }
+  main { max-width: 980px; margin: 0 auto; padding: 20px; }
+  .panel { background: #fff; border-radius: 8px; box-shadow: 0 1px 3px rgba(0,0,0,.12); padding: 16px 20px; margin-bottom: 16px; }
+  #drop { border: 2px dashed #9aa3b5; border-radius: 8px; padding: 22px; text-align: center; cursor: pointer; }
+  #drop.over { background: #e8eefc; border-color: #3d6be0; }
+  .settings { display: flex; gap: 18px; align-items: center; margin-top: 12px; flex-wrap: wrap; }
+  .settings input[type=number] { width: 64px; }
+  button { background: #3d6be0; color: #fff; border: 0; border-radius: 6px; padding: 7px 14px; cursor: pointer; font-size: 14px; }
+  button.secondary { background: #e4e7ee; color: #1d2330; }
+  button:disabled { opacity: .5; cursor: default; }
+  .hint { color: #5b6477; font-size: 13px; }
+  .job { border-top: 1px solid #e4e7ee; padding: 12px 0; }
+  .job:first-child { border-top: 0; }
+  .job .head { display: flex; justify-content: space-between; align-items: center; gap: 10px; }
+  .job .name { font-weight: 600; word-break: break-all; }
+  .badge { font-size: 12px; border-radius: 10px; padding: 2px 9px; background: #e4e7ee; }
+  .badge.done { background: #d5f1dd; color: #17602f; }
+  .badge.failed { background: #fbdada; color: #8a1c1c; }
+  .badge.cancelled { background: #eee; color: #666; }
+  .badge.preprocessing, .badge.decoding { background: #dfe7fb; color: #23459c; }
+  .bar { height: 6px; background: #e4e7ee; border-radius: 3px; margin: 8px 0 4px; overflow: hidden; }
+  .bar div { height: 100%; background: #3d6be0; width: 0; transition: width .2s; }
+  .detail { font-size: 13px; color: #5b6477; }
+  .error { color: #8a1c1c; font-size: 14px; margin-top: 6px; }
+  .transcript { font-size: 26px; direction: rtl; text-align: right; margin: 10px 0 4px; overflow-wrap: anywhere;
+    font-family: "Noto Naskh Arabic", "Amiri", "Arial", serif; }
+  table.nbest th { font-weight: normal; color: #5b6477; font-size: 12px; text-align: left; padding: 0 8px; }
+  table.nbest { border-collapse: collapse; width: 100%; font-size: 15px; margin-top: 6px; }
+  table.nbest td { padding: 3px 8px; border-bottom: 1px solid #f0f1f4; }
+  table.nbest td.text { direction: rtl; text-align: right; font-size: 18px; overflow-wrap: anywhere; }
+  table.nbest td.num { color: #5b6477; width: 70px; font-variant-numeric: tabular-nums; }
+  img.preview { max-width: 100%; image-rendering: pixelated; border-radius: 4px; margin-top: 8px; }
+  .downloads a { margin-right: 14px; }
+</style>
+</head>
+<body>
+<header>
+  <h1>Lip reading</h1>
+  <div class="model" id="model">loading the model's description...</div>
+</header>
+<main>
+  <div class="panel">
+    <div id="drop">Drop face videos or mouth clips here, or <u>choose files</u>
+      <div class="hint" id="limits"></div></div>
+    <input type="file" id="files" multiple hidden>
+    <div class="settings">
+      <label>Beam size <input type="number" id="beam" min="1" max="50"></label>
+      <label>Hypotheses shown <input type="number" id="nbest" min="1" max="50" value="3"></label>
+      <span class="hint">a larger beam is slower and usually a little better</span>
+    </div>
+    <div class="error" id="upload-error"></div>
+  </div>
+  <div class="panel">
+    <div class="head" style="display:flex;justify-content:space-between;align-items:center">
+      <strong>Videos</strong>
+      <span class="downloads"><a href="/api/results.csv" download>results as CSV</a><a href="/api/results.json" download="lipreading.json">as JSON</a></span>
+    </div>
+    <div id="jobs"><p class="hint" id="empty">No video yet.</p></div>
+  </div>
+</main>
+<script>
+const $ = (id) => document.getElementById(id);
+const cards = {};
+
+async function loadStatus() {
+  const s = await (await fetch("/api/status")).json();
+  const m = s.model;
+  $("model").textContent = `${m.checkpoint} · ${m.preset} ${m.modality} model · ${m.decoder} search on ${m.device}`;
+  $("limits").textContent = `up to ${s.max_upload_mb} MB each: ${s.accepted.join(" ")}`;
+  $("files").accept = s.accepted.join(",");
+  $("beam").value = m.beam_size;
+}
+
+function card(id, name) {
+  $("empty")?.remove();
+  const div = document.createElement("div");
+  div.className = "job";
+  div.innerHTML = `<div class="head"><span class="name"></span><span><span class="badge"></span>
+    <button class="secondary cancel">Cancel</button></span></div>
+    <div class="bar"><div></div></div><div class="detail"></div><div class="error"></div>
+    <div class="transcript"></div><table class="nbest"></table>`;
+  div.querySelector(".name").textContent = name;
+  $("jobs").prepend(div);
+  cards[id] = div;
+  return div;
+}
+
+function show(div, job) {
+  div.dataset.state = job.state;
+  const badge = div.querySelector(".badge");
+  badge.textContent = job.state;
+  badge.className = "badge " + job.state;
+  const finished = ["done", "failed", "cancelled"].includes(job.state);
+  div.querySelector(".bar").style.display = finished ? "none" : "";
+  div.querySelector(".bar div").style.width = `${Math.round(100 * job.progress)}%`;
+  div.querySelector(".detail").textContent = job.state === "done"
+    ? `${job.frames} frames, decoded in ${job.seconds.toFixed(2)} s (beam ${job.beam_size})${job.notes ? "; " + job.notes : ""}`
+    : (job.state === "failed" ? "" : job.detail);
+  div.querySelector(".error").textContent = job.state === "failed" ? job.detail : "";
+  const cancel = div.querySelector(".cancel");
+  cancel.style.display = finished ? "none" : "";
+  cancel.onclick = () => {
+    cancel.disabled = true;
+    cancel.textContent = "Cancelling...";
+    fetch(`/api/jobs/${job.id}/cancel`, {method: "POST"});
+  };
+  if (job.preview && !div.querySelector("img")) {
+    const img = document.createElement("img");
+    img.className = "preview";
+    img.alt = "the mouth crop the model read";
+    img.src = job.preview;
+    div.querySelector(".bar").before(img);
+  }
+  if (job.state === "done") {
+    const best = job.hypotheses[0];
+    div.querySelector(".transcript").textContent = best ? (best.text || "(nothing read)") : "";
+    const table = div.querySelector(".nbest");
+    table.innerHTML = job.hypotheses.length > 1 ? "<tr><th>rank</th><th>score</th><th></th></tr>" : "";
+    if (job.hypotheses.length > 1) job.hypotheses.forEach((h, i) => {
+      const row = table.insertRow();
+      row.insertCell().textContent = `${i + 1}`;
+      row.cells[0].className = "num";
+      row.insertCell().textContent = h.score.toFixed(2);
+      row.cells[1].className = "num";
+      row.insertCell().textContent = h.text;
+      row.cells[2].className = "text";
+    });
+  }
+}
+
+function follow(job) {
+  const div = cards[job.id] || card(job.id, job.name);
+  show(div, job);
+  if (["done", "failed", "cancelled"].includes(job.state)) return;
+  const events = new EventSource(`/api/jobs/${job.id}/events`);
+  events.onmessage = (e) => {
+    const now = JSON.parse(e.data);
+    show(div, now);
+    if (["done", "failed", "cancelled"].includes(now.state)) events.close();
+  };
+}
+
+async function send(file) {
+  const beam = $("beam").value, nbest = $("nbest").value;
+  const url = `/api/jobs?name=${encodeURIComponent(file.name)}&beam_size=${beam}&nbest=${nbest}`;
+  let reply;
+  try {
+    reply = await fetch(url, {method: "POST", body: file, headers: {"Content-Type": "application/octet-stream"}});
+  } catch (e) {
+    $("upload-error").textContent = `${file.name}: the upload did not reach the server (${e})`;
+    return;
+  }
+  const body = await reply.json().catch(() => ({}));
+  if (!reply.ok) {
+    const why = Array.isArray(body.detail) ? body.detail.map((d) => `${d.loc.at(-1)}: ${d.msg}`).join("; ") : body.detail;
+    $("upload-error").textContent = why || `${file.name}: refused (HTTP ${reply.status})`;
+    return;
+  }
+  follow(body);
+}
+
+function sendAll(files) {
+  $("upload-error").textContent = "";
+  [...files].forEach(send);
+}
+
+$("drop").onclick = () => $("files").click();
+$("files").onchange = () => { sendAll($("files").files); $("files").value = ""; };
+$("drop").ondragover = (e) => { e.preventDefault(); $("drop").classList.add("over"); };
+$("drop").ondragleave = () => $("drop").classList.remove("over");
+$("drop").ondrop = (e) => { e.preventDefault(); $("drop").classList.remove("over"); sendAll(e.dataTransfer.files); };
+
+loadStatus();
+fetch("/api/jobs").then((r) => r.json()).then((jobs) => {
+  jobs.forEach(follow);
+  document.body.dataset.ready = "yes";  // earlier jobs listed: new ones go on top
+});
+</script>
+</body>
+</html>
+"""
+
+
+def serving_app(reader: LipReader, board: JobBoard, cfg: Config):
+    """The FastAPI app: the page at /, the JSON API under /api (its own documentation at /docs)."""
+    import asyncio
+
+    from fastapi import FastAPI, HTTPException, Query, Request
+    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
+
+    app = FastAPI(title="master_all_avsr: lip reading", description="Upload a face video or a mouth clip; follow "
+                  "it; read its n-best.")
+    limit, types = int(cfg.max_upload_mb * 2 ** 20), accepted_types(reader.cfg)
+
+    def job_of(job_id: str) -> Job:
+        if job_id not in board.jobs:
+            raise HTTPException(404, f"no job {job_id!r} on this server")
+        return board.jobs[job_id]
+
+    @app.get("/", response_class=HTMLResponse)
+    def page():
+        return SERVE_PAGE
+
+    @app.get("/api/health")
+    def health():
+        return {"ok": True}
+
+    @app.get("/api/status")
+    def status():
+        states = Counter(j.state for j in board.jobs.values())
+        return {"model": reader.describe(), "max_upload_mb": cfg.max_upload_mb, "accepted": types,
+                "beam_sizes": [1, 50], "jobs_at_once": cfg.serve_jobs, "queue_limit": cfg.serve_queue,
+                "jobs": {s: states[s] for s in SERVE_STATES}}
+
+    async def upload(request: Request, name: str = Query(..., description="the file's name, with its extension"),
+                     beam_size: int = Query(reader.cfg.beam_size, ge=1, le=50),
+                     nbest: int = Query(1, ge=1, le=50)):
+        ext = Path(name).suffix.lower()
+        if ext not in types:
+            raise HTTPException(415, f"{name}: {ext or 'no extension'} is not a kind this server reads; send one "
+                                     f"of {', '.join(types)}")
+        if int(request.headers.get("content-length") or 0) > limit:
+            raise HTTPException(413, f"{name} is over the upload limit of {cfg.max_upload_mb:g} MB "
+                                     "(--max-upload-mb): send a shorter clip, or cut its mouth first (--mode preprocess)")
+        job = board.new_job(name, beam_size, min(nbest, beam_size))
+        problem = await receive_upload(request, job, ext, limit)
+        if problem:
+            shutil.rmtree(job.folder)
+            raise HTTPException(413 if problem == "too large" else 400,
+                                f"{name}: the upload is {problem}" + (f" (over {cfg.max_upload_mb:g} MB)" * (problem == "too large")))
+        if not board.submit(job):
+            shutil.rmtree(job.folder)
+            raise HTTPException(429, f"{cfg.serve_queue} uploads are already waiting (--serve-queue): try again "
+                                     "when some are done")
+        return board.view(job)
+    upload.__annotations__["request"] = Request  # this file's annotations are strings, looked up in its globals
+    app.post("/api/jobs", status_code=202)(upload)
+
+
+    @app.get("/api/jobs")
+    def jobs():
+        return [board.view(j) for j in sorted(board.jobs.values(), key=lambda j: j.created)]
+
+    @app.get("/api/jobs/{job_id}")
+    def job(job_id: str):
+        return board.view(job_of(job_id))
+
+    @app.post("/api/jobs/{job_id}/cancel")
+    def cancel(job_id: str):
+        job = job_of(job_id)
+        if job.state in FINISHED:
+            return JSONResponse(board.view(job), status_code=409)
+        board.cancel(job)
+        return board.view(job)
+
+    @app.get("/api/jobs/{job_id}/preview.png")
+    def preview(job_id: str):
+        path = job_of(job_id).folder / "preview.png"
+        if not path.exists():
+            raise HTTPException(404, "no preview yet (it comes with the mouth clip)")
+        return FileResponse(path, media_type="image/png")
+
+    @app.get("/api/jobs/{job_id}/events")
+    async def events(job_id: str):
+        """Server-sent events: the job's state each time it changes, until it is finished (or the page leaves:
+        Starlette then ends the stream)."""
+        job = job_of(job_id)
+
+        async def stream():
+            last, quiet = None, 0.0
+            while True:
+                now = board.view(job)
+                if now != last:
+                    yield f"data: {json.dumps(now, ensure_ascii=False)}\n\n"
+                    last, quiet = now, 0.0
+                    if job.state in FINISHED:
+                        return
+                elif quiet > 15:  # a comment line keeps tunnels and proxies from closing a quiet stream
+                    yield ": still there\n\n"
+                    quiet = 0.0
+                await asyncio.sleep(0.1)
+                quiet += 0.1
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/api/results.json")
+    def results_json():
+        return board.results_rows()
+
+    @app.get("/api/results.csv")
+    def results_csv():
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=RESULT_COLUMNS)
+        writer.writeheader()
+        writer.writerows(board.results_rows())
+        return Response("\ufeff" + text.getvalue(), media_type="text/csv; charset=utf-8",  # the BOM: for Excel
+                        headers={"Content-Disposition": 'attachment; filename="lipreading.csv"'})
+
+    return app
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def serve(cfg: Config):
+    """--mode serve: the page and the API on --host:--port until Ctrl-C; in a notebook, in the background of its
+    kernel (the uvicorn Server returned; `.should_exit = True` stops it)."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise UserError("--mode serve needs FastAPI and uvicorn: `pip install fastapi uvicorn` (Kaggle's image "
+                        f"has both). ({e})") from e
+    if not port_is_free(cfg.host, cfg.port):
+        raise UserError(f"{cfg.host}:{cfg.port} is taken (another server?): choose another with --port.")
+    reader = LipReader(cfg)
+    board = JobBoard(reader, cfg)
+    if cfg.host not in LOOPBACK:
+        print(f"warning: serving on {cfg.host}: anyone who can reach this machine can upload videos and use the "
+              "model. --host 127.0.0.1 keeps it to this machine.")
+    url = f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{cfg.port}/"
+    print(f"serving {reader.checkpoint} ({reader.cfg.preset}, {reader.cfg.modality}, {reader.cfg.decoder}) at {url} "
+          f"(the API: {url}docs); uploads up to {cfg.max_upload_mb:g} MB; jobs under {board.root}. "
+          + ("It runs while this kernel does." if in_notebook() else "Ctrl-C stops."), flush=True)
+    app = serving_app(reader, board, cfg)
+    if in_notebook():  # the kernel's event loop owns this thread: the server gets a thread and a loop of its own
+        server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning"))
+        threading.Thread(target=server.run, name="serve", daemon=True).start()
+        return server
+    try:
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+    finally:
+        board.stop()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 14. CLI: flags from the Config fields, one function per mode, and the entry point.
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -5128,6 +5782,7 @@ EXAMPLES = """examples:
   python master_all_avsr.py --config configs/lrc_cpu_hour.json --data-dir DATA   # your clips, an hour on 2 CPU cores
   python master_all_avsr.py --mode test --work-dir RUN --data-dir DATA          # score a run on its test split
   python master_all_avsr.py --mode decode --work-dir RUN --input CLIPS          # clips (or --preprocess faces) to text
+  python master_all_avsr.py --mode serve --work-dir RUN                         # a page at http://127.0.0.1:8000
   python master_all_avsr.py --mode diagnose --work-dir RUN --data-dir DATA      # why a model is stuck
 """
 
@@ -5187,19 +5842,12 @@ def read_config_file(path: str) -> dict:
     return settings
 
 
-CHOICES = {"mode": ("train", "test", "decode", "diagnose", "sanity", "stats", "vocab", "synth", "preprocess", "export",
+CHOICES = {"mode": ("train", "test", "decode", "serve", "diagnose", "sanity", "stats", "vocab", "synth", "preprocess", "export",
                     "average", "lm"),
            "frontend": ("cnn", "noise", "linear"),
            "data": ("auto", "files", "synthetic"), "units": ("diacritized", "letters"), "unknown_units": ("skip", "map"), "arch": ("conformer", "baseline"),
            "preset": tuple(PRESETS), "amp": ("auto", "bf16", "fp16", "off"), "split": ("train", "val", "test", "all"),
            "decoder": ("beam", "attention", "ctc"), "modality": ("video", "audio", "av"), "lm_kind": ("ngram", "lstm")}
-
-
-def is_number_list(text: str) -> bool:
-    try:
-        return bool(snr_levels(text))
-    except ValueError:
-        return False
 
 
 def schedule_problem(cfg: Config) -> str:
@@ -5382,18 +6030,6 @@ def print_closing(cfg: Config, result: dict) -> None:
     print("\n".join(lines))
 
 
-def checkpoint_path(cfg: Config) -> Path:
-    """--checkpoint, else averaged.pt where it is as new as last.pt (a run trained on since left it behind), else
-    best.pt."""
-    if cfg.checkpoint:
-        return Path(cfg.checkpoint)
-    folder = checkpoints_of(cfg.work_dir)
-    averaged, last = folder / "averaged.pt", folder / "last.pt"
-    if averaged.exists() and (not last.exists() or averaged.stat().st_mtime_ns >= last.stat().st_mtime_ns):
-        return averaged
-    return folder / "best.pt"
-
-
 def decoding_settings(model: nn.Module, cfg: Config, lm: LanguageModel | None = None) -> dict:
     if cfg.decoder != "beam":
         return {"decoder": cfg.decoder if model.decoder is not None else "ctc", "search": "greedy"}
@@ -5401,14 +6037,6 @@ def decoding_settings(model: nn.Module, cfg: Config, lm: LanguageModel | None = 
             "max_length_ratio": cfg.max_length_ratio, "min_length_ratio": cfg.min_length_ratio,
             "length_bonus": cfg.length_bonus, "nbest": cfg.nbest,
             **({"lm": str(lm.path), "lm_weight": lm.weight} if lm else {})}
-
-
-def search_lm(cfg: Config, vocab: Vocabulary, device) -> LanguageModel | None:
-    """--lm for the beam search; with a greedy --decoder it has nothing to score, which is said."""
-    if cfg.lm and cfg.decoder != "beam":
-        print(f"warning: --lm counts in the beam search only; --decoder {cfg.decoder} does without it.")
-        return None
-    return load_lm(cfg, vocab, device)
 
 
 def split_index(ds: Dataset, split: str) -> list[int]:
@@ -5584,34 +6212,17 @@ def clips_to_decode(cfg: Config) -> list[Path]:
     return sorted(min(paths, key=lambda p: (p.suffix.lower() not in SOUND_EXTS, str(p))) for paths in by_stem.values())
 
 
-def read_frames_to_decode(path: Path, frame_size: int) -> np.ndarray:
-    frames = read_video(path)
-    if frames.shape[1:] != (frame_size, frame_size):
-        raise ValueError(f"frames are {frames.shape[2]} x {frames.shape[1]}, the model wants {frame_size} x "
-                         f"{frame_size} mouth crops (for face videos, add --preprocess)")
-    return frames
-
-
 def read_clips_to_decode(paths: list[Path], cfg: Config) -> tuple[list[str], Dataset]:
     """Every readable clip of `paths` with what the model hears or sees, as an unlabelled Dataset; the others
     are named and skipped. Sound for av comes from the clip, or a file of its name beside --input or in
     --audio-dir (the raw face video, with --preprocess)."""
-    hears = cfg.modality != "video"
     source = Path(cfg.input) if Path(cfg.input).is_dir() else Path(cfg.input).parent
     sounds = (sound_candidates(dataclasses.replace(cfg, data_dir=str(source), videos_dir=""),
                                {p.stem: p for p in paths}) if cfg.modality == "av" else {})
     names, clips, waves = [], [], []
     for path in paths:
         try:
-            if cfg.modality == "audio":
-                wave = read_audio(path)
-                frames = np.zeros((max(1, round(len(wave) / SAMPLES_PER_FRAME)), 0, 0), np.uint8)
-                wave = fit_to_frames(wave, len(frames))
-            else:
-                frames = read_frames_to_decode(path, cfg.frame_size)
-                wave, why = clip_sound(read_audio, sounds[path.stem], len(frames)) if hears else (None, "")
-                if why:
-                    raise ValueError(why)
+            frames, wave = clip_to_decode(path, cfg, sounds.get(path.stem, []))
         except ValueError as e:
             print(f"Skipped {path}: {e}", file=sys.stderr)
             continue
@@ -5621,10 +6232,7 @@ def read_clips_to_decode(paths: list[Path], cfg: Config) -> tuple[list[str], Dat
     if not names:
         raise UserError(f"--input {cfg.input}: no clip to decode ({'every one was skipped, above' if paths else 'none found'}"
                         f"; clips are {', '.join(sorted(VIDEO_EXTS))}, or raw face videos with --preprocess).")
-    if not hears:
-        return names, Dataset([], ClipBank(clips, torch.device("cpu")), {})
-    noise = noise_track(cfg, [w.reshape(-1) for w in waves], torch.device("cpu")) if is_number_list(cfg.sound) else None
-    return names, Dataset([], ClipBank(clips, torch.device("cpu")), {}, ClipBank(waves, torch.device("cpu")), noise)
+    return names, unlabelled_clips(clips, waves, cfg)
 
 
 def labels_beside(cfg: Config, vocab: Vocabulary) -> dict[str, list[int]]:
@@ -5654,14 +6262,11 @@ def run_decode(cfg: Config) -> list[tuple[str, list[tuple[str, float]]]]:
     device = pick_device(cfg.device)
     model, vocab, model_cfg = model_from_checkpoint(checkpoint_path(cfg), cfg, device)
     names, clips = read_clips_to_decode(clips_to_decode(model_cfg), model_cfg)
-    augment, out, lm = Augment(model_cfg, training=False), [], search_lm(model_cfg, vocab, device)
+    out, lm = [], search_lm(model_cfg, vocab, device)
     labels, rows, refs, best = labels_beside(model_cfg, vocab), [], [], []
     for batch in frame_budget_batches(clips.bank.lengths.tolist(), model_cfg.max_frames, random.Random(0)):
         t0 = time.perf_counter()
-        x, lengths = batch_inputs(clips, batch, augment, device)
-        with torch.no_grad(), autocast(device, model_cfg):
-            enc, mask = model.encode(x, lengths.to(device))
-            nbest = decode(model, enc, mask, lengths.to(device), vocab, model_cfg, lm)
+        nbest = decode_clips(model, clips, batch, vocab, model_cfg, device, lm)
         seconds = (time.perf_counter() - t0) / len(batch)
         for i, hyps in zip(batch, nbest):
             out.append((names[i], [(vocab.decode(ids), score) for ids, score in hyps]))
@@ -5732,7 +6337,7 @@ def run_export(cfg: Config) -> dict:
 
 
 WRITING_MODES = ("train", "test", "diagnose", "sanity", "stats", "vocab", "average", "export", "lm")  # lock the work dir
-MODES = {"train": run_train, "test": run_test, "decode": run_decode, "diagnose": run_diagnose, "sanity": run_sanity,
+MODES = {"train": run_train, "test": run_test, "decode": run_decode, "serve": serve, "diagnose": run_diagnose, "sanity": run_sanity,
          "stats": run_stats, "vocab": run_vocab, "synth": run_synth, "preprocess": run_preprocess, "export": run_export,
          "average": run_average, "lm": train_lm}
 

@@ -2,6 +2,7 @@
 import math
 import os
 import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -42,3 +43,10 @@ def cfg(tmp_path) -> m.Config:
 def no_progress_lines(monkeypatch):
     """Tests read the output line by line: on a slow machine a loop over 60 s would add a progress line."""
     monkeypatch.setattr(m, "PLAIN_PROGRESS_EVERY", math.inf)
+
+
+def free_port() -> int:
+    """A local port no one listens on (for a server the test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, m
+from conftest import ROOT, free_port, m
 
 KERNEL = ROOT / "kaggle_kernel"
 TINY = ["--preset", "tiny", "--input-size", "44", "--synthetic-clips", "48", "--max-frames", "400",
@@ -69,7 +69,8 @@ def test_the_notebook_holds_todays_script_after_its_settings(kaggle_push):
     assert written == json.loads(make_notebook.nbformat.writes(make_notebook.notebook())), \
         "kaggle_kernel/notebook is behind the script: python kaggle_kernel/make_notebook.py"
     kinds = [c["cell_type"] for c in written["cells"]]
-    assert kinds == ["markdown", "code", "code"] and "SETTINGS = [" in "".join(written["cells"][1]["source"])
+    assert kinds == ["markdown", "code", "code", "code"] and "SETTINGS = [" in "".join(written["cells"][1]["source"])
+    assert "SERVE, TUNNEL, PORT = False" in "".join(written["cells"][3]["source"])
     request = kaggle_push(KERNEL / "notebook")  # and it passes the kaggle CLI's checks as a notebook kernel
     assert request.kernel_type == "notebook" and request.language == "python"
     assert (ROOT / "master_all_avsr.py").read_text(encoding="utf-8") in json.loads(request.text)["cells"][2]["source"]
@@ -189,7 +190,7 @@ def test_train_starts_its_own_processes_and_rank_0_tests(tmp_path):
 
 def test_the_notebook_runs_with_its_settings_cell_edited(tmp_path):
     """kaggle_kernel's notebook as a user runs it: the settings cell edited (a tiny run here), then the script's
-    cell; and the script's main() called from a later cell."""
+    cell, its serving cell switched on; and the script's main() called from a later cell."""
     import nbformat
     from nbclient import NotebookClient
     work, clip = tmp_path / "work", tmp_path / "clip.npy"
@@ -199,8 +200,13 @@ def test_the_notebook_runs_with_its_settings_cell_edited(tmp_path):
     notebook.cells[1].source = re.sub(r"SETTINGS = \[.*?\]", f"SETTINGS = {TINY + ['--epochs', '2', '--work-dir', str(work)]!r}",
                                       settings, flags=re.S)
     assert notebook.cells[1].source != settings
+    port = free_port()
+    notebook.cells[3].source = notebook.cells[3].source.replace("SERVE, TUNNEL, PORT = False, False, 8000",
+                                                                f"SERVE, TUNNEL, PORT = True, False, {port}")
     notebook.cells.append(nbformat.v4.new_code_cell(
-        f"decoded = main(['--mode', 'decode', '--work-dir', '{work}', '--input', '{clip}'])\nprint(len(decoded))"))
+        f"decoded = main(['--mode', 'decode', '--work-dir', '{work}', '--input', '{clip}'])\nprint(len(decoded))\n"
+        "import time, urllib.request\nfor _ in range(100):\n    time.sleep(0.1)\n    if server.started: break\n"
+        f"print(urllib.request.urlopen('http://127.0.0.1:{port}/api/health').read().decode())"))
     NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
                    ).execute()
     out = "".join(o.get("text", "") for o in notebook.cells[2].outputs if o.output_type == "stream")
@@ -208,7 +214,9 @@ def test_the_notebook_runs_with_its_settings_cell_edited(tmp_path):
     assert not any(o.output_type == "error" for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs)
     assert len(list(csv.DictReader(open(work / "metrics.csv", encoding="utf-8-sig")))) == 2
     assert (work / "checkpoints" / "best.pt").exists() and (work / "test_metrics.json").exists()
-    assert "".join(o.get("text", "") for o in notebook.cells[3].outputs if o.get("name") == "stdout").strip().endswith("1")
+    assert "It runs while this kernel does" in "".join(o.get("text", "") for o in notebook.cells[3].outputs)
+    last = "".join(o.get("text", "") for o in notebook.cells[4].outputs if o.get("name") == "stdout").split()
+    assert last[-2:] == ["1", '{"ok":true}']  # a clip decoded; the page's server answers from the kernel
 
 
 def test_a_missing_or_too_old_package_is_named_before_any_work(monkeypatch, capsys):
