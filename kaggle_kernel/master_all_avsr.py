@@ -5457,7 +5457,7 @@ SERVE_PAGE = """<!doctype html>
   .detail { font-size: 13px; color: #5b6477; }
   .error { color: #8a1c1c; font-size: 14px; margin-top: 6px; }
   .transcript { font-size: 26px; direction: rtl; text-align: right; margin: 10px 0 4px; overflow-wrap: anywhere;
-    font-family: "Noto Naskh Arabic", "Amiri", "Arial", serif; }
+    font-family: "Noto Naskh Arabic", "Amiri", "Segoe UI", Tahoma, Arial, serif; }
   table.nbest th { font-weight: normal; color: #5b6477; font-size: 12px; text-align: left; padding: 0 8px; }
   table.nbest { border-collapse: collapse; width: 100%; font-size: 15px; margin-top: 6px; }
   table.nbest td { padding: 3px 8px; border-bottom: 1px solid #f0f1f4; }
