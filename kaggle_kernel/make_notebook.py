@@ -36,7 +36,8 @@ if SERVE:
     server = main(SETTINGS + ["--mode", "serve", "--port", str(PORT)])
     if TUNNEL:
         import subprocess, urllib.request
-        tunnel = subprocess.Popen(["npx", "--yes", "localtunnel", "--port", str(PORT)], stdout=subprocess.PIPE, text=True)
+        tunnel = subprocess.Popen(["npx", "--yes", "localtunnel", "--port", str(PORT)], stdout=subprocess.PIPE,
+                                  text=True)
         password = urllib.request.urlopen("https://loca.lt/mytunnelpassword").read().decode()
         print(tunnel.stdout.readline().strip(), "- password:", password)'''
 

@@ -43,6 +43,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -5046,7 +5047,7 @@ def on_kaggle() -> bool:
     return "KAGGLE_KERNEL_RUN_TYPE" in os.environ  # set in every Kaggle session, interactive or batch
 
 
-TESTED = {"torch": "2.13.0 (CPU) here; 2.10 on Kaggle's image", "kornia": "0.9.0 here; 0.8 on Kaggle's image"}
+TESTED = {"torch": "2.13.0, and 2.10.0 as on Kaggle's image", "kornia": "0.9.0, and 0.8.3 as on Kaggle's image"}
 OLDEST = {"torch": (2, 10), "kornia": (0, 8)}  # older ones are refused: nothing below them was tried
 PACKAGES = {"kornia": "kornia", "editdistance": "editdistance", "cv2": "opencv-python-headless",
             "matplotlib": "matplotlib", "av": "av"}  # import name -> pip name
@@ -5434,12 +5435,14 @@ SERVE_PAGE = """<!doctype html>
   header h1 { font-size: 20px; margin: 0; }
   header .model { font-size: 13px; opacity: 0.8; margin-top: 4px; }
   main { max-width: 980px; margin: 0 auto; padding: 20px; }
-  .panel { background: #fff; border-radius: 8px; box-shadow: 0 1px 3px rgba(0,0,0,.12); padding: 16px 20px; margin-bottom: 16px; }
+  .panel { background: #fff; border-radius: 8px; box-shadow: 0 1px 3px rgba(0,0,0,.12); padding: 16px 20px;
+    margin-bottom: 16px; }
   #drop { border: 2px dashed #9aa3b5; border-radius: 8px; padding: 22px; text-align: center; cursor: pointer; }
   #drop.over { background: #e8eefc; border-color: #3d6be0; }
   .settings { display: flex; gap: 18px; align-items: center; margin-top: 12px; flex-wrap: wrap; }
   .settings input[type=number] { width: 64px; }
-  button { background: #3d6be0; color: #fff; border: 0; border-radius: 6px; padding: 7px 14px; cursor: pointer; font-size: 14px; }
+  button { background: #3d6be0; color: #fff; border: 0; border-radius: 6px; padding: 7px 14px; cursor: pointer;
+    font-size: 14px; }
   button.secondary { background: #e4e7ee; color: #1d2330; }
   button:disabled { opacity: .5; cursor: default; }
   .hint { color: #5b6477; font-size: 13px; }
@@ -5487,7 +5490,8 @@ SERVE_PAGE = """<!doctype html>
   <div class="panel">
     <div class="head" style="display:flex;justify-content:space-between;align-items:center">
       <strong>Videos</strong>
-      <span class="downloads"><a href="/api/results.csv" download>results as CSV</a><a href="/api/results.json" download="lipreading.json">as JSON</a></span>
+      <span class="downloads"><a href="/api/results.csv" download>results as CSV</a>
+        <a href="/api/results.json" download="lipreading.json">as JSON</a></span>
     </div>
     <div id="jobs"><p class="hint" id="empty">No video yet.</p></div>
   </div>
@@ -5528,7 +5532,8 @@ function show(div, job) {
   div.querySelector(".bar").style.display = finished ? "none" : "";
   div.querySelector(".bar div").style.width = `${Math.round(100 * job.progress)}%`;
   div.querySelector(".detail").textContent = job.state === "done"
-    ? `${job.frames} frames, decoded in ${job.seconds.toFixed(2)} s (beam ${job.beam_size})${job.notes ? "; " + job.notes : ""}`
+    ? `${job.frames} frames, decoded in ${job.seconds.toFixed(2)} s (beam ${job.beam_size})`
+      + (job.notes ? `; ${job.notes}` : "")
     : (job.state === "failed" ? "" : job.detail);
   div.querySelector(".error").textContent = job.state === "failed" ? job.detail : "";
   const cancel = div.querySelector(".cancel");
@@ -5586,7 +5591,8 @@ async function send(file) {
   }
   const body = await reply.json().catch(() => ({}));
   if (!reply.ok) {
-    const why = Array.isArray(body.detail) ? body.detail.map((d) => `${d.loc.at(-1)}: ${d.msg}`).join("; ") : body.detail;
+    const why = Array.isArray(body.detail)  // FastAPI's own word on a bad setting (a beam size of 0, say)
+      ? body.detail.map((d) => `${d.loc.at(-1)}: ${d.msg}`).join("; ") : body.detail;
     $("upload-error").textContent = why || `${file.name}: refused (HTTP ${reply.status})`;
     return;
   }
@@ -5654,14 +5660,15 @@ def serving_app(reader: LipReader, board: JobBoard, cfg: Config):
             raise HTTPException(415, f"{name}: {ext or 'no extension'} is not a kind this server reads; send one "
                                      f"of {', '.join(types)}")
         if int(request.headers.get("content-length") or 0) > limit:
-            raise HTTPException(413, f"{name} is over the upload limit of {cfg.max_upload_mb:g} MB "
-                                     "(--max-upload-mb): send a shorter clip, or cut its mouth first (--mode preprocess)")
+            raise HTTPException(413, f"{name} is over the upload limit of {cfg.max_upload_mb:g} MB (--max-upload-mb): "
+                                     "send a shorter clip, or cut its mouth first (--mode preprocess)")
         job = board.new_job(name, beam_size, min(nbest, beam_size))
         problem = await receive_upload(request, job, ext, limit)
         if problem:
             shutil.rmtree(job.folder)
-            raise HTTPException(413 if problem == "too large" else 400,
-                                f"{name}: the upload is {problem}" + (f" (over {cfg.max_upload_mb:g} MB)" * (problem == "too large")))
+            too_large = problem == "too large"
+            raise HTTPException(413 if too_large else 400,
+                                f"{name}: the upload is {problem}" + f" (over {cfg.max_upload_mb:g} MB)" * too_large)
         if not board.submit(job):
             shutil.rmtree(job.folder)
             raise HTTPException(429, f"{cfg.serve_queue} uploads are already waiting (--serve-queue): try again "
@@ -5752,6 +5759,9 @@ def serve(cfg: Config):
                         f"has both). ({e})") from e
     if not port_is_free(cfg.host, cfg.port):
         raise UserError(f"{cfg.host}:{cfg.port} is taken (another server?): choose another with --port.")
+    scratch = Path(cfg.work_dir) / "serve" / "tmp"  # libraries' own temporary files (onnxruntime's, say) go here too
+    scratch.mkdir(parents=True, exist_ok=True)
+    os.environ["TMPDIR"] = tempfile.tempdir = str(scratch)
     reader = LipReader(cfg)
     board = JobBoard(reader, cfg)
     if cfg.host not in LOOPBACK:

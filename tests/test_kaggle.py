@@ -230,5 +230,6 @@ def test_a_missing_or_too_old_package_is_named_before_any_work(monkeypatch, caps
         m.check_packages(m.Config())
     monkeypatch.delitem(m.PACKAGES, "not_a_package_here")
     monkeypatch.setattr(torch, "__version__", "2.4.1+cu121")
-    with pytest.raises(m.UserError, match=r"torch 2.4.1\+cu121 is older than any this script was tested with"):
+    with pytest.raises(m.UserError, match=r"torch 2.4.1\+cu121 is older than any this script was tested with "
+                                          r"\(2.13.0, and 2.10.0 as on Kaggle's image\)"):
         m.check_packages(m.Config())
