@@ -5240,7 +5240,8 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
 
     def set(self, state: str, detail: str, progress: float = 0.0) -> None:
-        if self.cancel.is_set() and state not in FINISHED:
+        """The job's next state; once cancelled, any but cancelled or failed stops its work instead."""
+        if self.cancel.is_set() and state not in ("cancelled", "failed"):
             raise JobCancelled
         self.state, self.detail, self.progress = state, detail, progress
 
@@ -5317,7 +5318,7 @@ class LipReader:
 
 class JobBoard:
     """Every job of this server: uploads wait in a queue of at most --serve-queue, --serve-jobs are read at once,
-    and each finished job's result.json stays in its folder (a restarted server lists them again)."""
+    and each job's result.json stays in its folder (a restarted server lists them again)."""
 
     def __init__(self, reader: LipReader, cfg: Config):
         import concurrent.futures
@@ -5329,17 +5330,31 @@ class JobBoard:
         self.pool = concurrent.futures.ThreadPoolExecutor(cfg.serve_jobs, thread_name_prefix="lipread")
 
     def earlier_results(self) -> None:
-        for path in sorted(self.root.glob("*/result.json")):
+        """The jobs of the server's earlier runs: finished ones as they ended, one it stopped in the middle of as
+        failed (its upload kept); an upload it was still receiving is removed."""
+        for folder in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            (folder / ".upload.part").unlink(missing_ok=True)
+            path = folder / "result.json"
+            if not path.exists():
+                if not any(folder.iterdir()):
+                    folder.rmdir()
+                continue
             try:
                 saved = json.loads(path.read_text(encoding="utf-8"))
-                job = Job(saved["id"], saved["name"], path.parent, saved["beam_size"], saved["nbest"])
+                job = Job(saved["id"], saved["name"], folder, saved["beam_size"], saved["nbest"])
                 for key in ("state", "detail", "progress", "hypotheses", "frames", "seconds", "notes"):
                     setattr(job, key, saved[key])
             except (OSError, ValueError, KeyError, TypeError):
                 print(f"warning: {path} is not a job's result (left as it is)", file=sys.stderr)
                 continue
             job.created = path.stat().st_mtime
+            if job.state not in FINISHED:
+                job.set("failed", f"{job.name}: the server stopped before this job finished; send it again")
+                self.save(job)
             self.jobs[job.id] = job
+
+    def save(self, job: Job) -> None:
+        write_text(job.folder / "result.json", json.dumps(job.result(), ensure_ascii=False, indent=1))
 
     def new_job(self, name: str, beam_size: int, nbest: int) -> Job:
         job_id = secrets.token_hex(8)
@@ -5356,6 +5371,7 @@ class JobBoard:
             if len(self.waiting()) >= self.cfg.serve_queue:
                 return False
             self.jobs[job.id] = job
+        self.save(job)
         self.pool.submit(self.work_on, job)
         return True
 
@@ -5373,6 +5389,7 @@ class JobBoard:
             self.reader.read(job)
             job.set("done", "done", 1.0)
         except JobCancelled:
+            job.hypotheses = []
             job.set("cancelled", job.detail if job.state == "cancelled" else f"cancelled while {job.state}")
         except (ValueError, OSError, UserError) as e:  # the upload's fault, or a missing model file: said on its page
             job.set("failed", f"{job.name}: {e}")
@@ -5380,7 +5397,7 @@ class JobBoard:
             import traceback
             traceback.print_exc()
             job.set("failed", f"{job.name}: internal error {type(e).__name__}: {e} (the server's console has more)")
-        write_text(job.folder / "result.json", json.dumps(job.result(), ensure_ascii=False, indent=1))
+        self.save(job)
 
     def cancel(self, job: Job) -> None:
         job.cancel.set()

@@ -134,6 +134,21 @@ def test_an_uploaded_clip_is_followed_live_and_read_as_decode_reads_it(server, r
     assert result["id"] in m.JobBoard(None, m.Config(work_dir=str(run_dir))).jobs  # a restarted server lists it
 
 
+def test_a_restarted_server_fails_the_job_it_stopped_in_and_drops_half_an_upload(tmp_path):
+    cfg = m.Config(work_dir=str(tmp_path))
+    board = m.JobBoard(None, cfg)
+    stopped, half = board.new_job("clip.mp4", 5, 1), board.new_job("big.mp4", 5, 1)
+    stopped.upload = stopped.folder / "0123.mp4"
+    stopped.upload.write_bytes(b"the user's video")
+    stopped.set("decoding", "reading the lips")
+    board.save(stopped)
+    (half.folder / ".upload.part").write_bytes(b"half a vid")
+    again = m.JobBoard(None, cfg).jobs
+    assert list(again) == [stopped.id] and again[stopped.id].state == "failed"
+    assert "stopped before this job finished" in again[stopped.id].detail and stopped.upload.exists()
+    assert json.loads((stopped.folder / "result.json").read_text())["state"] == "failed" and not half.folder.exists()
+
+
 def test_a_face_video_is_cut_to_its_mouth_with_progress_and_the_cut_is_kept(server, astronaut, tmp_path):
     video = write_video(tmp_path / "face.mp4", face_video(astronaut, 60)[0])
     seen = events(server, upload(server, video).json()["id"])
