@@ -5279,7 +5279,7 @@ class LipReader:
     def describe(self) -> dict:
         return {"checkpoint": str(self.checkpoint), "preset": self.cfg.preset, "modality": self.cfg.modality,
                 "decoder": self.cfg.decoder, "beam_size": self.cfg.beam_size, "frame_size": self.cfg.frame_size,
-                "device": str(self.device), "units": self.vocab.size}
+                "device": str(self.device), "vocabulary": self.vocab.size}
 
     def mouth_clip(self, job: Job) -> Path:
         if self.cfg.modality == "audio":
@@ -5306,7 +5306,7 @@ class LipReader:
         frames, wave = clip_to_decode(mouth, self.cfg, [job.upload])
         if self.cfg.modality != "audio":
             atomic_write(job.folder / "preview.png", lambda tmp: Path(tmp).write_bytes(preview_strip(frames)))
-        job.set("decoding", f"reading the lips: {len(frames)} frames, beam {job.beam_size}")
+        job.set("decoding", f"decoding {len(frames)} frames" + f", beam {job.beam_size}" * (self.cfg.decoder == "beam"))
         cfg = dataclasses.replace(self.cfg, beam_size=job.beam_size, nbest=job.nbest)
         t0 = time.perf_counter()
         with self.model_lock:
