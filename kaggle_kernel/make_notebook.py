@@ -23,6 +23,7 @@ SETTINGS = '''# the script's flags (python master_all_avsr.py --help); here the 
 SETTINGS = [
     "--preset", "small", "--input-size", "88", "--epochs", "80", "--warmup-epochs", "5",
     "--ctc-weight-schedule", "1-25:0.7,26-50:0.5,51-:0.4>0.2", "--average-last", "10",
+    "--time-mask-window", "6", "--augment-from", "26",
 ]
 import os, shlex
 os.environ["AVSR_ARGS"] = shlex.join(SETTINGS)'''
