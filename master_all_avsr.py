@@ -254,14 +254,18 @@ def checkpoints_of(work_dir) -> Path:
 CSV_ENCODING = "utf-8-sig"  # with a BOM: Excel then shows the Arabic as Arabic (and reading it accepts no BOM too)
 
 
+def csv_text(rows: list[dict], columns: list[str] | None = None) -> str:
+    """Rows as CSV text; the columns, unless given, are every key any row has, in order of appearance."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns or list(dict.fromkeys(k for r in rows for k in r)))
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
-    """Rows to CSV, atomically; the columns are every key any row has, in order of appearance."""
-    def write(tmp):
-        with open(tmp, "w", newline="", encoding=CSV_ENCODING) as f:
-            writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-            writer.writeheader()
-            writer.writerows(rows)
-    atomic_write(path, write)
+    """Rows to CSV, atomically."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(csv_text(rows), encoding=CSV_ENCODING, newline=""))
 
 
 # Files the script uses but never downloads -------------------------------------------------------------------
@@ -5746,11 +5750,8 @@ def serving_app(reader: LipReader, board: JobBoard, cfg: Config):
 
     @app.get("/api/results.csv")
     def results_csv():
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=RESULT_COLUMNS)
-        writer.writeheader()
-        writer.writerows(board.results_rows())
-        return Response("\ufeff" + text.getvalue(), media_type="text/csv; charset=utf-8",  # the BOM: for Excel
+        return Response("\ufeff" + csv_text(board.results_rows(), RESULT_COLUMNS),  # the BOM: for Excel
+                        media_type="text/csv; charset=utf-8",
                         headers={"Content-Disposition": 'attachment; filename="lipreading.csv"'})
 
     return app
