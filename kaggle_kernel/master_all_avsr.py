@@ -2704,17 +2704,13 @@ def ctc_log_probs(model: nn.Module, enc: torch.Tensor, lengths: torch.Tensor, bl
     return lp
 
 
-def end_detected(ended: list[tuple[float, int]], step: int, m: int = 3, d_end: float = -10.0) -> bool:
+def end_detected(best_at: dict[int, float], step: int, m: int = 3, d_end: float = -10.0) -> bool:
     """ESPnet's end detection: the best hypotheses that ended in each of the last m steps all score d_end or
-    more below the best ended so far. `ended` holds (score, length with sos and eos)."""
-    if not ended:
+    more below the best ended so far. `best_at`: a clip's best ended score by length (with sos and eos)."""
+    if not best_at:
         return False
-    best = max(s for s, _ in ended)
-    count = 0
-    for length in range(step, step - m, -1):
-        same = [s for s, n in ended if n == length]
-        count += bool(same) and max(same) - best < d_end
-    return count == m
+    best = max(best_at.values())
+    return all(length in best_at and best_at[length] - best < d_end for length in range(step, step - m, -1))
 
 
 class Beams:
@@ -2984,14 +2980,17 @@ def joint_scores(model, beams: Beams, search: SearchSettings, cfg: Config, vocab
     return Candidates(tokens, scores, psi)
 
 
-def record_ended(ended: list, rows: list[int], beams: Beams, parent, token, score, last_step, eos: int) -> None:
-    """Add the hypotheses of `rows` that have just finished to their clip's list: (score, length, tokens)."""
+def record_ended(ended: list, best_at: list, rows: list[int], beams: Beams, parent, token, score, last_step,
+                 eos: int) -> None:
+    """Add the hypotheses of `rows` that have just finished to their clip's list, (score, length, tokens), and
+    keep each clip's best by length (end_detected)."""
     tokens = torch.cat([beams.tokens[parent, 1:], token[:, None]], 1)[rows].tolist()
     for row, seq, value in zip(rows, tokens, score.view(-1)[rows].tolist()):
         clip = row // beams.k
         # at a clip's last step eos is appended to every hypothesis, even to one that has just chosen it
-        length = len(seq) + 1 + bool(last_step[clip])
-        ended[int(beams.clips[clip])].append((value, length, [t for t in seq if t != eos]))
+        length, c = len(seq) + 1 + bool(last_step[clip]), int(beams.clips[clip])
+        ended[c].append((value, length, [t for t in seq if t != eos]))
+        best_at[c][length] = max(value, best_at[c].get(length, -math.inf))
 
 
 def advance(beams: Beams, parent, token, score, done_row, psi, step: int, blank: int) -> None:
@@ -3020,6 +3019,7 @@ def beam_search_batch(model, enc, mask, lengths, vocab: Vocabulary, cfg: Config,
     beams = Beams(ctc_log_probs(model, enc, lengths, vocab.blank).transpose(1, 2).contiguous(), lengths, K, eos, vocab.blank,
                   model.decoder.start(enc, mask, len(lengths) * K, int(max_len.max())) if search.use_decoder else None)
     ended: list[list[tuple[float, int, list[int]]]] = [[] for _ in lengths]  # (score, length, tokens) per clip
+    best_at: list[dict[int, float]] = [{} for _ in lengths]  # per clip: length -> best ended score
     for step in range(int(max_len.max())):
         cand = joint_scores(model, beams, search, cfg, vocab, step, lm and lm.model)
         too_short = (step < min_len[beams.clips]).repeat_interleave(K).to(cand.tokens.device)
@@ -3033,11 +3033,11 @@ def beam_search_batch(model, enc, mask, lengths, vocab: Vocabulary, cfg: Config,
         done_row = (token == eos) | last_step.repeat_interleave(K).to(token.device)
         finished = (done_row & (score.view(-1) > -math.inf)).nonzero().flatten().tolist()
         if finished:
-            record_ended(ended, finished, beams, parent, token, score, last_step, eos)
+            record_ended(ended, best_at, finished, beams, parent, token, score, last_step, eos)
         advance(beams, parent, token, score, done_row, psi, step, vocab.blank)
         emptied = (beams.score.max(1).values == -math.inf).cpu()  # one transfer a step, not one a clip
         live = torch.tensor([not (last_step[j] or emptied[j] or
-                                  (cfg.max_length_ratio == 0 and end_detected([e[:2] for e in ended[c]], step)))
+                                  (cfg.max_length_ratio == 0 and end_detected(best_at[c], step)))
                              for j, c in enumerate(beams.clips.tolist())])
         if not live.any():
             break
