@@ -2811,28 +2811,19 @@ def ctc_prefix_scores(beams: "Beams", step: int) -> torch.Tensor:
 
 def ctc_extended(beams: "Beams", parent: torch.Tensor, token: torch.Tensor, step: int, blank: int) -> torch.Tensor:
     """T x R x 2 forward variables (non-blank, blank ending) of each parent's prefix extended by its token:
-    ESPnet's recursion over frames, run for the R chosen extensions alone, and solved in closed form. In
-    probability space both ends are linear recurrences, n(t) = (n(t-1) + phi(t-1)) x(t) and b(t) = (b(t-1) +
-    n(t-1)) blank(t), so n = X * cumsum(phi / X) with X the running product of x, and b likewise from n: in log
-    space a cumulative logsumexp each, two calls for all frames instead of a few per frame. Float64, because the
-    running sums are added back to their differences (a clip's float32 values could lose their last digits)."""
+    ESPnet's recursion, run for the R chosen extensions alone rather than for every candidate, each frame's two
+    ends written in place (a closed form by cumulative logsumexp, and stacking the ends, each took longer)."""
     phi = torch.where((token == beams.tokens[parent, -1])[None], beams.r[:, parent, 1], beams.complete[:, parent])
     clip = beams.row_clip[parent]
-    x_token, x_blank = beams.lp[clip, token].t().double(), beams.lp[clip, blank].t().double()  # T x R each
-    start = max(step, 1)  # a prefix of step + 1 units cannot end before frame `step`; the first may end at 0
-    first = 0 if step == 0 else start
-    into = time_shifted(phi.double(), 0.0)[first:]  # phi(t-1) for t >= first; before frame 0 the empty prefix
-    new = x_token.new_full((x_token.size(0), len(token), 2), LOGZERO)
-    new[first:, :, 0] = running_sum(into, x_token[first:])
-    new[start:, :, 1] = running_sum(new[start - 1:-1, :, 0], x_blank[start:])
-    return new.float()
-
-
-def running_sum(into: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """y(t) = log(exp(y(t-1)) + exp(into(t))) + x(t), from y = log 0 before the first frame, for all t at once:
-    y = C + logcumsumexp(into - C + x), C the cumulative sum of x (T x R each)."""
-    c = x.cumsum(0)
-    return c + (into - c + x).logcumsumexp(0)
+    x_token, x_blank = beams.lp[clip, token].t(), beams.lp[clip, blank].t()  # T x R each
+    T, start = x_token.size(0), max(step, 1)  # a prefix of step + 1 units cannot end before frame `step`
+    n, b = (x_token.new_full((T, len(token)), LOGZERO) for _ in range(2))  # frame-major: a frame's row is one block
+    if step == 0:
+        n[0] = x_token[0]
+    for t in range(start, T):
+        torch.logaddexp(n[t - 1], phi[t - 1], out=n[t]).add_(x_token[t])
+        torch.logaddexp(n[t - 1], b[t - 1], out=b[t]).add_(x_blank[t])
+    return torch.stack([n, b], -1)
 
 
 # A language model's term (--lm) ------------------------------------------------------------------------------

@@ -192,25 +192,6 @@ def test_end_detection_needs_each_of_the_last_three_lengths_ended_far_below_the_
     assert not m.end_detected(far, 11) and not m.end_detected({}, 10)
 
 
-def test_the_closed_form_running_sum_equals_the_recursion_frame_by_frame():
-    """ctc_extended's recursion y(t) = logaddexp(y(t-1), into(t)) + x(t), solved by cumulative sums, on the
-    values a search meets: log-probs of -50 a frame (running sums of -1,500) and log 0 (-1e10) past a clip's end."""
-    torch.manual_seed(0)
-    T, R = 40, 6
-    into = torch.randn(T, R, dtype=torch.double) * 20 - 30
-    x = -torch.rand(T, R, dtype=torch.double) * 50
-    x[30:, :3] = m.LOGZERO
-    y, want = m.running_sum(into, x), []
-    previous = torch.full((R,), -torch.inf, dtype=torch.double)
-    for t in range(T):
-        previous = torch.logaddexp(previous, into[t]) + x[t]
-        want.append(previous)
-    want = torch.stack(want)
-    assert torch.allclose(y[:30], want[:30], rtol=1e-12, atol=1e-9)
-    assert torch.allclose(y[:, 3:], want[:, 3:], rtol=1e-12, atol=1e-9)
-    assert (y[30:, :3] < -1e9).all()  # past the end: log 0, as the recursion gives
-
-
 def test_a_finished_hypothesis_ctc_prefix_score_is_minus_its_ctc_loss(trained):
     """With CTC alone, a hypothesis that chose eos scores the sum of its CTC steps: log p_ctc(tokens | clip)."""
     model, x, lengths = trained
