@@ -2931,22 +2931,10 @@ def lm_scores(lm: nn.Module, beams: Beams) -> torch.Tensor:
     return log_probs[:, 0]
 
 
-@dataclasses.dataclass
-class Candidates:
-    """The extensions a step chooses among, R x C: each row's candidate tokens, their total scores and CTC prefix
-    scores (None without CTC). With a pre-beam, C = pre_beam + 1 (eos, which ESPnet scores always); else every
-    token of the vocabulary."""
-    tokens: torch.Tensor
-    scores: torch.Tensor
-    psi: torch.Tensor | None
-
-
-def joint_scores(model, beams: Beams, search: SearchSettings, cfg: Config, vocab: Vocabulary, step: int,
-                 lm=None) -> Candidates:
-    """Every row's total score for each candidate token, summed in ESPnet's order (decoder, language model,
-    length bonus, CTC, the row's own score). The pre-beam, as ESPnet's, picks the CTC's candidates by the sum
-    before CTC; ESPnet gives the others log 0 from CTC, so they are left out here (never chosen while a clip
-    has as many candidates as its beam, which a pre-beam of 1.5 x the beam always gives)."""
+def joint_scores(model, beams: Beams, search: SearchSettings, cfg: Config, vocab: Vocabulary, step: int, lm=None):
+    """Every row's total score for each next token, summed in ESPnet's order (decoder, language model, length
+    bonus, CTC, the row's own score), and the CTC prefix scores (R x V; None without CTC). The pre-beam, as
+    ESPnet's, picks the CTC's candidates by the sum before CTC."""
     R, V, device = beams.tokens.size(0), vocab.size, beams.lp.device
     weighted = torch.zeros(R, V, device=device)
     if search.use_decoder:
@@ -2955,20 +2943,17 @@ def joint_scores(model, beams: Beams, search: SearchSettings, cfg: Config, vocab
         weighted += search.lm_weight * lm_scores(lm, beams)
     if cfg.length_bonus:
         weighted += cfg.length_bonus
-    own = beams.score.view(R, 1)
-    if not search.use_ctc:
-        return Candidates(torch.arange(V, device=device).expand(R, V), weighted + own, None)
-    eos = torch.full((R, 1), vocab.sos_eos, device=device)
-    tokens = (torch.cat([weighted.topk(search.pre_beam, -1, sorted=False).indices, eos], 1) if search.pre_beam
-              else torch.arange(V, device=device).expand(R, V))
-    psi = ctc_prefix_scores(beams, step).gather(1, tokens)
-    ends = beams.lengths.to(device)[beams.row_clip] - 1  # eos: every path of the prefix, to the clip's end
-    psi = torch.where(tokens == vocab.sos_eos, beams.complete[ends, torch.arange(R, device=device)][:, None], psi)
-    psi = psi.masked_fill(tokens == vocab.blank, LOGZERO)
-    scores = weighted.gather(1, tokens) + search.ctc_weight * (psi - beams.psi[:, None]) + own
-    if search.pre_beam:  # eos among the pre-beam's tokens too: once is enough
-        scores[:, -1].masked_fill_((tokens[:, :-1] == vocab.sos_eos).any(1), -math.inf)
-    return Candidates(tokens, scores, psi)
+    psi = None
+    if search.use_ctc:
+        psi = ctc_prefix_scores(beams, step)
+        if search.pre_beam:  # ESPnet scores the pre-beam's candidates only; the others are impossible to CTC
+            ids = weighted.topk(search.pre_beam, -1, sorted=False).indices
+            psi = torch.full_like(psi, LOGZERO).scatter_(1, ids, psi.gather(1, ids))
+        ends = beams.lengths.to(device)[beams.row_clip] - 1  # eos: every path of the prefix, to the clip's end
+        psi[:, vocab.sos_eos] = beams.complete[ends, torch.arange(R, device=device)]
+        psi[:, vocab.blank] = LOGZERO
+        weighted += search.ctc_weight * (psi - beams.psi[:, None])
+    return weighted + beams.score.view(R, 1), psi
 
 
 def record_ended(ended: list, best_at: list, rows: list[int], beams: Beams, parent, token, score, last_step,
@@ -2985,10 +2970,10 @@ def record_ended(ended: list, best_at: list, rows: list[int], beams: Beams, pare
 
 
 def advance(beams: Beams, parent, token, score, done_row, psi, step: int, blank: int) -> None:
-    """Move the beams to the chosen extensions (psi: their CTC prefix scores); finished ones free their slots."""
+    """Move the beams to the chosen extensions; finished ones free their slots."""
     if psi is not None:
         beams.set_forward(ctc_extended(beams, parent, token, step, blank))
-        beams.psi = psi
+        beams.psi = psi[parent, token]
     beams.tokens = torch.cat([beams.tokens[parent], token[:, None]], 1)
     beams.score = score.masked_fill(done_row.view(score.shape), -math.inf)
     if beams.lm_next is not None:
@@ -3003,7 +2988,7 @@ def beam_search_batch(model, enc, mask, lengths, vocab: Vocabulary, cfg: Config,
     """The n-best (tokens, score) of each clip, best first, by Auto-AVSR's joint CTC/attention search (with a
     language model's term where one is given)."""
     search = search_settings(model, cfg, vocab.size, lm)
-    K, eos = cfg.beam_size, vocab.sos_eos
+    K, V, eos = cfg.beam_size, vocab.size, vocab.sos_eos
     lengths = lengths.cpu()
     max_len = lengths if cfg.max_length_ratio == 0 else (lengths * cfg.max_length_ratio).long().clamp(min=1)
     min_len = (lengths * cfg.min_length_ratio).long()
@@ -3012,14 +2997,11 @@ def beam_search_batch(model, enc, mask, lengths, vocab: Vocabulary, cfg: Config,
     ended: list[list[tuple[float, int, list[int]]]] = [[] for _ in lengths]  # (score, length, tokens) per clip
     best_at: list[dict[int, float]] = [{} for _ in lengths]  # per clip: length -> best ended score
     for step in range(int(max_len.max())):
-        cand = joint_scores(model, beams, search, cfg, vocab, step, lm and lm.model)
-        too_short = (step < min_len[beams.clips]).repeat_interleave(K).to(cand.tokens.device)
-        scores = cand.scores.masked_fill((cand.tokens == eos) & too_short[:, None], -math.inf)
-        C = cand.tokens.size(1)
-        score, flat = scores.view(-1, K * C).topk(K, -1)
-        parent = (flat // C + torch.arange(len(beams.clips), device=flat.device)[:, None] * K).view(-1)
-        token = cand.tokens.reshape(-1, K * C).gather(1, flat).view(-1)
-        psi = None if cand.psi is None else cand.psi.view(-1, K * C).gather(1, flat).view(-1)
+        weighted, psi = joint_scores(model, beams, search, cfg, vocab, step, lm and lm.model)
+        weighted[(step < min_len[beams.clips]).repeat_interleave(K).to(weighted.device), eos] = -math.inf
+        score, flat = weighted.view(-1, K * V).topk(K, -1)
+        parent = (flat // V + torch.arange(len(beams.clips), device=flat.device)[:, None] * K).view(-1)
+        token = (flat % V).view(-1)
         last_step = step == max_len[beams.clips] - 1
         done_row = (token == eos) | last_step.repeat_interleave(K).to(token.device)
         finished = (done_row & (score.view(-1) > -math.inf)).nonzero().flatten().tolist()
