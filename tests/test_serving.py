@@ -214,24 +214,27 @@ def test_the_page_in_a_real_browser_shows_the_transcript_and_the_errors(server, 
             pytest.fail("no chromium on PATH: apt-get install chromium")
         pytest.skip("a real browser is needed: apt-get install chromium (Debian's package)")
     from playwright.sync_api import sync_playwright
-    broken = tmp_path / "broken.mp4"
+    # names no other test uploads to this server: the page also lists the jobs of those tests
+    clip, broken = tmp_path / "page_clip.mp4", tmp_path / "page_broken.mp4"
+    shutil.copyfile(clips / "synth_00002.mp4", clip)
     broken.write_bytes(b"not a video")
+    card = "[...document.querySelectorAll('.job')].find(c => c.querySelector('.name').innerText === '{}')"
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page()
         page.goto(server)
         page.wait_for_function("document.body.dataset.ready && document.querySelector('#beam').value !== ''")
         page.fill("#nbest", "2")
-        page.set_input_files("#files", [str(clips / "synth_00002.mp4"), str(broken)])
-        page.wait_for_function("['done', 'failed'].every(s => [...document.querySelectorAll('.job')].slice(0, 2)"
-                               ".some(d => d.dataset.state === s))", timeout=120_000)
-        cards = {c.query_selector(".name").inner_text(): c for c in page.query_selector_all(".job")[:2]}
-        shown = cards["synth_00002.mp4"].query_selector(".transcript").inner_text()
-        assert cards["synth_00002.mp4"].query_selector("img.preview") is not None
-        assert "unreadable video" in cards["broken.mp4"].query_selector(".error").inner_text()
+        page.set_input_files("#files", [str(clip), str(broken)])
+        page.wait_for_function(f"{card.format(clip.name)}?.dataset.state === 'done' && "
+                               f"{card.format(broken.name)}?.dataset.state === 'failed'", timeout=120_000)
+        cards = {c.query_selector(".name").inner_text(): c for c in page.query_selector_all(".job")}
+        shown = cards[clip.name].query_selector(".transcript").inner_text()
+        assert cards[clip.name].query_selector("img.preview") is not None
+        assert "unreadable video" in cards[broken.name].query_selector(".error").inner_text()
         page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
         browser.close()
-    done = [j for j in httpx.get(f"{server}/api/jobs").json() if j["name"] == "synth_00002.mp4"]
+    done = [j for j in httpx.get(f"{server}/api/jobs").json() if j["name"] == clip.name]
     assert shown == (done[-1]["hypotheses"][0]["text"] or "(nothing read)") and done[-1]["nbest"] == 2
 
 
