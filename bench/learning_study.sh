@@ -4,7 +4,8 @@
 # greedy CTC and by the beam search (20, CTC 0.3), for best.pt and, where kept, averaged.pt.
 # Usage: bash bench/learning_study.sh DATASET_DIR ROW SEED [OUT_DIR]   (DATASET_DIR: the folder holding
 # Preprocessed_Video and the labels). Rows: fixed, schedule, schedule_mask_dropout,
-# schedule_warp (time warp on), schedule_mask_from16 (time mask, all augmentation from epoch 16).
+# schedule_warp (time warp on), schedule_mask_from16 (time mask, all augmentation from epoch 16),
+# from16_warp (schedule_mask_from16 with time warp as well).
 set -u
 R=$1; ROW=$2; SEED=$3; OUT=${4:-runs/study}
 W=$OUT/${ROW}_s$SEED
@@ -17,6 +18,7 @@ case $ROW in
     schedule_mask_dropout) ROW_FLAGS=("${SCHEDULE[@]}" --time-mask-window 6 --dropout 0.2) ;;
     schedule_warp) ROW_FLAGS=("${SCHEDULE[@]}" --no-time-mask --time-warp) ;;
     schedule_mask_from16) ROW_FLAGS=("${SCHEDULE[@]}" --time-mask-window 6 --augment-from 16) ;;
+    from16_warp) ROW_FLAGS=("${SCHEDULE[@]}" --time-mask-window 6 --augment-from 16 --time-warp) ;;
     *) echo "unknown row $ROW"; exit 2 ;;
 esac
 mkdir -p "$OUT"
