@@ -5,20 +5,33 @@
 # Usage: bash bench/learning_study.sh DATASET_DIR ROW SEED [OUT_DIR]   (DATASET_DIR: the folder holding
 # Preprocessed_Video and the labels). Rows: fixed, schedule, schedule_mask_dropout,
 # schedule_warp (time warp on), schedule_mask_from16 (time mask, all augmentation from epoch 16),
-# from16_warp (schedule_mask_from16 with time warp as well).
+# from16_warp (schedule_mask_from16 with time warp as well); the rest change one thing of schedule_mask_from16:
+# from16_tiny, from16_nocrop, from16_noflip, from16_lr2e-3, from16_lr5e-4, from16_wd0.05, from16_dropout0.2,
+# from16_fixed0.3 (CTC weight 0.3 throughout), from16_from11 (augmentation from epoch 11). Averaging is read off
+# every row (best.pt beside averaged.pt).
 set -u
 R=$1; ROW=$2; SEED=$3; OUT=${4:-runs/study}
 W=$OUT/${ROW}_s$SEED
 BASE=(--data-dir "$R" --videos-dir "$R/Preprocessed_Video" --preset mini --input-size 44 --lr 1e-3 --warmup-epochs 3
       --max-frames 1000 --epochs 50 --seed "$SEED")
 SCHEDULE=(--ctc-weight-schedule "1-15:0.7,16-30:0.5,31-:0.4>0.2" --average-last 10)
+FROM16=(--time-mask-window 6 --augment-from 16)
 case $ROW in
     fixed) ROW_FLAGS=(--ctc-weight 0.3 --no-time-mask) ;;
     schedule) ROW_FLAGS=("${SCHEDULE[@]}" --no-time-mask) ;;
     schedule_mask_dropout) ROW_FLAGS=("${SCHEDULE[@]}" --time-mask-window 6 --dropout 0.2) ;;
     schedule_warp) ROW_FLAGS=("${SCHEDULE[@]}" --no-time-mask --time-warp) ;;
-    schedule_mask_from16) ROW_FLAGS=("${SCHEDULE[@]}" --time-mask-window 6 --augment-from 16) ;;
-    from16_warp) ROW_FLAGS=("${SCHEDULE[@]}" --time-mask-window 6 --augment-from 16 --time-warp) ;;
+    schedule_mask_from16) ROW_FLAGS=("${SCHEDULE[@]}" "${FROM16[@]}") ;;
+    from16_warp) ROW_FLAGS=("${SCHEDULE[@]}" "${FROM16[@]}" --time-warp) ;;
+    from16_tiny) ROW_FLAGS=("${SCHEDULE[@]}" "${FROM16[@]}" --preset tiny) ;;
+    from16_nocrop) ROW_FLAGS=("${SCHEDULE[@]}" "${FROM16[@]}" --no-random-crop) ;;
+    from16_noflip) ROW_FLAGS=("${SCHEDULE[@]}" "${FROM16[@]}" --hflip-prob 0) ;;
+    from16_lr2e-3) ROW_FLAGS=("${SCHEDULE[@]}" "${FROM16[@]}" --lr 2e-3) ;;
+    from16_lr5e-4) ROW_FLAGS=("${SCHEDULE[@]}" "${FROM16[@]}" --lr 5e-4) ;;
+    from16_wd0.05) ROW_FLAGS=("${SCHEDULE[@]}" "${FROM16[@]}" --weight-decay 0.05) ;;
+    from16_dropout0.2) ROW_FLAGS=("${SCHEDULE[@]}" "${FROM16[@]}" --dropout 0.2) ;;
+    from16_fixed0.3) ROW_FLAGS=(--ctc-weight 0.3 --average-last 10 "${FROM16[@]}") ;;
+    from16_from11) ROW_FLAGS=("${SCHEDULE[@]}" --time-mask-window 6 --augment-from 11) ;;
     *) echo "unknown row $ROW"; exit 2 ;;
 esac
 mkdir -p "$OUT"
