@@ -123,10 +123,10 @@ class Config:
     augment_from: int = 1  # the epoch augmentation starts in; earlier ones see the center crop alone
     time_warp_max: float = 0.1  # speed factor drawn from [1 - max, 1 + max]
     # model
-    arch: str = "conformer"  # conformer (Auto-AVSR's) | baseline (seed 000's CNN + BiLSTM, CTC only)
+    arch: str = "conformer"  # conformer (Auto-AVSR's) | baseline (seed 000's CNN + BiLSTM, CTC only; its dropout was 0.3)
     preset: str = "small"  # tiny | mini | small | base (base has the exact shapes of Auto-AVSR's released model)
     frontend: str = "cnn"  # cnn | noise (features fixed by each frame's pixels, no visual sense) | linear (pixels)
-    dropout: float = 0.1  # dropout in the encoder, decoder and CTC head
+    dropout: float = 0.1  # in the encoder, decoder and CTC head (--arch baseline: after its CNN, between its LSTMs)
     # model: starting from released weights (Auto-AVSR's model zoo), freezing and unfreezing
     init_from: str = ""  # weights to start from: ViSpeR's visper_vsr_base.pth, Auto-AVSR's .pth/.ckpt, or ours
     init_from_audio: str = ""  # --modality av: its sound side (aux_*) from an audio model's file (Auto-AVSR's asr_*)
@@ -1619,7 +1619,7 @@ def batch_inputs(ds: Dataset, chosen: list[int], augment: Augment, device, min_l
 # ---------------------------------------------------------------------------------------------------------
 # 5. Model: Auto-AVSR's models under their own state_dict names (a 3D-conv + ResNet-18 frontend for video, a
 #    1-D ResNet for sound, Conformer encoder, Transformer decoder, CTC head; for both, two encoders fused), in
-#    three sizes, and the user's earlier CNN + BiLSTM baseline.
+#    four sizes, and the user's earlier CNN + BiLSTM baseline.
 # ---------------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -2168,7 +2168,7 @@ class BaselineModel(nn.Module):
 
     decoder = None
 
-    def __init__(self, vocab_size, dropout=0.3):
+    def __init__(self, vocab_size, dropout):
         super().__init__()
         layers, c_in = [], 1
         for c in (32, 64, 96, 128):
@@ -2196,7 +2196,8 @@ class BaselineModel(nn.Module):
 
 class UnitLM(nn.Module):
     """A language model of the run's units (word spaces included): sos, the units, eos, as the decoder reads
-    them. An LSTM, chosen over n-grams and a small Transformer by validation perplexity on LRC-AR (README)."""
+    them. An LSTM, for --lm-kind lstm: where much text is added and n-gram counts run out (on LRC-AR's labels
+    alone the 7-gram predicts as well and is the default; MEASUREMENTS.md)."""
 
     def __init__(self, vocab_size: int, dim: int, layers: int, dropout: float):
         super().__init__()
@@ -2279,7 +2280,7 @@ def build_model(cfg: Config, vocab_size: int) -> nn.Module:
         return AVSRModel(model_dims(cfg, vocab_size))
     if cfg.frontend != "cnn":
         raise UserError(f"--frontend {cfg.frontend} swaps the conformer's frontend; the baseline has its own CNN.")
-    return BaselineModel(vocab_size)
+    return BaselineModel(vocab_size, cfg.dropout)
 
 
 def parts_of(cfg: Config) -> tuple[str, ...]:

@@ -209,6 +209,12 @@ def test_incremental_decoding_follows_the_beam_as_it_reorders():
         assert cache.rows == 4
 
 
+def test_the_baseline_takes_dropout_from_the_settings():
+    model = m.build_model(m.Config(arch="baseline", dropout=0.25), 30)
+    assert model.lstm.dropout == 0.25
+    assert [layer.p for layer in model.cnn if isinstance(layer, torch.nn.Dropout)] == [0.25]
+
+
 def test_the_baseline_takes_the_reduced_input_size_too():
     model = build_model("baseline", 30).eval()
     ctc_logits, _ = model(torch.randn(2, 10, 44, 44), torch.tensor([10, 7]))
