@@ -7,8 +7,9 @@
 # schedule_warp (time warp on), schedule_mask_from16 (time mask, all augmentation from epoch 16),
 # from16_warp (schedule_mask_from16 with time warp as well); the rest change one thing of schedule_mask_from16:
 # from16_tiny, from16_nocrop, from16_noflip, from16_lr2e-3, from16_lr5e-4, from16_wd0.05, from16_dropout0.2,
-# from16_fixed0.3 (CTC weight 0.3 throughout), from16_from11 (augmentation from epoch 11). Averaging is read off
-# every row (best.pt beside averaged.pt).
+# from16_fixed0.3 (CTC weight 0.3 throughout), from16_from11 (augmentation from epoch 11), from16_from1 (from the
+# first epoch), from16_nomask (crop and flip from 16, no time mask). Averaging is read off every row (best.pt
+# beside averaged.pt).
 set -u
 R=$1; ROW=$2; SEED=$3; OUT=${4:-runs/study}
 W=$OUT/${ROW}_s$SEED
@@ -32,6 +33,8 @@ case $ROW in
     from16_dropout0.2) ROW_FLAGS=("${SCHEDULE[@]}" "${FROM16[@]}" --dropout 0.2) ;;
     from16_fixed0.3) ROW_FLAGS=(--ctc-weight 0.3 --average-last 10 "${FROM16[@]}") ;;
     from16_from11) ROW_FLAGS=("${SCHEDULE[@]}" --time-mask-window 6 --augment-from 11) ;;
+    from16_from1) ROW_FLAGS=("${SCHEDULE[@]}" --time-mask-window 6 --augment-from 1) ;;
+    from16_nomask) ROW_FLAGS=("${SCHEDULE[@]}" --no-time-mask --augment-from 16) ;;
     *) echo "unknown row $ROW"; exit 2 ;;
 esac
 mkdir -p "$OUT"
