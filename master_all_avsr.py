@@ -105,7 +105,7 @@ class Config:
     noise: str = "babble"  # babble (other training clips spoken at once) | white | a folder of noise recordings
     noise_snrs: str = "-5,0,5,10,15,20,inf"  # training draws one per clip (dB; inf: clean), Auto-AVSR's levels
     sound: str = "clean"  # what test, decode and validation hear: clean | mute | an SNR in dB (noise as --noise)
-    drop_sound: float = 0.0  # --modality av, training: a clip's sound is silenced with this probability
+    drop_sound: float = 0.0  # --modality av, training: a clip's sound is silenced with this probability, and best.pt weighs validation muted by it
     drop_video: float = 0.0  # ...and its video blanked with this one (never both): the model learns each alone
     # batching
     max_frames: int = 1200  # frame budget of one batch (clips x padded length)
@@ -3648,15 +3648,26 @@ def time_left(history: list[dict], cfg: Config, began: float) -> float:
 def log_epoch(row: dict, cfg: Config, eta: float) -> None:
     probe = (f" | train CER ctc {shown(row['train_cer_ctc'])} att {shown(row['train_cer_att'])}"
              if row.get("train_cer_ctc") is not None else "")
+    muted = (f" | muted ctc {shown(row['val_muted_cer_ctc'])} att {shown(row['val_muted_cer_att'])}"
+             if "val_muted_cer_ctc" in row else "")
     print(f"epoch {row['epoch']:3d}/{cfg.epochs} | train loss {shown(row['train_loss'])} (ctc {shown(row['train_ctc'])}, "
           f"att {shown(row['train_att'])}){probe} | val loss {shown(row['val_loss'])} | val CER ctc "
-          f"{shown(row['val_cer_ctc'])} att {shown(row['val_cer_att'])} WER {shown(row['val_wer'])} | lr {row['lr']:.2e} | "
+          f"{shown(row['val_cer_ctc'])} att {shown(row['val_cer_att'])} WER {shown(row['val_wer'])}{muted} | lr {row['lr']:.2e} | "
           f"{row['epoch_s']:.0f}s {row['clips_per_s']:.1f} clips/s" + (f" | ETA {duration(eta)}" if eta > 0 else ""),
           flush=True)
 
 
 def selection_cer(row: dict, decoder: str, split: str = "val") -> float:
-    """best.pt is the epoch whose validation CER (greedy, for speed) is lowest for the decoder that will be used."""
+    """best.pt is the epoch whose validation CER (greedy, for speed) is lowest for the decoder that will be used;
+    under --drop-sound p, (1 - p) x that CER heard + p x muted (muted_validation)."""
+    weight = row.get("muted_weight") if split == "val" else None
+    if weight:
+        return (1 - weight) * decoder_cer(row, decoder, "val") + weight * decoder_cer(row, decoder, "val_muted")
+    return decoder_cer(row, decoder, split)
+
+
+def decoder_cer(row: dict, decoder: str, split: str) -> float:
+    """An epoch's greedy CER on `split` for `decoder`; inf where it was not scored."""
     ctc, att = row.get(f"{split}_cer_ctc"), row.get(f"{split}_cer_att")
     if decoder == "beam" and att is not None and ctc is not None:  # the joint search tracks the better of its two scorers
         return min(ctc, att)
@@ -4475,7 +4486,9 @@ def plot_curves(history: list[dict], path: Path, decoder: str = "beam") -> None:
         line(axes[0], key, label, style)
     for key, label, style in (("train_cer_ctc", "train probe, greedy CTC", "--"),
                               ("train_cer_att", "train probe, attention", "--"), ("val_cer_ctc", "val, greedy CTC", "-"),
-                              ("val_cer_att", "val, attention", "-"), ("val_wer", "val WER", ":")):
+                              ("val_cer_att", "val, attention", "-"), ("val_wer", "val WER", ":"),
+                              ("val_muted_cer_ctc", "val muted, greedy CTC", "-."),
+                              ("val_muted_cer_att", "val muted, attention", "-.")):
         line(axes[1], key, label, style)
     axes[1].set_ylim(bottom=0)
     for key in [k for k in history[-1] if k.startswith("grad_")]:
@@ -4611,15 +4624,28 @@ def begin_epoch(run: TrainingRun, epoch: int) -> Config:
     return at_epoch(cfg, epoch)
 
 
+def muted_validation(run: TrainingRun, ecfg: Config) -> dict:
+    """Under --drop-sound, the validation clips scored again with their sound muted, and the share of muted
+    clips in training that weighs them when best.pt is picked: the model is trained for both, so an epoch
+    before the dropout started (best with clean sound, lost without it) would otherwise win."""
+    if not (ecfg.drop_sound and run.ds.subset("val")):
+        return {}
+    muted = evaluate(run.model, run.ds, run.ds.subset("val"), run.vocab, dataclasses.replace(ecfg, sound="mute"),
+                     run.device)
+    return {"val_muted_cer_ctc": muted["ctc"]["cer"], "val_muted_cer_att": (muted.get("attention") or {}).get("cer"),
+            "muted_weight": ecfg.drop_sound}
+
+
 def end_epoch(run: TrainingRun, epoch: int, ecfg: Config, train_stats: dict, updates, t0: float, done) -> bool:
     """Rank 0's end of an epoch: validation and the training probe scored, the row logged and drawn, the
     checkpoints saved -> whether this was the last epoch (done, out of time, stalled or the final one)."""
     cfg, model, ds, history = run.cfg, run.model, run.ds, run.history
     val = evaluate(model, ds, ds.subset("val"), run.vocab, ecfg, run.device, features=run.features) if ds.subset("val") else None
     probe = evaluate(model, ds, run.probe, run.vocab, ecfg, run.device, features=run.features) if run.probe else None
+    muted = muted_validation(run, ecfg)
     seconds = time.time() - t0
     run.slowest = max(run.slowest, seconds)
-    row = epoch_row(epoch, train_stats, val, probe, run.optimizer.param_groups[0]["lr"], seconds, ecfg)
+    row = epoch_row(epoch, train_stats, val, probe, run.optimizer.param_groups[0]["lr"], seconds, ecfg) | muted
     history.append(row)
     notes, pairs = diagnose_epoch(history, val, ds, run.vocab, model, ecfg) if cfg.diagnostics else ([], None)
     reached = done is not None and done(row)
@@ -6050,7 +6076,8 @@ def print_closing(cfg: Config, result: dict) -> None:
     best = min(history, key=lambda r: selection_cer(r, cfg.decoder))
     kept = ", ".join(p.name for p in sorted(checkpoints_of(work).glob("*.pt")))
     lines = ["", f"Finished after epoch {history[-1]['epoch']}: the best was epoch {best['epoch']}, validation CER "
-                 f"{selection_cer(best, cfg.decoder):.3f} (greedy, as it picks best.pt).",
+                 f"{selection_cer(best, cfg.decoder):.3f} (greedy, as it picks best.pt"
+                 f"{'; heard and muted, weighted by --drop-sound' if best.get('muted_weight') else ''}).",
              f"Files in {work}: checkpoints/ ({kept}), metrics.csv, curves.png, predictions.csv, diagnostics/.",
              f"Next: python {Path(sys.argv[0]).name} --mode decode --work-dir {work} --input YOUR_CLIPS "
              f"(or --mode diagnose, or --resume --epochs {cfg.epochs + 20} to train on)"]
