@@ -4102,10 +4102,11 @@ def same_hypothesis_share(result: dict, decoder: str) -> float:
 def fit_verdict(history: list[dict], cfg: Config) -> str:
     """Seed 001's reading of the learning curves, in words, from the better greedy CER of each epoch."""
     row, k = history[-1], cfg.patience
-    val, train_cer = selection_cer(row, "beam"), selection_cer(row, "beam", "train")
+    # heard on both sides, as the probe is (under --drop-sound best.pt also weighs muted validation)
+    val, train_cer = decoder_cer(row, "beam", "val"), decoder_cer(row, "beam", "train")
     if math.isinf(val):
         return "no verdict: there are no validation clips"
-    vals = [selection_cer(r, "beam") for r in history]
+    vals = [decoder_cer(r, "beam", "val") for r in history]
     best = min(range(len(vals)), key=lambda i: vals[i])
     stalled = len(vals) > k and min(vals[-k:]) > min(vals[:-k]) - 0.005
     rising = next((n for n in range(len(vals) - 1) if vals[-1 - n] <= vals[-2 - n]), len(vals) - 1)
