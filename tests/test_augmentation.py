@@ -1,4 +1,5 @@
 """Section 4: per-clip crops and flips, normalisation, AdaptiveTimeMask and time warp."""
+import dataclasses
 import math
 import random
 
@@ -213,7 +214,22 @@ def test_modality_dropout_takes_one_sense_from_a_clip_at_the_rates_asked():
         m.validate(m.Config(drop_sound=0.5))
     with pytest.raises(m.UserError, match="add up to at most 1"):
         m.validate(m.Config(modality="av", drop_sound=0.7, drop_video=0.5))
-    assert "sound dropped p 0.3, video dropped p 0.2" in m.augmentation_line(cfg)
+    assert "sound p 0.3 and video p 0.2 dropped from epoch 11" in m.augmentation_line(cfg)
+
+
+def test_modality_dropout_starts_after_a_third_of_the_epochs_or_where_drop_from_says():
+    assert m.drop_start(m.Config(epochs=30)) == 11 and m.drop_start(m.Config(epochs=60)) == 21
+    assert m.drop_start(m.Config(epochs=30, drop_from=4)) == 4
+    video, audio = torch.rand(64, 3, 2, 2) + 0.1, torch.rand(64, 5) + 0.1
+    cfg = m.Config(modality="av", drop_sound=0.5)
+    before = m.Augment(cfg, training=True, drop=False).drop_senses(video, audio)  # noise and crops, senses kept
+    assert before[0] is video and before[1] is audio
+    heard = m.Augment(cfg, training=True).drop_senses(video, audio)[1]
+    assert (heard == 0).all(1).any()
+    line = m.augmentation_line(dataclasses.replace(cfg, augment_from=3, drop_from=7, random_crop=False))
+    assert line.endswith("from epoch 3 (the center crop before); sound p 0.5 dropped from epoch 7")
+    with pytest.raises(m.UserError, match="--drop-from is an epoch"):
+        m.validate(m.Config(drop_from=-1))
 
 
 def test_training_masks_the_waveform_and_draws_each_clips_snr(monkeypatch):

@@ -449,18 +449,24 @@ def test_under_drop_sound_best_pt_weighs_validation_muted_as_training_mixes_it()
     assert m.selection_cer(rows[0], "ctc", "train") == m.math.inf  # the probe is never muted
 
 
-def test_a_drop_sound_run_scores_validation_muted_each_epoch_and_says_how_best_pt_was_picked(tmp_path, capsys,
-                                                                                              monkeypatch):
+def test_a_drop_sound_run_drops_from_its_epoch_scores_validation_muted_and_says_how_best_pt_was_picked(
+        tmp_path, capsys, monkeypatch):
     heard_as, evaluate = [], m.evaluate
     def spy(model, ds, index, vocab, cfg, *args, **kwargs):
         result = evaluate(model, ds, index, vocab, cfg, *args, **kwargs)
         heard_as.append((cfg.sound, index == ds.subset("val"), result["ctc"]["cer"]))
         return result
     monkeypatch.setattr(m, "evaluate", spy)
+    dropping, drop_senses = [], m.Augment.drop_senses
+    def drop_spy(self, video, audio):
+        dropping.extend([self.drop] * self.train)
+        return drop_senses(self, video, audio)
+    monkeypatch.setattr(m.Augment, "drop_senses", drop_spy)
     cfg = m.Config(preset="tiny", modality="av", input_size=44, synthetic_clips=80, epochs=2, lr=2e-3,
                    warmup_epochs=1, max_frames=200, decoder="ctc", diagnostics=False, time_mask=False,
-                   noise_snrs="20,inf", drop_sound=0.5, work_dir=str(tmp_path / "av"))
+                   noise_snrs="20,inf", drop_sound=0.5, drop_from=2, work_dir=str(tmp_path / "av"))
     history = seeded_train(cfg)["history"]
+    assert dropping == [False] * (len(dropping) // 2) + [True] * (len(dropping) // 2)  # --drop-from 2: epoch 2 only
     muted = [cer for sound, val, cer in heard_as if sound == "mute" and val]
     assert len(muted) == 2 and [r["val_muted_cer_ctc"] for r in history] == muted  # once an epoch, the val split
     assert all(r["muted_weight"] == 0.5 for r in history) and "muted ctc" in capsys.readouterr().out
