@@ -107,6 +107,7 @@ class Config:
     sound: str = "clean"  # what test, decode and validation hear: clean | mute | an SNR in dB (noise as --noise)
     drop_sound: float = 0.0  # --modality av, training: a clip's sound is silenced with this probability, and best.pt weighs validation muted by it
     drop_video: float = 0.0  # ...and its video blanked with this one (never both): the model learns each alone
+    drop_from: int = 0  # the epoch the dropout starts in, so the model first learns to use both (0: after a third of --epochs)
     # batching
     max_frames: int = 1200  # frame budget of one batch (clips x padded length)
     # augmentation (training only; validation and test get the center crop and normalisation)
@@ -1502,6 +1503,13 @@ def crop_and_flip(frames: torch.Tensor, top: torch.Tensor, left: torch.Tensor, s
     return out
 
 
+def drop_start(cfg: Config) -> int:
+    """The first epoch of modality dropout: --drop-from, else the first after a third of the epochs. Dropped
+    from the first epoch, an av model started from two trained sides lost 1.7 points of CER with its sound
+    (MEASUREMENTS.md); from epoch 11 of 30 it kept its clean CER and read muted clips as video alone does."""
+    return cfg.drop_from or cfg.epochs // 3 + 1
+
+
 class Augment:
     """uint8 B x T x H x W -> float B x T x input_size x input_size, normalised; padded frames are 0. Frames
     come at frame_size or already shrunk by input_size / crop_size (see `stored_size`).
@@ -1510,9 +1518,10 @@ class Augment:
     clip); the pixels are then cut from the uint8 frames, which is exact and, on a CPU, several times faster
     than Kornia's warp of float frames. Only the crop is converted to float."""
 
-    def __init__(self, cfg: Config, training: bool):
+    def __init__(self, cfg: Config, training: bool, drop: bool | None = None):
         import kornia.augmentation as K
         self.cfg, self.train = cfg, training
+        self.drop = training if drop is None else drop  # modality dropout has its own start (--drop-from)
         self.snrs = snr_levels(cfg.noise_snrs)
         self.random_crops = {}  # one Kornia sampler per crop size met (full or shrunken frames)
         self.flip = K.RandomHorizontalFlip(p=cfg.hflip_prob) if training and cfg.hflip_prob > 0 else None
@@ -1574,7 +1583,7 @@ class Augment:
     def drop_senses(self, video: torch.Tensor, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Modality dropout: when training, each clip loses its sound (all zeros, what --sound mute feeds) with
         probability --drop-sound, else its video (the mean gray, zero once normalised) with --drop-video."""
-        if not self.train or not (self.cfg.drop_sound or self.cfg.drop_video):
+        if not self.drop or not (self.cfg.drop_sound or self.cfg.drop_video):
             return video, audio
         draw = torch.rand(len(video)).to(video.device)
         deaf = draw < self.cfg.drop_sound
@@ -3577,7 +3586,7 @@ def train_epoch(objective: nn.Module, ds: Dataset, cfg: Config, device, optimize
     model, world = unwrapped(objective), rank_and_world()[1]
     getattr(objective, "module", objective).cfg = cfg  # this epoch's loss weights
     train_mode(model)
-    augment = Augment(cfg, training=epoch >= cfg.augment_from)
+    augment = Augment(cfg, training=epoch >= cfg.augment_from, drop=epoch >= drop_start(cfg))
     groups = module_groups(model)
     train_index = epoch_clips(ds, cfg, epoch)
     batches = ds.batches(train_index, cfg.max_frames, cfg.seed * 1000 + epoch)
@@ -4028,12 +4037,13 @@ def training_probe(ds: Dataset, cfg: Config) -> list[int]:
 def augmentation_line(cfg: Config) -> str:
     kinds = [f"random {cfg.crop_size}-pixel crop" * cfg.random_crop, f"flip p {cfg.hflip_prob:g}" * (cfg.hflip_prob > 0),
              f"time mask (window {cfg.time_mask_window}, stride {cfg.time_mask_stride})" * cfg.time_mask,
-             f"time warp up to {cfg.time_warp_max:g}" * cfg.time_warp,
-             f"sound dropped p {cfg.drop_sound:g}" * (cfg.drop_sound > 0),
-             f"video dropped p {cfg.drop_video:g}" * (cfg.drop_video > 0)]
+             f"time warp up to {cfg.time_warp_max:g}" * cfg.time_warp]
     kinds = [k for k in kinds if k]
     start = f", from epoch {cfg.augment_from} (the center crop before)" if kinds and cfg.augment_from > 1 else ""
-    return "augmentation: " + (", ".join(kinds) + start if kinds else "none (the center crop)")
+    senses = [f"sound p {cfg.drop_sound:g}" * (cfg.drop_sound > 0), f"video p {cfg.drop_video:g}" * (cfg.drop_video > 0)]
+    dropped = " and ".join(k for k in senses if k)
+    dropped = f"{'; ' if kinds else ''}{dropped} dropped from epoch {drop_start(cfg)}" if dropped else ""
+    return "augmentation: " + (", ".join(kinds) + start + dropped if kinds or dropped else "none (the center crop)")
 
 
 def report_setup(model: nn.Module, ds: Dataset, cfg: Config, path: Path) -> list[str]:
@@ -5960,6 +5970,7 @@ def validate(cfg: Config) -> Config:
                    "--dropout, --label-smoothing, --beta1 and --beta2 must lie in [0, 1)"),
                   (0 <= cfg.hflip_prob <= 1 and 0 <= cfg.time_warp_max < 1, "--hflip-prob must lie in [0, 1] and "
                                                                             "--time-warp-max in [0, 1)"),
+                  (cfg.drop_from >= 0, "--drop-from is an epoch (0: after a third of --epochs)"),
                   (min(cfg.epochs, cfg.max_frames, cfg.augment_from, cfg.time_mask_window, cfg.time_mask_stride, cfg.synthetic_clips,
                        cfg.synthetic_words, cfg.synthetic_speakers) >= 1,
                    "--epochs, --max-frames, --augment-from, --time-mask-window, --time-mask-stride and the --synthetic-* counts must "
