@@ -209,6 +209,11 @@ class Config:
         return Path(self.cache_dir) if self.cache_dir else Path(self.work_dir) / "cache"
 
 
+# Defaults measured for one modality (MEASUREMENTS.md): a flag or --config still wins. Config keeps the value every
+# modality can run with, so a video run never inherits an av-only setting
+MODALITY_DEFAULTS = {"av": {"drop_sound": 0.2}}
+
+
 class UserError(Exception):
     """A problem the user can fix: the message says what and how; the CLI prints it without a traceback."""
 
@@ -5888,7 +5893,9 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         group = groups.get(f.name, "settings")
         where = sections.setdefault(group, parser.add_argument_group(group))
-        default = "" if f.type == "list[str]" or f.default == "" else f" (default: {f.default})"
+        default = "" if f.type == "list[str]" or f.default == "" else f" (default: {f.default}"
+        default += "".join(f"; {d[f.name]} under --modality {m}" for m, d in MODALITY_DEFAULTS.items() if f.name in d)
+        default += ")" * bool(default)
         text = (helps.get(f.name) or "").replace("%", "%%") + default
         if f.type in ("bool", bool):
             where.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
@@ -6009,11 +6016,12 @@ def validate(cfg: Config) -> Config:
 
 
 def parse_config(argv: list[str]) -> Config:
-    """Flags over --config over (on Kaggle) the session's defaults over Config's."""
+    """Flags over --config over the modality's measured defaults and (on Kaggle) the session's over Config's."""
     args = vars(build_parser().parse_args(argv))
     config_file = args.pop("config") or (kaggle_settings_file() if on_kaggle() else "")
     settings = read_config_file(config_file) if config_file else {}
     settings.update({k: v for k, v in args.items() if v is not None})
+    settings = MODALITY_DEFAULTS.get(settings.get("modality", Config.modality), {}) | settings
     if on_kaggle():
         validate(Config(**settings))  # a wrong setting is named before the input is searched
         settings = kaggle_defaults(settings) | settings

@@ -209,6 +209,11 @@ class Config:
         return Path(self.cache_dir) if self.cache_dir else Path(self.work_dir) / "cache"
 
 
+# Defaults measured for one modality (MEASUREMENTS.md): a flag or --config still wins. Config keeps the value every
+# modality can run with, so a video run never inherits an av-only setting
+MODALITY_DEFAULTS = {"av": {"drop_sound": 0.2}}
+
+
 class UserError(Exception):
     """A problem the user can fix: the message says what and how; the CLI prints it without a traceback."""
 
@@ -3675,6 +3680,11 @@ def selection_cer(row: dict, decoder: str, split: str = "val") -> float:
     return decoder_cer(row, decoder, split)
 
 
+def best_row(history: list[dict], decoder: str) -> dict:
+    """best.pt's epoch: the lowest selection_cer, the later of a tie (a new epoch that ties replaces best.pt)."""
+    return min(reversed(history), key=lambda r: selection_cer(r, decoder))
+
+
 def decoder_cer(row: dict, decoder: str, split: str) -> float:
     """An epoch's greedy CER on `split` for `decoder`; inf where it was not scored."""
     ctc, att = row.get(f"{split}_cer_ctc"), row.get(f"{split}_cer_att")
@@ -3799,8 +3809,7 @@ def restore_best(state: dict, cfg: Config, ckpt_dir: Path) -> None:
     best, history = ckpt_dir / "best.pt", state["history"]
     if best.exists() or not history:
         return
-    lowest = min(selection_cer(r, cfg.decoder) for r in history)
-    best_epoch = max(r["epoch"] for r in history if selection_cer(r, cfg.decoder) == lowest)  # a tie: the later
+    best_epoch = best_row(history, cfg.decoder)["epoch"]
     if best_epoch == state["epoch"]:
         atomic_write(best, lambda tmp: shutil.copyfile(ckpt_dir / "last.pt", tmp))
         print(f"{best} was missing (the run was stopped while writing it): restored from last.pt, epoch {best_epoch}.")
@@ -4508,10 +4517,11 @@ def plot_curves(history: list[dict], path: Path, decoder: str = "beam") -> None:
     line(axes[3], "lr")
     scored = [r for r in history if selection_cer(r, decoder) < math.inf]
     if scored:
-        best = min(scored, key=lambda r: selection_cer(r, decoder))
+        best = best_row(scored, decoder)
+        weighted = " (heard and muted, weighted)" if best.get("muted_weight") else ""
         for ax in axes[:2]:
             ax.axvline(best["epoch"], color="gray", linestyle="--", linewidth=1,
-                       label=f"best: epoch {best['epoch']}, val CER {selection_cer(best, decoder):.3f}")
+                       label=f"best: epoch {best['epoch']}, val CER {selection_cer(best, decoder):.3f}{weighted}")
     for ax, title in zip(axes, ("loss", "error rate", "gradient norm by part", "learning rate (end of epoch)")):
         ax.set_title(title)
         ax.set_xlabel("epoch")
@@ -4669,7 +4679,7 @@ def end_epoch(run: TrainingRun, epoch: int, ecfg: Config, train_stats: dict, upd
     draw_epoch(run, pairs, last)
     save_epoch(run, epoch, updates)
     if stalled and epoch < cfg.epochs:
-        best = min(history, key=lambda r: selection_cer(r, cfg.decoder))["epoch"]
+        best = best_row(history, cfg.decoder)["epoch"]
         print(f"Stopping after epoch {epoch}: no better validation CER for {cfg.stop_after} epochs "
               f"(--stop-after; the best was epoch {best}).")
     elif out_of_time and epoch < cfg.epochs:
@@ -4698,7 +4708,7 @@ def save_epoch(run: TrainingRun, epoch: int, updates) -> None:
         keep_epoch_weights(run.model, epoch, cfg)
     save_checkpoint(ckpt_dir / "last.pt", run.model, run.optimizer, run.scheduler, run.scaler, epoch, run.history,
                     cfg, run.vocab)
-    if selection_cer(run.history[-1], cfg.decoder) <= min(selection_cer(r, cfg.decoder) for r in run.history):
+    if best_row(run.history, cfg.decoder) is run.history[-1]:
         atomic_write(ckpt_dir / "best.pt", lambda tmp: shutil.copyfile(ckpt_dir / "last.pt", tmp))
 
 
@@ -5883,7 +5893,9 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         group = groups.get(f.name, "settings")
         where = sections.setdefault(group, parser.add_argument_group(group))
-        default = "" if f.type == "list[str]" or f.default == "" else f" (default: {f.default})"
+        default = "" if f.type == "list[str]" or f.default == "" else f" (default: {f.default}"
+        default += "".join(f"; {d[f.name]} under --modality {m}" for m, d in MODALITY_DEFAULTS.items() if f.name in d)
+        default += ")" * bool(default)
         text = (helps.get(f.name) or "").replace("%", "%%") + default
         if f.type in ("bool", bool):
             where.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
@@ -6004,11 +6016,12 @@ def validate(cfg: Config) -> Config:
 
 
 def parse_config(argv: list[str]) -> Config:
-    """Flags over --config over (on Kaggle) the session's defaults over Config's."""
+    """Flags over --config over the modality's measured defaults and (on Kaggle) the session's over Config's."""
     args = vars(build_parser().parse_args(argv))
     config_file = args.pop("config") or (kaggle_settings_file() if on_kaggle() else "")
     settings = read_config_file(config_file) if config_file else {}
     settings.update({k: v for k, v in args.items() if v is not None})
+    settings = MODALITY_DEFAULTS.get(settings.get("modality", Config.modality), {}) | settings
     if on_kaggle():
         validate(Config(**settings))  # a wrong setting is named before the input is searched
         settings = kaggle_defaults(settings) | settings
@@ -6085,7 +6098,7 @@ def run_train(cfg: Config) -> dict:
 def print_closing(cfg: Config, result: dict) -> None:
     """What the run reached, where its files are, and what to run next; the test's line last, as test ends."""
     history, work = result["history"], Path(cfg.work_dir)
-    best = min(history, key=lambda r: selection_cer(r, cfg.decoder))
+    best = best_row(history, cfg.decoder)
     kept = ", ".join(p.name for p in sorted(checkpoints_of(work).glob("*.pt")))
     lines = ["", f"Finished after epoch {history[-1]['epoch']}: the best was epoch {best['epoch']}, validation CER "
                  f"{selection_cer(best, cfg.decoder):.3f} (greedy, as it picks best.pt"

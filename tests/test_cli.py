@@ -22,6 +22,18 @@ def test_flags_win_over_the_config_file(tmp_path):
     assert (cfg.crop_size, cfg.seed, cfg.hflip_prob, cfg.time_mask, cfg.word_boundary) == (64, 9, 0.25, False, False)
 
 
+def test_an_av_run_drops_sound_by_its_measured_default_unless_a_flag_or_the_config_file_says(tmp_path):
+    assert m.parse_config(["--modality", "av"]).drop_sound == 0.2  # MEASUREMENTS.md: modality dropout
+    assert m.parse_config(["--modality", "av", "--drop-sound", "0"]).drop_sound == 0
+    assert m.parse_config([]).drop_sound == 0 and m.parse_config(["--modality", "audio"]).drop_sound == 0
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"modality": "av", "drop_sound": 0.1}))
+    assert m.parse_config(["--config", str(path)]).drop_sound == 0.1
+    path.write_text(json.dumps({"modality": "av"}))
+    assert m.parse_config(["--config", str(path)]).drop_sound == 0.2
+    assert "0.2 under --modality av" in " ".join(m.build_parser().format_help().split())
+
+
 def test_a_config_file_with_an_unknown_setting_is_refused(tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"crop_sise": 64}))
