@@ -5785,7 +5785,7 @@ def serving_app(reader: LipReader, board: JobBoard, cfg: Config):
                 if now != last:
                     yield f"data: {json.dumps(now, ensure_ascii=False)}\n\n"
                     last, quiet = now, 0.0
-                    if job.state in FINISHED:
+                    if now["state"] in FINISHED:  # the state sent, not job.state: that may have moved on since
                         return
                 elif quiet > 15:  # a comment line keeps tunnels and proxies from closing a quiet stream
                     yield ": still there\n\n"

@@ -149,6 +149,29 @@ def test_a_restarted_server_fails_the_job_it_stopped_in_and_drops_half_an_upload
     assert json.loads((stopped.folder / "result.json").read_text())["state"] == "failed" and not half.folder.exists()
 
 
+def test_the_events_stream_ends_on_the_finished_state_even_when_it_comes_between_two_looks(tmp_path):
+    """A job that finishes just after the stream took its view: the finished state must still be sent."""
+    from fastapi.testclient import TestClient
+
+    class Racing(m.JobBoard):
+        def view(self, job):
+            seen = super().view(job)
+            if job.state == "preprocessing":
+                job.state, job.detail = "cancelled", "cancelled while preprocessing"  # the worker, meanwhile
+            return seen
+
+    cfg = m.Config(work_dir=str(tmp_path))
+    reader = type("Reader", (), {"cfg": cfg})()
+    board = Racing(None, cfg)
+    job = board.new_job("clip.mp4", 5, 1)
+    job.state, job.detail = "preprocessing", "finding the mouth"
+    board.jobs[job.id] = job
+    with TestClient(m.serving_app(reader, board, cfg)) as client, \
+            client.stream("GET", f"/api/jobs/{job.id}/events") as stream:
+        sent = [json.loads(line[6:]) for line in stream.iter_lines() if line.startswith("data: ")]
+    assert [e["state"] for e in sent] == ["preprocessing", "cancelled"]
+
+
 def test_a_face_video_is_cut_to_its_mouth_with_progress_and_the_cut_is_kept(server, astronaut, tmp_path):
     video = write_video(tmp_path / "face.mp4", face_video(astronaut, 60)[0])
     seen = events(server, upload(server, video).json()["id"])
