@@ -4126,7 +4126,7 @@ def fit_verdict(history: list[dict], cfg: Config) -> str:
     if math.isinf(val):
         return "no verdict: there are no validation clips"
     vals = [decoder_cer(r, "beam", "val") for r in history]
-    best = min(range(len(vals)), key=lambda i: vals[i])
+    best = min(reversed(range(len(vals))), key=lambda i: vals[i])  # the later of a tie: best.pt's (best_row)
     stalled = len(vals) > k and min(vals[-k:]) > min(vals[:-k]) - 0.005
     rising = next((n for n in range(len(vals) - 1) if vals[-1 - n] <= vals[-2 - n]), len(vals) - 1)
     change = f"{vals[-1] - vals[max(len(vals) - 1 - k, 0)]:+.3f} in the last {min(k, len(vals) - 1)} epochs"
@@ -4140,7 +4140,8 @@ def fit_verdict(history: list[dict], cfg: Config) -> str:
         return (f"collapsed{early}: {same:.0%} of validation clips get the same hypothesis; "
                 f"{cers}. The model answers without looking: check --mode sanity, the learning rate and the labels")
     if val - train_cer >= OVERFIT_GAP and stalled:
-        trend = f"rising for {rising} epochs" if rising > 1 else f"not better for {len(vals) - 1 - best} epochs"
+        since = len(vals) - 1 - best
+        trend = f"rising for {rising} epochs" if rising > 1 else f"not better for {since} epoch{'s' * (since != 1)}"
         recited = f"; {same:.0%} of validation clips get one and the same answer" if same >= COLLAPSED else ""
         return (f"overfitting: {cers} and {trend} (best {vals[best]:.3f} at epoch {history[best]['epoch']}){recited}. "
                 "best.pt keeps the best epoch; more augmentation, dropout or data, or a smaller model")

@@ -92,8 +92,11 @@ def rows_of(train, val, same=0.0):
 @pytest.mark.parametrize("train, val, same, verdict", [
     ([0.6, 0.3, 0.1, 0.05, 0.03], [0.7, 0.55, 0.56, 0.58, 0.61], 0.0,
      "overfitting: train CER 0.030, val CER 0.610 and rising for 3 epochs (best 0.550 at epoch 2)"),
+    ([0.6, 0.3, 0.1, 0.05, 0.03, 0.02], [0.7, 0.55, 0.6, 0.55, 0.58, 0.6], 0.0,  # a tie: best.pt is the later
+     "overfitting: train CER 0.020, val CER 0.600 and rising for 2 epochs (best 0.550 at epoch 4)"),
     ([0.6, 0.3, 0.1, 0.05, 0.03], [0.7, 0.55, 0.56, 0.55, 0.555], 0.0, "overfitting: train CER 0.030, val CER 0.555 "
-                                                                       "and not better for 3 epochs"),
+                                                                       "and not better for 1 epoch (best 0.550 at "
+                                                                       "epoch 4)"),
     ([0.6, 0.3, 0.2], [0.7, 0.55, 0.45], 0.0, "overfitting begins"),
     ([0.86, 0.85, 0.85, 0.85, 0.86], [0.87, 0.85, 0.86, 0.85, 0.86], 0.0, "stuck, underfitting"),
     ([0.9, 0.8, 0.7], [0.92, 0.82, 0.75], 0.0, "underfitting: train CER 0.700, val CER 0.750 (val -0.170"),
