@@ -8,9 +8,10 @@
 # from16_warp (schedule_mask_from16 with time warp as well); the rest change one thing of schedule_mask_from16:
 # from16_tiny, from16_nocrop, from16_noflip, from16_lr2e-3, from16_lr5e-4, from16_wd0.05, from16_dropout0.2,
 # from16_fixed0.3 (CTC weight 0.3 throughout), from16_from11 (augmentation from epoch 11), from16_from1 (from the
-# first epoch), from16_nomask (crop and flip from 16, no time mask); lr2e-3_dropout0.2 and lr2e-3_wd0.05 change one
-# thing of from16_lr2e-3 (the CPU recipe since 2026-12-03, configs/lrc_cpu_hour.json). Averaging is read off every row (best.pt
-# beside averaged.pt).
+# first epoch), from16_nomask (crop and flip from 16, no time mask). The rows lr2e-3_* and lr3e-3 change one thing of
+# from16_lr2e-3, the CPU recipe since 2026-12-03 (configs/lrc_cpu_hour.json): lr2e-3_dropout0.2, lr2e-3_wd0.05,
+# lr3e-3 (a peak of 3e-3), lr2e-3_nocrop, lr2e-3_noflip, lr2e-3_nomask, lr2e-3_from1, lr2e-3_from11. Averaging is
+# read off every row (best.pt beside averaged.pt); bench/study_table.py turns the runs into README's table.
 set -u
 R=$1; ROW=$2; SEED=$3; OUT=${4:-runs/study}
 W=$OUT/${ROW}_s$SEED
@@ -38,6 +39,12 @@ case $ROW in
     from16_nomask) ROW_FLAGS=("${SCHEDULE[@]}" --no-time-mask --augment-from 16) ;;
     lr2e-3_dropout0.2) ROW_FLAGS=("${SCHEDULE[@]}" "${FROM16[@]}" --lr 2e-3 --dropout 0.2) ;;
     lr2e-3_wd0.05) ROW_FLAGS=("${SCHEDULE[@]}" "${FROM16[@]}" --lr 2e-3 --weight-decay 0.05) ;;
+    lr3e-3) ROW_FLAGS=("${SCHEDULE[@]}" "${FROM16[@]}" --lr 3e-3) ;;
+    lr2e-3_nocrop) ROW_FLAGS=("${SCHEDULE[@]}" "${FROM16[@]}" --lr 2e-3 --no-random-crop) ;;
+    lr2e-3_noflip) ROW_FLAGS=("${SCHEDULE[@]}" "${FROM16[@]}" --lr 2e-3 --hflip-prob 0) ;;
+    lr2e-3_nomask) ROW_FLAGS=("${SCHEDULE[@]}" --no-time-mask --augment-from 16 --lr 2e-3) ;;
+    lr2e-3_from1) ROW_FLAGS=("${SCHEDULE[@]}" --time-mask-window 6 --augment-from 1 --lr 2e-3) ;;
+    lr2e-3_from11) ROW_FLAGS=("${SCHEDULE[@]}" --time-mask-window 6 --augment-from 11 --lr 2e-3) ;;
     *) echo "unknown row $ROW"; exit 2 ;;
 esac
 mkdir -p "$OUT"
