@@ -49,7 +49,7 @@ def run_rows(out_dir: Path, prefix: str) -> list[dict]:
         match = re.fullmatch(r"(.+)_s(\d+)", run.name)
         if match:
             runs.append({"row": match.group(1), "seed": int(match.group(2)),
-                         **training_summary(run / "metrics.csv"), **{"scores": test_scores(run.with_suffix(".out"))}})
+                         **training_summary(run / "metrics.csv"), "scores": test_scores(run.parent / f"{run.name}.out")})
     return runs
 
 
