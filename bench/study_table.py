@@ -13,6 +13,9 @@ import statistics
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import master_all_avsr as m  # noqa: E402
+
 TEST_LINE = re.compile(r"^CER=([0-9.]+) .*\((\w+) split, (\w+)\.pt, (\w+)\)$")
 
 
@@ -28,19 +31,23 @@ def test_scores(out_file: Path) -> dict:
     return scores
 
 
-def training_summary(metrics_csv: Path) -> dict:
-    """best.pt's epoch as the run picks it (the lowest greedy validation CER of the two scorers, the later of a
-    tie), and where the training probe ended."""
-    with open(metrics_csv, encoding="utf-8-sig", newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        return {"epochs": 0}
+def number_or_text(value: str):
+    try:
+        return float(value)
+    except ValueError:
+        return value or None
 
-    def val_cer(row):
-        return min(float(row[k]) for k in ("val_cer_ctc", "val_cer_att") if row.get(k))
-    best = min(reversed(rows), key=val_cer)
-    return {"epochs": int(rows[-1]["epoch"]), "best_epoch": int(best["epoch"]), "best_val": val_cer(best),
-            "probe_end": float(rows[-1]["train_cer_ctc"])}
+
+def training_summary(metrics_csv: Path) -> dict:
+    """best.pt's epoch by the run's own rule (`best_row` under the beam search the study tests with), and where
+    the training probe ended."""
+    with open(metrics_csv, encoding="utf-8-sig", newline="") as f:
+        history = [{k: number_or_text(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    if not history:
+        return {"epochs": 0}
+    best = m.best_row(history, "beam")
+    return {"epochs": int(history[-1]["epoch"]), "best_epoch": int(best["epoch"]),
+            "best_val": m.selection_cer(best, "beam"), "probe_end": history[-1]["train_cer_ctc"]}
 
 
 def run_rows(out_dir: Path, prefix: str) -> list[dict]:
@@ -48,8 +55,8 @@ def run_rows(out_dir: Path, prefix: str) -> list[dict]:
     for run in sorted(p for p in out_dir.iterdir() if (p / "metrics.csv").exists() and p.name.startswith(prefix)):
         match = re.fullmatch(r"(.+)_s(\d+)", run.name)
         if match:
-            runs.append({"row": match.group(1), "seed": int(match.group(2)),
-                         **training_summary(run / "metrics.csv"), "scores": test_scores(run.parent / f"{run.name}.out")})
+            runs.append({"row": match.group(1), "seed": int(match.group(2)), **training_summary(run / "metrics.csv"),
+                         "scores": test_scores(run.parent / f"{run.name}.out")})
     return runs
 
 
