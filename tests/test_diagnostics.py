@@ -114,6 +114,19 @@ def test_the_verdict_reads_the_learning_curves(train, val, same, verdict):
     assert m.fit_verdict(history, m.Config(patience=3, warmup_epochs=0)).startswith(verdict)
 
 
+def test_a_stuck_run_that_augments_from_the_start_is_told_to_hold_augmentation_back():
+    stuck = rows_of([0.86, 0.85, 0.85, 0.85, 0.86], [0.87, 0.85, 0.86, 0.85, 0.86], 0.0)
+    collapsed = rows_of([0.9, 0.9, 0.9, 0.9], [0.9, 0.9, 0.9, 0.9], 0.8)
+    hint = "--augment-from 16"
+    for history in (stuck, collapsed):
+        assert hint in m.fit_verdict(history, m.Config(patience=3, warmup_epochs=0, augment_from=1))
+        assert hint not in m.fit_verdict(history, m.Config(patience=3, warmup_epochs=0, augment_from=16))
+        nothing = m.Config(patience=3, warmup_epochs=0, random_crop=False, hflip_prob=0, time_mask=False)
+        assert hint not in m.fit_verdict(history, nothing)
+    learning = rows_of([0.5, 0.3, 0.2], [0.55, 0.38, 0.3], 0.0)
+    assert hint not in m.fit_verdict(learning, m.Config(patience=3, warmup_epochs=0, augment_from=1))
+
+
 class Parts(torch.nn.Module):
     def __init__(self):
         super().__init__()
