@@ -4118,6 +4118,16 @@ def same_hypothesis_share(result: dict, decoder: str) -> float:
     return Counter(hyps).most_common(1)[0][1] / len(hyps) if hyps else 0.0
 
 
+def augmentation_hint(cfg: Config) -> str:
+    """Augmentation from the first epochs stalled LRC-AR's recipe at lr 2e-3 (MEASUREMENTS.md), where 15 epochs of
+    the center crop first let it learn: worth saying to a run that is stuck."""
+    augmenting = cfg.random_crop or cfg.hflip_prob > 0 or cfg.time_mask or cfg.time_warp
+    if not augmenting or cfg.augment_from > cfg.warmup_epochs + 1:
+        return ""
+    return (f"; augmentation is on from epoch {cfg.augment_from}: let the model learn on the center crop first "
+            "(--augment-from 16)")
+
+
 def fit_verdict(history: list[dict], cfg: Config) -> str:
     """Seed 001's reading of the learning curves, in words, from the better greedy CER of each epoch."""
     row, k = history[-1], cfg.patience
@@ -4138,7 +4148,8 @@ def fit_verdict(history: list[dict], cfg: Config) -> str:
     if same >= COLLAPSED and val - train_cer < OVERFIT_GAP:  # far better on its training clips: it does look
         early = " (usual while the learning rate warms up)" if row["epoch"] <= cfg.warmup_epochs + 1 else ""
         return (f"collapsed{early}: {same:.0%} of validation clips get the same hypothesis; "
-                f"{cers}. The model answers without looking: check --mode sanity, the learning rate and the labels")
+                f"{cers}. The model answers without looking: check --mode sanity, the learning rate and the labels"
+                + augmentation_hint(cfg) * (not early))
     if val - train_cer >= OVERFIT_GAP and stalled:
         since = len(vals) - 1 - best
         trend = f"rising for {rising} epochs" if rising > 1 else f"not better for {since} epoch{'s' * (since != 1)}"
@@ -4149,7 +4160,8 @@ def fit_verdict(history: list[dict], cfg: Config) -> str:
         return f"overfitting begins: {cers} (val {change}); val still improves"
     if stalled and train_cer >= HIGH_CER:
         return (f"stuck, underfitting: {cers}, neither better in the last {k} epochs. The model does not fit even "
-                "its training clips: check the gradient flow, the learning rate, and --mode sanity")
+                "its training clips: check the gradient flow, the learning rate, and --mode sanity"
+                + augmentation_hint(cfg))
     if stalled:
         return f"converged: {cers}, not better in the last {k} epochs"
     if train_cer >= HIGH_CER:
