@@ -143,6 +143,7 @@ class Config:
     # training
     epochs: int = 30  # passes over the training clips; the learning-rate schedule ends with the last
     time_budget: float = 0.0  # minutes; stop with a checkpoint before they run out (0: no limit)
+    fit_budget: bool = False  # with --time-budget: after the warmup, --epochs is cut to what the budget holds at the pace so far, so the schedule and --average-last end inside it
     lr: float = 1e-3  # peak learning rate of AdamW, reached after the warmup, then cosine to 0
     warmup_epochs: float = 3.0  # epochs of linear warmup (fractions allowed)
     weight_decay: float = 0.01  # AdamW's decoupled weight decay
@@ -3222,14 +3223,45 @@ def make_optimizer(model: nn.Module, cfg: Config, epoch_steps: int):
     later = [p for g, params in groups.items() if g in frozen for p in params] if cfg.unfreeze_at else []
     optimizer = torch.optim.AdamW([{"params": trained}] + [{"params": later}] * bool(later), lr=cfg.lr,
                                   betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    factors = schedule_factors(cfg, epoch_steps)[:len(optimizer.param_groups)]
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+
+
+def schedule_factors(cfg: Config, epoch_steps: int) -> list:
+    """Each parameter group's share of --lr by optimizer step (from 0): WarmupCosine over cfg.epochs, and for the
+    parts unfrozen at --unfreeze-at --unfreeze-lr times it, ramped up over a warmup from their epoch."""
     warmup, total = schedule_steps(cfg, epoch_steps)
     total = max(total, warmup + 1)
     unfrozen = (cfg.unfreeze_at - 1) * epoch_steps  # optimizer steps before the unfreezing
     ramp = lambda k: min(max(k - unfrozen + 1, 0) / warmup, 1)
-    schedules = [lambda k: warmup_cosine(k + 1, warmup, total),
-                 lambda k: cfg.unfreeze_lr * warmup_cosine(k + 1, warmup, total) * ramp(k)]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules[:len(optimizer.param_groups)])
-    return optimizer, scheduler
+    return [lambda k: warmup_cosine(k + 1, warmup, total),
+            lambda k: cfg.unfreeze_lr * warmup_cosine(k + 1, warmup, total) * ramp(k)]
+
+
+def reschedule(optimizer, scheduler, cfg: Config, epoch_steps: int) -> None:
+    """The schedule over cfg.epochs from the next step on, where a run's length changed (--fit-budget)."""
+    scheduler.lr_lambdas = schedule_factors(cfg, epoch_steps)[:len(optimizer.param_groups)]
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
+
+
+# --fit-budget plans with epochs this much slower than the warmup's: on a shared machine they vary by about as much
+FIT_MARGIN = 1.1
+
+
+def fit_epoch(cfg: Config) -> int:
+    """The epoch --fit-budget plans at the start of: the one the cosine starts in. The warmup's steps do not depend
+    on the schedule's length, so a run cut to N epochs here is the run --epochs N makes (a warmup under one epoch
+    aside)."""
+    return max(math.floor(cfg.warmup_epochs), 1) + 1
+
+
+def epochs_that_fit(history: list[dict], cfg: Config, elapsed: float) -> int:
+    """The epochs done, and as many more as the budget's time left holds at their mean pace and FIT_MARGIN, less
+    one: the room --time-budget's own stop keeps for a slow epoch. At least this epoch, at most --epochs."""
+    pace = FIT_MARGIN * sum(r["epoch_s"] for r in history) / len(history)
+    more = int((cfg.time_budget * 60 - elapsed) // pace) - 1
+    return max(len(history) + 1, min(cfg.epochs, len(history) + more))
 
 
 def rng_state() -> dict:
@@ -3355,13 +3387,18 @@ def all_ranks_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def rank0_number(x: float, device) -> float:
+    """Rank 0's number, for every process."""
+    if not dist.is_initialized():
+        return x
+    t = torch.tensor([float(x)], dtype=torch.float64, device=device)
+    dist.broadcast(t, 0)
+    return t.item()
+
+
 def rank0_says(flag: bool, device) -> bool:
     """Rank 0's decision, for every process."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([float(flag)], device=device)
-    dist.broadcast(t, 0)
-    return bool(t.item())
+    return bool(rank0_number(float(flag), device))
 
 
 class AllRanksSum(torch.autograd.Function):
@@ -4077,7 +4114,9 @@ def report_setup(model: nn.Module, ds: Dataset, cfg: Config, path: Path) -> list
         f"batch: {clips_per_batch:.1f} clips on average (frame budget {cfg.max_frames}), x {cfg.accum_steps} "
         f"accumulated = effective batch {clips_per_batch * cfg.accum_steps:.1f} clips",
         f"steps: {steps} optimizer steps an epoch, {total} in {cfg.epochs} epochs; warmup {warmup} steps "
-        f"({cfg.warmup_epochs:g} epochs), then cosine to 0",
+        f"({cfg.warmup_epochs:g} epochs), then cosine to 0"
+        + (f" (--fit-budget: fewer epochs from epoch {fit_epoch(cfg)} on where --time-budget {cfg.time_budget:g} "
+           "min holds fewer)" if cfg.fit_budget else ""),
         f"optimizer: AdamW, peak learning rate {cfg.lr:g}, betas {cfg.beta1}/{cfg.beta2}, eps {cfg.adam_eps:g}, "
         f"weight decay {cfg.weight_decay:g}, gradient clip {cfg.grad_clip:g}",
         f"loss: {w:g} x CTC + {1 - w:g} x attention{schedule} (label smoothing {cfg.label_smoothing:g})"
@@ -4609,6 +4648,7 @@ def start_training(cfg: Config, ds: Dataset | None) -> TrainingRun:
     model.to(device)
     if cfg.sync_batchnorm and world > 1:
         model = with_synced_batchnorm(model, device)
+    cfg = with_planned_epochs(cfg, state)
     optimizer, scheduler = make_optimizer(model, cfg, steps_per_epoch(ds, cfg))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device, cfg) == torch.float16)
     history, start = [], 1
@@ -4644,8 +4684,34 @@ def resume_from(state: dict, model, optimizer, scheduler, scaler, cfg: Config) -
     return state["history"]
 
 
+def with_planned_epochs(cfg: Config, state: dict | None) -> Config:
+    """A resumed --fit-budget run keeps the epochs planned before it was stopped."""
+    if state is None or not cfg.fit_budget or state["epoch"] < fit_epoch(cfg):
+        return cfg
+    return dataclasses.replace(cfg, epochs=min(cfg.epochs, state["config"]["epochs"]))
+
+
+def fit_to_budget(run: TrainingRun) -> None:
+    """--fit-budget: rank 0's plan, for every process; a shorter run gets the schedule of its own length."""
+    cfg = run.cfg
+    planned = int(rank0_number(epochs_that_fit(run.history, cfg, time.time() - run.began) if run.rank == 0 else 0,
+                               run.device))
+    if run.rank == 0:
+        pace = sum(r["epoch_s"] for r in run.history) / len(run.history)
+        print(f"--fit-budget: epochs of {pace:.0f} s so far and {cfg.time_budget - (time.time() - run.began) / 60:.1f} "
+              f"of --time-budget's {cfg.time_budget:g} minutes left: "
+              + (f"{planned} epochs, not {cfg.epochs}; the schedule now ends with epoch {planned}"
+                 if planned < cfg.epochs else f"all {cfg.epochs} epochs fit"), flush=True)
+    if planned < cfg.epochs:
+        run.cfg = dataclasses.replace(cfg, epochs=planned)
+        reschedule(run.optimizer, run.scheduler, run.cfg, steps_per_epoch(run.ds, run.cfg))
+
+
 def begin_epoch(run: TrainingRun, epoch: int) -> Config:
-    """Freezing that changes with this epoch, each GPU's own dropout masks -> the settings of this epoch."""
+    """The run's length fitted to its budget, freezing that changes with this epoch, each GPU's own dropout masks
+    -> the settings of this epoch."""
+    if run.cfg.fit_budget and epoch == fit_epoch(run.cfg):
+        fit_to_budget(run)
     cfg = run.cfg
     if frozen_in(cfg, epoch) != run.frozen:
         run.frozen, run.features = frozen_in(cfg, epoch), None
@@ -4729,7 +4795,7 @@ def train(cfg: Config, ds: Dataset | None = None, done=None) -> dict:
     """Train on `ds` (default: the dataset cfg names); `done(row)`, when given, ends training after an epoch.
     Under torchrun, rank 0's result has the history; the other processes' is empty."""
     run = start_training(cfg, ds)
-    for epoch in range(run.start, cfg.epochs + 1):
+    for epoch in range(run.start, run.cfg.epochs + 1):
         t0 = time.time()
         ecfg = begin_epoch(run, epoch)
         updates = [] if cfg.log_param_updates and run.rank == 0 else None
@@ -5991,6 +6057,7 @@ def validate(cfg: Config) -> Config:
                    "--lr, --grad-clip and --adam-eps must be above 0 (a negative clip trains backwards)"),
                   (min(cfg.weight_decay, cfg.warmup_epochs, cfg.time_budget) >= 0,
                    "--weight-decay, --warmup-epochs and --time-budget must be 0 or more"),
+                  (cfg.time_budget or not cfg.fit_budget, "--fit-budget fits the epochs to --time-budget: give that too"),
                   (0 <= cfg.dropout < 1 and 0 <= cfg.label_smoothing < 1 and 0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1,
                    "--dropout, --label-smoothing, --beta1 and --beta2 must lie in [0, 1)"),
                   (0 <= cfg.hflip_prob <= 1 and 0 <= cfg.time_warp_max < 1, "--hflip-prob must lie in [0, 1] and "
@@ -6118,7 +6185,8 @@ def print_closing(cfg: Config, result: dict) -> None:
                  f"{'; heard and muted, weighted by --drop-sound' if best.get('muted_weight') else ''}).",
              f"Files in {work}: checkpoints/ ({kept}), metrics.csv, curves.png, predictions.csv, diagnostics/.",
              f"Next: python {Path(sys.argv[0]).name} --mode decode --work-dir {work} --input YOUR_CLIPS "
-             f"(or --mode diagnose, or --resume --epochs {cfg.epochs + 20} to train on)"]
+             f"(or --mode diagnose, or --resume --epochs {history[-1]['epoch'] + 20}"
+             f"{' --no-fit-budget' if cfg.fit_budget else ''} to train on)"]
     test = result.get("test")
     if test:
         lines.append(f"CER={test['cer']:.4f} WER={shown(test['wer'], '.4f')} n={test['n']} ({test['split']} split, "

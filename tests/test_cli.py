@@ -89,6 +89,7 @@ def test_synth_then_stats_from_the_command_line(tmp_path):
     (["--test-fraction", "-0.5"], "--val-fraction and --test-fraction must be 0 or more"),
     (["--val-fraction", "0.5", "--test-fraction", "0.5"], "leave clips to train on"),
     (["--stop-after", "-1"], "--stop-after, --average-last and --extra-weight must be 0 or more"),
+    (["--fit-budget"], "--fit-budget fits the epochs to --time-budget: give that too"),
     (["--std", "0"], "--std must be above 0"),
 ])
 def test_settings_that_cannot_work_are_refused_up_front(flags, complaint):

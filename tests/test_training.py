@@ -261,10 +261,11 @@ def finished(process) -> str:
 def test_torchrun_two_processes_train_as_one_with_the_same_global_batch_and_resume(tmp_path):
     """Augmentation on (every process draws the global batch alike); dropout off, as its masks are per process.
     The first epoch trains from a frozen frontend's cached features, the others everything."""
-    args = DDP + ["--ctc-weight-schedule", "1:0.6,2-:0.4>0.2", "--average-last", "2"] + extra_clips(tmp_path / "extra", 8)
+    args = DDP + ["--ctc-weight-schedule", "1:0.6,2-:0.4>0.2", "--average-last", "2", "--time-budget", "600",
+                  "--fit-budget"] + extra_clips(tmp_path / "extra", 8)
     one = finished(run_script(args + ["--work-dir", str(tmp_path / "one")]))
     two = finished(torchrun(args + ["--work-dir", str(tmp_path / "two")]))
-    assert "x 2 processes" in two and two.count("epoch   1/") == 1  # rank 0 alone speaks
+    assert "x 2 processes" in two and two.count("epoch   1/") == 1 == two.count("all 3 epochs fit")  # rank 0 alone speaks
     assert two.strip().splitlines()[-1].startswith("CER=")  # then tests, once
     single, double = history_without_timings(tmp_path / "one"), history_without_timings(tmp_path / "two")
     assert len(single) == len(double) == 3
@@ -352,11 +353,11 @@ def test_unfrozen_parts_get_their_own_lower_learning_rate_ramped_up_from_their_e
     assert len(for_good.param_groups) == 1 and not frontend & {id(p) for p in for_good.param_groups[0]["params"]}
 
 
-def seeded_train(cfg, **kwargs) -> dict:
-    """As main() starts a run: seeded, so that runs in one process can be compared."""
+def seeded_train(cfg, run=None, **kwargs) -> dict:
+    """As main() starts a run (m.train, or `run`): seeded, so that runs in one process can be compared."""
     torch.manual_seed(cfg.seed)
     m.random.seed(cfg.seed)
-    return m.train(cfg, **kwargs)
+    return (run or m.train)(cfg, **kwargs)
 
 
 def state_of(work: Path) -> dict:
@@ -507,6 +508,42 @@ def test_stop_after_ends_like_a_finished_run_with_averaging_and_the_test(tmp_pat
     assert "epochs 2-3 averaged" in out and result["test"]["checkpoint"].endswith("averaged.pt")
     assert result["test_best"]["checkpoint"].endswith("best.pt")
     assert (tmp_path / "w" / "test_metrics_best.json").exists() and (tmp_path / "w" / "predictions.csv").exists()
+
+
+def test_fit_budget_plans_the_epochs_the_time_left_holds_at_the_pace_so_far():
+    history = [{"epoch_s": s} for s in (50.0, 70.0, 60.0)]  # 60 s an epoch, planned at 66
+    cfg = m.Config(epochs=70, time_budget=58, fit_budget=True)
+    assert m.epochs_that_fit(history, cfg, elapsed=190) == 3 + 48  # 3,290 s left: 49 epochs of 66 s, less one
+    assert m.epochs_that_fit(history, m.dataclasses.replace(cfg, epochs=40), elapsed=190) == 40  # never more
+    assert m.epochs_that_fit(history, cfg, elapsed=58 * 60 - 10) == 4  # this epoch at least
+    assert m.fit_epoch(m.Config(warmup_epochs=3)) == 4 and m.fit_epoch(m.Config(warmup_epochs=2.5)) == 3
+    assert m.fit_epoch(m.Config(warmup_epochs=0)) == 2
+
+
+def test_a_run_fitted_to_its_budget_is_the_run_of_that_many_epochs_and_resumes_with_them(tmp_path, capsys,
+                                                                                       monkeypatch):
+    """The plan is made at the start of epoch 2 (after one warmup epoch); the clock is taken out of it."""
+    monkeypatch.setattr(m, "epochs_that_fit", lambda history, cfg, elapsed: 3)
+    seeded_train(fast_cfg(tmp_path / "short", epochs=3, average_last=2, decoder="ctc"), m.run_train)
+    fitted = fast_cfg(tmp_path / "fitted", epochs=6, average_last=2, decoder="ctc", time_budget=600, fit_budget=True)
+    history = seeded_train(fitted)["history"]
+    assert "3 epochs, not 6; the schedule now ends with epoch 3" in capsys.readouterr().out
+    fitted_rows, short_rows = history_without_timings(tmp_path / "fitted"), history_without_timings(tmp_path / "short")
+    for row in fitted_rows[:1] + short_rows[:1]:  # epoch 1's row logs the next step's rate, before the plan
+        row.pop("lr")
+    assert len(history) == 3 and fitted_rows == short_rows
+    a, b = (torch.load(tmp_path / d / "checkpoints" / "last.pt", weights_only=False) for d in ("fitted", "short"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # the schedule of 3 epochs, bit for bit
+    assert a["config"]["epochs"] == 3
+
+    stopped = m.dataclasses.replace(fitted, work_dir=str(tmp_path / "stopped"))
+    seeded_train(stopped, done=lambda row: row["epoch"] == 2)
+    monkeypatch.setattr(m, "epochs_that_fit", lambda history, cfg, elapsed: 6)  # a resumed run does not plan again
+    seeded_train(m.dataclasses.replace(stopped, resume=True), m.run_train)
+    assert "--resume --epochs 23 --no-fit-budget to train on" in capsys.readouterr().out
+    assert history_without_timings(tmp_path / "stopped")[1:] == history_without_timings(tmp_path / "short")[1:]
+    a, b = (torch.load(tmp_path / d / "checkpoints" / "averaged.pt", weights_only=False) for d in ("stopped", "short"))
+    assert a["averaged_epochs"] == [2, 3] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
 def test_average_last_averages_the_last_epochs_measures_batchnorm_anew_and_is_used_by_default(tmp_path, capsys):
