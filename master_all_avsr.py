@@ -4688,7 +4688,12 @@ def with_planned_epochs(cfg: Config, state: dict | None) -> Config:
     """A resumed --fit-budget run keeps the epochs planned before it was stopped."""
     if state is None or not cfg.fit_budget or state["epoch"] < fit_epoch(cfg):
         return cfg
-    return dataclasses.replace(cfg, epochs=min(cfg.epochs, state["config"]["epochs"]))
+    planned = state["config"]["epochs"]
+    if planned >= cfg.epochs:
+        return cfg
+    print(f"--fit-budget: the run keeps the {planned} epochs it planned (--no-fit-budget trains on to --epochs "
+          f"{cfg.epochs})")
+    return dataclasses.replace(cfg, epochs=planned)
 
 
 def fit_to_budget(run: TrainingRun) -> None:

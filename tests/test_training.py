@@ -540,7 +540,8 @@ def test_a_run_fitted_to_its_budget_is_the_run_of_that_many_epochs_and_resumes_w
     seeded_train(stopped, done=lambda row: row["epoch"] == 2)
     monkeypatch.setattr(m, "epochs_that_fit", lambda history, cfg, elapsed: 6)  # a resumed run does not plan again
     seeded_train(m.dataclasses.replace(stopped, resume=True), m.run_train)
-    assert "--resume --epochs 23 --no-fit-budget to train on" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "keeps the 3 epochs it planned" in out and "--resume --epochs 23 --no-fit-budget to train on" in out
     assert history_without_timings(tmp_path / "stopped")[1:] == history_without_timings(tmp_path / "short")[1:]
     a, b = (torch.load(tmp_path / d / "checkpoints" / "averaged.pt", weights_only=False) for d in ("stopped", "short"))
     assert a["averaged_epochs"] == [2, 3] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
