@@ -18,10 +18,4 @@ began=$(date +%s)
 python master_all_avsr.py --config configs/lrc_cpu_hour.json --data-dir "$R" --videos-dir "$R/Preprocessed_Video" \
     --seed "$SEED" "${ROW_FLAGS[@]}" --work-dir "$W" > "$W.log" 2>&1 || exit 1
 echo "training and its test: $(( $(date +%s) - began )) s wall"
-for ckpt in best averaged; do
-    [ -f "$W/checkpoints/$ckpt.pt" ] || continue
-    for decoder in ctc beam; do
-        python master_all_avsr.py --mode test --data-dir "$R" --videos-dir "$R/Preprocessed_Video" --work-dir "$W" \
-            --checkpoint "$W/checkpoints/$ckpt.pt" --decoder $decoder --beam-size 20 | tail -n 1
-    done
-done
+bash bench/score_run.sh "$R" "$W"

@@ -52,10 +52,4 @@ esac
 mkdir -p "$OUT"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 python master_all_avsr.py "${BASE[@]}" "${ROW_FLAGS[@]}" --work-dir "$W" > "$W.log" 2>&1 || exit 1
-for ckpt in best averaged; do
-    [ -f "$W/checkpoints/$ckpt.pt" ] || continue
-    for decoder in ctc beam; do
-        python master_all_avsr.py --mode test --data-dir "$R" --videos-dir "$R/Preprocessed_Video" --work-dir "$W" \
-            --checkpoint "$W/checkpoints/$ckpt.pt" --decoder $decoder --beam-size 20 | tail -n 1
-    done
-done
+bash bench/score_run.sh "$R" "$W"
