@@ -3238,11 +3238,17 @@ def schedule_factors(cfg: Config, epoch_steps: int) -> list:
             lambda k: cfg.unfreeze_lr * warmup_cosine(k + 1, warmup, total) * ramp(k)]
 
 
+def rates_from_schedule(optimizer, scheduler) -> None:
+    """Each group's learning rate as the schedule now stands, at the step it has reached: a schedule changed
+    mid-run takes effect from the next step, not the next scheduler.step()."""
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
+
+
 def reschedule(optimizer, scheduler, cfg: Config, epoch_steps: int) -> None:
     """The schedule over cfg.epochs from the next step on, where a run's length changed (--fit-budget)."""
     scheduler.lr_lambdas = schedule_factors(cfg, epoch_steps)[:len(optimizer.param_groups)]
-    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-        group["lr"] = base * factor(scheduler.last_epoch)
+    rates_from_schedule(optimizer, scheduler)
 
 
 # --fit-budget plans with epochs this much slower than the warmup's: on a shared machine they vary by about as much
@@ -3256,11 +3262,15 @@ def fit_epoch(cfg: Config) -> int:
     return max(math.floor(cfg.warmup_epochs), 1) + 1
 
 
+def epoch_pace(history: list[dict]) -> float:
+    """Seconds an epoch so far, on the mean."""
+    return sum(r["epoch_s"] for r in history) / len(history)
+
+
 def epochs_that_fit(history: list[dict], cfg: Config, elapsed: float) -> int:
     """The epochs done, and as many more as the budget's time left holds at their mean pace and FIT_MARGIN, less
     one: the room --time-budget's own stop keeps for a slow epoch. At least this epoch, at most --epochs."""
-    pace = FIT_MARGIN * sum(r["epoch_s"] for r in history) / len(history)
-    more = int((cfg.time_budget * 60 - elapsed) // pace) - 1
+    more = int((cfg.time_budget * 60 - elapsed) // (FIT_MARGIN * epoch_pace(history))) - 1
     return max(len(history) + 1, min(cfg.epochs, len(history) + more))
 
 
@@ -3398,7 +3408,7 @@ def rank0_number(x: float, device) -> float:
 
 def rank0_says(flag: bool, device) -> bool:
     """Rank 0's decision, for every process."""
-    return bool(rank0_number(float(flag), device))
+    return bool(rank0_number(flag, device))
 
 
 class AllRanksSum(torch.autograd.Function):
@@ -3862,8 +3872,9 @@ def apply_new_rates(optimizer, scheduler, cfg: Config) -> None:
     if (old_lr, old_decay) == (cfg.lr, cfg.weight_decay):
         return
     scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
-    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
-        group.update(initial_lr=cfg.lr, lr=cfg.lr * factor(scheduler.last_epoch), weight_decay=cfg.weight_decay)
+    for group in optimizer.param_groups:
+        group.update(initial_lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rates_from_schedule(optimizer, scheduler)
     print(f"Resumed with --lr {cfg.lr:g} (was {old_lr:g}) and --weight-decay {cfg.weight_decay:g} (was {old_decay:g}).")
 
 
@@ -4702,8 +4713,7 @@ def fit_to_budget(run: TrainingRun) -> None:
     planned = int(rank0_number(epochs_that_fit(run.history, cfg, time.time() - run.began) if run.rank == 0 else 0,
                                run.device))
     if run.rank == 0:
-        pace = sum(r["epoch_s"] for r in run.history) / len(run.history)
-        print(f"--fit-budget: epochs of {pace:.0f} s so far and {cfg.time_budget - (time.time() - run.began) / 60:.1f} "
+        print(f"--fit-budget: epochs of {epoch_pace(run.history):.0f} s so far and {cfg.time_budget - (time.time() - run.began) / 60:.1f} "
               f"of --time-budget's {cfg.time_budget:g} minutes left: "
               + (f"{planned} epochs, not {cfg.epochs}; the schedule now ends with epoch {planned}"
                  if planned < cfg.epochs else f"all {cfg.epochs} epochs fit"), flush=True)

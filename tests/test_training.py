@@ -616,6 +616,18 @@ def test_a_learning_rate_or_weight_decay_given_anew_on_resume_takes_effect(tmp_p
     assert result["history"][1]["lr"] < 5e-4
 
 
+def test_new_rates_on_resume_set_the_very_next_steps_learning_rate():
+    model = torch.nn.Linear(2, 2)
+    cfg = m.Config(epochs=3, lr=1e-3)
+    optimizer, scheduler = m.make_optimizer(model, cfg, 10)
+    for _ in range(7):
+        optimizer.step()
+        scheduler.step()
+    m.apply_new_rates(optimizer, scheduler, m.dataclasses.replace(cfg, lr=5e-4))
+    warmup, total = m.schedule_steps(cfg, 10)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(5e-4 * m.warmup_cosine(8, warmup, total))
+
+
 def test_augmentation_switched_on_later_trains_the_first_epochs_on_the_center_crop(tmp_path):
     plain = dict(random_crop=False, hflip_prob=0.0, time_mask=False)
     stop = lambda row: row["epoch"] == 3
