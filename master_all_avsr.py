@@ -4709,12 +4709,11 @@ def with_planned_epochs(cfg: Config, state: dict | None) -> Config:
 
 def fit_to_budget(run: TrainingRun) -> None:
     """--fit-budget: rank 0's plan, for every process; a shorter run gets the schedule of its own length."""
-    cfg = run.cfg
-    planned = int(rank0_number(epochs_that_fit(run.history, cfg, time.time() - run.began) if run.rank == 0 else 0,
-                               run.device))
+    cfg, elapsed = run.cfg, time.time() - run.began
+    planned = int(rank0_number(epochs_that_fit(run.history, cfg, elapsed) if run.rank == 0 else 0, run.device))
     if run.rank == 0:
-        print(f"--fit-budget: epochs of {epoch_pace(run.history):.0f} s so far and {cfg.time_budget - (time.time() - run.began) / 60:.1f} "
-              f"of --time-budget's {cfg.time_budget:g} minutes left: "
+        print(f"--fit-budget: epochs of {epoch_pace(run.history):.0f} s so far and "
+              f"{cfg.time_budget - elapsed / 60:.1f} of --time-budget's {cfg.time_budget:g} minutes left: "
               + (f"{planned} epochs, not {cfg.epochs}; the schedule now ends with epoch {planned}"
                  if planned < cfg.epochs else f"all {cfg.epochs} epochs fit"), flush=True)
     if planned < cfg.epochs:

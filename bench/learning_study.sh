@@ -9,10 +9,11 @@
 # from16_tiny, from16_nocrop, from16_noflip, from16_lr2e-3, from16_lr5e-4, from16_wd0.05, from16_dropout0.2,
 # from16_fixed0.3 (CTC weight 0.3 throughout), from16_from11 (augmentation from epoch 11), from16_from1 (from the
 # first epoch), from16_nomask (crop and flip from 16, no time mask). The rows lr2e-3_* and lr3e-3 change one thing of
-# from16_lr2e-3, the CPU recipe of 2026-12-03 to 12-07 (configs/lrc_cpu_hour.json, since then up to 70 epochs): lr2e-3_dropout0.2, lr2e-3_wd0.05,
-# lr3e-3 (a peak of 3e-3), lr2e-3_nocrop, lr2e-3_noflip, lr2e-3_nomask, lr2e-3_from1, lr2e-3_from11 and lr2e-3_e65
-# (65 epochs, not 50: the recipe's 50 take 38 of its 60 minutes on 2 cores, 65 take about 50). Averaging is read
-# off every row (best.pt beside averaged.pt); bench/study_table.py turns the runs into README's table.
+# from16_lr2e-3, the CPU recipe of 2026-12-03 to 12-07 (configs/lrc_cpu_hour.json, since then up to 70 epochs):
+# lr2e-3_dropout0.2, lr2e-3_wd0.05, lr3e-3 (a peak of 3e-3), lr2e-3_nocrop, lr2e-3_noflip, lr2e-3_nomask,
+# lr2e-3_from1, lr2e-3_from11 and lr2e-3_e65 (65 epochs, not 50: the recipe's 50 take 38 of its 60 minutes on 2
+# cores, 65 take about 50). Averaging is read off every row (best.pt beside averaged.pt); bench/study_table.py
+# turns the runs into README's table.
 set -u
 R=$1; ROW=$2; SEED=$3; OUT=${4:-runs/study}
 W=$OUT/${ROW}_s$SEED
