@@ -49,6 +49,7 @@ import threading
 import time
 import unicodedata
 import warnings
+import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -699,6 +700,39 @@ def to_gray(frame: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(frame[..., :3], cv2.COLOR_BGR2GRAY)
 
 
+# A file small on disk can decode to gigabytes (an .npz of zeros, a video declaring millions of frames): each is
+# refused by the size it declares before a frame is read, and a video whose stream outruns its header by what
+# it holds. Longer videos are cut first (ffmpeg's -ss and -t).
+LONGEST_CLIP = 1500  # frames: a minute at 25 fps; LRC-AR's clips have 29-38
+LARGEST_DECODED = 2 ** 30  # bytes of gray frames (T x H x W): a minute of 720p
+
+
+def array_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype an .npy (or an .npz's clip) declares, from its header alone."""
+    with contextlib.ExitStack() as stack:
+        if path.suffix.lower() == ".npz":
+            archive = stack.enter_context(zipfile.ZipFile(path))
+            names = archive.namelist()
+            member = "frames.npy" if "frames.npy" in names else names[0]
+            f = stack.enter_context(archive.open(member))
+        else:
+            f = stack.enter_context(open(path, "rb"))
+        version = np.lib.format.read_magic(f)
+        shape, _, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
+                           np.lib.format.read_array_header_2_0)(f)
+    return shape, dtype
+
+
+def size_problem(frames: int, height: int, width: int) -> str:
+    """Why a clip of this declared size is not read, or ''."""
+    decoded = frames * height * width
+    if frames <= LONGEST_CLIP and decoded <= LARGEST_DECODED:
+        return ""
+    return (f"too large: it declares {frames} frames of {width} x {height} ({decoded / 2 ** 30:.1f} GiB decoded); "
+            f"clips up to {LONGEST_CLIP} frames ({LONGEST_CLIP // CLIP_FPS} s at {CLIP_FPS} fps) and "
+            f"{LARGEST_DECODED / 2 ** 30:g} GiB are read: cut it into shorter pieces first (ffmpeg -ss START -t 60)")
+
+
 def read_video(path: Path) -> np.ndarray:
     """T x H x W uint8 from a video file or a saved array; ValueError says what is wrong with it."""
     return read_frames(path)[0]
@@ -709,11 +743,15 @@ def read_frames(path: Path) -> tuple[np.ndarray, float]:
     suffix = path.suffix.lower()
     if suffix in (".npy", ".npz"):
         try:
+            shape, _ = array_header(path)
+            problem = size_problem(*(list(shape) + [1, 1, 1])[:3]) if shape else ""
+            if problem:
+                raise ValueError(problem)
             arr = np.load(path)
             if suffix == ".npz":
                 arr = arr["frames"] if "frames" in arr.files else arr[arr.files[0]]
-        except (OSError, EOFError, ValueError, IndexError, KeyError) as e:
-            raise ValueError(f"unreadable video: {e}") from e
+        except (OSError, EOFError, ValueError, IndexError, KeyError, zipfile.BadZipFile) as e:
+            raise ValueError(str(e) if str(e).startswith("too large") else f"unreadable video: {e}") from e
         if arr.dtype != np.uint8 or arr.ndim not in (3, 4) or len(arr) == 0 or (arr.ndim == 4 and arr.shape[3] > 4):
             raise ValueError(f"unreadable video: array of {arr.dtype} {arr.shape}, expected uint8 T x H x W")
         return (np.stack([to_gray(f) for f in arr]) if arr.ndim == 4 else arr), CLIP_FPS
@@ -723,13 +761,18 @@ def read_frames(path: Path) -> tuple[np.ndarray, float]:
         raise ValueError("unreadable video: it cannot be opened (corrupt, truncated or not a video)")
     declared = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
     fps = cap.get(cv2.CAP_PROP_FPS)
+    width, height = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    problem = size_problem(declared, height, width)
     frames = []
-    while True:
+    while not problem:
         ok, frame = cap.read()
         if not ok:
             break
         frames.append(to_gray(frame))
+        problem = size_problem(len(frames), *frames[0].shape) if len(frames) > LONGEST_CLIP else ""
     cap.release()
+    if problem:
+        raise ValueError(problem)
     if not frames:
         raise ValueError("unreadable video: no frame could be decoded")
     if declared > len(frames) + max(1, declared // 20):  # some containers only estimate their frame count
