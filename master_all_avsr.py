@@ -35,6 +35,7 @@ import io
 import json
 import math
 import os
+import pickle
 import random
 import re
 import secrets
@@ -204,7 +205,9 @@ class Config:
     port: int = 8000  # the port served
     max_upload_mb: float = 10.0  # larger uploads are refused (HTTP 413), as in the user's own service
     serve_jobs: int = 1  # videos read at once (with 2, one's preprocessing overlaps another's decoding)
-    serve_queue: int = 16  # uploads waiting their turn at most; more are refused (HTTP 429) until some are done
+    serve_queue: int = 16  # uploads waiting their turn or still arriving at most; more are refused (HTTP 429) until some are done
+    serve_timeout: float = 30.0  # seconds a client may take to send a request's headers, or pause an upload; an upload gets this much per MB (HTTP 408 after)
+    serve_allowed_hosts: str = ""  # names the page may be reached by besides IP addresses and localhost, comma-separated (.example.com: it and its subdomains; *: any), a guard against DNS rebinding
 
     @property
     def cache_path(self) -> Path:
@@ -274,6 +277,59 @@ def csv_text(rows: list[dict], columns: list[str] | None = None) -> str:
 def write_csv(path: Path, rows: list[dict]) -> None:
     """Rows to CSV, atomically."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(csv_text(rows), encoding=CSV_ENCODING, newline=""))
+
+
+# Reading torch files: nothing in a file runs -----------------------------------------------------------------
+# A .pt or .pth file is a pickle, and a pickle can name any function to be called as it loads: a downloaded or
+# shared weights file could run code. Every file is read by torch's weights-only unpickler, which builds tensors
+# and plain data (dicts, lists, numbers, strings) and refuses the rest. NumPy's arrays are allowed too (their
+# items go through the same unpickler): checkpoints written before 2026-12-07 keep NumPy's random state as one.
+
+_RECONSTRUCT = np.zeros(1).__reduce__()[0]  # numpy._core.multiarray._reconstruct (numpy.core under NumPy 1)
+NUMPY_ARRAYS = [(_RECONSTRUCT, "numpy.core.multiarray._reconstruct"),
+                (_RECONSTRUCT, "numpy._core.multiarray._reconstruct"), np.ndarray, np.dtype,
+                *{type(np.dtype(code)) for code in "?bBhHiIlLqQefd"}]  # numbers' dtypes, built by their type
+
+
+class StandIn:
+    """What a Python object of a foreign file becomes: nothing it names is called, nothing of it is kept."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def code_in(path: Path) -> list[str]:
+    """The functions and classes a torch file names beyond tensors, plain data and NumPy arrays."""
+    allowed = {name for entry in NUMPY_ARRAYS if isinstance(entry, tuple) for name in entry[1:]}
+    allowed |= {"numpy.ndarray", "numpy.dtype"}
+    try:
+        return [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in allowed]
+    except Exception:  # not a zip-format torch file: the load itself says what it is
+        return []
+
+
+def load_torch_file(path: Path, what: str, hint: str, *, stand_ins: bool = False, mmap: bool = False):
+    """The contents of a torch.save file, read without running anything from it. A file that names functions or
+    classes is refused, its names given; with `stand_ins` (weights released by other tools, whose Lightning
+    checkpoints keep their settings as Python objects), those objects become StandIn and the rest loads.
+    -> (contents, the names that were stood in for)."""
+    names = code_in(path) if stand_ins else []
+    try:
+        with torch.serialization.safe_globals(NUMPY_ARRAYS + [(StandIn, name) for name in names]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap), names
+    except pickle.UnpicklingError as e:
+        named = code_in(path) or re.findall(r"GLOBAL (\S+)", str(e))[:1] or ["an object it cannot build"]
+        raise UserError(f"{what} {path} names Python code to run as it loads ({', '.join(named[:5])}); this tool "
+                        "never runs code from a file, so it was not read, and nothing of it ran. Ask whoever made it "
+                        "for the weights alone (a state dict), or use a file this tool wrote.") from e
+    except Exception as e:  # a file cut short or of another kind; torch raises many types here
+        raise UserError(f"{what} {path}: cannot read it ({type(e).__name__}: {e}). {hint}") from e
 
 
 # Files the script uses but never downloads -------------------------------------------------------------------
@@ -2401,15 +2457,8 @@ WHERE_TO_GET = (f"ViSpeR's models, trained on 1,200 h of Arabic among five langu
 def read_weights(path: Path, flag: str) -> tuple[dict[str, torch.Tensor], str, dict[str, list[str]]]:
     """The state dict in a checkpoint file under today's names, what kind of file it was, and the entries that are
     no model weights (by reason)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a Lightning .ckpt keeps Python objects beside the weights; a broken file raises anything
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise UserError(f"{flag} {path}: cannot read it as a PyTorch checkpoint ({type(e).__name__}: {e}). "
-                            f"Give a released model (.pth or .ckpt) or a checkpoint of this script. "
-                            f"{WHERE_TO_GET}") from e
+    state, stood_in = load_torch_file(path, flag, "Give a released model (.pth or .ckpt) or a checkpoint of this "
+                                      f"script. {WHERE_TO_GET}", stand_ins=True)
     kind = "state dict"
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state, kind = state["state_dict"], "Lightning checkpoint"
@@ -2419,6 +2468,9 @@ def read_weights(path: Path, flag: str) -> tuple[dict[str, torch.Tensor], str, d
         raise UserError(f"{flag} {path}: the file holds {type(state).__name__}, not a model's weights (a dict of "
                         f"tensors). Give a released model or a checkpoint of this script. {WHERE_TO_GET}")
     weights, dropped, renamed = {}, {}, False
+    if stood_in:
+        dropped["Python objects the file names beside the weights (settings of the tool that saved it): never "
+                "built, nothing of them ran"] = stood_in
     for key, value in state.items():
         key = key.removeprefix("module.")  # DataParallel's wrapper
         if key.startswith("beam_search."):
@@ -2903,10 +2955,7 @@ class LanguageModel:
 def read_lm(path: Path, vocab: Vocabulary) -> tuple[nn.Module, dict]:
     """The model in an lm.pt of --mode lm (an NgramLM or a UnitLM), and the file's other entries; refused
     unless its units are the vocabulary's, in the same order."""
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file raises anything
-        raise UserError(f"--lm {path}: cannot read it ({type(e).__name__}: {e}). Train one with --mode lm.") from e
+    saved, _ = load_torch_file(path, "--lm", "Train one with --mode lm.")
     kinds = {"ngram": {"sentences", "order"}, "lstm": {"model", "dims"}}
     if not isinstance(saved, dict) or "vocab" not in saved or not kinds.get(saved.get("kind"), {None}) <= saved.keys():
         raise UserError(f"--lm {path}: not a language model of --mode lm.")
@@ -3318,7 +3367,9 @@ def epochs_that_fit(history: list[dict], cfg: Config, elapsed: float) -> int:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every generator's state as tensors and plain data (what a weights-only load reads back)."""
+    name, keys, *rest = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": (name, keys.tolist(), *rest)}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -3327,7 +3378,8 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]  # keys: a list, or (checkpoints before 2026-12-07) an array
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -3352,11 +3404,8 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, epoch: int,
 def load_checkpoint(path: Path) -> dict:
     if not Path(path).exists():
         raise UserError(f"No checkpoint at {path}: train first (--mode train), or name one with --checkpoint.")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a file cut short or of another kind; torch raises many types here
-        raise UserError(f"Cannot read the checkpoint {path} ({type(e).__name__}: {e}). It may be incomplete; "
-                        "use the other checkpoint in that folder (last.pt / best.pt).") from e
+    state, _ = load_torch_file(path, "The checkpoint", "If it was cut short, use the other checkpoint in its folder "
+                               "(last.pt / best.pt); give only checkpoints this tool wrote.")
     if not isinstance(state, dict) or not {"model", "config", "vocab", "epoch"} <= state.keys():
         raise UserError(f"{path} is not a checkpoint of this tool (it holds {type(state).__name__ if not isinstance(state, dict) else 'weights alone, no settings or vocabulary'}). "
                         "To start training from its weights, pass it as --init-from; to test or decode, use a run's "
@@ -3811,7 +3860,8 @@ def averaged_weights(paths: list[Path]) -> dict[str, torch.Tensor]:
     batch counts) from the last."""
     total, dtypes = {}, {}
     for path in paths:
-        for k, v in torch.load(path, map_location="cpu").items():
+        for k, v in load_torch_file(path, "The epoch's weights", "Delete it; averaging then takes the epochs "
+                                    "kept beside it.")[0].items():
             dtypes[k] = v.dtype
             total[k] = total.get(k, 0) + v.double() if v.is_floating_point() else v
     return {k: (v / len(paths)).to(dtypes[k]) if dtypes[k].is_floating_point else v for k, v in total.items()}
@@ -4015,11 +4065,8 @@ def lm_dims(cfg: Config) -> dict:
 
 
 def resumable_lm(path: Path, cfg: Config, vocab: Vocabulary) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a file cut short or of another kind; torch raises many types here
-        raise UserError(f"Cannot read {path} ({type(e).__name__}: {e}): delete it to start the language model "
-                        "afresh.") from e
+    state, _ = load_torch_file(path, "The language model's checkpoint", "Delete it to start the language model "
+                               "afresh.")
     if Vocabulary.from_json(state["vocab"]).itos != vocab.itos or state["dims"] != lm_dims(cfg):
         raise UserError(f"{path} was trained with {state['dims']} over {len(state['vocab']['units'])} units; "
                         f"these settings ask for {lm_dims(cfg)} over {vocab.size}: resume with its settings, or "
@@ -5282,8 +5329,8 @@ def earlier_runs() -> list[Path]:
 
     def progress_of(run: Path):
         try:
-            epoch = torch.load(checkpoints_of(run) / "last.pt", map_location="cpu", weights_only=False, mmap=True)["epoch"]
-        except Exception:  # unreadable: tried last; resuming from it gives the clear error
+            epoch = load_torch_file(checkpoints_of(run) / "last.pt", "", "", mmap=True)[0]["epoch"]
+        except (UserError, TypeError, KeyError):  # unreadable: tried last; resuming from it gives the clear error
             epoch = -1
         return epoch, (checkpoints_of(run) / "last.pt").stat().st_mtime
     return sorted(runs, key=progress_of, reverse=True)
