@@ -35,7 +35,6 @@ import io
 import json
 import math
 import os
-import pickle
 import random
 import re
 import secrets
@@ -265,12 +264,27 @@ def checkpoints_of(work_dir) -> Path:
 CSV_ENCODING = "utf-8-sig"  # with a BOM: Excel then shows the Arabic as Arabic (and reading it accepts no BOM too)
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet runs a cell starting so as a formula
+
+
+def csv_cell(value):
+    """A text cell a spreadsheet would run as a formula (a job named =HYPERLINK(...), say), prefixed with ' so
+    that it shows as text (OWASP's advice); numbers, and text that reads as a number (-0.5), stay as they are."""
+    if not isinstance(value, str) or not value.startswith(FORMULA_STARTS):
+        return value
+    try:
+        float(value)
+        return value
+    except ValueError:
+        return "'" + value
+
+
 def csv_text(rows: list[dict], columns: list[str] | None = None) -> str:
     """Rows as CSV text; the columns, unless given, are every key any row has, in order of appearance."""
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=columns or list(dict.fromkeys(k for r in rows for k in r)))
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({k: csv_cell(v) for k, v in r.items()} for r in rows)
     return text.getvalue()
 
 
@@ -323,13 +337,15 @@ def load_torch_file(path: Path, what: str, hint: str, *, stand_ins: bool = False
     try:
         with torch.serialization.safe_globals(NUMPY_ARRAYS + [(StandIn, name) for name in names]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap), names
-    except pickle.UnpicklingError as e:
-        named = code_in(path) or re.findall(r"GLOBAL (\S+)", str(e))[:1] or ["an object it cannot build"]
-        raise UserError(f"{what} {path} names Python code to run as it loads ({', '.join(named[:5])}); this tool "
-                        "never runs code from a file, so it was not read, and nothing of it ran. Ask whoever made it "
-                        "for the weights alone (a state dict), or use a file this tool wrote.") from e
     except Exception as e:  # a file cut short or of another kind; torch raises many types here
-        raise UserError(f"{what} {path}: cannot read it ({type(e).__name__}: {e}). {hint}") from e
+        reason = next((line.strip() for line in str(e).split("WeightsUnpickler error:")[-1].splitlines()
+                       if line.strip()), type(e).__name__)
+        named = code_in(path) or re.findall(r"GLOBAL (\S+)", reason)
+        if named or reason.startswith(("Can only", "Trying to call reduce")):  # the unpickler refused an object
+            raise UserError(f"{what} {path} names Python code to run as it loads ({', '.join(named[:5]) or reason}); this "
+                            "tool never runs code from a file, so it was not read, and nothing of it ran. Ask whoever "
+                            "made it for the weights alone (a state dict), or use a file this tool wrote.") from e
+        raise UserError(f"{what} {path}: cannot read it as a PyTorch checkpoint ({reason}). {hint}") from e
 
 
 # Files the script uses but never downloads -------------------------------------------------------------------
@@ -404,25 +420,35 @@ def alive(pid: int, host: str) -> bool:
 def work_dir_lock(cfg: Config):
     """Held while a mode writes into --work-dir; a second run there stops at once and names the first."""
     path = Path(cfg.work_dir) / LOCK_FILE
-    mine = f"{os.getpid()} {socket.gethostname()}"
     holder = lock_holder(path)
     if holder and str(holder[0]) == os.environ.get(LOCK_OWNER):  # our own starter's
         yield
         return
+    with held_lock(path, cfg.work_dir, "run", "Wait for it to end, or use another --work-dir; to test or decode its "
+                   "checkpoints meanwhile, pass --checkpoint with another --work-dir."):
+        os.environ[LOCK_OWNER] = str(os.getpid())
+        try:
+            yield
+        finally:
+            os.environ.pop(LOCK_OWNER, None)
+
+
+@contextlib.contextmanager
+def held_lock(path: Path, where: str, by: str, instead: str):
+    """The lock file `path` names this process until the block ends; while a live process holds it, stop at once
+    and name that process (`where` is in use by another `by`; `instead` says what to do)."""
+    mine = f"{os.getpid()} {socket.gethostname()}"
+    holder = lock_holder(path)
     if holder and alive(*holder):
-        raise UserError(f"{cfg.work_dir} is in use by another run (process {holder[0]} on {holder[1]}; {path}). "
-                        "Wait for it to end, or use another --work-dir; to test or decode its checkpoints meanwhile, "
-                        "pass --checkpoint with another --work-dir.")
+        raise UserError(f"{where} is in use by another {by} (process {holder[0]} on {holder[1]}; {path}). {instead}")
     if holder:
         print(f"Taking over {path}: its process {holder[0]} on {holder[1]} is gone.")
     write_text(path, mine)
-    if lock_holder(path) != (os.getpid(), socket.gethostname()):  # another run took it at the same moment
-        raise UserError(f"{cfg.work_dir} was taken by another run starting at the same time ({path}).")
-    os.environ[LOCK_OWNER] = str(os.getpid())
+    if lock_holder(path) != (os.getpid(), socket.gethostname()):  # another one took it at the same moment
+        raise UserError(f"{where} was taken by another {by} starting at the same time ({path}).")
     try:
         yield
     finally:
-        os.environ.pop(LOCK_OWNER, None)
         if lock_holder(path) == (os.getpid(), socket.gethostname()):
             path.unlink(missing_ok=True)
 
@@ -2454,9 +2480,9 @@ WHERE_TO_GET = (f"ViSpeR's models, trained on 1,200 h of Arabic among five langu
                 "there is internet and pass its path (on Kaggle, attach it as a dataset: it is then found by name).")
 
 
-def read_weights(path: Path, flag: str) -> tuple[dict[str, torch.Tensor], str, dict[str, list[str]]]:
-    """The state dict in a checkpoint file under today's names, what kind of file it was, and the entries that are
-    no model weights (by reason)."""
+def read_weights(path: Path, flag: str) -> tuple[dict[str, torch.Tensor], str, dict[str, list[str]], list[str]]:
+    """The state dict in a checkpoint file under today's names, what kind of file it was, the entries that are
+    no model weights (by reason), and the Python objects beside them that stood in inert (by name)."""
     state, stood_in = load_torch_file(path, flag, "Give a released model (.pth or .ckpt) or a checkpoint of this "
                                       f"script. {WHERE_TO_GET}", stand_ins=True)
     kind = "state dict"
@@ -2468,9 +2494,6 @@ def read_weights(path: Path, flag: str) -> tuple[dict[str, torch.Tensor], str, d
         raise UserError(f"{flag} {path}: the file holds {type(state).__name__}, not a model's weights (a dict of "
                         f"tensors). Give a released model or a checkpoint of this script. {WHERE_TO_GET}")
     weights, dropped, renamed = {}, {}, False
-    if stood_in:
-        dropped["Python objects the file names beside the weights (settings of the tool that saved it): never "
-                "built, nothing of them ran"] = stood_in
     for key, value in state.items():
         key = key.removeprefix("module.")  # DataParallel's wrapper
         if key.startswith("beam_search."):
@@ -2481,7 +2504,7 @@ def read_weights(path: Path, flag: str) -> tuple[dict[str, torch.Tensor], str, d
             if key.startswith(old):
                 key, renamed = new + key.removeprefix(old), True
         weights[key] = value
-    return weights, kind + (" with pre-2025 names" if renamed else ""), dropped
+    return weights, kind + (" with pre-2025 names" if renamed else ""), dropped, stood_in
 
 
 def fitting_presets(weights: dict[str, torch.Tensor], cfg: Config, vocab_size: int) -> list[str]:
@@ -2569,7 +2592,7 @@ def load_weights_file(model: nn.Module, cfg: Config, name: str, parts: list[str]
     """The file of setting `name` into the `parts` of `model`, its keys renamed by `rename`; reported."""
     flag = "--" + name.replace("_", "-")
     path = find_given(getattr(cfg, name), flag, WHERE_TO_GET, Path(cfg.work_dir))
-    weights, kind, skipped = read_weights(path, flag)
+    weights, kind, skipped, objects = read_weights(path, flag)
     weights = {rename(k): v for k, v in weights.items()}
     own = model.state_dict()
     chosen, more, wrong = choose_weights(weights, own, parts, cfg)
@@ -2584,7 +2607,8 @@ def load_weights_file(model: nn.Module, cfg: Config, name: str, parts: list[str]
     model.load_state_dict(chosen, strict=False)
     missing = [k for k in own if k.split(".")[0] in parts and k not in weights]
     report = {"file": str(path), "kind": kind, "loaded": dict(Counter(k.split(".")[0] for k in chosen)),
-              "values": sum(v.numel() for v in chosen.values()), "skipped": skipped, "missing": missing}
+              "values": sum(v.numel() for v in chosen.values()), "skipped": skipped, "missing": missing,
+              "objects": objects}
     write_init_report(report, flag, Path(cfg.work_dir) / "diagnostics" / f"{name}.txt")
     return report
 
@@ -2595,6 +2619,9 @@ def write_init_report(report: dict, flag: str, path: Path) -> None:
     head = [f"{flag} {report['file']} ({report['kind']}): {sum(report['loaded'].values())} weights loaded "
             f"({', '.join(f'{p} {n}' for p, n in report['loaded'].items())}; {report['values']:,} values)"]
     head += [f"  skipped {len(keys)}, {why}: {by_part(keys)}" for why, keys in report["skipped"].items()]
+    if report["objects"]:  # a Lightning checkpoint's settings, say: what the file names is never called
+        head.append(f"  not built: the Python objects the file names beside its weights ({', '.join(report['objects'])}); "
+                    "nothing of them ran")
     head.append(f"  missing {len(report['missing'])} (they keep their random start): {by_part(report['missing'])}"
                 if report["missing"] else "  missing: none")
     print("\n".join(head))
@@ -3401,6 +3428,14 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, epoch: int,
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+def saved_epoch(path: Path) -> int | None:
+    """The epoch a checkpoint holds (its tensors left on disk), or None where there is none to read."""
+    try:
+        return load_torch_file(path, "", "", mmap=True)[0]["epoch"] if path.exists() else None
+    except (UserError, TypeError, KeyError):
+        return None
+
+
 def load_checkpoint(path: Path) -> dict:
     if not Path(path).exists():
         raise UserError(f"No checkpoint at {path}: train first (--mode train), or name one with --checkpoint.")
@@ -3440,7 +3475,23 @@ def checkpoint_path(cfg: Config) -> Path:
     averaged, last = folder / "averaged.pt", folder / "last.pt"
     if averaged.exists() and (not last.exists() or averaged.stat().st_mtime_ns >= last.stat().st_mtime_ns):
         return averaged
-    return folder / "best.pt"
+    return best_of_run(folder, cfg.decoder)
+
+
+def best_of_run(folder: Path, decoder: str) -> Path:
+    """best.pt; or last.pt where the run was stopped while copying its best epoch, the newest, to best.pt."""
+    best, last = folder / "best.pt", folder / "last.pt"
+    try:
+        state = load_torch_file(last, "", "", mmap=True)[0]
+        history, epoch = state["history"], state["epoch"]
+    except (UserError, TypeError, KeyError):  # no run beside it: best.pt as it is
+        return best
+    best_epoch = best_row(history, decoder)["epoch"] if history else None
+    if best_epoch != epoch or saved_epoch(best) == best_epoch:
+        return best
+    print(f"{best} does not hold the run's best epoch ({best_epoch}; the run was stopped while writing it): reading "
+          "last.pt, which does (--resume restores best.pt).")
+    return last
 
 
 def model_from_checkpoint(path: Path, cfg: Config, device, state: dict | None = None
@@ -3945,17 +3996,21 @@ def previous_run(cfg: Config, vocab: Vocabulary) -> dict | None:
 
 
 def restore_best(state: dict, cfg: Config, ckpt_dir: Path) -> None:
-    """A run killed while it wrote best.pt for its newest epoch has that epoch's weights in last.pt alone."""
+    """A run killed, or out of disk, while it copied its newest epoch to best.pt has that epoch's weights in last.pt
+    alone: best.pt is missing, or still holds an earlier epoch."""
     best, history = ckpt_dir / "best.pt", state["history"]
-    if best.exists() or not history:
+    if not history:
         return
-    best_epoch = best_row(history, cfg.decoder)["epoch"]
+    best_epoch, held = best_row(history, cfg.decoder)["epoch"], saved_epoch(best)
+    if held == best_epoch:
+        return
+    was = "was missing" if held is None else f"held epoch {held}"
     if best_epoch == state["epoch"]:
         atomic_write(best, lambda tmp: shutil.copyfile(ckpt_dir / "last.pt", tmp))
-        print(f"{best} was missing (the run was stopped while writing it): restored from last.pt, epoch {best_epoch}.")
+        print(f"{best} {was} (the run was stopped while writing it): restored from last.pt, epoch {best_epoch}.")
     else:
-        print(f"warning: {best} is missing and its epoch ({best_epoch}) is not last.pt's ({state['epoch']}): "
-              "it cannot be restored; a better epoch from now on makes a new one.")
+        print(f"warning: {best} {was}, and the best epoch ({best_epoch}) is not last.pt's ({state['epoch']}): it "
+              "cannot be restored; a better epoch from now on makes a new one.")
 
 
 def apply_new_rates(optimizer, scheduler, cfg: Config) -> None:
@@ -5446,9 +5501,10 @@ def train_under_torchrun(cfg: Config, processes: int) -> dict:
 #    through server-sent events. Built on FastAPI and uvicorn, optional packages (README).
 # ---------------------------------------------------------------------------------------------------------
 
-SERVE_STATES = ("queued", "preprocessing", "decoding", "done", "failed", "cancelled")
+SERVE_STATES = ("queued", "reading", "preprocessing", "decoding", "done", "failed", "cancelled")
 FINISHED = ("done", "failed", "cancelled")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+SERVE_LOCK = "serve/.lock"  # one server a work dir: a second would remove the first's uploads as half-received
 PREVIEW_FRAMES = 8  # mouth-crop frames side by side in a job's preview
 RESULT_COLUMNS = ["job", "name", "rank", "text", "score", "frames", "seconds", "beam_size"]
 
@@ -5563,6 +5619,7 @@ class JobBoard:
         self.root = Path(cfg.work_dir) / "serve" / "jobs"
         self.root.mkdir(parents=True, exist_ok=True)
         self.jobs: dict[str, Job] = {}
+        self.arriving = 0  # uploads whose body is still coming, each holding a place in the queue
         self.earlier_results()
         self.pool = concurrent.futures.ThreadPoolExecutor(cfg.serve_jobs, thread_name_prefix="lipread")
 
@@ -5602,15 +5659,25 @@ class JobBoard:
     def waiting(self) -> list[Job]:
         return sorted((j for j in self.jobs.values() if j.state == "queued"), key=lambda j: j.created)
 
-    def submit(self, job: Job) -> bool:
-        """Queue the job; False (nothing queued) when the queue is full."""
+    def hold_place(self) -> bool:
+        """A place in the queue for an upload about to arrive, taken before its body is read, so that uploads
+        waiting and uploads arriving together stay within --serve-queue; False when none is free."""
         with self.lock:
-            if len(self.waiting()) >= self.cfg.serve_queue:
+            if len(self.waiting()) + self.arriving >= self.cfg.serve_queue:
                 return False
+            self.arriving += 1
+            return True
+
+    def free_place(self) -> None:
+        with self.lock:
+            self.arriving -= 1
+
+    def submit(self, job: Job) -> None:
+        """Queue the job, in the place its upload held."""
+        with self.lock:
             self.jobs[job.id] = job
         self.save(job)
         self.pool.submit(self.work_on, job)
-        return True
 
     def view(self, job: Job) -> dict:
         out = job.result()
@@ -5619,9 +5686,18 @@ class JobBoard:
             out["detail"] = f"waiting its turn: {ahead} ahead" if ahead else "next in line"
         return out
 
+    def start(self, job: Job) -> bool:
+        """The job leaves the queue (False: it was cancelled there). One step under the board's lock, as a cancel
+        is, so that a cancel at the same moment finds it either still waiting or started, never a mixture."""
+        with self.lock:
+            if job.cancel.is_set():
+                return False
+            job.set("reading", "reading the video")
+            return True
+
     def work_on(self, job: Job) -> None:
         try:
-            if job.state == "cancelled":  # while it waited
+            if not self.start(job):
                 raise JobCancelled
             self.reader.read(job)
             job.set("done", "done", 1.0)
@@ -5637,8 +5713,8 @@ class JobBoard:
         self.save(job)
 
     def cancel(self, job: Job) -> None:
-        job.cancel.set()
         with self.lock:
+            job.cancel.set()
             if job.state == "queued":
                 job.set("cancelled", "cancelled before it started")
 
@@ -5659,22 +5735,67 @@ def accepted_types(cfg: Config) -> list[str]:
     return sorted(kinds)
 
 
-async def receive_upload(request, job: Job, ext: str, limit: int) -> str:
-    """The request's body into the job's folder, refused past `limit` bytes; the file is named by its hash."""
+class UploadRefused(Exception):
+    """Why an upload is not kept, and the HTTP status that says so (None: its client went away)."""
+
+    def __init__(self, status: int | None, why: str):
+        super().__init__(why)
+        self.status = status
+
+
+async def receive_upload(request, job: Job, ext: str, limit: int, timeout: float) -> None:
+    """The request's body into the job's folder, the file named by its hash. Refused past `limit` bytes; when it
+    pauses `timeout` seconds, or comes slower than a MB per `timeout` seconds (a client holding a place in the
+    queue with a trickle); when its client goes away (UploadRefused each time)."""
+    import asyncio
+
+    from starlette.requests import ClientDisconnect
+
     digest, size, part = hashlib.sha256(), 0, job.folder / ".upload.part"
+    chunks, start = request.stream(), time.monotonic()
     with open(part, "wb") as f:
-        async for chunk in request.stream():
+        while True:
+            left = start + timeout * (1 + size / 2 ** 20) - time.monotonic()
+            try:
+                chunk = await asyncio.wait_for(anext(chunks, None), max(0.0, min(timeout, left)))
+            except asyncio.TimeoutError:
+                raise UploadRefused(408, f"{job.name}: the upload stopped for {timeout:g} s, or came slower than "
+                                         f"1 MB per {timeout:g} s (--serve-timeout), so it was dropped: send it "
+                                         "again, over a faster connection or as a shorter clip") from None
+            except ClientDisconnect:
+                raise UploadRefused(None, "its client went away before the upload ended; nothing was kept") from None
+            if chunk is None:
+                break
             size += len(chunk)
             if size > limit:
-                break
+                raise UploadRefused(413, f"{job.name}: the upload is too large (over {limit / 2 ** 20:g} MB)")
             digest.update(chunk)
             f.write(chunk)
-    if size > limit or size == 0:
-        part.unlink()
-        return "too large" if size else "empty"
+    if size == 0:
+        raise UploadRefused(400, f"{job.name}: the upload is empty")
     job.upload = job.folder / f"{digest.hexdigest()[:32]}{ext}"
     os.replace(part, job.upload)
-    return ""
+
+
+def declared_size_problem(path: Path) -> str:
+    """Why a received video is refused by the size it declares, read from its header alone (an .npz of zeros,
+    small on disk and gigabytes decoded; a video declaring millions of frames), or ''. A header that cannot be
+    read is left to the job: reading the file says what is wrong with it."""
+    if path.suffix.lower() in (".npy", ".npz"):
+        try:
+            shape, _ = array_header(path)
+        except (OSError, EOFError, ValueError, IndexError, KeyError, zipfile.BadZipFile):
+            return ""
+        return size_problem(*(list(shape) + [1, 1, 1])[:3]) if shape else ""
+    import cv2
+    video = cv2.VideoCapture(str(path))
+    try:
+        if not video.isOpened():
+            return ""
+        return size_problem(*(int(video.get(p)) for p in (cv2.CAP_PROP_FRAME_COUNT, cv2.CAP_PROP_FRAME_HEIGHT,
+                                                          cv2.CAP_PROP_FRAME_WIDTH)))
+    finally:
+        video.release()
 
 
 SERVE_PAGE = """<!doctype html>
@@ -5708,7 +5829,7 @@ SERVE_PAGE = """<!doctype html>
   .badge.done { background: #d5f1dd; color: #17602f; }
   .badge.failed { background: #fbdada; color: #8a1c1c; }
   .badge.cancelled { background: #eee; color: #666; }
-  .badge.preprocessing, .badge.decoding { background: #dfe7fb; color: #23459c; }
+  .badge.reading, .badge.preprocessing, .badge.decoding { background: #dfe7fb; color: #23459c; }
   .bar { height: 6px; background: #e4e7ee; border-radius: 3px; margin: 8px 0 4px; overflow: hidden; }
   .bar div { height: 100%; background: #3d6be0; width: 0; transition: width .2s; }
   .detail { font-size: 13px; color: #5b6477; }
@@ -5875,6 +5996,84 @@ fetch("/api/jobs").then((r) => r.json()).then((jobs) => {
 """
 
 
+# Requests from elsewhere ------------------------------------------------------------------------------------
+# A server on 127.0.0.1 is still reached by the pages its user visits. DNS rebinding: a page of the attacker's
+# site, its name made to resolve to 127.0.0.1, is the same origin as this server to the browser and may read it;
+# its requests still carry the attacker's name in Host, so only this server's own names are answered. A page of
+# another site may also send requests without reading them (a form, fetch in no-cors mode): the browser names
+# where they come from (Origin, Sec-Fetch-Site), and those that would change something are refused.
+
+HOST_HEADER = re.compile(r"([a-z0-9._-]+|\[[0-9a-f:.]+\])(:[0-9]{1,5})?", re.IGNORECASE)
+
+
+def allowed_hosts(cfg: Config) -> list[str]:
+    return [name.strip().lower() for name in cfg.serve_allowed_hosts.split(",") if name.strip()]
+
+
+def host_allowed(host: str, allowed: list[str]) -> bool:
+    """Whether a Host header names this server: an IP address, localhost, or a name --serve-allowed-hosts
+    allows (.example.com: it and its subdomains; *: any)."""
+    import ipaddress
+    match = HOST_HEADER.fullmatch(host)
+    if not match:
+        return False
+    name = match[1].strip("[]").lower().rstrip(".")
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        pass
+    return name == "localhost" or any(a == "*" or name == a.lstrip(".") or (a.startswith(".") and name.endswith(a))
+                                      for a in allowed)
+
+
+def same_origin(origin: str, host: str) -> bool:
+    """Whether a browser's Origin names the server as the Host header does: the same name and port. Not the same
+    scheme: a tunnel or proxy that adds HTTPS (localtunnel's) brings https origins to this plain http server."""
+    import urllib.parse
+    try:
+        theirs, here = urllib.parse.urlsplit(origin), urllib.parse.urlsplit("//" + host)
+        default = {"http": 80, "https": 443}[theirs.scheme]
+        return theirs.hostname is not None and (theirs.hostname, theirs.port or default) == (here.hostname,
+                                                                                            here.port or default)
+    except (KeyError, ValueError):
+        return False
+
+
+def foreign_request(method: str, headers: dict[str, str], allowed: list[str]) -> tuple[int, str] | None:
+    """The status and message refusing a request from elsewhere, or None. A request without Origin (curl, a
+    script) is no page's, and passes."""
+    host = headers.get("host", "")
+    if not host_allowed(host, allowed):
+        return 400, (f"{host or 'a request without a Host header'}: this server answers to its IP address and "
+                     "localhost only, a guard against DNS rebinding; open it by its address (http://127.0.0.1:PORT/), "
+                     "or name it in --serve-allowed-hosts when it is served under that name")
+    if method in ("GET", "HEAD"):
+        return None
+    origin = headers.get("origin")
+    if headers.get("sec-fetch-site") == "cross-site" or (origin is not None and not same_origin(origin, host)):
+        return 403, (f"a page of another site ({origin or 'cross-site'}) may not change anything on this server: "
+                     "use the server's own page, or its API from a program")
+    return None
+
+
+class RefuseForeignRequests:
+    """The app's first step (an ASGI middleware): requests foreign_request refuses get their answer here, before
+    their body is read."""
+
+    def __init__(self, app, allowed: list[str]):
+        self.app, self.allowed = app, allowed
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+            refusal = foreign_request(scope["method"], headers, self.allowed)
+            if refusal:
+                from fastapi.responses import JSONResponse
+                return await JSONResponse({"detail": refusal[1]}, refusal[0])(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def serving_app(reader: LipReader, board: JobBoard, cfg: Config):
     """The FastAPI app: the page at /, the JSON API under /api (its own documentation at /docs)."""
     import asyncio
@@ -5884,6 +6083,7 @@ def serving_app(reader: LipReader, board: JobBoard, cfg: Config):
 
     app = FastAPI(title="master_all_avsr: lip reading", description="Upload a face video or a mouth clip; follow "
                   "it; read its n-best.")
+    app.add_middleware(RefuseForeignRequests, allowed=allowed_hosts(cfg))
     limit, types = int(cfg.max_upload_mb * 2 ** 20), accepted_types(reader.cfg)
 
     def job_of(job_id: str) -> Job:
@@ -5916,18 +6116,29 @@ def serving_app(reader: LipReader, board: JobBoard, cfg: Config):
         if int(request.headers.get("content-length") or 0) > limit:
             raise HTTPException(413, f"{name} is over the upload limit of {cfg.max_upload_mb:g} MB (--max-upload-mb): "
                                      "send a shorter clip, or cut its mouth first (--mode preprocess)")
-        job = board.new_job(name, beam_size, min(nbest, beam_size))
-        problem = await receive_upload(request, job, ext, limit)
-        if problem:
-            shutil.rmtree(job.folder)
-            too_large = problem == "too large"
-            raise HTTPException(413 if too_large else 400,
-                                f"{name}: the upload is {problem}" + f" (over {cfg.max_upload_mb:g} MB)" * too_large)
-        if not board.submit(job):
-            shutil.rmtree(job.folder)
-            raise HTTPException(429, f"{cfg.serve_queue} uploads are already waiting (--serve-queue): try again "
-                                     "when some are done")
+        if not board.hold_place():  # before the body is read: a crowd of uploads is refused, not received
+            raise HTTPException(429, f"{cfg.serve_queue} uploads are already waiting or arriving (--serve-queue): "
+                                     "try again when some are done")
+        try:
+            job = board.new_job(name, beam_size, min(nbest, beam_size))
+            try:
+                await receive_upload(request, job, ext, limit, cfg.serve_timeout)
+                await asyncio.to_thread(refuse_by_declared_size, job)
+            except UploadRefused as e:
+                shutil.rmtree(job.folder, ignore_errors=True)
+                if e.status is None:
+                    print(f"{name!r}: {e}", file=sys.stderr)  # one line; the client will not read an answer
+                stalled = {"Connection": "close"} if e.status == 408 else None  # its client sends nothing more
+                raise HTTPException(e.status or 400, str(e), headers=stalled) from None
+            board.submit(job)
+        finally:
+            board.free_place()
         return board.view(job)
+
+    def refuse_by_declared_size(job: Job) -> None:
+        problem = declared_size_problem(job.upload) if reader.cfg.modality != "audio" else ""
+        if problem:
+            raise UploadRefused(413, f"{job.name}: {problem}")
     upload.__annotations__["request"] = Request  # this file's annotations are strings, looked up in its globals
     app.post("/api/jobs", status_code=202)(upload)
 
@@ -5999,6 +6210,52 @@ def port_is_free(host: str, port: int) -> bool:
     return True
 
 
+def protocol_with_deadlines(timeout: float):
+    """uvicorn's HTTP/1.1 protocol (h11's) with a deadline for each request's headers: they must have come
+    `timeout` seconds after the connection opened or the answer before went out, else the connection is closed
+    (with a 408 when part of a request came). uvicorn 0.55 times only a connection left idle after an answer
+    (timeout_keep_alive), so a client sending nothing, or its headers a byte at a time, held one for ever. A
+    request's body has its own time: receive_upload's."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class ProtocolWithDeadlines(H11Protocol):
+        deadline, heard = None, False
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self.start_deadline()
+
+        def data_received(self, data: bytes) -> None:
+            self.heard = True
+            super().data_received(data)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self.start_deadline()
+
+        def connection_lost(self, exc):
+            self.deadline.cancel()
+            super().connection_lost(exc)
+
+        def start_deadline(self) -> None:
+            if self.deadline:
+                self.deadline.cancel()
+            self.heard = False
+            self.deadline = self.loop.call_later(timeout, self.too_slow)
+
+        def too_slow(self) -> None:
+            if self.transport.is_closing() or (self.cycle and not self.cycle.response_complete):
+                return  # a request is being answered
+            if self.heard:
+                why = json.dumps({"detail": f"the request's headers did not all come within {timeout:g} s "
+                                            "(--serve-timeout)"}).encode()
+                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                                     b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(why), why))
+            self.transport.close()
+
+    return ProtocolWithDeadlines
+
+
 def serve(cfg: Config):
     """--mode serve: the page and the API on --host:--port until Ctrl-C; in a notebook, in the background of its
     kernel (the uvicorn Server returned; `.should_exit = True` stops it)."""
@@ -6010,6 +6267,15 @@ def serve(cfg: Config):
                         f"has both). ({e})") from e
     if not port_is_free(cfg.host, cfg.port):
         raise UserError(f"{cfg.host}:{cfg.port} is taken (another server?): choose another with --port.")
+    with contextlib.ExitStack() as lock:  # a training run may hold the work dir's own lock: serving writes in serve/
+        lock.enter_context(held_lock(Path(cfg.work_dir) / SERVE_LOCK, cfg.work_dir, "server", "Stop it first "
+                                     "(Ctrl-C where it runs), or serve from another --work-dir (--checkpoint "
+                                     "names the model)."))
+        return serve_holding_the_lock(cfg, lock)
+
+
+def serve_holding_the_lock(cfg: Config, lock: contextlib.ExitStack):
+    import uvicorn
     scratch = Path(cfg.work_dir) / "serve" / "tmp"  # libraries' own temporary files (onnxruntime's, say) go here too
     scratch.mkdir(parents=True, exist_ok=True)
     os.environ["TMPDIR"] = tempfile.tempdir = str(scratch)
@@ -6023,12 +6289,18 @@ def serve(cfg: Config):
           f"(the API: {url}docs); uploads up to {cfg.max_upload_mb:g} MB; jobs under {board.root}. "
           + ("It runs while this kernel does." if in_notebook() else "Ctrl-C stops."), flush=True)
     app = serving_app(reader, board, cfg)
+    settings = dict(host=cfg.host, port=cfg.port, log_level="warning", http=protocol_with_deadlines(cfg.serve_timeout))
     if in_notebook():  # the kernel's event loop owns this thread: the server gets a thread and a loop of its own
-        server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning"))
-        threading.Thread(target=server.run, name="serve", daemon=True).start()
+        server = uvicorn.Server(uvicorn.Config(app, **settings))
+        held = lock.pop_all()  # the lock goes with the server's thread, released when it ends
+
+        def run_holding_the_lock():
+            with held:
+                server.run()
+        threading.Thread(target=run_holding_the_lock, name="serve", daemon=True).start()
         return server
     try:
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+        uvicorn.run(app, **settings)
     finally:
         board.stop()
 

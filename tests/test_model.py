@@ -295,6 +295,9 @@ def test_auto_avsr_weights_load_into_base_in_each_layout(layout, base_model, tmp
     out = capsys.readouterr().out
     assert "762 weights loaded (frontend 120, proj_encoder 2, encoder 482, decoder 158; 238,768,480 values)" in out
     assert "skipped 5, vocabulary-sized" in out and "missing: none" in out
+    assert report["objects"] == (["argparse.Namespace"] if layout == "lightning" else [])
+    assert ("not built: the Python objects the file names beside its weights (argparse.Namespace)" in out) == (
+        layout == "lightning")
     written = (tmp_path / "w" / "diagnostics" / "init_from.txt").read_text(encoding="utf-8")
     assert "skipped (vocabulary-sized: 5049 units there, 230 here): ctc.ctc_lo.weight" in written
 

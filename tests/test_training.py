@@ -603,6 +603,27 @@ def test_a_best_pt_lost_while_written_in_the_last_epoch_is_restored_on_resume_an
         m.train(fast_cfg(work, epochs=2))
 
 
+def test_a_best_pt_left_at_an_earlier_epoch_by_a_kill_while_copying_is_not_tested_and_is_restored(tmp_path, capsys):
+    work = tmp_path / "w"
+    m.run_train(fast_cfg(work, epochs=1, decoder="ctc"))
+    folder = work / "checkpoints"
+    earlier = (folder / "best.pt").read_bytes()  # epoch 1's
+    m.run_train(fast_cfg(work, epochs=2, decoder="ctc", resume=True))
+    state = torch.load(folder / "last.pt", weights_only=True)
+    for cer, row in zip((0.9, 0.8), state["history"]):  # epoch 2 the best
+        row["val_cer_ctc"] = cer
+    torch.save(state, folder / "last.pt")
+    (folder / "best.pt").write_bytes(earlier)  # killed (or out of disk) while copying last.pt to best.pt
+    capsys.readouterr()
+    assert m.checkpoint_path(fast_cfg(work, decoder="ctc")) == folder / "last.pt"
+    assert "does not hold the run's best epoch (2" in capsys.readouterr().out
+    resumed = m.run_train(fast_cfg(work, epochs=2, decoder="ctc", resume=True))
+    assert "best.pt held epoch 1 (the run was stopped while writing it): restored from last.pt, epoch 2" in \
+        capsys.readouterr().out and resumed["test"]["n"] == 6
+    assert torch.load(folder / "best.pt", weights_only=True)["epoch"] == 2
+    assert m.checkpoint_path(fast_cfg(work, decoder="ctc")) == folder / "best.pt"
+
+
 def test_a_learning_rate_or_weight_decay_given_anew_on_resume_takes_effect(tmp_path, capsys):
     work = tmp_path / "w"
     m.train(fast_cfg(work, epochs=1))
