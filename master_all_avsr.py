@@ -527,9 +527,17 @@ def normalize_unit(unit: str) -> str:
     return base + "".join(sorted(marks, key=lambda m: m != SHADDA))
 
 
+def drop_invisible(text: str) -> str:
+    """Text without Unicode's format characters (category Cf): the direction marks an editor adds around Arabic
+    (U+200E, U+200F, U+061C), zero-width joiners, a stray BOM. They carry no sound, and would each be an unknown,
+    invisible unit."""
+    return "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
+
+
 def split_units(text: str) -> list[list[str]]:
-    """Text -> words -> units. NFC joins decomposed letters (alef + hamza -> أ); tatweel and spacing drop."""
-    text = unicodedata.normalize("NFC", text).replace(TATWEEL, "")
+    """Text -> words -> units. NFC joins decomposed letters (alef + hamza -> أ); tatweel, spacing and invisible
+    format characters drop."""
+    text = drop_invisible(unicodedata.normalize("NFC", text)).replace(TATWEEL, "")
     words = []
     for word in text.split():
         units: list[str] = []
@@ -764,12 +772,13 @@ def read_label(path: Path) -> str:
     """A CSV with a `word` column (one word a row) or a `text` column; a row with more fields than the header
     (`w1,w2` unquoted) gives all its words."""
     raw = Path(path).read_bytes()
-    rows = list(csv.DictReader(raw.decode(label_encoding(raw)).splitlines()))
+    rows = list(csv.DictReader(drop_invisible(raw.decode(label_encoding(raw))).splitlines()))
     if not rows:
         return ""
-    column = next((c for c in ("word", "text") if c in rows[0]), None)
-    if column is None:
-        raise ValueError(f"no 'word' or 'text' column (columns: {', '.join(rows[0])})")
+    names = {c.strip().lower(): c for c in rows[0] if c is not None}  # " Word" as Excel may save it
+    column = names.get("word", names.get("text"))
+    if column is None:  # repr: a name with an invisible or odd character shows it
+        raise ValueError(f"no 'word' or 'text' column (columns: {', '.join(map(repr, rows[0]))})")
     return " ".join(" ".join([r[column] or "", *r.get(None, [])]).strip() for r in rows).strip()
 
 
@@ -1079,8 +1088,9 @@ def read_split_lists(folder: Path) -> dict[str, str]:
         if not path.exists():
             raise UserError(f"--split-lists {folder}: {path.name} is missing; it needs train.txt, val.txt "
                             "and test.txt, one clip name (or path) a line.")
-        try:
-            names = path.read_text(encoding="utf-8").split()
+        try:  # a line a name: names may hold spaces
+            names = [line.strip() for line in drop_invisible(path.read_text(encoding="utf-8-sig")).splitlines()
+                     if line.strip()]
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"Cannot read {path} ({e}); it needs one clip name a line, in UTF-8.") from e
         for line in names:

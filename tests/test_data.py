@@ -3,6 +3,7 @@ import json
 import os
 import random
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,8 @@ def test_every_bad_sample_is_skipped_reported_and_the_run_goes_on(cfg, dataset_c
     (videos / "synth_00008.mp4").unlink()
     (labels / "synth_00009.csv").write_text("words\nqala\n", encoding="utf-8")  # no `word` column
     (labels / "synth_00010.csv").write_bytes(b"word\n\xff\xfe\n")  # not UTF-8
+    (videos / "synth_00011.mp4").unlink()
+    np.save(videos / "synth_00011.npy", np.zeros((10_000, 8, 8), np.uint8))  # 6.7 minutes: refused by its header
     ds = load(cfg, data_dir=str(dataset_copy))
     reasons = report(cfg)
     assert reasons == {
@@ -93,9 +96,11 @@ def test_every_bad_sample_is_skipped_reported_and_the_run_goes_on(cfg, dataset_c
         "synth_00004.csv": "empty label: the CSV has no words",
         "synth_00005.csv": reasons["synth_00005.csv"], "synth_00006.csv": reasons["synth_00006.csv"],
         "synth_00007.npy": reasons["synth_00007.npy"], "synth_00008.npy": reasons["synth_00008.npy"],
-        "synth_00009.csv": "unreadable label: no 'word' or 'text' column (columns: words)",
-        "synth_00010.csv": reasons["synth_00010.csv"],
+        "synth_00009.csv": "unreadable label: no 'word' or 'text' column (columns: 'words')",
+        "synth_00010.csv": reasons["synth_00010.csv"], "synth_00011.npy": reasons["synth_00011.npy"],
     }
+    assert reasons["synth_00011.npy"].startswith("too large: it declares 10000 frames of 8 x 8") and "ffmpeg" in \
+        reasons["synth_00011.npy"]
     assert reasons["synth_00010.csv"].startswith("unreadable label: not UTF-8") and "save it as UTF-8" in reasons["synth_00010.csv"]
     assert reasons["synth_00002.mp4"].startswith("unreadable video")
     assert reasons["synth_00003.mp4"].startswith(("unreadable video", "truncated video"))
@@ -103,8 +108,23 @@ def test_every_bad_sample_is_skipped_reported_and_the_run_goes_on(cfg, dataset_c
     assert reasons["synth_00006.csv"].startswith("unknown units: e h l o")
     assert reasons["synth_00007.npy"].startswith("wrong frame size: 64 x 64")
     assert reasons["synth_00008.npy"].startswith("unreadable video")
-    assert len(ds.samples) == 24 - 11
-    assert "Skipped 11 file(s)" in capsys.readouterr().out
+    assert len(ds.samples) == 24 - 12
+    assert "Skipped 12 file(s)" in capsys.readouterr().out
+
+
+def test_direction_marks_and_other_invisible_characters_in_labels_and_headers_are_dropped(cfg, dataset_copy):
+    said = "\u0642\u064e\u0627\u0644\u064e"
+    (dataset_copy / "Csv" / "synth_00006.csv").write_text(f"\u200fword\n\u200f{said}\u200e\n", encoding="utf-8")
+    (dataset_copy / "Csv" / "synth_00007.csv").write_text(f" Text\u00a0\n\ufeff{said}\u200d \u061c{said}\n",
+                                                          encoding="utf-8")
+    ds = load(cfg, data_dir=str(dataset_copy))
+    samples = {s.stem: s for s in ds.samples}
+    assert report(cfg) == {}
+    assert samples["synth_00006"].text == said and samples["synth_00007"].text == f"{said} {said}"
+    assert samples["synth_00006"].ids == m.load_vocabulary(cfg).encode(said)[0]
+    (dataset_copy / "Csv" / "synth_00008.csv").write_text("w\u00f6rd\n" + said, encoding="utf-8")
+    with pytest.raises(ValueError, match="columns: 'w\u00f6rd'"):
+        m.read_label(dataset_copy / "Csv" / "synth_00008.csv")
 
 
 def test_unknown_units_can_be_mapped_to_unk(cfg, dataset_copy):
@@ -130,6 +150,32 @@ def test_a_video_that_decodes_fewer_frames_than_declared_is_truncated(monkeypatc
         m.read_video(tmp_path / "x.mp4")
 
 
+@pytest.mark.parametrize("declared", [2_000_000, 30])
+def test_a_video_too_large_decoded_is_refused_by_its_header_or_where_its_stream_outruns_it(monkeypatch, tmp_path,
+                                                                                          declared):
+    class EndlessCapture:  # a few kB on disk: a header declaring two million frames, or 30 and a stream without end
+        reads = 0
+        def __init__(self, path): pass
+        def isOpened(self): return True
+        def get(self, prop): return {7: declared, 3: 112, 4: 112}.get(prop, 25)  # count, width, height
+        def release(self): pass
+        def read(self):
+            EndlessCapture.reads += 1
+            return True, np.zeros((112, 112, 3), np.uint8)
+    import cv2
+    monkeypatch.setattr(cv2, "VideoCapture", EndlessCapture)
+    with pytest.raises(ValueError, match=f"too large: it declares {declared if declared > 30 else 1501} frames"):
+        m.read_video(tmp_path / "x.mp4")
+    assert EndlessCapture.reads == (0 if declared > 30 else m.LONGEST_CLIP + 1)
+    bomb = tmp_path / "bomb.npz"  # what np.savez_compressed writes of 1.4 GiB of zeros (1.5 MB), its header first
+    with zipfile.ZipFile(bomb, "w") as archive, archive.open("frames.npy", "w") as member:
+        np.lib.format.write_array_header_1_0(member, {"descr": "|u1", "fortran_order": False,
+                                                      "shape": (30_000, 224, 224)})
+        member.write(bytes(1000))
+    with pytest.raises(ValueError, match="too large: it declares 30000 frames of 224 x 224 \\(1.4 GiB decoded\\)"):
+        m.read_video(bomb)
+
+
 def test_split_is_deterministic_balanced_and_stable_when_clips_are_added():
     cfg = m.Config()
     stems = [f"{i:05d}" for i in range(4000)]
@@ -142,14 +188,18 @@ def test_split_is_deterministic_balanced_and_stable_when_clips_are_added():
     assert other_seed != first
 
 
-def test_split_lists_override_the_hash(cfg, synthetic_root, tmp_path, capsys):
+def test_split_lists_override_the_hash(cfg, dataset_copy, tmp_path, capsys):
+    synthetic_root = dataset_copy
+    for folder, ext in (("Preprocessed_Video", ".mp4"), ("Csv", ".csv")):  # a name with a space
+        (synthetic_root / folder / f"synth_00022{ext}").rename(synthetic_root / folder / f"synth 22{ext}")
     lists = tmp_path / "lists"
     lists.mkdir()
     (lists / "train.txt").write_text("\n".join(f"synth_{i:05d}" for i in range(20)) + "\n")
-    (lists / "val.txt").write_text("synth_00020\nsynth_00021.mp4\n")
-    (lists / "test.txt").write_text("synth_00022\nnot_there\n")
+    (lists / "val.txt").write_text("synth_00020\r\n  synth_00021.mp4\r\n\r\n")  # Windows' line ends, indented
+    (lists / "test.txt").write_text("synth 22\nnot_there\n")
     ds = load(cfg, data_dir=str(synthetic_root), split_lists=str(lists))
     assert [len(ds.subset(s)) for s in ("train", "val", "test")] == [20, 2, 1]
+    assert ds.samples[ds.subset("test")[0]].stem == "synth 22"
     assert "1 clip(s) named in" in capsys.readouterr().out
     with pytest.raises(m.UserError, match="test.txt is missing"):
         (lists / "test.txt").unlink()
