@@ -416,6 +416,23 @@ def alive(pid: int, host: str) -> bool:
         return True
 
 
+TEMPORARY = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}(\.\w+)?$")  # atomic_write's .NAME.PID.RANDOM.SUFFIX
+
+
+def remove_temporaries(folder: Path) -> int:
+    """Delete what atomic_write left under `folder` when its process was killed mid-write (that process gone);
+    -> how many."""
+    removed = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            found = TEMPORARY.match(name)
+            if found and int(found[1]) != os.getpid() and not alive(int(found[1]), socket.gethostname()):
+                with contextlib.suppress(FileNotFoundError):  # another process of the run may have got there first
+                    os.remove(os.path.join(root, name))
+                    removed += 1
+    return removed
+
+
 @contextlib.contextmanager
 def work_dir_lock(cfg: Config):
     """Held while a mode writes into --work-dir; a second run there stops at once and names the first."""
@@ -427,6 +444,8 @@ def work_dir_lock(cfg: Config):
     with held_lock(path, cfg.work_dir, "run", "Wait for it to end, or use another --work-dir; to test or decode its "
                    "checkpoints meanwhile, pass --checkpoint with another --work-dir."):
         os.environ[LOCK_OWNER] = str(os.getpid())
+        if remove_temporaries(Path(cfg.work_dir)):
+            print(f"Removed the temporary files a killed run left in {cfg.work_dir}.")
         try:
             yield
         finally:
@@ -3986,8 +4005,6 @@ def stalled_for(history: list[dict], cfg: Config) -> bool:
 def previous_run(cfg: Config, vocab: Vocabulary) -> dict | None:
     """The checkpoint to continue (checked before any data is read), or None for a fresh run."""
     ckpt_dir = checkpoints_of(cfg.work_dir)
-    for stale in ckpt_dir.glob(".*.pt.*"):  # temporary files of a run killed while saving
-        stale.unlink(missing_ok=True)  # (another process of the run may have got there first)
     last = ckpt_dir / "last.pt"
     if not cfg.resume:
         kept = [p for p in (last, ckpt_dir / "best.pt", ckpt_dir / "averaged.pt") if p.exists()]
@@ -6797,6 +6814,12 @@ def labels_beside(cfg: Config, vocab: Vocabulary) -> dict[str, list[int]]:
     return labels
 
 
+def shown_name(name: str) -> str:
+    """A file's name for a line of output: a tab, a line break or another unprintable character written as its
+    escape (\\n), so each clip keeps its one line."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in name)
+
+
 def write_decoded(path: Path, rows: list[dict]) -> None:
     if path.suffix.lower() == ".jsonl":
         write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
@@ -6832,7 +6855,8 @@ def run_decode(cfg: Config) -> list[tuple[str, list[tuple[str, float]]]]:
     out.sort()
     for name, hyps in out:
         for rank, (text, score) in enumerate(hyps, 1):
-            print(f"{name}\t{text}" if model_cfg.nbest == 1 else f"{name}\t{rank}\t{score:.4f}\t{text}")
+            shown = shown_name(name)
+            print(f"{shown}\t{text}" if model_cfg.nbest == 1 else f"{shown}\t{rank}\t{score:.4f}\t{text}")
     path = Path(cfg.output) if cfg.output else Path(cfg.work_dir) / "decode.csv"
     write_decoded(path, sorted(rows, key=lambda r: (r["name"], r["rank"])))
     print(f"Wrote {path}: {len(out)} clips" + (f"; {len(refs)} with a label of their name, CER "
@@ -6857,6 +6881,8 @@ def run_export(cfg: Config) -> dict:
     path = checkpoint_path(cfg)
     model, vocab, model_cfg = model_from_checkpoint(path, cfg, torch.device("cpu"))
     folder = Path(cfg.output) if cfg.output else Path(cfg.work_dir) / "export"
+    if folder.is_dir():
+        remove_temporaries(folder)  # of an export killed mid-write
     files = {"state_dict": folder / "model_state_dict.pth", "vocab": folder / "vocab.json",
              "onnx": folder / "encoder.onnx"}
     atomic_write(files["state_dict"], lambda tmp: torch.save(model.state_dict(), tmp))

@@ -175,3 +175,23 @@ def test_help_gives_every_flag_its_text_in_groups_with_examples():
     assert groups["time_budget"] == "training" and groups["beam_size"] == "test and decode"
     text = m.build_parser().format_help()
     assert "minutes; stop with a checkpoint" in text and "\ntraining:\n" in text and "examples:" in text
+
+
+def test_decode_prints_one_line_a_clip_whatever_its_name_holds(tmp_path, synthetic_root, capsys):
+    work = tmp_path / "run"
+    m.run_train(m.parse_config(["--preset", "tiny", "--input-size", "44", "--synthetic-clips", "24", "--epochs", "1",
+                                "--decoder", "ctc", "--work-dir", str(work)]))
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    frames = m.read_video(next((synthetic_root / "Preprocessed_Video").glob("*.mp4")))
+    names = ["two\nlines", "a\ttab", "=cmd|' -C calc'!A0", "\u0642\u064e\u0627\u0644\u064e \u200fmark"]
+    for name in names:
+        m.np.save(clips / f"{name}.npy", frames)
+    capsys.readouterr()
+    m.main(["--mode", "decode", "--work-dir", str(work), "--input", str(clips), "--nbest", "2", "--beam-size", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 * len(names) and all(len(line.split("\t")) == 4 for line in lines)
+    assert sorted({line.split("\t")[0] for line in lines}) == sorted(
+        ["two\\nlines", "a\\ttab", "=cmd|' -C calc'!A0", "\u0642\u064e\u0627\u0644\u064e \\u200fmark"])
+    written = m.csv.DictReader((work / "decode.csv").read_text(encoding="utf-8-sig").splitlines(keepends=True))
+    assert sorted({row["name"] for row in written}) == sorted(names[:2] + ["'" + names[2], names[3]])

@@ -121,3 +121,22 @@ def test_a_checkpoint_of_an_earlier_version_resumes_its_numpy_state_converted(ru
     result = m.run_train(m.parse_config(FAST + ["--epochs", "3", "--average-last", "2", "--resume", "--work-dir",
                                                 str(run)]))
     assert result["history"][-1]["epoch"] == 3
+
+
+def test_temporary_files_of_a_killed_save_are_removed_when_the_work_dir_is_next_locked(tmp_path, capsys):
+    work = tmp_path / "run"
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a process that was killed mid-write: its pid names no live process now
+    writing = subprocess.Popen(["sleep", "30"])  # one still writing
+    try:
+        left = [work / "checkpoints" / f".averaged.pt.{gone.pid}.0a1b2c3d.pt", work / "export" /
+                f".encoder.onnx.{gone.pid}.0a1b2c3d.onnx", work / "lm" / f".last.pt.{gone.pid}.0a1b2c3d.pt"]
+        kept = [work / "checkpoints" / f".last.pt.{writing.pid}.0a1b2c3d.pt", work / "checkpoints" / ".notes.txt"]
+        for path in left + kept:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"half")
+        with m.work_dir_lock(m.Config(work_dir=str(work))):
+            assert not any(p.exists() for p in left) and all(p.exists() for p in kept)
+        assert f"Removed the temporary files a killed run left in {work}" in capsys.readouterr().out
+    finally:
+        writing.kill()
