@@ -2386,38 +2386,62 @@ class UnitLM(nn.Module):
         return 2 * self.lstm.num_layers * self.lstm.hidden_size
 
 
+def ngram_tables(sentences: list[list[int]], order: int, vocab_size: int, sos_eos: int) -> dict[str, torch.Tensor]:
+    """The counts of an n-gram model, made once (--mode lm) and saved as the lookup reads them: for each order n,
+    the contexts seen (their n-1 units as one int64, digits in base vocab_size), sorted, where each one's followers
+    start, and the followers with their counts (below the top order, continuation counts: in how many contexts
+    the n-gram's last unit follows). Each sentence is read after order-1 sos and before its eos."""
+    if vocab_size ** order >= 2 ** 63:
+        raise UserError(f"--lm-order {order} over {vocab_size} units does not fit this model's 64-bit keys: use at "
+                        f"most {int(63 / math.log2(vocab_size))}.")
+    pad = order - 1
+    flat = np.concatenate([np.array([sos_eos] * pad + ids + [sos_eos], np.int64) for ids in sentences] or
+                          [np.zeros(0, np.int64)])
+    sentence = np.repeat(np.arange(len(sentences)), [len(ids) + order for ids in sentences])
+    starts = np.arange(max(len(flat) - pad, 0))
+    keys = np.zeros(len(starts), np.int64)  # each window of `order` units as one number
+    for j in range(order):  # Horner's rule, a unit at a time: no windows x order array
+        keys = keys * vocab_size + flat[j:len(starts) + j]
+    keys, counts = np.unique(keys[sentence[starts] == sentence[starts + pad]], return_counts=True)  # within a sentence
+    tables = {}
+    for n in range(order, 0, -1):
+        context = keys // vocab_size  # sorted with the keys
+        first = np.flatnonzero(np.r_[True, context[1:] != context[:-1]])
+        tables |= {f"contexts_{n}": torch.from_numpy(context[first]),
+                   f"first_{n}": torch.from_numpy(np.append(first, len(keys))),
+                   f"next_{n}": torch.from_numpy((keys % vocab_size).astype(np.int32)),
+                   f"counts_{n}": torch.from_numpy(counts.astype(np.int64))}
+        keys, counts = np.unique(keys % vocab_size ** (n - 1), return_counts=True)  # continuation counts below
+    return tables
+
+
 class NgramLM(nn.Module):
     """Interpolated Kneser-Ney over the units (one discount): each order's counts discounted, the mass taken
     given to the next lower order, whose counts are continuation counts (in how many contexts a unit follows);
-    below the unigrams, the uniform. The same calls as UnitLM: its state is each row's last order-1 tokens."""
+    below the unigrams, the uniform. The same calls as UnitLM: its state is each row's last order-1 tokens.
+    Reads ngram_tables as they are (memory-mapped from lm.pt): a context's followers by binary search."""
 
-    def __init__(self, sentences: list[list[int]], order: int, vocab_size: int, sos_eos: int, discount=0.75):
+    def __init__(self, tables: dict[str, torch.Tensor], order: int, vocab_size: int, sos_eos: int, discount=0.75):
         super().__init__()
-        self.sentences, self.order, self.vocab_size, self.sos = sentences, order, vocab_size, sos_eos
+        self.tables, self.order, self.vocab_size, self.sos = tables, order, vocab_size, sos_eos
         self.discount, self.cache = discount, {}
         self.register_buffer("where", torch.zeros(0), persistent=False)  # follows .to(device): the outputs' device
-        grams = Counter()  # every order-gram, each sentence after order-1 sos and before its eos
-        for ids in sentences:
-            seq = [sos_eos] * (order - 1) + ids + [sos_eos]
-            grams.update(tuple(seq[i:i + order]) for i in range(len(seq) - order + 1))
-        self.followers = {}  # order -> context -> (next ids, their counts, all counts, distinct next ids)
-        for n in range(order, 0, -1):
-            by_context: dict[tuple, dict[int, int]] = {}
-            for gram, count in grams.items():
-                by_context.setdefault(gram[:-1], {})[gram[-1]] = count
-            self.followers[n] = {h: (np.array(list(f)), np.array(list(f.values()), np.float64), sum(f.values()), len(f))
-                                 for h, f in by_context.items()}
-            grams = Counter(gram[1:] for gram in grams)  # continuation counts for the order below
+        self.followers = {n: [tables[f"{part}_{n}"].numpy() for part in ("contexts", "first", "next", "counts")]
+                          for n in range(1, order + 1)}
 
     def log_probs(self, context: tuple) -> np.ndarray:
         if context not in self.cache:
             p = np.full(self.vocab_size, 1.0 / self.vocab_size)
             for n in range(1, self.order + 1):
-                found = self.followers[n].get(context[len(context) - n + 1:] if n > 1 else ())
-                if found:
-                    ids, counts, total, distinct = found
-                    p = p * (self.discount * distinct / total)
-                    p[ids] += np.maximum(counts - self.discount, 0) / total
+                contexts, first, ids, counts = self.followers[n]
+                key = functools.reduce(lambda k, unit: k * self.vocab_size + unit, context[len(context) - n + 1:]
+                                       if n > 1 else (), 0)
+                i = np.searchsorted(contexts, key)
+                if i < len(contexts) and contexts[i] == key:
+                    seen, count = ids[first[i]:first[i + 1]], counts[first[i]:first[i + 1]].astype(np.float64)
+                    total = count.sum()
+                    p = p * (self.discount * len(seen) / total)
+                    p[seen] += np.maximum(count - self.discount, 0) / total
             self.cache[context] = np.log(p)
         return self.cache[context]
 
@@ -3011,9 +3035,10 @@ class LanguageModel:
 def read_lm(path: Path, vocab: Vocabulary) -> tuple[nn.Module, dict]:
     """The model in an lm.pt of --mode lm (an NgramLM or a UnitLM), and the file's other entries; refused
     unless its units are the vocabulary's, in the same order."""
-    saved, _ = load_torch_file(path, "--lm", "Train one with --mode lm.")
-    kinds = {"ngram": {"sentences", "order"}, "lstm": {"model", "dims"}}
-    if not isinstance(saved, dict) or "vocab" not in saved or not kinds.get(saved.get("kind"), {None}) <= saved.keys():
+    saved, _ = load_torch_file(path, "--lm", "Train one with --mode lm.", mmap=True)  # an n-gram's tables: as read
+    kinds = {"ngram": {"order"}, "lstm": {"model", "dims"}}
+    if not isinstance(saved, dict) or "vocab" not in saved or not kinds.get(saved.get("kind"), {None}) <= saved.keys() \
+            or saved["kind"] == "ngram" and not {"tables", "sentences"} & saved.keys():
         raise UserError(f"--lm {path}: not a language model of --mode lm.")
     units = Vocabulary.from_json(saved["vocab"]).itos
     if units != vocab.itos:
@@ -3021,7 +3046,11 @@ def read_lm(path: Path, vocab: Vocabulary) -> tuple[nn.Module, dict]:
                         + (" (the same number, other units or order)" if len(units) == vocab.size else "")
                         + ": train the language model with this run's vocabulary (--mode lm --work-dir RUN).")
     if saved["kind"] == "ngram":
-        return NgramLM(saved["sentences"], saved["order"], len(units), vocab.sos_eos, saved["discount"]), saved
+        if "tables" not in saved:  # an lm.pt of a version before 2026-12-07 kept its sentences, to be counted anew
+            print(f"--lm {path}: counting its sentences (written by an earlier version; --mode lm again saves the "
+                  "counts, read at once)")
+            saved["tables"] = ngram_tables(saved["sentences"], saved["order"], len(units), vocab.sos_eos)
+        return NgramLM(saved["tables"], saved["order"], len(units), vocab.sos_eos, saved["discount"]), saved
     lm = UnitLM(len(units), **saved["dims"])
     lm.load_state_dict(saved["model"])
     return lm.eval(), saved
@@ -4136,7 +4165,7 @@ def lm_perplexity(lm: nn.Module, sentences: list[list[int]], sos_eos: int, devic
 
 def lm_file(lm: nn.Module, cfg: Config, vocab: Vocabulary, epoch: int, val_perplexity: float) -> dict:
     if isinstance(lm, NgramLM):
-        return {"kind": "ngram", "sentences": lm.sentences, "order": lm.order, "discount": lm.discount,
+        return {"kind": "ngram", "tables": lm.tables, "order": lm.order, "discount": lm.discount,
                 "vocab": vocab.to_json(), "val_perplexity": val_perplexity}
     return {"kind": "lstm", "model": lm.state_dict(), "dims": lm_dims(cfg), "vocab": vocab.to_json(), "epoch": epoch,
             "val_perplexity": val_perplexity}
@@ -4169,9 +4198,10 @@ def lm_run_settings(cfg: Config) -> tuple[Config, Vocabulary]:
 
 
 def count_ngrams(cfg: Config, vocab: Vocabulary, device) -> dict:
-    """--mode lm --lm-kind ngram: the counts are the training; lm/lm.pt keeps the sentences they come from."""
+    """--mode lm --lm-kind ngram: the counts are the training; lm/lm.pt keeps them, to be read as they are."""
     sentences = lm_sentences(cfg, vocab)
-    lm = NgramLM(sentences["train"], cfg.lm_order, vocab.size, vocab.sos_eos)
+    lm = NgramLM(ngram_tables(sentences["train"], cfg.lm_order, vocab.size, vocab.sos_eos), cfg.lm_order, vocab.size,
+                 vocab.sos_eos)
     val = lm_perplexity(lm.to(device), sentences["val"], vocab.sos_eos, device)
     folder = Path(cfg.work_dir) / "lm"
     atomic_write(folder / LM_FILE, lambda tmp: torch.save(lm_file(lm, cfg, vocab, 0, val), tmp))

@@ -34,7 +34,8 @@ def main() -> None:
         print("| model | validation perplexity | seconds |\n| --- | --- | --- |")
         for order in range(2, 9):
             t0 = time.perf_counter()
-            lm = m.NgramLM(sentences["train"], order, vocab.size, vocab.sos_eos)
+            lm = m.NgramLM(m.ngram_tables(sentences["train"], order, vocab.size, vocab.sos_eos), order, vocab.size,
+                           vocab.sos_eos)
             perplexity = m.lm_perplexity(lm, sentences["val"], vocab.sos_eos, "cpu")
             print(f"| {order}-gram, Kneser-Ney | {perplexity:.2f} | {time.perf_counter() - t0:.1f} |", flush=True)
         for dim, layers, dropout, lr, epochs in LSTMS:

@@ -2,6 +2,7 @@
 and the error rates on cases worked out by hand."""
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -124,7 +125,7 @@ def language_model(kind):
     if kind == "ngram":
         sentences = [torch.randint(1, vocab.size - 1, (int(n),), generator=g).tolist()
                      for n in torch.randint(3, 12, (40,), generator=g)]
-        return m.NgramLM(sentences, 3, vocab.size, vocab.sos_eos)
+        return m.NgramLM(m.ngram_tables(sentences, 3, vocab.size, vocab.sos_eos), 3, vocab.size, vocab.sos_eos)
     torch.manual_seed(3)
     return m.UnitLM(vocab.size, 32, 2, 0.0).eval()
 
@@ -147,6 +148,51 @@ def test_the_language_models_term_follows_the_reference(trained, beam, kind):
             assert got[b][0][0] == [t for t in ended[0]["yseq"][1:] if t != eos], (beam, w, b)
             assert got[b][0][1] == pytest.approx(ended[0]["score"], abs=1e-4), (beam, w, b)
         assert [g[0][1] for g in got] != [p[0][1] for p in plain]  # the term counts
+
+
+def kneser_ney_reference(sentences, order, vocab_size, sos, context, discount=0.75):
+    """Interpolated Kneser-Ney counted the plain way, in dicts of tuples: p(. | context) over the vocabulary."""
+    grams = m.Counter()
+    for ids in sentences:
+        seq = [sos] * (order - 1) + ids + [sos]
+        grams.update(tuple(seq[i:i + order]) for i in range(len(seq) - order + 1))
+    by_order = {}
+    for n in range(order, 0, -1):
+        by_order[n] = grams
+        grams = m.Counter(gram[1:] for gram in grams)
+    p = [1.0 / vocab_size] * vocab_size
+    for n in range(1, order + 1):
+        history = tuple(context[len(context) - n + 1:]) if n > 1 else ()
+        follow = {g[-1]: c for g, c in by_order[n].items() if g[:-1] == history}
+        if follow:
+            total = sum(follow.values())
+            p = [q * discount * len(follow) / total + max(follow.get(u, 0) - discount, 0) / total
+                 for u, q in enumerate(p)]
+    return p
+
+
+def test_the_ngram_models_counted_tables_give_kneser_ney_as_counted_in_dicts_and_load_without_counting(
+        tmp_path, monkeypatch):
+    vocab, g = m.Vocabulary.seed(), torch.Generator().manual_seed(5)
+    sentences = [torch.randint(1, 12, (int(n),), generator=g).tolist() for n in torch.randint(1, 9, (60,), generator=g)]
+    for order in (1, 2, 4):
+        lm = m.NgramLM(m.ngram_tables(sentences, order, vocab.size, vocab.sos_eos), order, vocab.size, vocab.sos_eos)
+        contexts = [tuple(s[-order + 1:]) if order > 1 else () for s in sentences[:10]] + [(vocab.sos_eos,) * (order - 1)]
+        for context in contexts + [(11, 200, 3)[:order - 1]]:
+            context = ((vocab.sos_eos,) * order + context)[len(context) + 1:] if order > 1 else ()
+            expected = kneser_ney_reference(sentences, order, vocab.size, vocab.sos_eos, context)
+            assert lm.log_probs(context) == pytest.approx(np.log(expected), abs=1e-12), (order, context)
+    path = tmp_path / "lm.pt"
+    torch.save(m.lm_file(lm, m.Config(), vocab, 0, 9.0), path)
+    monkeypatch.setattr(m, "ngram_tables", lambda *a: pytest.fail("counted again at load"))
+    loaded, _ = m.read_lm(path, vocab)
+    assert np.array_equal(loaded.log_probs((3, 1, 2)), lm.log_probs((3, 1, 2)))
+    monkeypatch.undo()
+    earlier = tmp_path / "earlier.pt"  # as versions before 2026-12-07 wrote it: the sentences, counted at load
+    torch.save({"kind": "ngram", "sentences": sentences, "order": 4, "discount": 0.75, "vocab": vocab.to_json(),
+                "val_perplexity": 9.0}, earlier)
+    again, _ = m.read_lm(earlier, vocab)
+    assert np.array_equal(again.log_probs((3, 1, 2)), lm.log_probs((3, 1, 2)))
 
 
 def test_a_language_model_of_another_vocabulary_is_refused_with_both_sizes(tmp_path, monkeypatch):

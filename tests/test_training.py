@@ -778,7 +778,8 @@ def test_the_language_model_learns_the_labels_resumes_exactly_and_serves_test_an
     beside = m.train_lm(fast_cfg(work, mode="lm", val_fraction=0.5))  # the default: an n-gram, counted at once
     assert beside["sentences"]["train"] == whole["sentences"]["train"] - 2 and beside["kind"] == "ngram"
     ngram = torch.load(work / "lm" / "lm.pt", weights_only=True)
-    assert ngram["order"] == 7 and len(ngram["sentences"]) == beside["sentences"]["train"]
+    assert ngram["order"] == 7 and ngram["tables"]["counts_7"].sum() == sum(  # one 7-gram a unit and eos
+        len(ids) + 1 for ids in m.lm_sentences(m.lm_run_settings(fast_cfg(work, mode="lm"))[0], vocab)["train"])
     assert beside["val_perplexity"] < history[-1]["val_perplexity"]  # synthetic words: counting them is enough
     metrics = m.run_test(fast_cfg(work, mode="test", beam_size=3, lm=lm_path, lm_weight=0.5))
     assert metrics["decoding"]["lm"] == lm_path and metrics["decoding"]["lm_weight"] == 0.5

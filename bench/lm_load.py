@@ -1,0 +1,59 @@
+"""What loading a large n-gram --lm costs: counted once by --mode lm and saved as its lookup tables (read
+memory-mapped), against counting its sentences at every load (what lm.pt files before 2026-12-07 needed). The
+sentences are random words of the vocabulary's units, Zipf-distributed, as much as --megabytes of UTF-8 text
+would hold (a unit is about 4 bytes).
+
+    python bench/lm_load.py [--megabytes 100] [--order 7]
+"""
+import argparse
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from timing import m
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--megabytes", type=float, default=100)
+parser.add_argument("--order", type=int, default=7)
+args = parser.parse_args()
+
+
+def peak_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+vocab = m.Vocabulary.seed()
+rng = np.random.default_rng(0)
+units = int(args.megabytes * 2 ** 20 / 4)
+words = [rng.zipf(1.3, rng.integers(2, 7)) % 220 + 1 for _ in range(5000)]  # a lexicon of 5,000 words
+sentences, made = [], 0
+while made < units:
+    picked = rng.zipf(1.2, rng.integers(3, 12)) % len(words)
+    ids = [int(u) for w in picked for u in (*words[w], m.SPECIALS["<space>"])][:-1]
+    sentences.append(ids)
+    made += len(ids)
+print(f"{len(sentences):,} sentences, {made:,} units (about {args.megabytes:g} MB of text); peak {peak_gb():.2f} GB")
+
+t0 = time.perf_counter()
+tables = m.ngram_tables(sentences, args.order, vocab.size, vocab.sos_eos)
+counting = time.perf_counter() - t0
+lm = m.NgramLM(tables, args.order, vocab.size, vocab.sos_eos)
+with tempfile.TemporaryDirectory() as folder:
+    path = Path(folder) / "lm.pt"
+    torch.save(m.lm_file(lm, m.Config(lm_order=args.order), vocab, 0, 0.0), path)
+    print(f"counting (--mode lm, once): {counting:.1f} s; lm.pt {path.stat().st_size / 2 ** 20:.0f} MB; "
+          f"peak {peak_gb():.2f} GB")
+    del tables, lm, sentences
+    before = peak_gb()
+    t0 = time.perf_counter()
+    loaded, _ = m.read_lm(path, vocab)
+    contexts = [tuple(rng.integers(1, 220, args.order - 1).tolist()) for _ in range(2000)]
+    for context in contexts:
+        loaded.log_probs(context)
+    print(f"loading and 2,000 contexts' distributions: {time.perf_counter() - t0:.2f} s (counted at each load "
+          f"instead, as earlier versions did in Python dicts: {counting:.1f} s or more); peak before {before:.2f} GB, "
+          f"after {peak_gb():.2f} GB")
