@@ -128,6 +128,7 @@ class Config:
     arch: str = "conformer"  # conformer (Auto-AVSR's) | baseline (seed 000's CNN + BiLSTM, CTC only; its dropout was 0.3)
     preset: str = "small"  # tiny | mini | small | base (base has the exact shapes of Auto-AVSR's released model)
     frontend: str = "cnn"  # cnn | noise (features fixed by each frame's pixels, no visual sense) | linear (pixels)
+    encoder: str = "conformer"  # the temporal encoder: conformer (Auto-AVSR's) | mstcn (multi-scale temporal convolutions) | dctcn (densely connected ones): the team's three
     dropout: float = 0.1  # in the encoder, decoder and CTC head (--arch baseline: after its CNN, between its LSTMs)
     # model: starting from released weights (Auto-AVSR's model zoo), freezing and unfreezing
     init_from: str = ""  # weights to start from: ViSpeR's visper_vsr_base.pth, Auto-AVSR's .pth/.ckpt, or ours
@@ -896,6 +897,11 @@ SOUND_EXTS = {".wav", ".flac", ".m4a", ".mp3", ".ogg", ".opus", ".aac"}
 SOUND_IN_VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
 
 
+def sound_too_long(seconds: float) -> str:
+    return (f"too large: its sound lasts {seconds:.0f} s or more; sound up to {LONGEST_CLIP // CLIP_FPS} s is read: cut "
+            "it into shorter pieces first (ffmpeg -ss START -t 60)")
+
+
 def read_audio(path: Path) -> np.ndarray:
     """A file's first sound track as 16 kHz mono float32 (PyAV decodes and resamples, stereo is mixed down);
     ValueError says what is wrong with it."""
@@ -907,9 +913,17 @@ def read_audio(path: Path) -> np.ndarray:
         with av.open(str(path)) as container:
             if not container.streams.audio:
                 raise ValueError("no audio track")
+            longest = LONGEST_CLIP / CLIP_FPS  # seconds: the sound of the longest clip read
+            declared = (container.duration or 0) / av.time_base
+            if declared > longest:
+                raise ValueError(sound_too_long(declared))
             resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-            chunks = [out.to_ndarray().reshape(-1) for frame in container.decode(container.streams.audio[0])
-                      for out in resampler.resample(frame)]
+            chunks, samples = [], 0
+            for frame in container.decode(container.streams.audio[0]):
+                new = [out.to_ndarray().reshape(-1) for out in resampler.resample(frame)]
+                chunks, samples = chunks + new, samples + sum(len(c) for c in new)
+                if samples > longest * SAMPLE_RATE * 1.5:  # a stream that outruns its header
+                    raise ValueError(sound_too_long(samples / SAMPLE_RATE))
             chunks += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
     except av.error.FFmpegError as e:
         raise ValueError(f"unreadable sound ({e})") from e
@@ -1808,6 +1822,7 @@ class ModelDims:
     frontend: str = "cnn"
     input_size: int = 88
     modality: str = "video"
+    encoder: str = "conformer"
 
 
 PRESETS = {
@@ -2144,6 +2159,159 @@ class ConformerEncoder(nn.Module):
         return self.after_norm(x)
 
 
+# Temporal convolutions: the team's MS-TCN and DC-TCN ---------------------------------------------------------
+# Their published models put one of three encoders after the same frontend: Auto-AVSR's Conformer, a multi-scale
+# temporal convolutional network (4 levels of parallel kernels 3/5/7/9 at dilations 1/2/4/8) or a densely
+# connected one (4 blocks of 4 such layers, each reading all earlier outputs of its block, with squeeze-and-
+# excitation). Names are theirs, so their checkpoints load by name. Each convolution is "same" over time and
+# sees the zeros a lone clip sees past its end: padded frames are zeroed before every one, and averages over
+# time are taken over a clip's own frames, so a clip encodes alike alone and in a padded batch.
+
+TCN_KERNELS = (3, 5, 7, 9)
+TCN_DILATIONS = (1, 2, 4, 8)
+
+
+def tcn_channels(dims: ModelDims) -> int:
+    """The width of a TCN level (DC-TCN's growth rate): 512 at d_model 768, as the team's; two thirds of d_model,
+    a multiple of the four branches."""
+    return 2 * dims.d_model // 3 // len(TCN_KERNELS) * len(TCN_KERNELS)
+
+
+class TemporalConv(nn.Module):
+    """Conv1d -> BatchNorm -> SiLU over time (MS-TCN's names); a doubly padded output chomped symmetrically, as
+    theirs is, is this convolution padded by half."""
+
+    def __init__(self, c_in, c_out, kernel, dilation):
+        super().__init__()
+        self.conv = nn.Conv1d(c_in, c_out, kernel, padding=(kernel - 1) * dilation // 2, dilation=dilation)
+        self.batchnorm = nn.BatchNorm1d(c_out)
+
+    def forward(self, x, keep):  # x: B x C x T; keep: B x 1 x T, 1 at a clip's frames
+        return F.silu(self.batchnorm(self.conv(x * keep)))
+
+
+class DenseConv(nn.Module):
+    """The same convolution under DC-TCN's names (net.0, net.1)."""
+
+    def __init__(self, c_in, c_out, kernel, dilation):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv1d(c_in, c_out, kernel, padding=(kernel - 1) * dilation // 2,
+                                           dilation=dilation), nn.BatchNorm1d(c_out))
+
+    def forward(self, x, keep):
+        return F.silu(self.net(x * keep))
+
+
+class SqueezeExcite(nn.Module):
+    """Channels reweighted by what the clip holds on average (over its own frames)."""
+
+    def __init__(self, c, reduction=16):
+        super().__init__()
+        self.fc = nn.Sequential(nn.Linear(c, c // reduction, bias=False), nn.SiLU(),
+                                nn.Linear(c // reduction, c, bias=False), nn.Sigmoid())
+
+    def forward(self, x, keep):
+        mean = (x * keep).sum(-1) / keep.sum(-1)
+        return x * self.fc(mean)[..., None]
+
+
+class MultiScaleBlock(nn.Module):
+    """Two rounds of parallel convolutions, one branch a kernel size, each a quarter of the channels, and a 1 x 1
+    residual: an MS-TCN level, or a DC-TCN dense layer (which squeezes and excites its input per branch)."""
+
+    def __init__(self, c_in, c_out, dilation, dropout, conv=TemporalConv, squeeze=False):
+        super().__init__()
+        branch, self.squeeze = c_out // len(TCN_KERNELS), squeeze
+        for k, kernel in enumerate(TCN_KERNELS):
+            if squeeze:
+                self.add_module(f"cbcr0_se_{k}", SqueezeExcite(c_in))
+            self.add_module(f"cbcr0_{k}", conv(c_in, branch, kernel, dilation))
+        for k, kernel in enumerate(TCN_KERNELS):
+            self.add_module(f"cbcr1_{k}", conv(branch * len(TCN_KERNELS), branch, kernel, dilation))
+        self.dropout = nn.Dropout(dropout)
+        self.downsample = nn.Conv1d(c_in, c_out, 1)
+
+    def branches(self, round_: int, x, keep):
+        excite = lambda k, x: getattr(self, f"cbcr0_se_{k}")(x, keep) if self.squeeze and round_ == 0 else x
+        return self.dropout(torch.cat([getattr(self, f"cbcr{round_}_{k}")(excite(k, x), keep)
+                                       for k in range(len(TCN_KERNELS))], 1))
+
+    def forward(self, x, keep):
+        return F.silu(self.branches(1, self.branches(0, x, keep), keep) + self.downsample(x))
+
+
+class MSTCNEncoder(nn.Module):
+    """The team's multi-scale TCN: 4 levels at dilations 1, 2, 4, 8, then a projection back to d_model."""
+
+    def __init__(self, dims: ModelDims):
+        super().__init__()
+        c = tcn_channels(dims)
+        self.encoder_trunk = nn.Module()
+        self.encoder_trunk.network = nn.ModuleList(
+            MultiScaleBlock(dims.d_model if i == 0 else c, c, dilation, dims.dropout)
+            for i, dilation in enumerate(TCN_DILATIONS))
+        self.hidden_proj = nn.Linear(c, dims.d_model)
+
+    def forward(self, x, mask):  # x: B x T x d, mask: B x T
+        keep, x = mask[:, None, :].to(x.dtype), x.transpose(1, 2)
+        for level in self.encoder_trunk.network:
+            x = level(x, keep)
+        return self.hidden_proj(x.transpose(1, 2))
+
+
+class Transition(nn.Sequential):
+    """DC-TCN's 1 x 1 reduction between blocks (PReLU at the entry, SiLU after a block)."""
+
+    def __init__(self, c_in, c_out, entry: bool):
+        super().__init__()
+        self.conv = nn.Conv1d(c_in, c_out, 1, bias=False)
+        self.norm = nn.BatchNorm1d(c_out)
+        if entry:
+            self.prelu = nn.PReLU(c_out)
+        else:
+            self.swish = nn.SiLU()
+
+
+class DCTCNEncoder(nn.Module):
+    """The team's densely connected TCN: an entry reduction, then 4 blocks of 4 layers (dilations 1, 2, 4, 8),
+    each layer reading its block's input and every earlier layer's output; reductions between blocks, a
+    BatchNorm after the last, then a projection back to d_model."""
+
+    def __init__(self, dims: ModelDims):
+        super().__init__()
+        d, growth, blocks = dims.d_model, tcn_channels(dims), len(TCN_DILATIONS)
+        wide = d + len(TCN_DILATIONS) * growth  # a block's output: its input and its layers'
+        features = {"transition0": Transition(d, d, entry=True)}
+        for b in range(1, blocks + 1):
+            features[f"denseblock{b}"] = nn.ModuleDict({
+                f"denselayer{i + 1}": MultiScaleBlock(d + i * growth, growth, dilation, dims.dropout, DenseConv, True)
+                for i, dilation in enumerate(TCN_DILATIONS)})
+            features[f"transition{b}" if b < blocks else "norm5"] = (Transition(wide, d, entry=False) if b < blocks
+                                                                     else nn.BatchNorm1d(wide))
+        self.encoder_trunk = nn.Module()
+        self.encoder_trunk.features = nn.ModuleDict(features)
+        self.hidden_proj = nn.Linear(wide, d)
+
+    def forward(self, x, mask):
+        keep, x = mask[:, None, :].to(x.dtype), x.transpose(1, 2)
+        for name, part in self.encoder_trunk.features.items():
+            if name.startswith("denseblock"):
+                outputs = [x]
+                for layer in part.values():
+                    outputs.append(layer(torch.cat(outputs, 1), keep))
+                x = torch.cat(outputs, 1)
+            else:
+                x = part(x)
+        return self.hidden_proj(x.transpose(1, 2))
+
+
+ENCODERS = {"conformer": ConformerEncoder, "mstcn": MSTCNEncoder, "dctcn": DCTCNEncoder}
+
+
+def make_encoder(dims: ModelDims) -> nn.Module:
+    return ENCODERS[dims.encoder](dims)
+
+
 # Decoder -----------------------------------------------------------------------------------------------------
 
 class PositionalEncoding(nn.Module):
@@ -2297,11 +2465,11 @@ class AVSRModel(nn.Module):
         self.modality = dims.modality
         self.frontend = AudioFrontend(dims.frontend_channels) if dims.modality == "audio" else make_frontend(dims)
         self.proj_encoder = nn.Linear(dims.frontend_channels[-1], dims.d_model)
-        self.encoder = ConformerEncoder(dims)
+        self.encoder = make_encoder(dims)
         if dims.modality == "av":
             self.aux_frontend = AudioFrontend(dims.frontend_channels)
             self.aux_proj_encoder = nn.Linear(dims.frontend_channels[-1], dims.d_model)
-            self.aux_encoder = ConformerEncoder(dims)
+            self.aux_encoder = make_encoder(dims)
             self.fusion = FusionHead(dims.d_model, dims.fusion_hidden)
         self.decoder = TransformerDecoder(dims)
         self.ctc = CTCHead(dims.d_model, dims.vocab_size, dims.dropout)
@@ -2465,7 +2633,7 @@ def model_dims(cfg: Config, vocab_size: int) -> ModelDims:
     if cfg.preset not in PRESETS:
         raise UserError(f"--preset {cfg.preset!r} is not known; choose one of {', '.join(PRESETS)}.")
     return ModelDims(vocab_size=vocab_size, dropout=cfg.dropout, frontend=cfg.frontend, input_size=cfg.input_size,
-                     modality=cfg.modality, **PRESETS[cfg.preset])
+                     modality=cfg.modality, encoder=cfg.encoder, **PRESETS[cfg.preset])
 
 
 def build_model(cfg: Config, vocab_size: int) -> nn.Module:
@@ -2533,6 +2701,55 @@ WHERE_TO_GET = (f"ViSpeR's models, trained on 1,200 h of Arabic among five langu
                 "there is internet and pass its path (on Kaggle, attach it as a dataset: it is then found by name).")
 
 
+# The team's own models (Essa-Ramzy/Arabic-Lip-Reading): the same frontend and decoder (their ResNet under
+# "resnet_trunk"), one of three encoders under its own names, and tokens of their own order: the blank, the units
+# in descending string order, the space, then <sos> and <eos> as two ids. Their units' ids are this vocabulary's
+# (both came from the same labels); where this one has <unk> and one <sos/eos>, the rows are moved by name.
+TEAM_URL = "https://github.com/Essa-Ramzy/Arabic-Lip-Reading"
+TEAM_NAMES = (("frontend.resnet_trunk.", "frontend.trunk."),)
+TEAM_ENCODERS = {"encoder.encoder_trunk.network.": "mstcn", "encoder.encoder_trunk.features.": "dctcn",
+                 "encoder.encoders.": "conformer"}
+TEAM_NORMALISATION = (0.40947135433671134, 0.15003469454968454)  # their mean and std of LRC-AR's frames
+
+
+def team_encoder(weights: dict[str, torch.Tensor]) -> str | None:
+    """Which of the team's encoders a state dict (under today's names) holds, or None: not one of theirs."""
+    if not any(k.startswith(TEAM_NAMES[0][0]) for k in weights):
+        return None
+    return next((name for prefix, name in TEAM_ENCODERS.items() if any(k.startswith(prefix) for k in weights)), None)
+
+
+def team_tokens(vocab: Vocabulary) -> list[str]:
+    """The team's token list for this vocabulary's units: their order, by which their rows are numbered."""
+    units = [u for u in vocab.itos if u and u not in vocab.specials]
+    return [""] + sorted(units, reverse=True) + [" ", "<sos>", "<eos>"]
+
+
+def team_weights(weights: dict[str, torch.Tensor], vocab: Vocabulary, flag: str, path: Path) -> dict[str, torch.Tensor]:
+    """The team's weights under this model's names, their vocabulary-sized rows moved to this vocabulary's ids:
+    each unit's to its own, the blank and space to theirs; their <eos> predicts this <sos/eos>, their <sos>
+    embeds it; this <unk> takes the row left over (their <sos> as an output, never predicted; their <eos> as an
+    input, never read)."""
+    tokens, rows = team_tokens(vocab), weights["ctc.ctc_lo.weight"].shape[0]
+    if rows != len(tokens):
+        raise UserError(f"{flag} {path}: the team's model reads {rows} tokens; with --units {'letters' if vocab.letters_only else 'diacritized'} "
+                        f"they are {len(tokens)}. Their models with diacritics have 230, without 41: pass "
+                        f"--units {'diacritized' if rows > len(tokens) else 'letters'} (or the --vocab it was trained with).")
+    blank, space, unk, sos_eos = (vocab.specials[k] for k in ("<blank>", "<space>", "<unk>", "<sos/eos>"))
+    ids = {"": blank, " ": space, **vocab.ids}
+    predicts = [ids.get(t, {"<sos>": unk, "<eos>": sos_eos}.get(t)) for t in tokens]
+    embeds = [ids.get(t, {"<sos>": sos_eos, "<eos>": unk}.get(t)) for t in tokens]
+    moved = {}
+    for key, value in weights.items():
+        if key.startswith(VOCAB_SIZED):
+            order = embeds if key.startswith("decoder.embed.") else predicts
+            value = value.new_zeros((vocab.size, *value.shape[1:])).index_copy(0, torch.tensor(order), value)
+        for old, new in TEAM_NAMES:
+            key = new + key.removeprefix(old) if key.startswith(old) else key
+        moved[key] = value
+    return moved
+
+
 def read_weights(path: Path, flag: str) -> tuple[dict[str, torch.Tensor], str, dict[str, list[str]], list[str]]:
     """The state dict in a checkpoint file under today's names, what kind of file it was, the entries that are
     no model weights (by reason), and the Python objects beside them that stood in inert (by name)."""
@@ -2557,6 +2774,9 @@ def read_weights(path: Path, flag: str) -> tuple[dict[str, torch.Tensor], str, d
             if key.startswith(old):
                 key, renamed = new + key.removeprefix(old), True
         weights[key] = value
+    team = team_encoder(weights)
+    if team:
+        kind = f"the team's {team} model ({weights['ctc.ctc_lo.weight'].shape[0]} tokens; {TEAM_URL})"
     return weights, kind + (" with pre-2025 names" if renamed else ""), dropped, stood_in
 
 
@@ -2620,7 +2840,7 @@ def choose_weights(weights: dict, own: dict, parts: list[str], cfg: Config):
     return chosen, skipped, wrong
 
 
-def load_pretrained(model: nn.Module, cfg: Config) -> dict:
+def load_pretrained(model: nn.Module, cfg: Config, vocab: Vocabulary | None = None) -> dict:
     """--init-from and --init-from-audio into `model`: every weight of the parts chosen whose shape fits. -> by
     setting, what was loaded, skipped (with the reason) and missing, also printed and written to
     <work_dir>/diagnostics/init_from.txt (init_from_audio.txt)."""
@@ -2629,10 +2849,11 @@ def load_pretrained(model: nn.Module, cfg: Config) -> dict:
                         "baseline has none of their parts.")
     reports = {}
     if cfg.init_from:
-        reports["init_from"] = load_weights_file(model, cfg, "init_from", loaded_parts(cfg), lambda key: key)
+        reports["init_from"] = load_weights_file(model, cfg, "init_from", loaded_parts(cfg), lambda key: key,
+                                                 vocab or load_vocabulary(cfg))
     if cfg.init_from_audio:
         reports["init_from_audio"] = load_weights_file(model, cfg, "init_from_audio", list(SOUND_SIDE[:3]),
-                                                       sound_side_name)
+                                                       sound_side_name, vocab or load_vocabulary(cfg))
     return reports
 
 
@@ -2641,11 +2862,17 @@ def sound_side_name(key: str) -> str:
     return "aux_" + key if key.startswith(("frontend.", "proj_encoder.", "encoder.")) else key
 
 
-def load_weights_file(model: nn.Module, cfg: Config, name: str, parts: list[str], rename) -> dict:
+def load_weights_file(model: nn.Module, cfg: Config, name: str, parts: list[str], rename, vocab: Vocabulary) -> dict:
     """The file of setting `name` into the `parts` of `model`, its keys renamed by `rename`; reported."""
     flag = "--" + name.replace("_", "-")
     path = find_given(getattr(cfg, name), flag, WHERE_TO_GET, Path(cfg.work_dir))
     weights, kind, skipped, objects = read_weights(path, flag)
+    team = team_encoder(weights)
+    if team and team != cfg.encoder:
+        raise UserError(f"{flag} {path} is the team's model with the {team} encoder: train it with --encoder {team} "
+                        "--preset base.")
+    if team:
+        weights = team_weights(weights, vocab, flag, path)
     weights = {rename(k): v for k, v in weights.items()}
     own = model.state_dict()
     chosen, more, wrong = choose_weights(weights, own, parts, cfg)
@@ -3471,7 +3698,7 @@ def set_rng_state(state: dict) -> None:
 
 # What a checkpoint fixes, in one place: its model and the data it saw (the same clips, split and preprocessing)
 # must match to resume and are taken from it to test; the training state its weights are in is taken with them
-MODEL_SETTINGS = ("arch", "preset", "frontend", "modality", "units", "word_boundary")
+MODEL_SETTINGS = ("arch", "preset", "frontend", "encoder", "modality", "units", "word_boundary")
 DATA_SETTINGS = ("split_seed", "val_fraction", "test_fraction", "split_lists", "frame_size", "crop_size",
                  "input_size", "mean", "std", "seed", "synthetic_clips", "synthetic_words", "synthetic_speakers")
 MATCHED_SETTINGS = MODEL_SETTINGS + DATA_SETTINGS
@@ -4857,7 +5084,7 @@ def start_training(cfg: Config, ds: Dataset | None) -> TrainingRun:
         raise UserError("The training split is empty: add clips, or change --val-fraction / --test-fraction.")
     model = build_model(cfg, vocab.size)
     if (cfg.init_from or cfg.init_from_audio) and state is None:
-        load_pretrained(model, cfg)
+        load_pretrained(model, cfg, vocab)
     model.to(device)
     if cfg.sync_batchnorm and world > 1:
         model = with_synced_batchnorm(model, device)
@@ -5749,7 +5976,7 @@ class JobBoard:
         with self.lock:
             if job.cancel.is_set():
                 return False
-            job.set("reading", "reading the video")
+            job.set("reading", "reading the upload")
             return True
 
     def work_on(self, job: Job) -> None:
@@ -6102,9 +6329,9 @@ def foreign_request(method: str, headers: dict[str, str], allowed: list[str]) ->
     script) is no page's, and passes."""
     host = headers.get("host", "")
     if not host_allowed(host, allowed):
-        return 400, (f"{host or 'a request without a Host header'}: this server answers to its IP address and "
-                     "localhost only, a guard against DNS rebinding; open it by its address (http://127.0.0.1:PORT/), "
-                     "or name it in --serve-allowed-hosts when it is served under that name")
+        return 400, (f"this server does not answer to the name {host!r} (a guard against DNS rebinding), only to "
+                     "IP addresses, localhost and the names in --serve-allowed-hosts: open it by its address "
+                     "(http://127.0.0.1:PORT/), or add the name to --serve-allowed-hosts if it is this server's")
     if method in ("GET", "HEAD"):
         return None
     origin = headers.get("origin")
@@ -6180,7 +6407,9 @@ def serving_app(reader: LipReader, board: JobBoard, cfg: Config):
             job = board.new_job(name, beam_size, min(nbest, beam_size))
             try:
                 await receive_upload(request, job, ext, limit, cfg.serve_timeout)
-                await asyncio.to_thread(refuse_by_declared_size, job)
+                if reader.cfg.modality != "audio" and (bomb := await asyncio.to_thread(declared_size_problem,
+                                                                                       job.upload)):
+                    raise UploadRefused(413, f"{job.name}: {bomb}")
             except UploadRefused as e:
                 shutil.rmtree(job.folder, ignore_errors=True)
                 if e.status is None:
@@ -6191,11 +6420,6 @@ def serving_app(reader: LipReader, board: JobBoard, cfg: Config):
         finally:
             board.free_place()
         return board.view(job)
-
-    def refuse_by_declared_size(job: Job) -> None:
-        problem = declared_size_problem(job.upload) if reader.cfg.modality != "audio" else ""
-        if problem:
-            raise UploadRefused(413, f"{job.name}: {problem}")
     upload.__annotations__["request"] = Request  # this file's annotations are strings, looked up in its globals
     app.post("/api/jobs", status_code=202)(upload)
 
@@ -6436,7 +6660,7 @@ def read_config_file(path: str) -> dict:
 
 CHOICES = {"mode": ("train", "test", "decode", "serve", "diagnose", "sanity", "stats", "vocab", "synth", "preprocess", "export",
                     "average", "lm"),
-           "frontend": ("cnn", "noise", "linear"),
+           "frontend": ("cnn", "noise", "linear"), "encoder": ("conformer", "mstcn", "dctcn"),
            "data": ("auto", "files", "synthetic"), "units": ("diacritized", "letters"), "unknown_units": ("skip", "map"), "arch": ("conformer", "baseline"),
            "preset": tuple(PRESETS), "amp": ("auto", "bf16", "fp16", "off"), "split": ("train", "val", "test", "all"),
            "decoder": ("beam", "attention", "ctc"), "modality": ("video", "audio", "av"), "lm_kind": ("ngram", "lstm")}
@@ -6521,7 +6745,8 @@ def validate(cfg: Config) -> Config:
                    "--train-eval-clips and --worst-k must be 0 or more; --patience, --sanity-clips and "
                    "--sanity-epochs 1 or more"),
                   (0 < cfg.detect_scale <= 1 and cfg.mouth_scale > 0,
-                   "--detect-scale must lie in (0, 1] and --mouth-scale be above 0")]
+                   "--detect-scale must lie in (0, 1] and --mouth-scale be above 0"),
+                  (cfg.serve_timeout > 0, "--serve-timeout must be above 0 (seconds a client may take)")]
         problems = [why for ok, why in checks if not ok]
     if problems:
         raise UserError("Settings that cannot work:\n  " + "\n  ".join(problems))

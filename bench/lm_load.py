@@ -6,7 +6,6 @@ would hold (a unit is about 4 bytes). The load is timed in a process of its own,
     python bench/lm_load.py [--megabytes 100] [--order 7]
 """
 import argparse
-import resource
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,9 @@ args = parser.parse_args()
 
 
 def peak_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited from the parent's)."""
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) / 2 ** 20
 
 
 vocab = m.Vocabulary.seed()

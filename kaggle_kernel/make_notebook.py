@@ -32,9 +32,11 @@ SERVE = '''# Lip-read your own videos on a page with this run's model (--mode se
 # The server runs in the background while the kernel does. Kaggle gives it no address of its own: with Internet
 # on (Settings), TUNNEL = True opens a public one through localtunnel (npm); its page asks each visitor once for
 # the password printed below (this session's public IP). Anyone with the address can use the page meanwhile.
+# The server answers only to the names it is given (a guard against DNS rebinding): the tunnel's are *.loca.lt.
 SERVE, TUNNEL, PORT = False, False, 8000
 if SERVE:
-    server = main(SETTINGS + ["--mode", "serve", "--port", str(PORT)])
+    server = main(SETTINGS + ["--mode", "serve", "--port", str(PORT)]
+                  + (["--serve-allowed-hosts", ".loca.lt"] if TUNNEL else []))
     if TUNNEL:
         import subprocess, urllib.request
         tunnel = subprocess.Popen(["npx", "--yes", "localtunnel", "--port", str(PORT)], stdout=subprocess.PIPE,

@@ -49,6 +49,7 @@ import threading
 import time
 import unicodedata
 import warnings
+import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,6 +128,7 @@ class Config:
     arch: str = "conformer"  # conformer (Auto-AVSR's) | baseline (seed 000's CNN + BiLSTM, CTC only; its dropout was 0.3)
     preset: str = "small"  # tiny | mini | small | base (base has the exact shapes of Auto-AVSR's released model)
     frontend: str = "cnn"  # cnn | noise (features fixed by each frame's pixels, no visual sense) | linear (pixels)
+    encoder: str = "conformer"  # the temporal encoder: conformer (Auto-AVSR's) | mstcn (multi-scale temporal convolutions) | dctcn (densely connected ones): the team's three
     dropout: float = 0.1  # in the encoder, decoder and CTC head (--arch baseline: after its CNN, between its LSTMs)
     # model: starting from released weights (Auto-AVSR's model zoo), freezing and unfreezing
     init_from: str = ""  # weights to start from: ViSpeR's visper_vsr_base.pth, Auto-AVSR's .pth/.ckpt, or ours
@@ -203,7 +205,9 @@ class Config:
     port: int = 8000  # the port served
     max_upload_mb: float = 10.0  # larger uploads are refused (HTTP 413), as in the user's own service
     serve_jobs: int = 1  # videos read at once (with 2, one's preprocessing overlaps another's decoding)
-    serve_queue: int = 16  # uploads waiting their turn at most; more are refused (HTTP 429) until some are done
+    serve_queue: int = 16  # uploads waiting their turn or still arriving at most; more are refused (HTTP 429) until some are done
+    serve_timeout: float = 30.0  # seconds a client may take to send a request's headers, or pause an upload; an upload gets this much per MB (HTTP 408 after)
+    serve_allowed_hosts: str = ""  # names the page may be reached by besides IP addresses and localhost, comma-separated (.example.com: it and its subdomains; *: any), a guard against DNS rebinding
 
     @property
     def cache_path(self) -> Path:
@@ -261,18 +265,88 @@ def checkpoints_of(work_dir) -> Path:
 CSV_ENCODING = "utf-8-sig"  # with a BOM: Excel then shows the Arabic as Arabic (and reading it accepts no BOM too)
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet runs a cell starting so as a formula
+
+
+def csv_cell(value):
+    """A text cell a spreadsheet would run as a formula (a job named =HYPERLINK(...), say), prefixed with ' so
+    that it shows as text (OWASP's advice); numbers, and text that reads as a number (-0.5), stay as they are."""
+    if not isinstance(value, str) or not value.startswith(FORMULA_STARTS):
+        return value
+    try:
+        float(value)
+        return value
+    except ValueError:
+        return "'" + value
+
+
 def csv_text(rows: list[dict], columns: list[str] | None = None) -> str:
     """Rows as CSV text; the columns, unless given, are every key any row has, in order of appearance."""
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=columns or list(dict.fromkeys(k for r in rows for k in r)))
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({k: csv_cell(v) for k, v in r.items()} for r in rows)
     return text.getvalue()
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
     """Rows to CSV, atomically."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(csv_text(rows), encoding=CSV_ENCODING, newline=""))
+
+
+# Reading torch files: nothing in a file runs -----------------------------------------------------------------
+# A .pt or .pth file is a pickle, and a pickle can name any function to be called as it loads: a downloaded or
+# shared weights file could run code. Every file is read by torch's weights-only unpickler, which builds tensors
+# and plain data (dicts, lists, numbers, strings) and refuses the rest. NumPy's arrays are allowed too (their
+# items go through the same unpickler): checkpoints written before 2026-12-07 keep NumPy's random state as one.
+
+_RECONSTRUCT = np.zeros(1).__reduce__()[0]  # numpy._core.multiarray._reconstruct (numpy.core under NumPy 1)
+NUMPY_ARRAYS = [(_RECONSTRUCT, "numpy.core.multiarray._reconstruct"),
+                (_RECONSTRUCT, "numpy._core.multiarray._reconstruct"), np.ndarray, np.dtype,
+                *{type(np.dtype(code)) for code in "?bBhHiIlLqQefd"}]  # numbers' dtypes, built by their type
+
+
+class StandIn:
+    """What a Python object of a foreign file becomes: nothing it names is called, nothing of it is kept."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def code_in(path: Path) -> list[str]:
+    """The functions and classes a torch file names beyond tensors, plain data and NumPy arrays."""
+    allowed = {name for entry in NUMPY_ARRAYS if isinstance(entry, tuple) for name in entry[1:]}
+    allowed |= {"numpy.ndarray", "numpy.dtype"}
+    try:
+        return [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in allowed]
+    except Exception:  # not a zip-format torch file: the load itself says what it is
+        return []
+
+
+def load_torch_file(path: Path, what: str, hint: str, *, stand_ins: bool = False, mmap: bool = False):
+    """The contents of a torch.save file, read without running anything from it. A file that names functions or
+    classes is refused, its names given; with `stand_ins` (weights released by other tools, whose Lightning
+    checkpoints keep their settings as Python objects), those objects become StandIn and the rest loads.
+    -> (contents, the names that were stood in for)."""
+    names = code_in(path) if stand_ins else []
+    try:
+        with torch.serialization.safe_globals(NUMPY_ARRAYS + [(StandIn, name) for name in names]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap), names
+    except Exception as e:  # a file cut short or of another kind; torch raises many types here
+        reason = next((line.strip() for line in str(e).split("WeightsUnpickler error:")[-1].splitlines()
+                       if line.strip()), type(e).__name__)
+        named = code_in(path) or re.findall(r"GLOBAL (\S+)", reason)
+        if named or reason.startswith(("Can only", "Trying to call reduce")):  # the unpickler refused an object
+            raise UserError(f"{what} {path} names Python code to run as it loads ({', '.join(named[:5]) or reason}); this "
+                            "tool never runs code from a file, so it was not read, and nothing of it ran. Ask whoever "
+                            "made it for the weights alone (a state dict), or use a file this tool wrote.") from e
+        raise UserError(f"{what} {path}: cannot read it as a PyTorch checkpoint ({reason}). {hint}") from e
 
 
 # Files the script uses but never downloads -------------------------------------------------------------------
@@ -343,29 +417,58 @@ def alive(pid: int, host: str) -> bool:
         return True
 
 
+TEMPORARY = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}(\.\w+)?$")  # atomic_write's .NAME.PID.RANDOM.SUFFIX
+
+
+def remove_temporaries(folder: Path) -> int:
+    """Delete what atomic_write left under `folder` when its process was killed mid-write (that process gone);
+    -> how many."""
+    removed = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            found = TEMPORARY.match(name)
+            if found and int(found[1]) != os.getpid() and not alive(int(found[1]), socket.gethostname()):
+                with contextlib.suppress(FileNotFoundError):  # another process of the run may have got there first
+                    os.remove(os.path.join(root, name))
+                    removed += 1
+    return removed
+
+
 @contextlib.contextmanager
 def work_dir_lock(cfg: Config):
     """Held while a mode writes into --work-dir; a second run there stops at once and names the first."""
     path = Path(cfg.work_dir) / LOCK_FILE
-    mine = f"{os.getpid()} {socket.gethostname()}"
     holder = lock_holder(path)
     if holder and str(holder[0]) == os.environ.get(LOCK_OWNER):  # our own starter's
         yield
         return
+    with held_lock(path, cfg.work_dir, "run", "Wait for it to end, or use another --work-dir; to test or decode its "
+                   "checkpoints meanwhile, pass --checkpoint with another --work-dir."):
+        os.environ[LOCK_OWNER] = str(os.getpid())
+        if remove_temporaries(Path(cfg.work_dir)):
+            print(f"Removed the temporary files a killed run left in {cfg.work_dir}.")
+        try:
+            yield
+        finally:
+            os.environ.pop(LOCK_OWNER, None)
+
+
+@contextlib.contextmanager
+def held_lock(path: Path, where: str, by: str, instead: str):
+    """The lock file `path` names this process until the block ends; while a live process holds it, stop at once
+    and name that process (`where` is in use by another `by`; `instead` says what to do)."""
+    mine = f"{os.getpid()} {socket.gethostname()}"
+    holder = lock_holder(path)
     if holder and alive(*holder):
-        raise UserError(f"{cfg.work_dir} is in use by another run (process {holder[0]} on {holder[1]}; {path}). "
-                        "Wait for it to end, or use another --work-dir; to test or decode its checkpoints meanwhile, "
-                        "pass --checkpoint with another --work-dir.")
+        raise UserError(f"{where} is in use by another {by} (process {holder[0]} on {holder[1]}; {path}). {instead}")
     if holder:
         print(f"Taking over {path}: its process {holder[0]} on {holder[1]} is gone.")
     write_text(path, mine)
-    if lock_holder(path) != (os.getpid(), socket.gethostname()):  # another run took it at the same moment
-        raise UserError(f"{cfg.work_dir} was taken by another run starting at the same time ({path}).")
-    os.environ[LOCK_OWNER] = str(os.getpid())
+    if lock_holder(path) != (os.getpid(), socket.gethostname()):  # another one took it at the same moment
+        raise UserError(f"{where} was taken by another {by} starting at the same time ({path}).")
     try:
         yield
     finally:
-        os.environ.pop(LOCK_OWNER, None)
         if lock_holder(path) == (os.getpid(), socket.gethostname()):
             path.unlink(missing_ok=True)
 
@@ -444,9 +547,17 @@ def normalize_unit(unit: str) -> str:
     return base + "".join(sorted(marks, key=lambda m: m != SHADDA))
 
 
+def drop_invisible(text: str) -> str:
+    """Text without Unicode's format characters (category Cf): the direction marks an editor adds around Arabic
+    (U+200E, U+200F, U+061C), zero-width joiners, a stray BOM. They carry no sound, and would each be an unknown,
+    invisible unit."""
+    return "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
+
+
 def split_units(text: str) -> list[list[str]]:
-    """Text -> words -> units. NFC joins decomposed letters (alef + hamza -> أ); tatweel and spacing drop."""
-    text = unicodedata.normalize("NFC", text).replace(TATWEEL, "")
+    """Text -> words -> units. NFC joins decomposed letters (alef + hamza -> أ); tatweel, spacing and invisible
+    format characters drop."""
+    text = drop_invisible(unicodedata.normalize("NFC", text)).replace(TATWEEL, "")
     words = []
     for word in text.split():
         units: list[str] = []
@@ -681,12 +792,13 @@ def read_label(path: Path) -> str:
     """A CSV with a `word` column (one word a row) or a `text` column; a row with more fields than the header
     (`w1,w2` unquoted) gives all its words."""
     raw = Path(path).read_bytes()
-    rows = list(csv.DictReader(raw.decode(label_encoding(raw)).splitlines()))
+    rows = list(csv.DictReader(drop_invisible(raw.decode(label_encoding(raw))).splitlines()))
     if not rows:
         return ""
-    column = next((c for c in ("word", "text") if c in rows[0]), None)
-    if column is None:
-        raise ValueError(f"no 'word' or 'text' column (columns: {', '.join(rows[0])})")
+    names = {c.strip().lower(): c for c in rows[0] if c is not None}  # " Word" as Excel may save it
+    column = names.get("word", names.get("text"))
+    if column is None:  # repr: a name with an invisible or odd character shows it
+        raise ValueError(f"no 'word' or 'text' column (columns: {', '.join(map(repr, rows[0]))})")
     return " ".join(" ".join([r[column] or "", *r.get(None, [])]).strip() for r in rows).strip()
 
 
@@ -699,6 +811,39 @@ def to_gray(frame: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(frame[..., :3], cv2.COLOR_BGR2GRAY)
 
 
+# A file small on disk can decode to gigabytes (an .npz of zeros, a video declaring millions of frames): each is
+# refused by the size it declares before a frame is read, and a video whose stream outruns its header by what
+# it holds. Longer videos are cut first (ffmpeg's -ss and -t).
+LONGEST_CLIP = 1500  # frames: a minute at 25 fps; LRC-AR's clips have 29-38
+LARGEST_DECODED = 2 ** 30  # bytes of gray frames (T x H x W): a minute of 720p
+
+
+def array_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype an .npy (or an .npz's clip) declares, from its header alone."""
+    with contextlib.ExitStack() as stack:
+        if path.suffix.lower() == ".npz":
+            archive = stack.enter_context(zipfile.ZipFile(path))
+            names = archive.namelist()
+            member = "frames.npy" if "frames.npy" in names else names[0]
+            f = stack.enter_context(archive.open(member))
+        else:
+            f = stack.enter_context(open(path, "rb"))
+        version = np.lib.format.read_magic(f)
+        shape, _, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
+                           np.lib.format.read_array_header_2_0)(f)
+    return shape, dtype
+
+
+def size_problem(frames: int, height: int, width: int) -> str:
+    """Why a clip of this declared size is not read, or ''."""
+    decoded = frames * height * width
+    if frames <= LONGEST_CLIP and decoded <= LARGEST_DECODED:
+        return ""
+    return (f"too large: it declares {frames} frames of {width} x {height} ({decoded / 2 ** 30:.1f} GiB decoded); "
+            f"clips up to {LONGEST_CLIP} frames ({LONGEST_CLIP // CLIP_FPS} s at {CLIP_FPS} fps) and "
+            f"{LARGEST_DECODED / 2 ** 30:g} GiB are read: cut it into shorter pieces first (ffmpeg -ss START -t 60)")
+
+
 def read_video(path: Path) -> np.ndarray:
     """T x H x W uint8 from a video file or a saved array; ValueError says what is wrong with it."""
     return read_frames(path)[0]
@@ -709,11 +854,15 @@ def read_frames(path: Path) -> tuple[np.ndarray, float]:
     suffix = path.suffix.lower()
     if suffix in (".npy", ".npz"):
         try:
+            shape, _ = array_header(path)
+            problem = size_problem(*(list(shape) + [1, 1, 1])[:3]) if shape else ""
+            if problem:
+                raise ValueError(problem)
             arr = np.load(path)
             if suffix == ".npz":
                 arr = arr["frames"] if "frames" in arr.files else arr[arr.files[0]]
-        except (OSError, EOFError, ValueError, IndexError, KeyError) as e:
-            raise ValueError(f"unreadable video: {e}") from e
+        except (OSError, EOFError, ValueError, IndexError, KeyError, zipfile.BadZipFile) as e:
+            raise ValueError(str(e) if str(e).startswith("too large") else f"unreadable video: {e}") from e
         if arr.dtype != np.uint8 or arr.ndim not in (3, 4) or len(arr) == 0 or (arr.ndim == 4 and arr.shape[3] > 4):
             raise ValueError(f"unreadable video: array of {arr.dtype} {arr.shape}, expected uint8 T x H x W")
         return (np.stack([to_gray(f) for f in arr]) if arr.ndim == 4 else arr), CLIP_FPS
@@ -723,13 +872,18 @@ def read_frames(path: Path) -> tuple[np.ndarray, float]:
         raise ValueError("unreadable video: it cannot be opened (corrupt, truncated or not a video)")
     declared = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
     fps = cap.get(cv2.CAP_PROP_FPS)
+    width, height = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    problem = size_problem(declared, height, width)
     frames = []
-    while True:
+    while not problem:
         ok, frame = cap.read()
         if not ok:
             break
         frames.append(to_gray(frame))
+        problem = size_problem(len(frames), *frames[0].shape) if len(frames) > LONGEST_CLIP else ""
     cap.release()
+    if problem:
+        raise ValueError(problem)
     if not frames:
         raise ValueError("unreadable video: no frame could be decoded")
     if declared > len(frames) + max(1, declared // 20):  # some containers only estimate their frame count
@@ -743,6 +897,11 @@ SOUND_EXTS = {".wav", ".flac", ".m4a", ".mp3", ".ogg", ".opus", ".aac"}
 SOUND_IN_VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
 
 
+def sound_too_long(seconds: float) -> str:
+    return (f"too large: its sound lasts {seconds:.0f} s or more; sound up to {LONGEST_CLIP // CLIP_FPS} s is read: cut "
+            "it into shorter pieces first (ffmpeg -ss START -t 60)")
+
+
 def read_audio(path: Path) -> np.ndarray:
     """A file's first sound track as 16 kHz mono float32 (PyAV decodes and resamples, stereo is mixed down);
     ValueError says what is wrong with it."""
@@ -754,9 +913,17 @@ def read_audio(path: Path) -> np.ndarray:
         with av.open(str(path)) as container:
             if not container.streams.audio:
                 raise ValueError("no audio track")
+            longest = LONGEST_CLIP / CLIP_FPS  # seconds: the sound of the longest clip read
+            declared = (container.duration or 0) / av.time_base
+            if declared > longest:
+                raise ValueError(sound_too_long(declared))
             resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-            chunks = [out.to_ndarray().reshape(-1) for frame in container.decode(container.streams.audio[0])
-                      for out in resampler.resample(frame)]
+            chunks, samples = [], 0
+            for frame in container.decode(container.streams.audio[0]):
+                new = [out.to_ndarray().reshape(-1) for out in resampler.resample(frame)]
+                chunks, samples = chunks + new, samples + sum(len(c) for c in new)
+                if samples > longest * SAMPLE_RATE * 1.5:  # a stream that outruns its header
+                    raise ValueError(sound_too_long(samples / SAMPLE_RATE))
             chunks += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
     except av.error.FFmpegError as e:
         raise ValueError(f"unreadable sound ({e})") from e
@@ -954,8 +1121,9 @@ def read_split_lists(folder: Path) -> dict[str, str]:
         if not path.exists():
             raise UserError(f"--split-lists {folder}: {path.name} is missing; it needs train.txt, val.txt "
                             "and test.txt, one clip name (or path) a line.")
-        try:
-            names = path.read_text(encoding="utf-8").split()
+        try:  # a line a name: names may hold spaces
+            names = [line.strip() for line in drop_invisible(path.read_text(encoding="utf-8-sig")).splitlines()
+                     if line.strip()]
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"Cannot read {path} ({e}); it needs one clip name a line, in UTF-8.") from e
         for line in names:
@@ -1654,6 +1822,7 @@ class ModelDims:
     frontend: str = "cnn"
     input_size: int = 88
     modality: str = "video"
+    encoder: str = "conformer"
 
 
 PRESETS = {
@@ -1990,6 +2159,159 @@ class ConformerEncoder(nn.Module):
         return self.after_norm(x)
 
 
+# Temporal convolutions: the team's MS-TCN and DC-TCN ---------------------------------------------------------
+# Their published models put one of three encoders after the same frontend: Auto-AVSR's Conformer, a multi-scale
+# temporal convolutional network (4 levels of parallel kernels 3/5/7/9 at dilations 1/2/4/8) or a densely
+# connected one (4 blocks of 4 such layers, each reading all earlier outputs of its block, with squeeze-and-
+# excitation). Names are theirs, so their checkpoints load by name. Each convolution is "same" over time and
+# sees the zeros a lone clip sees past its end: padded frames are zeroed before every one, and averages over
+# time are taken over a clip's own frames, so a clip encodes alike alone and in a padded batch.
+
+TCN_KERNELS = (3, 5, 7, 9)
+TCN_DILATIONS = (1, 2, 4, 8)
+
+
+def tcn_channels(dims: ModelDims) -> int:
+    """The width of a TCN level (DC-TCN's growth rate): 512 at d_model 768, as the team's; two thirds of d_model,
+    a multiple of the four branches."""
+    return 2 * dims.d_model // 3 // len(TCN_KERNELS) * len(TCN_KERNELS)
+
+
+class TemporalConv(nn.Module):
+    """Conv1d -> BatchNorm -> SiLU over time (MS-TCN's names); a doubly padded output chomped symmetrically, as
+    theirs is, is this convolution padded by half."""
+
+    def __init__(self, c_in, c_out, kernel, dilation):
+        super().__init__()
+        self.conv = nn.Conv1d(c_in, c_out, kernel, padding=(kernel - 1) * dilation // 2, dilation=dilation)
+        self.batchnorm = nn.BatchNorm1d(c_out)
+
+    def forward(self, x, keep):  # x: B x C x T; keep: B x 1 x T, 1 at a clip's frames
+        return F.silu(self.batchnorm(self.conv(x * keep)))
+
+
+class DenseConv(nn.Module):
+    """The same convolution under DC-TCN's names (net.0, net.1)."""
+
+    def __init__(self, c_in, c_out, kernel, dilation):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv1d(c_in, c_out, kernel, padding=(kernel - 1) * dilation // 2,
+                                           dilation=dilation), nn.BatchNorm1d(c_out))
+
+    def forward(self, x, keep):
+        return F.silu(self.net(x * keep))
+
+
+class SqueezeExcite(nn.Module):
+    """Channels reweighted by what the clip holds on average (over its own frames)."""
+
+    def __init__(self, c, reduction=16):
+        super().__init__()
+        self.fc = nn.Sequential(nn.Linear(c, c // reduction, bias=False), nn.SiLU(),
+                                nn.Linear(c // reduction, c, bias=False), nn.Sigmoid())
+
+    def forward(self, x, keep):
+        mean = (x * keep).sum(-1) / keep.sum(-1)
+        return x * self.fc(mean)[..., None]
+
+
+class MultiScaleBlock(nn.Module):
+    """Two rounds of parallel convolutions, one branch a kernel size, each a quarter of the channels, and a 1 x 1
+    residual: an MS-TCN level, or a DC-TCN dense layer (which squeezes and excites its input per branch)."""
+
+    def __init__(self, c_in, c_out, dilation, dropout, conv=TemporalConv, squeeze=False):
+        super().__init__()
+        branch, self.squeeze = c_out // len(TCN_KERNELS), squeeze
+        for k, kernel in enumerate(TCN_KERNELS):
+            if squeeze:
+                self.add_module(f"cbcr0_se_{k}", SqueezeExcite(c_in))
+            self.add_module(f"cbcr0_{k}", conv(c_in, branch, kernel, dilation))
+        for k, kernel in enumerate(TCN_KERNELS):
+            self.add_module(f"cbcr1_{k}", conv(branch * len(TCN_KERNELS), branch, kernel, dilation))
+        self.dropout = nn.Dropout(dropout)
+        self.downsample = nn.Conv1d(c_in, c_out, 1)
+
+    def branches(self, round_: int, x, keep):
+        excite = lambda k, x: getattr(self, f"cbcr0_se_{k}")(x, keep) if self.squeeze and round_ == 0 else x
+        return self.dropout(torch.cat([getattr(self, f"cbcr{round_}_{k}")(excite(k, x), keep)
+                                       for k in range(len(TCN_KERNELS))], 1))
+
+    def forward(self, x, keep):
+        return F.silu(self.branches(1, self.branches(0, x, keep), keep) + self.downsample(x))
+
+
+class MSTCNEncoder(nn.Module):
+    """The team's multi-scale TCN: 4 levels at dilations 1, 2, 4, 8, then a projection back to d_model."""
+
+    def __init__(self, dims: ModelDims):
+        super().__init__()
+        c = tcn_channels(dims)
+        self.encoder_trunk = nn.Module()
+        self.encoder_trunk.network = nn.ModuleList(
+            MultiScaleBlock(dims.d_model if i == 0 else c, c, dilation, dims.dropout)
+            for i, dilation in enumerate(TCN_DILATIONS))
+        self.hidden_proj = nn.Linear(c, dims.d_model)
+
+    def forward(self, x, mask):  # x: B x T x d, mask: B x T
+        keep, x = mask[:, None, :].to(x.dtype), x.transpose(1, 2)
+        for level in self.encoder_trunk.network:
+            x = level(x, keep)
+        return self.hidden_proj(x.transpose(1, 2))
+
+
+class Transition(nn.Sequential):
+    """DC-TCN's 1 x 1 reduction between blocks (PReLU at the entry, SiLU after a block)."""
+
+    def __init__(self, c_in, c_out, entry: bool):
+        super().__init__()
+        self.conv = nn.Conv1d(c_in, c_out, 1, bias=False)
+        self.norm = nn.BatchNorm1d(c_out)
+        if entry:
+            self.prelu = nn.PReLU(c_out)
+        else:
+            self.swish = nn.SiLU()
+
+
+class DCTCNEncoder(nn.Module):
+    """The team's densely connected TCN: an entry reduction, then 4 blocks of 4 layers (dilations 1, 2, 4, 8),
+    each layer reading its block's input and every earlier layer's output; reductions between blocks, a
+    BatchNorm after the last, then a projection back to d_model."""
+
+    def __init__(self, dims: ModelDims):
+        super().__init__()
+        d, growth, blocks = dims.d_model, tcn_channels(dims), len(TCN_DILATIONS)
+        wide = d + len(TCN_DILATIONS) * growth  # a block's output: its input and its layers'
+        features = {"transition0": Transition(d, d, entry=True)}
+        for b in range(1, blocks + 1):
+            features[f"denseblock{b}"] = nn.ModuleDict({
+                f"denselayer{i + 1}": MultiScaleBlock(d + i * growth, growth, dilation, dims.dropout, DenseConv, True)
+                for i, dilation in enumerate(TCN_DILATIONS)})
+            features[f"transition{b}" if b < blocks else "norm5"] = (Transition(wide, d, entry=False) if b < blocks
+                                                                     else nn.BatchNorm1d(wide))
+        self.encoder_trunk = nn.Module()
+        self.encoder_trunk.features = nn.ModuleDict(features)
+        self.hidden_proj = nn.Linear(wide, d)
+
+    def forward(self, x, mask):
+        keep, x = mask[:, None, :].to(x.dtype), x.transpose(1, 2)
+        for name, part in self.encoder_trunk.features.items():
+            if name.startswith("denseblock"):
+                outputs = [x]
+                for layer in part.values():
+                    outputs.append(layer(torch.cat(outputs, 1), keep))
+                x = torch.cat(outputs, 1)
+            else:
+                x = part(x)
+        return self.hidden_proj(x.transpose(1, 2))
+
+
+ENCODERS = {"conformer": ConformerEncoder, "mstcn": MSTCNEncoder, "dctcn": DCTCNEncoder}
+
+
+def make_encoder(dims: ModelDims) -> nn.Module:
+    return ENCODERS[dims.encoder](dims)
+
+
 # Decoder -----------------------------------------------------------------------------------------------------
 
 class PositionalEncoding(nn.Module):
@@ -2143,11 +2465,11 @@ class AVSRModel(nn.Module):
         self.modality = dims.modality
         self.frontend = AudioFrontend(dims.frontend_channels) if dims.modality == "audio" else make_frontend(dims)
         self.proj_encoder = nn.Linear(dims.frontend_channels[-1], dims.d_model)
-        self.encoder = ConformerEncoder(dims)
+        self.encoder = make_encoder(dims)
         if dims.modality == "av":
             self.aux_frontend = AudioFrontend(dims.frontend_channels)
             self.aux_proj_encoder = nn.Linear(dims.frontend_channels[-1], dims.d_model)
-            self.aux_encoder = ConformerEncoder(dims)
+            self.aux_encoder = make_encoder(dims)
             self.fusion = FusionHead(dims.d_model, dims.fusion_hidden)
         self.decoder = TransformerDecoder(dims)
         self.ctc = CTCHead(dims.d_model, dims.vocab_size, dims.dropout)
@@ -2232,38 +2554,62 @@ class UnitLM(nn.Module):
         return 2 * self.lstm.num_layers * self.lstm.hidden_size
 
 
+def ngram_tables(sentences: list[list[int]], order: int, vocab_size: int, sos_eos: int) -> dict[str, torch.Tensor]:
+    """The counts of an n-gram model, made once (--mode lm) and saved as the lookup reads them: for each order n,
+    the contexts seen (their n-1 units as one int64, digits in base vocab_size), sorted, where each one's followers
+    start, and the followers with their counts (below the top order, continuation counts: in how many contexts
+    the n-gram's last unit follows). Each sentence is read after order-1 sos and before its eos."""
+    if vocab_size ** order >= 2 ** 63:
+        raise UserError(f"--lm-order {order} over {vocab_size} units does not fit this model's 64-bit keys: use at "
+                        f"most {int(63 / math.log2(vocab_size))}.")
+    pad = order - 1
+    flat = np.concatenate([np.array([sos_eos] * pad + ids + [sos_eos], np.int64) for ids in sentences] or
+                          [np.zeros(0, np.int64)])
+    sentence = np.repeat(np.arange(len(sentences)), [len(ids) + order for ids in sentences])
+    starts = np.arange(max(len(flat) - pad, 0))
+    keys = np.zeros(len(starts), np.int64)  # each window of `order` units as one number
+    for j in range(order):  # Horner's rule, a unit at a time: no windows x order array
+        keys = keys * vocab_size + flat[j:len(starts) + j]
+    keys, counts = np.unique(keys[sentence[starts] == sentence[starts + pad]], return_counts=True)  # within a sentence
+    tables = {}
+    for n in range(order, 0, -1):
+        context = keys // vocab_size  # sorted with the keys
+        first = np.flatnonzero(np.r_[True, context[1:] != context[:-1]])
+        tables |= {f"contexts_{n}": torch.from_numpy(context[first]),
+                   f"first_{n}": torch.from_numpy(np.append(first, len(keys))),
+                   f"next_{n}": torch.from_numpy((keys % vocab_size).astype(np.int32)),
+                   f"counts_{n}": torch.from_numpy(counts.astype(np.int64))}
+        keys, counts = np.unique(keys % vocab_size ** (n - 1), return_counts=True)  # continuation counts below
+    return tables
+
+
 class NgramLM(nn.Module):
     """Interpolated Kneser-Ney over the units (one discount): each order's counts discounted, the mass taken
     given to the next lower order, whose counts are continuation counts (in how many contexts a unit follows);
-    below the unigrams, the uniform. The same calls as UnitLM: its state is each row's last order-1 tokens."""
+    below the unigrams, the uniform. The same calls as UnitLM: its state is each row's last order-1 tokens.
+    Reads ngram_tables as they are (memory-mapped from lm.pt): a context's followers by binary search."""
 
-    def __init__(self, sentences: list[list[int]], order: int, vocab_size: int, sos_eos: int, discount=0.75):
+    def __init__(self, tables: dict[str, torch.Tensor], order: int, vocab_size: int, sos_eos: int, discount=0.75):
         super().__init__()
-        self.sentences, self.order, self.vocab_size, self.sos = sentences, order, vocab_size, sos_eos
+        self.tables, self.order, self.vocab_size, self.sos = tables, order, vocab_size, sos_eos
         self.discount, self.cache = discount, {}
         self.register_buffer("where", torch.zeros(0), persistent=False)  # follows .to(device): the outputs' device
-        grams = Counter()  # every order-gram, each sentence after order-1 sos and before its eos
-        for ids in sentences:
-            seq = [sos_eos] * (order - 1) + ids + [sos_eos]
-            grams.update(tuple(seq[i:i + order]) for i in range(len(seq) - order + 1))
-        self.followers = {}  # order -> context -> (next ids, their counts, all counts, distinct next ids)
-        for n in range(order, 0, -1):
-            by_context: dict[tuple, dict[int, int]] = {}
-            for gram, count in grams.items():
-                by_context.setdefault(gram[:-1], {})[gram[-1]] = count
-            self.followers[n] = {h: (np.array(list(f)), np.array(list(f.values()), np.float64), sum(f.values()), len(f))
-                                 for h, f in by_context.items()}
-            grams = Counter(gram[1:] for gram in grams)  # continuation counts for the order below
+        self.followers = {n: [tables[f"{part}_{n}"].numpy() for part in ("contexts", "first", "next", "counts")]
+                          for n in range(1, order + 1)}
 
     def log_probs(self, context: tuple) -> np.ndarray:
         if context not in self.cache:
             p = np.full(self.vocab_size, 1.0 / self.vocab_size)
             for n in range(1, self.order + 1):
-                found = self.followers[n].get(context[len(context) - n + 1:] if n > 1 else ())
-                if found:
-                    ids, counts, total, distinct = found
-                    p = p * (self.discount * distinct / total)
-                    p[ids] += np.maximum(counts - self.discount, 0) / total
+                contexts, first, ids, counts = self.followers[n]
+                key = functools.reduce(lambda k, unit: k * self.vocab_size + unit, context[len(context) - n + 1:]
+                                       if n > 1 else (), 0)
+                i = np.searchsorted(contexts, key)
+                if i < len(contexts) and contexts[i] == key:
+                    seen, count = ids[first[i]:first[i + 1]], counts[first[i]:first[i + 1]].astype(np.float64)
+                    total = count.sum()
+                    p = p * (self.discount * len(seen) / total)
+                    p[seen] += np.maximum(count - self.discount, 0) / total
             self.cache[context] = np.log(p)
         return self.cache[context]
 
@@ -2287,7 +2633,7 @@ def model_dims(cfg: Config, vocab_size: int) -> ModelDims:
     if cfg.preset not in PRESETS:
         raise UserError(f"--preset {cfg.preset!r} is not known; choose one of {', '.join(PRESETS)}.")
     return ModelDims(vocab_size=vocab_size, dropout=cfg.dropout, frontend=cfg.frontend, input_size=cfg.input_size,
-                     modality=cfg.modality, **PRESETS[cfg.preset])
+                     modality=cfg.modality, encoder=cfg.encoder, **PRESETS[cfg.preset])
 
 
 def build_model(cfg: Config, vocab_size: int) -> nn.Module:
@@ -2355,18 +2701,60 @@ WHERE_TO_GET = (f"ViSpeR's models, trained on 1,200 h of Arabic among five langu
                 "there is internet and pass its path (on Kaggle, attach it as a dataset: it is then found by name).")
 
 
-def read_weights(path: Path, flag: str) -> tuple[dict[str, torch.Tensor], str, dict[str, list[str]]]:
-    """The state dict in a checkpoint file under today's names, what kind of file it was, and the entries that are
-    no model weights (by reason)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a Lightning .ckpt keeps Python objects beside the weights; a broken file raises anything
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise UserError(f"{flag} {path}: cannot read it as a PyTorch checkpoint ({type(e).__name__}: {e}). "
-                            f"Give a released model (.pth or .ckpt) or a checkpoint of this script. "
-                            f"{WHERE_TO_GET}") from e
+# The team's own models (Essa-Ramzy/Arabic-Lip-Reading): the same frontend and decoder (their ResNet under
+# "resnet_trunk"), one of three encoders under its own names, and tokens of their own order: the blank, the units
+# in descending string order, the space, then <sos> and <eos> as two ids. Their units' ids are this vocabulary's
+# (both came from the same labels); where this one has <unk> and one <sos/eos>, the rows are moved by name.
+TEAM_URL = "https://github.com/Essa-Ramzy/Arabic-Lip-Reading"
+TEAM_NAMES = (("frontend.resnet_trunk.", "frontend.trunk."),)
+TEAM_ENCODERS = {"encoder.encoder_trunk.network.": "mstcn", "encoder.encoder_trunk.features.": "dctcn",
+                 "encoder.encoders.": "conformer"}
+TEAM_NORMALISATION = (0.40947135433671134, 0.15003469454968454)  # their mean and std of LRC-AR's frames
+
+
+def team_encoder(weights: dict[str, torch.Tensor]) -> str | None:
+    """Which of the team's encoders a state dict (under today's names) holds, or None: not one of theirs."""
+    if not any(k.startswith(TEAM_NAMES[0][0]) for k in weights):
+        return None
+    return next((name for prefix, name in TEAM_ENCODERS.items() if any(k.startswith(prefix) for k in weights)), None)
+
+
+def team_tokens(vocab: Vocabulary) -> list[str]:
+    """The team's token list for this vocabulary's units: their order, by which their rows are numbered."""
+    units = [u for u in vocab.itos if u and u not in vocab.specials]
+    return [""] + sorted(units, reverse=True) + [" ", "<sos>", "<eos>"]
+
+
+def team_weights(weights: dict[str, torch.Tensor], vocab: Vocabulary, flag: str, path: Path) -> dict[str, torch.Tensor]:
+    """The team's weights under this model's names, their vocabulary-sized rows moved to this vocabulary's ids:
+    each unit's to its own, the blank and space to theirs; their <eos> predicts this <sos/eos>, their <sos>
+    embeds it; this <unk> takes the row left over (their <sos> as an output, never predicted; their <eos> as an
+    input, never read)."""
+    tokens, rows = team_tokens(vocab), weights["ctc.ctc_lo.weight"].shape[0]
+    if rows != len(tokens):
+        raise UserError(f"{flag} {path}: the team's model reads {rows} tokens; with --units {'letters' if vocab.letters_only else 'diacritized'} "
+                        f"they are {len(tokens)}. Their models with diacritics have 230, without 41: pass "
+                        f"--units {'diacritized' if rows > len(tokens) else 'letters'} (or the --vocab it was trained with).")
+    blank, space, unk, sos_eos = (vocab.specials[k] for k in ("<blank>", "<space>", "<unk>", "<sos/eos>"))
+    ids = {"": blank, " ": space, **vocab.ids}
+    predicts = [ids.get(t, {"<sos>": unk, "<eos>": sos_eos}.get(t)) for t in tokens]
+    embeds = [ids.get(t, {"<sos>": sos_eos, "<eos>": unk}.get(t)) for t in tokens]
+    moved = {}
+    for key, value in weights.items():
+        if key.startswith(VOCAB_SIZED):
+            order = embeds if key.startswith("decoder.embed.") else predicts
+            value = value.new_zeros((vocab.size, *value.shape[1:])).index_copy(0, torch.tensor(order), value)
+        for old, new in TEAM_NAMES:
+            key = new + key.removeprefix(old) if key.startswith(old) else key
+        moved[key] = value
+    return moved
+
+
+def read_weights(path: Path, flag: str) -> tuple[dict[str, torch.Tensor], str, dict[str, list[str]], list[str]]:
+    """The state dict in a checkpoint file under today's names, what kind of file it was, the entries that are
+    no model weights (by reason), and the Python objects beside them that stood in inert (by name)."""
+    state, stood_in = load_torch_file(path, flag, "Give a released model (.pth or .ckpt) or a checkpoint of this "
+                                      f"script. {WHERE_TO_GET}", stand_ins=True)
     kind = "state dict"
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state, kind = state["state_dict"], "Lightning checkpoint"
@@ -2386,7 +2774,10 @@ def read_weights(path: Path, flag: str) -> tuple[dict[str, torch.Tensor], str, d
             if key.startswith(old):
                 key, renamed = new + key.removeprefix(old), True
         weights[key] = value
-    return weights, kind + (" with pre-2025 names" if renamed else ""), dropped
+    team = team_encoder(weights)
+    if team:
+        kind = f"the team's {team} model ({weights['ctc.ctc_lo.weight'].shape[0]} tokens; {TEAM_URL})"
+    return weights, kind + (" with pre-2025 names" if renamed else ""), dropped, stood_in
 
 
 def fitting_presets(weights: dict[str, torch.Tensor], cfg: Config, vocab_size: int) -> list[str]:
@@ -2449,7 +2840,7 @@ def choose_weights(weights: dict, own: dict, parts: list[str], cfg: Config):
     return chosen, skipped, wrong
 
 
-def load_pretrained(model: nn.Module, cfg: Config) -> dict:
+def load_pretrained(model: nn.Module, cfg: Config, vocab: Vocabulary | None = None) -> dict:
     """--init-from and --init-from-audio into `model`: every weight of the parts chosen whose shape fits. -> by
     setting, what was loaded, skipped (with the reason) and missing, also printed and written to
     <work_dir>/diagnostics/init_from.txt (init_from_audio.txt)."""
@@ -2458,10 +2849,11 @@ def load_pretrained(model: nn.Module, cfg: Config) -> dict:
                         "baseline has none of their parts.")
     reports = {}
     if cfg.init_from:
-        reports["init_from"] = load_weights_file(model, cfg, "init_from", loaded_parts(cfg), lambda key: key)
+        reports["init_from"] = load_weights_file(model, cfg, "init_from", loaded_parts(cfg), lambda key: key,
+                                                 vocab or load_vocabulary(cfg))
     if cfg.init_from_audio:
         reports["init_from_audio"] = load_weights_file(model, cfg, "init_from_audio", list(SOUND_SIDE[:3]),
-                                                       sound_side_name)
+                                                       sound_side_name, vocab or load_vocabulary(cfg))
     return reports
 
 
@@ -2470,11 +2862,17 @@ def sound_side_name(key: str) -> str:
     return "aux_" + key if key.startswith(("frontend.", "proj_encoder.", "encoder.")) else key
 
 
-def load_weights_file(model: nn.Module, cfg: Config, name: str, parts: list[str], rename) -> dict:
+def load_weights_file(model: nn.Module, cfg: Config, name: str, parts: list[str], rename, vocab: Vocabulary) -> dict:
     """The file of setting `name` into the `parts` of `model`, its keys renamed by `rename`; reported."""
     flag = "--" + name.replace("_", "-")
     path = find_given(getattr(cfg, name), flag, WHERE_TO_GET, Path(cfg.work_dir))
-    weights, kind, skipped = read_weights(path, flag)
+    weights, kind, skipped, objects = read_weights(path, flag)
+    team = team_encoder(weights)
+    if team and team != cfg.encoder:
+        raise UserError(f"{flag} {path} is the team's model with the {team} encoder: train it with --encoder {team} "
+                        "--preset base.")
+    if team:
+        weights = team_weights(weights, vocab, flag, path)
     weights = {rename(k): v for k, v in weights.items()}
     own = model.state_dict()
     chosen, more, wrong = choose_weights(weights, own, parts, cfg)
@@ -2489,7 +2887,8 @@ def load_weights_file(model: nn.Module, cfg: Config, name: str, parts: list[str]
     model.load_state_dict(chosen, strict=False)
     missing = [k for k in own if k.split(".")[0] in parts and k not in weights]
     report = {"file": str(path), "kind": kind, "loaded": dict(Counter(k.split(".")[0] for k in chosen)),
-              "values": sum(v.numel() for v in chosen.values()), "skipped": skipped, "missing": missing}
+              "values": sum(v.numel() for v in chosen.values()), "skipped": skipped, "missing": missing,
+              "objects": objects}
     write_init_report(report, flag, Path(cfg.work_dir) / "diagnostics" / f"{name}.txt")
     return report
 
@@ -2500,6 +2899,9 @@ def write_init_report(report: dict, flag: str, path: Path) -> None:
     head = [f"{flag} {report['file']} ({report['kind']}): {sum(report['loaded'].values())} weights loaded "
             f"({', '.join(f'{p} {n}' for p, n in report['loaded'].items())}; {report['values']:,} values)"]
     head += [f"  skipped {len(keys)}, {why}: {by_part(keys)}" for why, keys in report["skipped"].items()]
+    if report["objects"]:  # a Lightning checkpoint's settings, say: what the file names is never called
+        head.append(f"  not built: the Python objects the file names beside its weights ({', '.join(report['objects'])}); "
+                    "nothing of them ran")
     head.append(f"  missing {len(report['missing'])} (they keep their random start): {by_part(report['missing'])}"
                 if report["missing"] else "  missing: none")
     print("\n".join(head))
@@ -2860,12 +3262,10 @@ class LanguageModel:
 def read_lm(path: Path, vocab: Vocabulary) -> tuple[nn.Module, dict]:
     """The model in an lm.pt of --mode lm (an NgramLM or a UnitLM), and the file's other entries; refused
     unless its units are the vocabulary's, in the same order."""
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file raises anything
-        raise UserError(f"--lm {path}: cannot read it ({type(e).__name__}: {e}). Train one with --mode lm.") from e
-    kinds = {"ngram": {"sentences", "order"}, "lstm": {"model", "dims"}}
-    if not isinstance(saved, dict) or "vocab" not in saved or not kinds.get(saved.get("kind"), {None}) <= saved.keys():
+    saved, _ = load_torch_file(path, "--lm", "Train one with --mode lm.", mmap=True)  # an n-gram's tables: as read
+    kinds = {"ngram": {"order"}, "lstm": {"model", "dims"}}
+    if not isinstance(saved, dict) or "vocab" not in saved or not kinds.get(saved.get("kind"), {None}) <= saved.keys() \
+            or saved["kind"] == "ngram" and not {"tables", "sentences"} & saved.keys():
         raise UserError(f"--lm {path}: not a language model of --mode lm.")
     units = Vocabulary.from_json(saved["vocab"]).itos
     if units != vocab.itos:
@@ -2873,7 +3273,11 @@ def read_lm(path: Path, vocab: Vocabulary) -> tuple[nn.Module, dict]:
                         + (" (the same number, other units or order)" if len(units) == vocab.size else "")
                         + ": train the language model with this run's vocabulary (--mode lm --work-dir RUN).")
     if saved["kind"] == "ngram":
-        return NgramLM(saved["sentences"], saved["order"], len(units), vocab.sos_eos, saved["discount"]), saved
+        if "tables" not in saved:  # an lm.pt of a version before 2026-12-07 kept its sentences, to be counted anew
+            print(f"--lm {path}: counting its sentences (written by an earlier version; --mode lm again saves the "
+                  "counts, read at once)")
+            saved["tables"] = ngram_tables(saved["sentences"], saved["order"], len(units), vocab.sos_eos)
+        return NgramLM(saved["tables"], saved["order"], len(units), vocab.sos_eos, saved["discount"]), saved
     lm = UnitLM(len(units), **saved["dims"])
     lm.load_state_dict(saved["model"])
     return lm.eval(), saved
@@ -3275,7 +3679,9 @@ def epochs_that_fit(history: list[dict], cfg: Config, elapsed: float) -> int:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every generator's state as tensors and plain data (what a weights-only load reads back)."""
+    name, keys, *rest = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": (name, keys.tolist(), *rest)}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -3284,14 +3690,15 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]  # keys: a list, or (checkpoints before 2026-12-07) an array
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # What a checkpoint fixes, in one place: its model and the data it saw (the same clips, split and preprocessing)
 # must match to resume and are taken from it to test; the training state its weights are in is taken with them
-MODEL_SETTINGS = ("arch", "preset", "frontend", "modality", "units", "word_boundary")
+MODEL_SETTINGS = ("arch", "preset", "frontend", "encoder", "modality", "units", "word_boundary")
 DATA_SETTINGS = ("split_seed", "val_fraction", "test_fraction", "split_lists", "frame_size", "crop_size",
                  "input_size", "mean", "std", "seed", "synthetic_clips", "synthetic_words", "synthetic_speakers")
 MATCHED_SETTINGS = MODEL_SETTINGS + DATA_SETTINGS
@@ -3306,14 +3713,19 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, epoch: int,
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+def saved_epoch(path: Path) -> int | None:
+    """The epoch a checkpoint holds (its tensors left on disk), or None where there is none to read."""
+    try:
+        return load_torch_file(path, "", "", mmap=True)[0]["epoch"] if path.exists() else None
+    except (UserError, TypeError, KeyError):
+        return None
+
+
 def load_checkpoint(path: Path) -> dict:
     if not Path(path).exists():
         raise UserError(f"No checkpoint at {path}: train first (--mode train), or name one with --checkpoint.")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a file cut short or of another kind; torch raises many types here
-        raise UserError(f"Cannot read the checkpoint {path} ({type(e).__name__}: {e}). It may be incomplete; "
-                        "use the other checkpoint in that folder (last.pt / best.pt).") from e
+    state, _ = load_torch_file(path, "The checkpoint", "If it was cut short, use the other checkpoint in its folder "
+                               "(last.pt / best.pt); give only checkpoints this tool wrote.")
     if not isinstance(state, dict) or not {"model", "config", "vocab", "epoch"} <= state.keys():
         raise UserError(f"{path} is not a checkpoint of this tool (it holds {type(state).__name__ if not isinstance(state, dict) else 'weights alone, no settings or vocabulary'}). "
                         "To start training from its weights, pass it as --init-from; to test or decode, use a run's "
@@ -3348,7 +3760,23 @@ def checkpoint_path(cfg: Config) -> Path:
     averaged, last = folder / "averaged.pt", folder / "last.pt"
     if averaged.exists() and (not last.exists() or averaged.stat().st_mtime_ns >= last.stat().st_mtime_ns):
         return averaged
-    return folder / "best.pt"
+    return best_of_run(folder, cfg.decoder)
+
+
+def best_of_run(folder: Path, decoder: str) -> Path:
+    """best.pt; or last.pt where the run was stopped while copying its best epoch, the newest, to best.pt."""
+    best, last = folder / "best.pt", folder / "last.pt"
+    try:
+        state = load_torch_file(last, "", "", mmap=True)[0]
+        history, epoch = state["history"], state["epoch"]
+    except (UserError, TypeError, KeyError):  # no run beside it: best.pt as it is
+        return best
+    best_epoch = best_row(history, decoder)["epoch"] if history else None
+    if best_epoch != epoch or saved_epoch(best) == best_epoch:
+        return best
+    print(f"{best} does not hold the run's best epoch ({best_epoch}; the run was stopped while writing it): reading "
+          "last.pt, which does (--resume restores best.pt).")
+    return last
 
 
 def model_from_checkpoint(path: Path, cfg: Config, device, state: dict | None = None
@@ -3768,7 +4196,8 @@ def averaged_weights(paths: list[Path]) -> dict[str, torch.Tensor]:
     batch counts) from the last."""
     total, dtypes = {}, {}
     for path in paths:
-        for k, v in torch.load(path, map_location="cpu").items():
+        for k, v in load_torch_file(path, "The epoch's weights", "Delete it; averaging then takes the epochs "
+                                    "kept beside it.")[0].items():
             dtypes[k] = v.dtype
             total[k] = total.get(k, 0) + v.double() if v.is_floating_point() else v
     return {k: (v / len(paths)).to(dtypes[k]) if dtypes[k].is_floating_point else v for k, v in total.items()}
@@ -3832,8 +4261,6 @@ def stalled_for(history: list[dict], cfg: Config) -> bool:
 def previous_run(cfg: Config, vocab: Vocabulary) -> dict | None:
     """The checkpoint to continue (checked before any data is read), or None for a fresh run."""
     ckpt_dir = checkpoints_of(cfg.work_dir)
-    for stale in ckpt_dir.glob(".*.pt.*"):  # temporary files of a run killed while saving
-        stale.unlink(missing_ok=True)  # (another process of the run may have got there first)
     last = ckpt_dir / "last.pt"
     if not cfg.resume:
         kept = [p for p in (last, ckpt_dir / "best.pt", ckpt_dir / "averaged.pt") if p.exists()]
@@ -3852,17 +4279,21 @@ def previous_run(cfg: Config, vocab: Vocabulary) -> dict | None:
 
 
 def restore_best(state: dict, cfg: Config, ckpt_dir: Path) -> None:
-    """A run killed while it wrote best.pt for its newest epoch has that epoch's weights in last.pt alone."""
+    """A run killed, or out of disk, while it copied its newest epoch to best.pt has that epoch's weights in last.pt
+    alone: best.pt is missing, or still holds an earlier epoch."""
     best, history = ckpt_dir / "best.pt", state["history"]
-    if best.exists() or not history:
+    if not history:
         return
-    best_epoch = best_row(history, cfg.decoder)["epoch"]
+    best_epoch, held = best_row(history, cfg.decoder)["epoch"], saved_epoch(best)
+    if held == best_epoch:
+        return
+    was = "was missing" if held is None else f"held epoch {held}"
     if best_epoch == state["epoch"]:
         atomic_write(best, lambda tmp: shutil.copyfile(ckpt_dir / "last.pt", tmp))
-        print(f"{best} was missing (the run was stopped while writing it): restored from last.pt, epoch {best_epoch}.")
+        print(f"{best} {was} (the run was stopped while writing it): restored from last.pt, epoch {best_epoch}.")
     else:
-        print(f"warning: {best} is missing and its epoch ({best_epoch}) is not last.pt's ({state['epoch']}): "
-              "it cannot be restored; a better epoch from now on makes a new one.")
+        print(f"warning: {best} {was}, and the best epoch ({best_epoch}) is not last.pt's ({state['epoch']}): it "
+              "cannot be restored; a better epoch from now on makes a new one.")
 
 
 def apply_new_rates(optimizer, scheduler, cfg: Config) -> None:
@@ -3961,7 +4392,7 @@ def lm_perplexity(lm: nn.Module, sentences: list[list[int]], sos_eos: int, devic
 
 def lm_file(lm: nn.Module, cfg: Config, vocab: Vocabulary, epoch: int, val_perplexity: float) -> dict:
     if isinstance(lm, NgramLM):
-        return {"kind": "ngram", "sentences": lm.sentences, "order": lm.order, "discount": lm.discount,
+        return {"kind": "ngram", "tables": lm.tables, "order": lm.order, "discount": lm.discount,
                 "vocab": vocab.to_json(), "val_perplexity": val_perplexity}
     return {"kind": "lstm", "model": lm.state_dict(), "dims": lm_dims(cfg), "vocab": vocab.to_json(), "epoch": epoch,
             "val_perplexity": val_perplexity}
@@ -3972,11 +4403,8 @@ def lm_dims(cfg: Config) -> dict:
 
 
 def resumable_lm(path: Path, cfg: Config, vocab: Vocabulary) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a file cut short or of another kind; torch raises many types here
-        raise UserError(f"Cannot read {path} ({type(e).__name__}: {e}): delete it to start the language model "
-                        "afresh.") from e
+    state, _ = load_torch_file(path, "The language model's checkpoint", "Delete it to start the language model "
+                               "afresh.")
     if Vocabulary.from_json(state["vocab"]).itos != vocab.itos or state["dims"] != lm_dims(cfg):
         raise UserError(f"{path} was trained with {state['dims']} over {len(state['vocab']['units'])} units; "
                         f"these settings ask for {lm_dims(cfg)} over {vocab.size}: resume with its settings, or "
@@ -3997,9 +4425,10 @@ def lm_run_settings(cfg: Config) -> tuple[Config, Vocabulary]:
 
 
 def count_ngrams(cfg: Config, vocab: Vocabulary, device) -> dict:
-    """--mode lm --lm-kind ngram: the counts are the training; lm/lm.pt keeps the sentences they come from."""
+    """--mode lm --lm-kind ngram: the counts are the training; lm/lm.pt keeps them, to be read as they are."""
     sentences = lm_sentences(cfg, vocab)
-    lm = NgramLM(sentences["train"], cfg.lm_order, vocab.size, vocab.sos_eos)
+    lm = NgramLM(ngram_tables(sentences["train"], cfg.lm_order, vocab.size, vocab.sos_eos), cfg.lm_order, vocab.size,
+                 vocab.sos_eos)
     val = lm_perplexity(lm.to(device), sentences["val"], vocab.sos_eos, device)
     folder = Path(cfg.work_dir) / "lm"
     atomic_write(folder / LM_FILE, lambda tmp: torch.save(lm_file(lm, cfg, vocab, 0, val), tmp))
@@ -4655,7 +5084,7 @@ def start_training(cfg: Config, ds: Dataset | None) -> TrainingRun:
         raise UserError("The training split is empty: add clips, or change --val-fraction / --test-fraction.")
     model = build_model(cfg, vocab.size)
     if (cfg.init_from or cfg.init_from_audio) and state is None:
-        load_pretrained(model, cfg)
+        load_pretrained(model, cfg, vocab)
     model.to(device)
     if cfg.sync_batchnorm and world > 1:
         model = with_synced_batchnorm(model, device)
@@ -5239,8 +5668,8 @@ def earlier_runs() -> list[Path]:
 
     def progress_of(run: Path):
         try:
-            epoch = torch.load(checkpoints_of(run) / "last.pt", map_location="cpu", weights_only=False, mmap=True)["epoch"]
-        except Exception:  # unreadable: tried last; resuming from it gives the clear error
+            epoch = load_torch_file(checkpoints_of(run) / "last.pt", "", "", mmap=True)[0]["epoch"]
+        except (UserError, TypeError, KeyError):  # unreadable: tried last; resuming from it gives the clear error
             epoch = -1
         return epoch, (checkpoints_of(run) / "last.pt").stat().st_mtime
     return sorted(runs, key=progress_of, reverse=True)
@@ -5356,9 +5785,10 @@ def train_under_torchrun(cfg: Config, processes: int) -> dict:
 #    through server-sent events. Built on FastAPI and uvicorn, optional packages (README).
 # ---------------------------------------------------------------------------------------------------------
 
-SERVE_STATES = ("queued", "preprocessing", "decoding", "done", "failed", "cancelled")
+SERVE_STATES = ("queued", "reading", "preprocessing", "decoding", "done", "failed", "cancelled")
 FINISHED = ("done", "failed", "cancelled")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+SERVE_LOCK = "serve/.lock"  # one server a work dir: a second would remove the first's uploads as half-received
 PREVIEW_FRAMES = 8  # mouth-crop frames side by side in a job's preview
 RESULT_COLUMNS = ["job", "name", "rank", "text", "score", "frames", "seconds", "beam_size"]
 
@@ -5473,6 +5903,7 @@ class JobBoard:
         self.root = Path(cfg.work_dir) / "serve" / "jobs"
         self.root.mkdir(parents=True, exist_ok=True)
         self.jobs: dict[str, Job] = {}
+        self.arriving = 0  # uploads whose body is still coming, each holding a place in the queue
         self.earlier_results()
         self.pool = concurrent.futures.ThreadPoolExecutor(cfg.serve_jobs, thread_name_prefix="lipread")
 
@@ -5512,15 +5943,25 @@ class JobBoard:
     def waiting(self) -> list[Job]:
         return sorted((j for j in self.jobs.values() if j.state == "queued"), key=lambda j: j.created)
 
-    def submit(self, job: Job) -> bool:
-        """Queue the job; False (nothing queued) when the queue is full."""
+    def hold_place(self) -> bool:
+        """A place in the queue for an upload about to arrive, taken before its body is read, so that uploads
+        waiting and uploads arriving together stay within --serve-queue; False when none is free."""
         with self.lock:
-            if len(self.waiting()) >= self.cfg.serve_queue:
+            if len(self.waiting()) + self.arriving >= self.cfg.serve_queue:
                 return False
+            self.arriving += 1
+            return True
+
+    def free_place(self) -> None:
+        with self.lock:
+            self.arriving -= 1
+
+    def submit(self, job: Job) -> None:
+        """Queue the job, in the place its upload held."""
+        with self.lock:
             self.jobs[job.id] = job
         self.save(job)
         self.pool.submit(self.work_on, job)
-        return True
 
     def view(self, job: Job) -> dict:
         out = job.result()
@@ -5529,9 +5970,18 @@ class JobBoard:
             out["detail"] = f"waiting its turn: {ahead} ahead" if ahead else "next in line"
         return out
 
+    def start(self, job: Job) -> bool:
+        """The job leaves the queue (False: it was cancelled there). One step under the board's lock, as a cancel
+        is, so that a cancel at the same moment finds it either still waiting or started, never a mixture."""
+        with self.lock:
+            if job.cancel.is_set():
+                return False
+            job.set("reading", "reading the upload")
+            return True
+
     def work_on(self, job: Job) -> None:
         try:
-            if job.state == "cancelled":  # while it waited
+            if not self.start(job):
                 raise JobCancelled
             self.reader.read(job)
             job.set("done", "done", 1.0)
@@ -5547,8 +5997,8 @@ class JobBoard:
         self.save(job)
 
     def cancel(self, job: Job) -> None:
-        job.cancel.set()
         with self.lock:
+            job.cancel.set()
             if job.state == "queued":
                 job.set("cancelled", "cancelled before it started")
 
@@ -5569,22 +6019,67 @@ def accepted_types(cfg: Config) -> list[str]:
     return sorted(kinds)
 
 
-async def receive_upload(request, job: Job, ext: str, limit: int) -> str:
-    """The request's body into the job's folder, refused past `limit` bytes; the file is named by its hash."""
+class UploadRefused(Exception):
+    """Why an upload is not kept, and the HTTP status that says so (None: its client went away)."""
+
+    def __init__(self, status: int | None, why: str):
+        super().__init__(why)
+        self.status = status
+
+
+async def receive_upload(request, job: Job, ext: str, limit: int, timeout: float) -> None:
+    """The request's body into the job's folder, the file named by its hash. Refused past `limit` bytes; when it
+    pauses `timeout` seconds, or comes slower than a MB per `timeout` seconds (a client holding a place in the
+    queue with a trickle); when its client goes away (UploadRefused each time)."""
+    import asyncio
+
+    from starlette.requests import ClientDisconnect
+
     digest, size, part = hashlib.sha256(), 0, job.folder / ".upload.part"
+    chunks, start = request.stream(), time.monotonic()
     with open(part, "wb") as f:
-        async for chunk in request.stream():
+        while True:
+            left = start + timeout * (1 + size / 2 ** 20) - time.monotonic()
+            try:
+                chunk = await asyncio.wait_for(anext(chunks, None), max(0.0, min(timeout, left)))
+            except asyncio.TimeoutError:
+                raise UploadRefused(408, f"{job.name}: the upload stopped for {timeout:g} s, or came slower than "
+                                         f"1 MB per {timeout:g} s (--serve-timeout), so it was dropped: send it "
+                                         "again, over a faster connection or as a shorter clip") from None
+            except ClientDisconnect:
+                raise UploadRefused(None, "its client went away before the upload ended; nothing was kept") from None
+            if chunk is None:
+                break
             size += len(chunk)
             if size > limit:
-                break
+                raise UploadRefused(413, f"{job.name}: the upload is too large (over {limit / 2 ** 20:g} MB)")
             digest.update(chunk)
             f.write(chunk)
-    if size > limit or size == 0:
-        part.unlink()
-        return "too large" if size else "empty"
+    if size == 0:
+        raise UploadRefused(400, f"{job.name}: the upload is empty")
     job.upload = job.folder / f"{digest.hexdigest()[:32]}{ext}"
     os.replace(part, job.upload)
-    return ""
+
+
+def declared_size_problem(path: Path) -> str:
+    """Why a received video is refused by the size it declares, read from its header alone (an .npz of zeros,
+    small on disk and gigabytes decoded; a video declaring millions of frames), or ''. A header that cannot be
+    read is left to the job: reading the file says what is wrong with it."""
+    if path.suffix.lower() in (".npy", ".npz"):
+        try:
+            shape, _ = array_header(path)
+        except (OSError, EOFError, ValueError, IndexError, KeyError, zipfile.BadZipFile):
+            return ""
+        return size_problem(*(list(shape) + [1, 1, 1])[:3]) if shape else ""
+    import cv2
+    video = cv2.VideoCapture(str(path))
+    try:
+        if not video.isOpened():
+            return ""
+        return size_problem(*(int(video.get(p)) for p in (cv2.CAP_PROP_FRAME_COUNT, cv2.CAP_PROP_FRAME_HEIGHT,
+                                                          cv2.CAP_PROP_FRAME_WIDTH)))
+    finally:
+        video.release()
 
 
 SERVE_PAGE = """<!doctype html>
@@ -5618,7 +6113,7 @@ SERVE_PAGE = """<!doctype html>
   .badge.done { background: #d5f1dd; color: #17602f; }
   .badge.failed { background: #fbdada; color: #8a1c1c; }
   .badge.cancelled { background: #eee; color: #666; }
-  .badge.preprocessing, .badge.decoding { background: #dfe7fb; color: #23459c; }
+  .badge.reading, .badge.preprocessing, .badge.decoding { background: #dfe7fb; color: #23459c; }
   .bar { height: 6px; background: #e4e7ee; border-radius: 3px; margin: 8px 0 4px; overflow: hidden; }
   .bar div { height: 100%; background: #3d6be0; width: 0; transition: width .2s; }
   .detail { font-size: 13px; color: #5b6477; }
@@ -5785,6 +6280,84 @@ fetch("/api/jobs").then((r) => r.json()).then((jobs) => {
 """
 
 
+# Requests from elsewhere ------------------------------------------------------------------------------------
+# A server on 127.0.0.1 is still reached by the pages its user visits. DNS rebinding: a page of the attacker's
+# site, its name made to resolve to 127.0.0.1, is the same origin as this server to the browser and may read it;
+# its requests still carry the attacker's name in Host, so only this server's own names are answered. A page of
+# another site may also send requests without reading them (a form, fetch in no-cors mode): the browser names
+# where they come from (Origin, Sec-Fetch-Site), and those that would change something are refused.
+
+HOST_HEADER = re.compile(r"([a-z0-9._-]+|\[[0-9a-f:.]+\])(:[0-9]{1,5})?", re.IGNORECASE)
+
+
+def allowed_hosts(cfg: Config) -> list[str]:
+    return [name.strip().lower() for name in cfg.serve_allowed_hosts.split(",") if name.strip()]
+
+
+def host_allowed(host: str, allowed: list[str]) -> bool:
+    """Whether a Host header names this server: an IP address, localhost, or a name --serve-allowed-hosts
+    allows (.example.com: it and its subdomains; *: any)."""
+    import ipaddress
+    match = HOST_HEADER.fullmatch(host)
+    if not match:
+        return False
+    name = match[1].strip("[]").lower().rstrip(".")
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        pass
+    return name == "localhost" or any(a == "*" or name == a.lstrip(".") or (a.startswith(".") and name.endswith(a))
+                                      for a in allowed)
+
+
+def same_origin(origin: str, host: str) -> bool:
+    """Whether a browser's Origin names the server as the Host header does: the same name and port. Not the same
+    scheme: a tunnel or proxy that adds HTTPS (localtunnel's) brings https origins to this plain http server."""
+    import urllib.parse
+    try:
+        theirs, here = urllib.parse.urlsplit(origin), urllib.parse.urlsplit("//" + host)
+        default = {"http": 80, "https": 443}[theirs.scheme]
+        return theirs.hostname is not None and (theirs.hostname, theirs.port or default) == (here.hostname,
+                                                                                            here.port or default)
+    except (KeyError, ValueError):
+        return False
+
+
+def foreign_request(method: str, headers: dict[str, str], allowed: list[str]) -> tuple[int, str] | None:
+    """The status and message refusing a request from elsewhere, or None. A request without Origin (curl, a
+    script) is no page's, and passes."""
+    host = headers.get("host", "")
+    if not host_allowed(host, allowed):
+        return 400, (f"this server does not answer to the name {host!r} (a guard against DNS rebinding), only to "
+                     "IP addresses, localhost and the names in --serve-allowed-hosts: open it by its address "
+                     "(http://127.0.0.1:PORT/), or add the name to --serve-allowed-hosts if it is this server's")
+    if method in ("GET", "HEAD"):
+        return None
+    origin = headers.get("origin")
+    if headers.get("sec-fetch-site") == "cross-site" or (origin is not None and not same_origin(origin, host)):
+        return 403, (f"a page of another site ({origin or 'cross-site'}) may not change anything on this server: "
+                     "use the server's own page, or its API from a program")
+    return None
+
+
+class RefuseForeignRequests:
+    """The app's first step (an ASGI middleware): requests foreign_request refuses get their answer here, before
+    their body is read."""
+
+    def __init__(self, app, allowed: list[str]):
+        self.app, self.allowed = app, allowed
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+            refusal = foreign_request(scope["method"], headers, self.allowed)
+            if refusal:
+                from fastapi.responses import JSONResponse
+                return await JSONResponse({"detail": refusal[1]}, refusal[0])(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def serving_app(reader: LipReader, board: JobBoard, cfg: Config):
     """The FastAPI app: the page at /, the JSON API under /api (its own documentation at /docs)."""
     import asyncio
@@ -5794,6 +6367,7 @@ def serving_app(reader: LipReader, board: JobBoard, cfg: Config):
 
     app = FastAPI(title="master_all_avsr: lip reading", description="Upload a face video or a mouth clip; follow "
                   "it; read its n-best.")
+    app.add_middleware(RefuseForeignRequests, allowed=allowed_hosts(cfg))
     limit, types = int(cfg.max_upload_mb * 2 ** 20), accepted_types(reader.cfg)
 
     def job_of(job_id: str) -> Job:
@@ -5826,17 +6400,25 @@ def serving_app(reader: LipReader, board: JobBoard, cfg: Config):
         if int(request.headers.get("content-length") or 0) > limit:
             raise HTTPException(413, f"{name} is over the upload limit of {cfg.max_upload_mb:g} MB (--max-upload-mb): "
                                      "send a shorter clip, or cut its mouth first (--mode preprocess)")
-        job = board.new_job(name, beam_size, min(nbest, beam_size))
-        problem = await receive_upload(request, job, ext, limit)
-        if problem:
-            shutil.rmtree(job.folder)
-            too_large = problem == "too large"
-            raise HTTPException(413 if too_large else 400,
-                                f"{name}: the upload is {problem}" + f" (over {cfg.max_upload_mb:g} MB)" * too_large)
-        if not board.submit(job):
-            shutil.rmtree(job.folder)
-            raise HTTPException(429, f"{cfg.serve_queue} uploads are already waiting (--serve-queue): try again "
-                                     "when some are done")
+        if not board.hold_place():  # before the body is read: a crowd of uploads is refused, not received
+            raise HTTPException(429, f"{cfg.serve_queue} uploads are already waiting or arriving (--serve-queue): "
+                                     "try again when some are done")
+        try:
+            job = board.new_job(name, beam_size, min(nbest, beam_size))
+            try:
+                await receive_upload(request, job, ext, limit, cfg.serve_timeout)
+                if reader.cfg.modality != "audio" and (bomb := await asyncio.to_thread(declared_size_problem,
+                                                                                       job.upload)):
+                    raise UploadRefused(413, f"{job.name}: {bomb}")
+            except UploadRefused as e:
+                shutil.rmtree(job.folder, ignore_errors=True)
+                if e.status is None:
+                    print(f"{name!r}: {e}", file=sys.stderr)  # one line; the client will not read an answer
+                stalled = {"Connection": "close"} if e.status == 408 else None  # its client sends nothing more
+                raise HTTPException(e.status or 400, str(e), headers=stalled) from None
+            board.submit(job)
+        finally:
+            board.free_place()
         return board.view(job)
     upload.__annotations__["request"] = Request  # this file's annotations are strings, looked up in its globals
     app.post("/api/jobs", status_code=202)(upload)
@@ -5909,6 +6491,52 @@ def port_is_free(host: str, port: int) -> bool:
     return True
 
 
+def protocol_with_deadlines(timeout: float):
+    """uvicorn's HTTP/1.1 protocol (h11's) with a deadline for each request's headers: they must have come
+    `timeout` seconds after the connection opened or the answer before went out, else the connection is closed
+    (with a 408 when part of a request came). uvicorn 0.55 times only a connection left idle after an answer
+    (timeout_keep_alive), so a client sending nothing, or its headers a byte at a time, held one for ever. A
+    request's body has its own time: receive_upload's."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class ProtocolWithDeadlines(H11Protocol):
+        deadline, heard = None, False
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self.start_deadline()
+
+        def data_received(self, data: bytes) -> None:
+            self.heard = True
+            super().data_received(data)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self.start_deadline()
+
+        def connection_lost(self, exc):
+            self.deadline.cancel()
+            super().connection_lost(exc)
+
+        def start_deadline(self) -> None:
+            if self.deadline:
+                self.deadline.cancel()
+            self.heard = False
+            self.deadline = self.loop.call_later(timeout, self.too_slow)
+
+        def too_slow(self) -> None:
+            if self.transport.is_closing() or (self.cycle and not self.cycle.response_complete):
+                return  # a request is being answered
+            if self.heard:
+                why = json.dumps({"detail": f"the request's headers did not all come within {timeout:g} s "
+                                            "(--serve-timeout)"}).encode()
+                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                                     b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(why), why))
+            self.transport.close()
+
+    return ProtocolWithDeadlines
+
+
 def serve(cfg: Config):
     """--mode serve: the page and the API on --host:--port until Ctrl-C; in a notebook, in the background of its
     kernel (the uvicorn Server returned; `.should_exit = True` stops it)."""
@@ -5920,6 +6548,15 @@ def serve(cfg: Config):
                         f"has both). ({e})") from e
     if not port_is_free(cfg.host, cfg.port):
         raise UserError(f"{cfg.host}:{cfg.port} is taken (another server?): choose another with --port.")
+    with contextlib.ExitStack() as lock:  # a training run may hold the work dir's own lock: serving writes in serve/
+        lock.enter_context(held_lock(Path(cfg.work_dir) / SERVE_LOCK, cfg.work_dir, "server", "Stop it first "
+                                     "(Ctrl-C where it runs), or serve from another --work-dir (--checkpoint "
+                                     "names the model)."))
+        return serve_holding_the_lock(cfg, lock)
+
+
+def serve_holding_the_lock(cfg: Config, lock: contextlib.ExitStack):
+    import uvicorn
     scratch = Path(cfg.work_dir) / "serve" / "tmp"  # libraries' own temporary files (onnxruntime's, say) go here too
     scratch.mkdir(parents=True, exist_ok=True)
     os.environ["TMPDIR"] = tempfile.tempdir = str(scratch)
@@ -5933,12 +6570,18 @@ def serve(cfg: Config):
           f"(the API: {url}docs); uploads up to {cfg.max_upload_mb:g} MB; jobs under {board.root}. "
           + ("It runs while this kernel does." if in_notebook() else "Ctrl-C stops."), flush=True)
     app = serving_app(reader, board, cfg)
+    settings = dict(host=cfg.host, port=cfg.port, log_level="warning", http=protocol_with_deadlines(cfg.serve_timeout))
     if in_notebook():  # the kernel's event loop owns this thread: the server gets a thread and a loop of its own
-        server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning"))
-        threading.Thread(target=server.run, name="serve", daemon=True).start()
+        server = uvicorn.Server(uvicorn.Config(app, **settings))
+        held = lock.pop_all()  # the lock goes with the server's thread, released when it ends
+
+        def run_holding_the_lock():
+            with held:
+                server.run()
+        threading.Thread(target=run_holding_the_lock, name="serve", daemon=True).start()
         return server
     try:
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+        uvicorn.run(app, **settings)
     finally:
         board.stop()
 
@@ -6017,7 +6660,7 @@ def read_config_file(path: str) -> dict:
 
 CHOICES = {"mode": ("train", "test", "decode", "serve", "diagnose", "sanity", "stats", "vocab", "synth", "preprocess", "export",
                     "average", "lm"),
-           "frontend": ("cnn", "noise", "linear"),
+           "frontend": ("cnn", "noise", "linear"), "encoder": ("conformer", "mstcn", "dctcn"),
            "data": ("auto", "files", "synthetic"), "units": ("diacritized", "letters"), "unknown_units": ("skip", "map"), "arch": ("conformer", "baseline"),
            "preset": tuple(PRESETS), "amp": ("auto", "bf16", "fp16", "off"), "split": ("train", "val", "test", "all"),
            "decoder": ("beam", "attention", "ctc"), "modality": ("video", "audio", "av"), "lm_kind": ("ngram", "lstm")}
@@ -6102,7 +6745,8 @@ def validate(cfg: Config) -> Config:
                    "--train-eval-clips and --worst-k must be 0 or more; --patience, --sanity-clips and "
                    "--sanity-epochs 1 or more"),
                   (0 < cfg.detect_scale <= 1 and cfg.mouth_scale > 0,
-                   "--detect-scale must lie in (0, 1] and --mouth-scale be above 0")]
+                   "--detect-scale must lie in (0, 1] and --mouth-scale be above 0"),
+                  (cfg.serve_timeout > 0, "--serve-timeout must be above 0 (seconds a client may take)")]
         problems = [why for ok, why in checks if not ok]
     if problems:
         raise UserError("Settings that cannot work:\n  " + "\n  ".join(problems))
@@ -6425,6 +7069,12 @@ def labels_beside(cfg: Config, vocab: Vocabulary) -> dict[str, list[int]]:
     return labels
 
 
+def shown_name(name: str) -> str:
+    """A file's name for a line of output: a tab, a line break or another unprintable character written as its
+    escape (\\n), so each clip keeps its one line."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in name)
+
+
 def write_decoded(path: Path, rows: list[dict]) -> None:
     if path.suffix.lower() == ".jsonl":
         write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
@@ -6460,7 +7110,8 @@ def run_decode(cfg: Config) -> list[tuple[str, list[tuple[str, float]]]]:
     out.sort()
     for name, hyps in out:
         for rank, (text, score) in enumerate(hyps, 1):
-            print(f"{name}\t{text}" if model_cfg.nbest == 1 else f"{name}\t{rank}\t{score:.4f}\t{text}")
+            shown = shown_name(name)
+            print(f"{shown}\t{text}" if model_cfg.nbest == 1 else f"{shown}\t{rank}\t{score:.4f}\t{text}")
     path = Path(cfg.output) if cfg.output else Path(cfg.work_dir) / "decode.csv"
     write_decoded(path, sorted(rows, key=lambda r: (r["name"], r["rank"])))
     print(f"Wrote {path}: {len(out)} clips" + (f"; {len(refs)} with a label of their name, CER "
@@ -6485,6 +7136,8 @@ def run_export(cfg: Config) -> dict:
     path = checkpoint_path(cfg)
     model, vocab, model_cfg = model_from_checkpoint(path, cfg, torch.device("cpu"))
     folder = Path(cfg.output) if cfg.output else Path(cfg.work_dir) / "export"
+    if folder.is_dir():
+        remove_temporaries(folder)  # of an export killed mid-write
     files = {"state_dict": folder / "model_state_dict.pth", "vocab": folder / "vocab.json",
              "onnx": folder / "encoder.onnx"}
     atomic_write(files["state_dict"], lambda tmp: torch.save(model.state_dict(), tmp))

@@ -55,6 +55,15 @@ def refused(marker: Path, path: Path, call, capsys=None):
     assert not marker.exists()
 
 
+def test_every_torch_file_the_tool_writes_holds_only_what_a_weights_only_load_reads(trained):
+    files = [trained / "checkpoints" / name for name in ("last.pt", "best.pt", "averaged.pt")]
+    files += sorted((trained / "checkpoints" / "epochs").glob("epoch_*.pt")) + [trained / "lm" / "lm.pt"]
+    assert len(files) == 6
+    for path in files:
+        assert torch.serialization.get_unsafe_globals_in_checkpoint(path) == [], path
+        torch.load(path, weights_only=True)  # with torch's own allowlist alone
+
+
 def test_a_planted_checkpoint_runs_nothing_in_test_decode_serve_resume_or_averaging(run, tmp_path, synthetic_root,
                                                                                     capsys):
     marker = tmp_path / "ran"

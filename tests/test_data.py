@@ -355,7 +355,9 @@ def test_missing_silent_or_broken_sound_says_what_is_wrong(tmp_path, synthetic_r
     write_wav(tmp_path / "silent.wav", [np.zeros(16000, np.float32)], 16000)
     (tmp_path / "broken.wav").write_bytes(b"RIFF\x00\x00junk")
     cases = {synthetic_root / "Preprocessed_Video" / "synth_00000.mp4": "no audio track",  # cv2 wrote no sound
-             tmp_path / "silent.wav": "empty or silent", tmp_path / "broken.wav": "unreadable sound"}
+             tmp_path / "silent.wav": "empty or silent", tmp_path / "broken.wav": "unreadable sound",
+             tmp_path / "long.wav": "too large: its sound lasts 70 s"}
+    write_wav(tmp_path / "long.wav", [np.random.default_rng(0).uniform(-1, 1, 70 * 8000).astype(np.float32)], 8000)
     for path, why in cases.items():
         with pytest.raises(ValueError, match=why):
             m.read_audio(path)

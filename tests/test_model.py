@@ -483,3 +483,88 @@ def test_export_writes_weights_both_ways_and_an_onnx_encoder(tmp_path, capsys, m
         cfg, init_from=files["state_dict"]))["init_from"]
     assert sum(report["loaded"].values()) == len(weights) and not report["skipped"] and not report["missing"]
     assert "encoder_out, ctc_log_probs" in capsys.readouterr().out
+
+
+# The team's three encoders (Essa-Ramzy/Arabic-Lip-Reading) and their checkpoints ---------------------------
+
+TEAM = {(encoder, units): Path(__file__).with_name(f"team_{encoder}_{'dia' if units == 'diacritized' else 'nodia'}"
+                                                   "_state_dict.tsv")
+        for encoder in ("conformer", "mstcn", "dctcn") for units in ("diacritized", "letters")}
+
+
+def team_model(encoder, units, device="meta"):
+    cfg = m.Config(preset="base", encoder=encoder, units=units)
+    with torch.device(device):
+        return m.build_model(cfg, m.load_vocabulary(cfg).size)
+
+
+@pytest.mark.parametrize("encoder,units", list(TEAM))
+def test_the_base_model_with_each_encoder_has_the_team_models_names_and_shapes(encoder, units):
+    theirs = {k.replace("frontend.resnet_trunk.", "frontend.trunk."): v for k, v in reference_shapes(TEAM[encoder, units]).items()}
+    assert shapes(team_model(encoder, units)) == theirs
+
+
+@pytest.mark.parametrize("encoder", ["mstcn", "dctcn"])
+def test_a_tcn_encodes_a_clip_alike_alone_and_in_a_padded_batch(encoder):
+    torch.manual_seed(0)
+    model = m.build_model(m.Config(preset="tiny", encoder=encoder), 40).eval()
+    for module in model.modules():  # statistics that are not 0 and 1, weights that excite: padding would show
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 1.5)
+        if isinstance(module, m.SqueezeExcite):
+            for layer in (module.fc[0], module.fc[2]):
+                layer.weight.data.normal_(0, 1)
+    lengths = torch.tensor([21, 9, 14])
+    video = torch.randn(3, 21, 88, 88) * padding_mask(lengths, 21)[:, :, None, None]
+    with torch.no_grad():
+        batch, _ = model.encode(video, lengths)
+        for b, n in enumerate(lengths.tolist()):
+            alone, _ = model.encode(video[b:b + 1, :n], lengths[b:b + 1])
+            assert torch.allclose(batch[b, :n], alone[0], atol=1e-5), (encoder, b)
+        noisy = video.clone()
+        noisy[1, 9:] = 5.0  # what lies past a clip's end changes nothing of it
+        assert torch.allclose(model.encode(noisy, lengths)[0][1, :9], batch[1, :9], atol=1e-5)
+
+
+def team_file(tmp_path, encoder, units, generator):
+    """A state dict with the team's names and shapes, random values, their tokens' order."""
+    path = tmp_path / f"{encoder}_{units}.pth"
+    weights = {k: torch.randn(v, generator=generator) if v else torch.tensor(3)
+               for k, v in reference_shapes(TEAM[encoder, units]).items()}
+    torch.save(weights, path)
+    return path, weights
+
+
+@pytest.mark.parametrize("encoder,units", [("mstcn", "diacritized"), ("dctcn", "letters")])
+def test_the_team_models_load_with_their_token_rows_moved_to_this_vocabulary(encoder, units, tmp_path, capsys):
+    path, theirs = team_file(tmp_path, encoder, units, torch.Generator().manual_seed(1))
+    cfg = m.Config(preset="base", encoder=encoder, units=units, init_from=str(path), work_dir=str(tmp_path / "w"))
+    vocab = m.load_vocabulary(cfg)
+    model = team_model(encoder, units, "cpu")
+    report = m.load_pretrained(model, cfg, vocab)["init_from"]
+    assert not report["skipped"] and not report["missing"] and report["kind"].startswith(f"the team's {encoder} model")
+    ours = model.state_dict()
+    tokens = m.team_tokens(vocab)
+    assert len(tokens) == vocab.size and tokens[1:-3] == vocab.itos[1:-3]  # their units' ids are this vocabulary's
+    unit = vocab.ids[tokens[7]]
+    for key in ("ctc.ctc_lo.weight", "decoder.output_layer.bias", "decoder.embed.0.weight"):
+        assert torch.equal(ours[key][unit], theirs[key][7]) and torch.equal(ours[key][0], theirs[key][0])
+    sos, eos, unk = vocab.size - 2, vocab.size - 1, vocab.specials["<unk>"]  # their ids of <sos>, <eos>; ours of <unk>
+    assert torch.equal(ours["decoder.output_layer.weight"][vocab.sos_eos], theirs["decoder.output_layer.weight"][eos])
+    assert torch.equal(ours["decoder.embed.0.weight"][vocab.sos_eos], theirs["decoder.embed.0.weight"][sos])
+    assert torch.equal(ours["ctc.ctc_lo.weight"][unk], theirs["ctc.ctc_lo.weight"][sos])
+    assert torch.equal(ours["frontend.trunk.layer1.0.conv1.weight"], theirs["frontend.resnet_trunk.layer1.0.conv1.weight"])
+    assert f"the team's {encoder} model ({vocab.size} tokens" in capsys.readouterr().out
+
+
+def test_a_team_model_asks_for_its_encoder_and_token_set(tmp_path):
+    path, _ = team_file(tmp_path, "mstcn", "letters", torch.Generator().manual_seed(2))
+    model = team_model("conformer", "letters", "cpu")
+    cfg = m.Config(preset="base", units="letters", init_from=str(path), work_dir=str(tmp_path / "w"))
+    with pytest.raises(m.UserError, match="the team's model with the mstcn encoder: train it with --encoder mstcn"):
+        m.load_pretrained(model, cfg)
+    model = team_model("mstcn", "diacritized", "cpu")
+    with pytest.raises(m.UserError, match="the team's model reads 41 tokens; with --units diacritized they are 230.*"
+                                          "pass --units letters"):
+        m.load_pretrained(model, m.dataclasses.replace(cfg, encoder="mstcn", units="diacritized"))

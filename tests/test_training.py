@@ -796,3 +796,16 @@ def test_the_language_model_learns_the_labels_resumes_exactly_and_serves_test_an
     assert len(decoded) == 3
     files = m.run_export(fast_cfg(work, mode="export", lm=lm_path))  # the language model travels with the model
     assert Path(files["lm"]).read_bytes() == Path(lm_path).read_bytes()
+
+
+@pytest.mark.parametrize("encoder", ["mstcn", "dctcn"])
+def test_the_tcn_encoders_train_resume_and_decode(tmp_path, encoder):
+    work = tmp_path / encoder
+    first = m.run_train(fast_cfg(work, epochs=1, encoder=encoder, decoder="ctc"))
+    assert first["history"][0]["train_loss"] < 1e4
+    resumed = m.run_train(fast_cfg(work, epochs=2, encoder=encoder, decoder="ctc", resume=True))
+    assert [r["epoch"] for r in resumed["history"]] == [1, 2] and resumed["test"]["n"] == 6
+    state = torch.load(work / "checkpoints" / "last.pt", weights_only=True)
+    assert state["config"]["encoder"] == encoder and any(k.startswith("encoder.encoder_trunk.") for k in state["model"])
+    with pytest.raises(m.UserError, match="encoder: checkpoint"):  # another encoder is another model
+        m.run_train(fast_cfg(work, epochs=3, encoder="conformer", decoder="ctc", resume=True))
