@@ -208,6 +208,7 @@ class Config:
     serve_queue: int = 16  # uploads waiting their turn or still arriving at most; more are refused (HTTP 429) until some are done
     serve_timeout: float = 30.0  # seconds a client may take to send a request's headers, or pause an upload; an upload gets this much per MB (HTTP 408 after)
     serve_allowed_hosts: str = ""  # names the page may be reached by besides IP addresses and localhost, comma-separated (.example.com: it and its subdomains; *: any), a guard against DNS rebinding
+    serve_model: list[str] = field(default_factory=list)  # NAME=PATH, or NAME:nodia=PATH: a checkpoint the team's app may ask for by model_name NAME (with :nodia, for diacritized=false); without any, the run's model answers as conformer, both ways
 
     @property
     def cache_path(self) -> Path:
@@ -2750,6 +2751,22 @@ def team_weights(weights: dict[str, torch.Tensor], vocab: Vocabulary, flag: str,
     return moved
 
 
+def team_checkpoint(weights: dict[str, torch.Tensor], path: Path, cfg: Config) -> dict:
+    """One of the team's models as a checkpoint of this tool, to test, decode, serve or export as it is: the base
+    preset with its encoder and token set, their normalisation, and their crop (the centre 88 of a 96-pixel
+    crop: at --frame-size F, the centre F x 88/96, resized to 88); trained for no epoch here."""
+    letters = weights["ctc.ctc_lo.weight"].shape[0] == len(team_tokens(Vocabulary.seed().view("letters")))
+    mean, std = TEAM_NORMALISATION
+    settings = dataclasses.replace(cfg, arch="conformer", preset="base", frontend="cnn", modality="video",
+                                   encoder=team_encoder(weights), units="letters" if letters else "diacritized",
+                                   mean=mean, std=std, crop_size=round(cfg.frame_size * 88 / 96), input_size=88)
+    vocab = load_vocabulary(settings)
+    print(f"{path}: the team's {settings.encoder} model over {vocab.size} tokens ({TEAM_URL}), read with their "
+          f"normalisation and crop")
+    return {"model": team_weights(weights, vocab, "--checkpoint", path), "config": dataclasses.asdict(settings),
+            "vocab": vocab.to_json(), "epoch": 0, "history": []}
+
+
 def read_weights(path: Path, flag: str) -> tuple[dict[str, torch.Tensor], str, dict[str, list[str]], list[str]]:
     """The state dict in a checkpoint file under today's names, what kind of file it was, the entries that are
     no model weights (by reason), and the Python objects beside them that stood in inert (by name)."""
@@ -3721,11 +3738,15 @@ def saved_epoch(path: Path) -> int | None:
         return None
 
 
-def load_checkpoint(path: Path) -> dict:
+def load_checkpoint(path: Path, cfg: Config | None = None) -> dict:
+    """A checkpoint of this tool; with `cfg` (to test, decode, serve, export), one of the team's models too."""
     if not Path(path).exists():
         raise UserError(f"No checkpoint at {path}: train first (--mode train), or name one with --checkpoint.")
     state, _ = load_torch_file(path, "The checkpoint", "If it was cut short, use the other checkpoint in its folder "
                                "(last.pt / best.pt); give only checkpoints this tool wrote.")
+    if cfg is not None and isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()) \
+            and team_encoder(state):
+        return team_checkpoint(state, Path(path), cfg)
     if not isinstance(state, dict) or not {"model", "config", "vocab", "epoch"} <= state.keys():
         raise UserError(f"{path} is not a checkpoint of this tool (it holds {type(state).__name__ if not isinstance(state, dict) else 'weights alone, no settings or vocabulary'}). "
                         "To start training from its weights, pass it as --init-from; to test or decode, use a run's "
@@ -3783,7 +3804,7 @@ def model_from_checkpoint(path: Path, cfg: Config, device, state: dict | None = 
                           ) -> tuple[nn.Module, Vocabulary, Config]:
     """The model, vocabulary and settings a checkpoint was trained with; model and data settings come from the
     checkpoint (so the test split is the one it was trained beside), the rest (data folders, decoding) from now."""
-    state = state or load_checkpoint(path)
+    state = state or load_checkpoint(path, cfg)
     try:
         saved = saved_config(state)
         model_cfg = dataclasses.replace(cfg, **{k: getattr(saved, k) for k in CHECKPOINT_SETTINGS})
@@ -5814,13 +5835,15 @@ class Job:
     seconds: float = 0.0  # decoding time
     notes: str = ""  # what preprocessing noticed (face lost on some frames, resampled, ...)
     created: float = field(default_factory=time.time)
+    changed: float = field(default_factory=time.time)  # when it last moved on (the team app's last_update)
     cancel: threading.Event = field(default_factory=threading.Event)
+    asked: dict = field(default_factory=dict)  # a team app's task: its model_name, diacritized, enhance, video_hash
 
     def set(self, state: str, detail: str, progress: float = 0.0) -> None:
         """The job's next state; once cancelled, any but cancelled or failed stops its work instead."""
         if self.cancel.is_set() and state not in ("cancelled", "failed"):
             raise JobCancelled
-        self.state, self.detail, self.progress = state, detail, progress
+        self.state, self.detail, self.progress, self.changed = state, detail, progress, time.time()
 
     def result(self) -> dict:
         return {"id": self.id, "name": self.name, "state": self.state, "detail": self.detail,
@@ -5840,18 +5863,25 @@ def preview_strip(frames: np.ndarray) -> bytes:
     return png.tobytes()
 
 
+def mouths_folder(work_dir: Path, frame_size: int) -> Path:
+    """Where the mouth clips cut from face videos are kept: serve/mouths, or serve/mouths-<size> for a model of
+    another frame size than Config's (one served beside the run's with --serve-model), a cut being of one size."""
+    return work_dir / "serve" / ("mouths" if frame_size == Config.frame_size else f"mouths-{frame_size}")
+
+
 class LipReader:
     """The run's model, loaded once, and the way from an uploaded file to its n-best: a face video is cut to
     its mouth first (the mouth clip kept by the upload's hash, so the same video sent again is not cut again);
     a clip already of the model's frame size is read as it is."""
+    dlib_lock = threading.Lock()  # dlib's objects are not shared safely: one lock for every model served
 
     def __init__(self, cfg: Config):
         self.device = pick_device(cfg.device)
         self.checkpoint = checkpoint_path(cfg)
         self.model, self.vocab, self.cfg = model_from_checkpoint(self.checkpoint, cfg, self.device)
         self.lm = search_lm(self.cfg, self.vocab, self.device)
-        self.mouths = Path(cfg.work_dir) / "serve" / "mouths"
-        self.model_lock, self.dlib_lock = threading.Lock(), threading.Lock()  # dlib's objects are not shared safely
+        self.mouths = mouths_folder(Path(cfg.work_dir), self.cfg.frame_size)
+        self.model_lock = threading.Lock()
 
     def describe(self) -> dict:
         return {"checkpoint": str(self.checkpoint), "preset": self.cfg.preset, "modality": self.cfg.modality,
@@ -5893,13 +5923,67 @@ class LipReader:
         job.hypotheses = [{"text": self.vocab.decode(ids), "score": round(score, 4)} for ids, score in nbest]
 
 
+# Several models at once: the team's app asks for one by model_name and diacritized (their backend's three
+# encoders, each with and without diacritics). --serve-model names the checkpoints that answer; the page and /api
+# read with the first.
+
+TEAM_DEFAULT_MODEL = "conformer"  # the team app's default model_name: without --serve-model, the run's model
+SERVE_MODEL = re.compile(r"([A-Za-z0-9._-]+)(:nodia|:dia)?=(.+)")
+
+
+def served_model_entries(cfg: Config) -> list[tuple[str, bool, Path]]:
+    """Each --serve-model NAME[:nodia]=PATH as (name, diacritized, path); a UserError for one that is not."""
+    entries: list[tuple[str, bool, Path]] = []
+    for given in cfg.serve_model:
+        found = SERVE_MODEL.fullmatch(given.strip())
+        if not found:
+            raise UserError(f"--serve-model {given!r}: write NAME=PATH, or NAME:nodia=PATH for the model asked for "
+                            "with diacritized=false (NAME of letters, digits, '.', '_', '-'), e.g. --serve-model "
+                            "conformer=runs/a/checkpoints/best.pt")
+        name, diacritized, path = found[1], found[2] != ":nodia", Path(found[3]).expanduser()
+        if (name, diacritized) in [e[:2] for e in entries]:
+            raise UserError(f"--serve-model: {name}{'' if diacritized else ':nodia'} is given twice; keep one.")
+        if not path.is_file():
+            raise UserError(f"--serve-model {given!r}: {path} is {'a folder' if path.is_dir() else 'not there'}; "
+                            "name a checkpoint file of this tool (a run's checkpoints/best.pt, averaged.pt or "
+                            "last.pt).")
+        entries.append((name, diacritized, path))
+    return entries
+
+
+def served_models(cfg: Config) -> dict[tuple[str, bool], LipReader]:
+    """The models this server reads with, by the (model_name, diacritized) a team app's task asks for, the first
+    the one the page and /api use: each --serve-model checkpoint loaded once (one named twice is one LipReader);
+    without any, the run's own model, under the app's default name for both."""
+    entries = served_model_entries(cfg)
+    if not entries:
+        reader = LipReader(cfg)
+        return {(TEAM_DEFAULT_MODEL, True): reader, (TEAM_DEFAULT_MODEL, False): reader}
+    readers: dict[Path, LipReader] = {}
+    for _, _, path in entries:
+        if path.resolve() not in readers:
+            readers[path.resolve()] = LipReader(dataclasses.replace(cfg, checkpoint=str(path)))
+    return {(name, diacritized): readers[path.resolve()] for name, diacritized, path in entries}
+
+
+def model_names(models: dict[tuple[str, bool], LipReader]) -> list[str]:
+    return list(dict.fromkeys(name for name, _ in models))
+
+
+def model_choices(models: dict[tuple[str, bool], LipReader]) -> str:
+    """The served models as a request names them: conformer, conformer:nodia, ..."""
+    return ", ".join(f"{name}{'' if diacritized else ':nodia'}" for name, diacritized in models)
+
+
 class JobBoard:
     """Every job of this server: uploads wait in a queue of at most --serve-queue, --serve-jobs are read at once,
-    and each job's result.json stays in its folder (a restarted server lists them again)."""
+    and each job's result.json stays in its folder (a restarted server lists them again). A team app's task is
+    read by the model it asked for, any other job by `reader`."""
 
-    def __init__(self, reader: LipReader, cfg: Config):
+    def __init__(self, reader: LipReader, cfg: Config, models: dict[tuple[str, bool], LipReader] | None = None):
         import concurrent.futures
         self.reader, self.cfg, self.lock = reader, cfg, threading.Lock()
+        self.models = models or {(TEAM_DEFAULT_MODEL, True): reader, (TEAM_DEFAULT_MODEL, False): reader}
         self.root = Path(cfg.work_dir) / "serve" / "jobs"
         self.root.mkdir(parents=True, exist_ok=True)
         self.jobs: dict[str, Job] = {}
@@ -5922,17 +6006,19 @@ class JobBoard:
                 job = Job(saved["id"], saved["name"], folder, saved["beam_size"], saved["nbest"])
                 for key in ("state", "detail", "progress", "hypotheses", "frames", "seconds", "notes"):
                     setattr(job, key, saved[key])
+                job.asked = dict(saved.get("asked") or {})  # a team app's task (absent from other jobs)
             except (OSError, ValueError, KeyError, TypeError):
                 print(f"warning: {path} is not a job's result (left as it is)", file=sys.stderr)
                 continue
-            job.created = path.stat().st_mtime
+            job.created = job.changed = path.stat().st_mtime
             if job.state not in FINISHED:
                 job.set("failed", f"{job.name}: the server stopped before this job finished; send it again")
                 self.save(job)
             self.jobs[job.id] = job
 
     def save(self, job: Job) -> None:
-        write_text(job.folder / "result.json", json.dumps(job.result(), ensure_ascii=False, indent=1))
+        saved = job.result() | ({"asked": job.asked} if job.asked else {})
+        write_text(job.folder / "result.json", json.dumps(saved, ensure_ascii=False, indent=1))
 
     def new_job(self, name: str, beam_size: int, nbest: int) -> Job:
         job_id = secrets.token_hex(8)
@@ -5979,11 +6065,15 @@ class JobBoard:
             job.set("reading", "reading the upload")
             return True
 
+    def reader_of(self, job: Job) -> LipReader:
+        """The model the job is read with: the one a team app's task asked for, else the board's own."""
+        return self.models[job.asked["model_name"], job.asked["diacritized"]] if job.asked else self.reader
+
     def work_on(self, job: Job) -> None:
         try:
             if not self.start(job):
                 raise JobCancelled
-            self.reader.read(job)
+            self.reader_of(job).read(job)
             job.set("done", "done", 1.0)
         except JobCancelled:
             job.hypotheses = []
@@ -6027,38 +6117,50 @@ class UploadRefused(Exception):
         self.status = status
 
 
-async def receive_upload(request, job: Job, ext: str, limit: int, timeout: float) -> None:
-    """The request's body into the job's folder, the file named by its hash. Refused past `limit` bytes; when it
-    pauses `timeout` seconds, or comes slower than a MB per `timeout` seconds (a client holding a place in the
-    queue with a trickle); when its client goes away (UploadRefused each time)."""
+async def guarded_body(request, name: str, limit: int, timeout: float):
+    """The request's body, chunk by chunk. Refused past `limit` bytes; when it pauses `timeout` seconds, or comes
+    slower than a MB per `timeout` seconds (a client holding a place in the queue with a trickle); when its client
+    goes away (UploadRefused each time)."""
     import asyncio
 
     from starlette.requests import ClientDisconnect
 
+    size, chunks, start = 0, request.stream(), time.monotonic()
+    while True:
+        left = start + timeout * (1 + size / 2 ** 20) - time.monotonic()
+        try:
+            chunk = await asyncio.wait_for(anext(chunks, None), max(0.0, min(timeout, left)))
+        except asyncio.TimeoutError:
+            raise UploadRefused(408, f"{name}: the upload stopped for {timeout:g} s, or came slower than "
+                                     f"1 MB per {timeout:g} s (--serve-timeout), so it was dropped: send it "
+                                     "again, over a faster connection or as a shorter clip") from None
+        except ClientDisconnect:
+            raise UploadRefused(None, "its client went away before the upload ended; nothing was kept") from None
+        if chunk is None:
+            return
+        size += len(chunk)
+        if size > limit:
+            raise UploadRefused(413, f"{name}: the upload is too large (over {limit / 2 ** 20:g} MB)")
+        yield chunk
+
+
+def upload_named_by_hash(job: Job, part: Path, digest, ext: str) -> None:
+    """The received file `part` becomes the job's upload, named by its content's hash (never by the client's)."""
+    job.upload = job.folder / f"{digest.hexdigest()[:32]}{ext}"
+    os.replace(part, job.upload)
+
+
+async def receive_upload(request, job: Job, ext: str, limit: int, timeout: float) -> None:
+    """The request's body into the job's folder, the file named by its hash (guarded_body's refusals)."""
     digest, size, part = hashlib.sha256(), 0, job.folder / ".upload.part"
-    chunks, start = request.stream(), time.monotonic()
     with open(part, "wb") as f:
-        while True:
-            left = start + timeout * (1 + size / 2 ** 20) - time.monotonic()
-            try:
-                chunk = await asyncio.wait_for(anext(chunks, None), max(0.0, min(timeout, left)))
-            except asyncio.TimeoutError:
-                raise UploadRefused(408, f"{job.name}: the upload stopped for {timeout:g} s, or came slower than "
-                                         f"1 MB per {timeout:g} s (--serve-timeout), so it was dropped: send it "
-                                         "again, over a faster connection or as a shorter clip") from None
-            except ClientDisconnect:
-                raise UploadRefused(None, "its client went away before the upload ended; nothing was kept") from None
-            if chunk is None:
-                break
+        async for chunk in guarded_body(request, job.name, limit, timeout):
             size += len(chunk)
-            if size > limit:
-                raise UploadRefused(413, f"{job.name}: the upload is too large (over {limit / 2 ** 20:g} MB)")
             digest.update(chunk)
             f.write(chunk)
     if size == 0:
         raise UploadRefused(400, f"{job.name}: the upload is empty")
-    job.upload = job.folder / f"{digest.hexdigest()[:32]}{ext}"
-    os.replace(part, job.upload)
+    upload_named_by_hash(job, part, digest, ext)
 
 
 def declared_size_problem(path: Path) -> str:
@@ -6921,7 +7023,7 @@ def run_diagnose(cfg: Config) -> dict:
     learning curves with their verdict. Everything goes to <work-dir>/diagnose_<split>/."""
     device = pick_device(cfg.device)
     path = checkpoint_path(cfg)
-    state = load_checkpoint(path)
+    state = load_checkpoint(path, cfg)
     model, vocab, model_cfg = model_from_checkpoint(path, cfg, device, state)
     trained = at_epoch(dataclasses.replace(saved_config(state), **{k: getattr(model_cfg, k) for k in ("device", "split")}),
                        state["epoch"])

@@ -568,3 +568,22 @@ def test_a_team_model_asks_for_its_encoder_and_token_set(tmp_path):
     with pytest.raises(m.UserError, match="the team's model reads 41 tokens; with --units diacritized they are 230.*"
                                           "pass --units letters"):
         m.load_pretrained(model, m.dataclasses.replace(cfg, encoder="mstcn", units="diacritized"))
+
+
+def test_a_team_model_decodes_as_it_is_with_their_normalisation_and_crop(tmp_path, synthetic_root, capsys):
+    path, theirs = team_file(tmp_path, "mstcn", "letters", torch.Generator().manual_seed(3))
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for source in sorted((synthetic_root / "Preprocessed_Video").glob("*.mp4"))[:2]:
+        (clips / source.name).write_bytes(source.read_bytes())
+    cfg = m.Config(mode="decode", checkpoint=str(path), work_dir=str(tmp_path / "w"), decoder="ctc")
+    model, vocab, model_cfg = m.model_from_checkpoint(path, cfg, torch.device("cpu"))
+    assert (model_cfg.encoder, model_cfg.units, vocab.size, model_cfg.preset) == ("mstcn", "letters", 41, "base")
+    assert (model_cfg.mean, model_cfg.std, model_cfg.crop_size, model_cfg.input_size) == (*m.TEAM_NORMALISATION, 103, 88)
+    assert torch.equal(model.state_dict()["encoder.hidden_proj.weight"], theirs["encoder.hidden_proj.weight"])
+    capsys.readouterr()
+    m.main(["--mode", "decode", "--checkpoint", str(path), "--work-dir", str(tmp_path / "w"), "--input", str(clips),
+            "--decoder", "ctc"])
+    out = capsys.readouterr()
+    assert f"{path}: the team's mstcn model over 41 tokens" in out.out
+    assert [line.split("\t")[0] for line in out.out.splitlines() if "\t" in line] == sorted(p.stem for p in clips.iterdir())
