@@ -449,12 +449,13 @@ def test_an_av_model_takes_its_sound_side_from_an_audio_models_file(tmp_path):
         m.validate(m.dataclasses.replace(cfg, modality="video"))
 
 
-@pytest.mark.parametrize("modality", ["video", "av"])
-def test_export_writes_weights_both_ways_and_an_onnx_encoder(tmp_path, capsys, modality):
+@pytest.mark.parametrize("modality,encoder", [("video", "conformer"), ("av", "conformer"), ("video", "mstcn"),
+                                              ("video", "dctcn")])
+def test_export_writes_weights_both_ways_and_an_onnx_encoder(tmp_path, capsys, modality, encoder):
     import onnxruntime
     work = tmp_path / "run"
     cfg = m.Config(preset="tiny", input_size=44, synthetic_clips=24, max_frames=300, epochs=1, decoder="ctc",
-                   diagnostics=False, work_dir=str(work), modality=modality)
+                   diagnostics=False, work_dir=str(work), modality=modality, encoder=encoder)
     m.train(cfg)
     files = m.run_export(m.dataclasses.replace(cfg, mode="export"))
     model, vocab, _ = m.model_from_checkpoint(work / "checkpoints" / "best.pt", cfg, torch.device("cpu"))
