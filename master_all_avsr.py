@@ -208,7 +208,7 @@ class Config:
     serve_queue: int = 16  # uploads waiting their turn or still arriving at most; more are refused (HTTP 429) until some are done
     serve_timeout: float = 30.0  # seconds a client may take to send a request's headers, or pause an upload; an upload gets this much per MB (HTTP 408 after)
     serve_allowed_hosts: str = ""  # names the page may be reached by besides IP addresses and localhost, comma-separated (.example.com: it and its subdomains; *: any), a guard against DNS rebinding
-    serve_model: list[str] = field(default_factory=list)  # NAME=PATH, or NAME:nodia=PATH: a checkpoint the team's app may ask for by model_name NAME (with :nodia, for diacritized=false); without any, the run's model answers as conformer, both ways
+    serve_model: list[str] = field(default_factory=list)  # NAME=PATH, or NAME:nodia=PATH: a checkpoint (this tool's, or one of the team's .pth) the team's app may ask for by model_name NAME (with :nodia, for diacritized=false); without any, the run's model answers as conformer, both ways
 
     @property
     def cache_path(self) -> Path:
@@ -845,6 +845,26 @@ def size_problem(frames: int, height: int, width: int) -> str:
             f"{LARGEST_DECODED / 2 ** 30:g} GiB are read: cut it into shorter pieces first (ffmpeg -ss START -t 60)")
 
 
+def declared_size_problem(path: Path) -> str:
+    """Why a clip is refused by the size it declares, read from its header alone, or ''. A header that cannot be
+    read is left to reading the file, which says what is wrong with it."""
+    if path.suffix.lower() in (".npy", ".npz"):
+        try:
+            shape, _ = array_header(path)
+        except (OSError, EOFError, ValueError, IndexError, KeyError, zipfile.BadZipFile):
+            return ""
+        return size_problem(*(list(shape) + [1, 1, 1])[:3]) if shape else ""
+    import cv2
+    video = cv2.VideoCapture(str(path))
+    try:
+        if not video.isOpened():
+            return ""
+        return size_problem(*(int(video.get(p)) for p in (cv2.CAP_PROP_FRAME_COUNT, cv2.CAP_PROP_FRAME_HEIGHT,
+                                                          cv2.CAP_PROP_FRAME_WIDTH)))
+    finally:
+        video.release()
+
+
 def read_video(path: Path) -> np.ndarray:
     """T x H x W uint8 from a video file or a saved array; ValueError says what is wrong with it."""
     return read_frames(path)[0]
@@ -852,18 +872,16 @@ def read_video(path: Path) -> np.ndarray:
 
 def read_frames(path: Path) -> tuple[np.ndarray, float]:
     """Gray frames and frames per second (a saved array counts as 25 fps)."""
-    suffix = path.suffix.lower()
+    suffix, problem = path.suffix.lower(), declared_size_problem(path)
+    if problem:
+        raise ValueError(problem)
     if suffix in (".npy", ".npz"):
         try:
-            shape, _ = array_header(path)
-            problem = size_problem(*(list(shape) + [1, 1, 1])[:3]) if shape else ""
-            if problem:
-                raise ValueError(problem)
             arr = np.load(path)
             if suffix == ".npz":
                 arr = arr["frames"] if "frames" in arr.files else arr[arr.files[0]]
         except (OSError, EOFError, ValueError, IndexError, KeyError, zipfile.BadZipFile) as e:
-            raise ValueError(str(e) if str(e).startswith("too large") else f"unreadable video: {e}") from e
+            raise ValueError(f"unreadable video: {e}") from e
         if arr.dtype != np.uint8 or arr.ndim not in (3, 4) or len(arr) == 0 or (arr.ndim == 4 and arr.shape[3] > 4):
             raise ValueError(f"unreadable video: array of {arr.dtype} {arr.shape}, expected uint8 T x H x W")
         return (np.stack([to_gray(f) for f in arr]) if arr.ndim == 4 else arr), CLIP_FPS
@@ -873,8 +891,6 @@ def read_frames(path: Path) -> tuple[np.ndarray, float]:
         raise ValueError("unreadable video: it cannot be opened (corrupt, truncated or not a video)")
     declared = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
     fps = cap.get(cv2.CAP_PROP_FPS)
-    width, height = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
-    problem = size_problem(declared, height, width)
     frames = []
     while not problem:
         ok, frame = cap.read()
@@ -5945,8 +5961,8 @@ def served_model_entries(cfg: Config) -> list[tuple[str, bool, Path]]:
             raise UserError(f"--serve-model: {name}{'' if diacritized else ':nodia'} is given twice; keep one.")
         if not path.is_file():
             raise UserError(f"--serve-model {given!r}: {path} is {'a folder' if path.is_dir() else 'not there'}; "
-                            "name a checkpoint file of this tool (a run's checkpoints/best.pt, averaged.pt or "
-                            "last.pt).")
+                            "name a checkpoint file: a run's checkpoints/best.pt (or averaged.pt, last.pt), or one "
+                            "of the team's released models (conformer_model_dia.pth, ...).")
         entries.append((name, diacritized, path))
     return entries
 
@@ -5963,7 +5979,12 @@ def served_models(cfg: Config) -> dict[tuple[str, bool], LipReader]:
     for _, _, path in entries:
         if path.resolve() not in readers:
             readers[path.resolve()] = LipReader(dataclasses.replace(cfg, checkpoint=str(path)))
-    return {(name, diacritized): readers[path.resolve()] for name, diacritized, path in entries}
+    models = {(name, diacritized): readers[path.resolve()] for name, diacritized, path in entries}
+    for (name, diacritized), served in models.items():
+        if (served.cfg.units == "diacritized") != diacritized:  # allowed (it is what there is), but said
+            print(f"note: --serve-model {name}{'' if diacritized else ':nodia'} answers diacritized="
+                  f"{str(diacritized).lower()} with a model of --units {served.cfg.units} ({served.checkpoint})")
+    return models
 
 
 def model_names(models: dict[tuple[str, bool], LipReader]) -> list[str]:
@@ -6161,27 +6182,6 @@ async def receive_upload(request, job: Job, ext: str, limit: int, timeout: float
     if size == 0:
         raise UploadRefused(400, f"{job.name}: the upload is empty")
     upload_named_by_hash(job, part, digest, ext)
-
-
-def declared_size_problem(path: Path) -> str:
-    """Why a received video is refused by the size it declares, read from its header alone (an .npz of zeros,
-    small on disk and gigabytes decoded; a video declaring millions of frames), or ''. A header that cannot be
-    read is left to the job: reading the file says what is wrong with it."""
-    if path.suffix.lower() in (".npy", ".npz"):
-        try:
-            shape, _ = array_header(path)
-        except (OSError, EOFError, ValueError, IndexError, KeyError, zipfile.BadZipFile):
-            return ""
-        return size_problem(*(list(shape) + [1, 1, 1])[:3]) if shape else ""
-    import cv2
-    video = cv2.VideoCapture(str(path))
-    try:
-        if not video.isOpened():
-            return ""
-        return size_problem(*(int(video.get(p)) for p in (cv2.CAP_PROP_FRAME_COUNT, cv2.CAP_PROP_FRAME_HEIGHT,
-                                                          cv2.CAP_PROP_FRAME_WIDTH)))
-    finally:
-        video.release()
 
 
 SERVE_PAGE = """<!doctype html>
@@ -6581,7 +6581,355 @@ def serving_app(reader: LipReader, board: JobBoard, cfg: Config):
                         media_type="text/csv; charset=utf-8",
                         headers={"Content-Disposition": 'attachment; filename="lipreading.csv"'})
 
+    team_routes(app, reader, board, cfg, types)
     return app
+
+
+# The team's app ------------------------------------------------------------------------------------------------
+# The team's Flutter app talks to their FastAPI backend (Essa-Ramzy/Arabic-Lip-Reading, backend/main.py): it asks
+# GET /config for the models, posts a video (or the video_hash of one sent before) as a form to /transcribe/,
+# follows GET /progress/{task_id} (lines "data: {json}") and reads the transcript from the last one's result. The
+# same routes, fields and status codes here let the app work unchanged against this server. A task is a job: the
+# same upload limits, queue, timeouts and checks of where requests come from, read by the model its model_name
+# and diacritized ask for. Gemini's enhancement, which this server lacks, is answered as their backend answers
+# without a Gemini key (the raw transcript as the enhanced one), but /health says healthy: nothing is missing.
+
+TEAM_API_VERSION = "1.0.0"  # the version of their API these routes follow
+TEAM_MAX_BEAM = 50
+TEAM_LANDMARKS = ["dlib"]  # their landmark_model_name picks a RetinaFace; here dlib finds the face, whatever it says
+TEAM_FORM_ROOM = 2 ** 20  # what a form may carry besides its file (its other fields, the parts' headers)
+TEAM_STATUS = {"queued": "processing", "reading": "processing", "preprocessing": "processing",
+               "decoding": "processing", "done": "completed", "failed": "failed", "cancelled": "cancelled"}
+TEAM_FINISHED = ("completed", "failed", "cancelled")  # theirs never ends a stream on cancelled: this one does
+NO_GEMINI = "Gemini service not available"  # their words where enhance is asked without Gemini; the app keys on none
+
+
+def form_parsing_missing() -> bool:
+    """Whether python-multipart is missing: Starlette reads forms with it, and the team app sends forms."""
+    import importlib.util
+    return not any(importlib.util.find_spec(name) for name in ("python_multipart", "multipart"))
+
+
+def team_status(job: Job) -> str:
+    """processing, completed, failed or cancelled: a task cancelled is so at once (the worker stops at its next
+    step; a decoding under way ends first), as in their backend."""
+    return "cancelled" if job.cancel.is_set() and job.state not in FINISHED else TEAM_STATUS[job.state]
+
+
+def team_step(board: JobBoard, job: Job) -> tuple[int, str]:
+    """The task's progress (0..100) and current_step. The app shows a stage it infers from the step's words, the
+    first it finds in the order failed/error, initializing/starting, upload, preprocess, analyzing/frames,
+    landmark/detecting, mouth/extracting, inference/lip reading, enhancement/ai, completed/success: each step
+    here has the words of its own stage and none of one before. A finished task's bar is full, whatever its end."""
+    status = team_status(job)
+    if status != "processing":
+        return 100, {"completed": "Completed", "failed": "Failed", "cancelled": "Cancelled by user"}[status]
+    if job.state == "queued":
+        return 0, f"Starting... ({board.view(job)['detail']})"
+    if job.state == "preprocessing":
+        return 30 + round(35 * job.progress), f"Extracting mouth regions ({round(100 * job.progress)}%)..."
+    return {"reading": (20, "Analyzing video frames..."), "decoding": (70, "Running lip reading inference...")
+            }[job.state]
+
+
+def video_hash(job: Job) -> str | None:
+    """What the app sends back as file_hash to read the same video with another model: the start of the upload's
+    name, its content's hash."""
+    return job.asked.get("video_hash") or (job.upload.stem[:16] if job.upload else None)
+
+
+def team_result(job: Job) -> dict:
+    """A completed task's result, as their backend gives it (its metadata has these five keys, no more)."""
+    text = job.hypotheses[0]["text"] if job.hypotheses else ""
+    return {"raw_transcript": text, "enhanced_transcript": text, "video_hash": video_hash(job),
+            "metadata": {"model_name": job.asked.get("model_name"), "diacritized": job.asked.get("diacritized"),
+                         "beam_size": job.beam_size, "success": True, "error": None},
+            "enhancements": {"error": NO_GEMINI} if job.asked.get("enhance") else {}}
+
+
+def team_progress(board: JobBoard, job: Job) -> dict:
+    """A task's progress object, their field names and values."""
+    progress, step = team_step(board, job)
+    status = team_status(job)
+    return {"progress": progress, "total_steps": 100, "current_step": step, "status": status,
+            "start_time": job.created, "last_update": job.changed,
+            "error": job.detail if status == "failed" else None,
+            "result": team_result(job) if status == "completed" else None, "cancelled": status == "cancelled",
+            "elapsed_time": (job.changed if status in TEAM_FINISHED else time.time()) - job.created,
+            "percentage": float(progress)}
+
+
+def team_event(data: dict) -> str:
+    # ASCII only (json's \u escapes), as theirs: the app decodes each chunk it receives on its own, and a chunk
+    # ending inside a character's UTF-8 bytes would not decode
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def team_defaults(reader, board: JobBoard) -> dict:
+    """What each field of a /transcribe/ form is when absent or empty: their route's defaults, the model the first
+    served, the beam size the run's (--beam-size)."""
+    name = next(iter(board.models))[0]
+    return {"file_hash": None, "model_name": name, "landmark_model_name": TEAM_LANDMARKS[0],
+            "diacritized": (name, True) in board.models, "enhance": False,
+            "beam_size": reader.cfg.beam_size, "include_summary": False, "include_translation": False,
+            "target_language": "English"}
+
+
+def team_form_values(form, defaults: dict) -> dict:
+    """The form's fields typed as their route declares them (pydantic's way, as FastAPI's), absent or empty ones
+    their defaults; a value that is not of its type gets FastAPI's own 422 with the list of what is wrong."""
+    from fastapi.exceptions import RequestValidationError
+    from pydantic import TypeAdapter, ValidationError
+    values, errors = {}, []
+    for name, default in defaults.items():
+        given = form.get(name)
+        if given is None or given == "":
+            values[name] = default
+        elif not isinstance(given, str):
+            errors.append({"type": "string_type", "loc": ("body", name), "input": None,
+                           "msg": f"{name} is a text field: send it as text, not as a file"})
+        else:
+            try:
+                values[name] = TypeAdapter(type(default) if default is not None else str).validate_python(given)
+            except ValidationError as e:
+                errors += [{**error, "loc": ("body", name)} for error in e.errors(include_url=False)]
+    if errors:
+        raise RequestValidationError(errors)
+    return values
+
+
+async def read_team_form(request, limit: int, timeout: float):
+    """The request's form, multipart or urlencoded (their route reads both; anything else is an empty form), its
+    body received as an upload's is (guarded_body's limits and UploadRefused). A file is spooled by the parser:
+    in memory, past 1 MB in a nameless temporary file."""
+    from starlette.datastructures import FormData
+    from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
+
+    kind = request.headers.get("content-type", "")
+    body = guarded_body(request, "the form", limit, timeout)
+    try:
+        if kind.startswith("multipart/form-data"):
+            return await MultiPartParser(request.headers, body, max_files=1, max_fields=50).parse()
+        if kind.startswith("application/x-www-form-urlencoded"):
+            return await FormParser(request.headers, body).parse()
+    except MultiPartException as e:
+        raise UploadRefused(400, f"the form could not be read ({e}): send multipart/form-data, the video as its "
+                                 "one file, named file") from None
+    return FormData()
+
+
+def upload_by_hash(board: JobBoard, wanted: str) -> Path | None:
+    """The upload an earlier job kept whose content's hash starts with `wanted` (a task's video_hash), if any."""
+    return next(iter(sorted(board.root.glob(f"*/{wanted.lower()}{'[0-9a-f]' * 16}.*"))), None)
+
+
+def reuse_upload(job: Job, earlier: Path) -> None:
+    """An upload kept by an earlier job, the job's own too: linked where the file system allows, else copied. Its
+    mouth clip, kept by the same hash, is not cut again."""
+    job.upload = job.folder / earlier.name
+    try:
+        os.link(earlier, job.upload)
+    except OSError:
+        shutil.copyfile(earlier, job.upload)
+
+
+def keep_form_file(job: Job, spooled, ext: str) -> None:
+    """The form's file, as the parser spooled it, into the job's folder, named by its hash."""
+    digest, part = hashlib.sha256(), job.folder / ".upload.part"
+    spooled.seek(0)
+    with open(part, "wb") as f:
+        for chunk in iter(lambda: spooled.read(2 ** 20), b""):
+            digest.update(chunk)
+            f.write(chunk)
+    upload_named_by_hash(job, part, digest, ext)
+
+
+def team_request_problem(values: dict, file, board: JobBoard) -> tuple[int, str] | None:
+    """Why a /transcribe/ form cannot start a task, as their route says it (its status codes, in its order; a
+    model not loaded here is refused at once, with the names that are, where theirs fails the task later), or
+    None."""
+    choices = f"{model_choices(board.models)} (GET /config lists them)"
+    checks = [(file is None and values["file_hash"] is None,
+               "Either 'file' or 'file_hash' must be provided: the video as a file field named file, or the "
+               "video_hash of a result"),
+              (file is not None and values["file_hash"] is not None,
+               "Cannot provide both 'file' and 'file_hash'. Choose one."),
+              (values["file_hash"] is not None and not re.fullmatch(r"[0-9a-fA-F]{16}", values["file_hash"]),
+               "Invalid file hash format. Hash must be a 16-character hexadecimal string: a result's video_hash"),
+              (not 1 <= values["beam_size"] <= TEAM_MAX_BEAM, f"Beam size must be between 1 and {TEAM_MAX_BEAM}"),
+              ((values["model_name"], values["diacritized"]) not in board.models,
+               f"Model {values['model_name']}{'' if values['diacritized'] else ':nodia'} (diacritized="
+               f"{str(values['diacritized']).lower()}) is not loaded on this server: ask for one of {choices}, "
+               "or start the server with --serve-model for it")]
+    return next(((400, why) for failed, why in checks if failed), None)
+
+
+def file_problem(file, limit: int, types: list[str]) -> tuple[int, str] | None:
+    """Why an uploaded file is refused, their status codes in their order, or None."""
+    from starlette.datastructures import UploadFile
+    if not isinstance(file, UploadFile) or not file.filename:
+        return 400, "No filename provided: send the video as a file (with its file name), in the field named file"
+    ext = Path(file.filename).suffix.lower()
+    if ext not in types:
+        return 400, (f"Unsupported file format ({ext or 'no extension'}): send one of {', '.join(types)}")
+    if file.size > limit:
+        return 413, (f"File too large. Size: {file.size / 2 ** 20:.1f}MB, Max allowed: {limit / 2 ** 20:.1f}MB "
+                     "(--max-upload-mb): send a shorter clip")
+    if file.size == 0:
+        return 400, f"{file.filename}: the upload is empty"
+    return None
+
+
+async def start_team_task(board: JobBoard, form, defaults: dict, limit: int, types: list[str]) -> Job:
+    """The task a /transcribe/ form asks for, queued (HTTPException for a form that cannot be one)."""
+    import asyncio
+
+    from fastapi import HTTPException
+
+    values = team_form_values(form, defaults)
+    file = form.get("file") or None  # an empty field is an absent one, as in FastAPI's forms
+    problem = team_request_problem(values, file, board)
+    earlier = upload_by_hash(board, values["file_hash"]) if values["file_hash"] and not problem else None
+    if values["file_hash"] and not problem and earlier is None:
+        problem = 404, (f"No processed file found for hash: {values['file_hash']} (this server keeps no video by "
+                        "that hash): send the video itself, as the field file")
+    problem = problem or (file_problem(file, limit, types) if file is not None else None)
+    if problem:
+        raise HTTPException(*problem)
+    name = file.filename if file is not None else getattr(board.jobs.get(earlier.parent.name), "name", earlier.name)
+    job = board.new_job(name, values["beam_size"], 1)
+    job.asked = {key: values[key] for key in ("model_name", "diacritized", "enhance")}
+    try:
+        if file is not None:
+            await asyncio.to_thread(keep_form_file, job, file.file, Path(file.filename).suffix.lower())
+        else:
+            reuse_upload(job, earlier)
+        if board.reader_of(job).cfg.modality != "audio" and (bomb := await asyncio.to_thread(
+                declared_size_problem, job.upload)):
+            raise HTTPException(413, f"{job.name}: {bomb}")
+    except BaseException:
+        shutil.rmtree(job.folder, ignore_errors=True)
+        raise
+    job.asked["video_hash"] = job.upload.stem[:16]
+    board.submit(job)
+    return job
+
+
+def team_routes(app, reader, board: JobBoard, cfg: Config, types: list[str]) -> None:
+    """The team's routes on the app: POST /transcribe/, GET /progress/{task_id} (events), GET
+    /progress/{task_id}/status, DELETE /progress/{task_id}/cancel, GET /config, GET /health, POST /enhance-text/."""
+    import asyncio
+
+    from fastapi import HTTPException, Request
+    from fastapi.responses import StreamingResponse
+
+    limit = int(cfg.max_upload_mb * 2 ** 20)
+    not_found = lambda task_id: (f"Task not found: no task {task_id!r} on this server; use the task_id that POST "
+                                 "/transcribe/ answered, or send the video again")
+
+    async def transcribe(request: Request):
+        if form_parsing_missing():
+            raise HTTPException(501, "this server cannot read forms: the Python package python-multipart is "
+                                     "missing; whoever runs it: pip install python-multipart, then restart it")
+        if int(request.headers.get("content-length") or 0) > limit + TEAM_FORM_ROOM:
+            raise HTTPException(413, f"File too large: the request is over the upload limit of "
+                                     f"{cfg.max_upload_mb:g} MB (--max-upload-mb): send a shorter clip")
+        if not board.hold_place():  # before the body is read: a crowd of uploads is refused, not received
+            raise HTTPException(429, f"{cfg.serve_queue} uploads are already waiting or arriving (--serve-queue): "
+                                     "try again when some are done")
+        try:
+            try:
+                form = await read_team_form(request, limit + TEAM_FORM_ROOM, cfg.serve_timeout)
+            except UploadRefused as e:
+                if e.status is None:
+                    print(f"/transcribe/: {e}", file=sys.stderr)  # one line; the client will not read an answer
+                why = str(e) if e.status != 413 else (f"File too large: over the upload limit of "
+                                                      f"{cfg.max_upload_mb:g} MB (--max-upload-mb): send a "
+                                                      "shorter clip")
+                raise HTTPException(e.status or 400, why,
+                                    headers={"Connection": "close"} if e.status == 408 else None) from None
+            try:
+                job = await start_team_task(board, form, team_defaults(reader, board), limit, types)
+            finally:
+                await form.close()
+        finally:
+            board.free_place()
+        return {"task_id": job.id, "message": "Transcription started. Use the task_id to track progress.",
+                "progress_stream_url": f"/progress/{job.id}", "progress_status_url": f"/progress/{job.id}/status"}
+    transcribe.__annotations__["request"] = Request  # this file's annotations are strings, looked up in its globals
+    app.post("/transcribe/")(transcribe)
+
+    @app.get("/progress/{task_id}")
+    async def progress_events(task_id: str):
+        """Server-sent events: the task's progress object when it changes and each second (its elapsed_time),
+        until it is completed, failed or cancelled; for a task not here, one event with its error."""
+        job = board.jobs.get(task_id)
+
+        async def stream():
+            if job is None:
+                yield team_event({"error": not_found(task_id), "task_id": task_id})
+                return
+            last, quiet = None, 0.0
+            while True:
+                now = team_progress(board, job)
+                moved = {k: v for k, v in now.items() if k != "elapsed_time"}
+                if moved != last or quiet >= 1.0:
+                    yield team_event(now)
+                    last, quiet = moved, 0.0
+                    if now["status"] in TEAM_FINISHED:
+                        return
+                await asyncio.sleep(0.1)
+                quiet += 0.1
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/progress/{task_id}/status")
+    def progress_status(task_id: str):
+        if task_id not in board.jobs:
+            raise HTTPException(404, not_found(task_id))
+        return team_progress(board, board.jobs[task_id])
+
+    @app.delete("/progress/{task_id}/cancel")
+    def cancel_task(task_id: str):
+        """Their answer, 200 whether or not it cancelled (success says); was_running: whether it had started."""
+        if task_id not in board.jobs:
+            raise HTTPException(404, not_found(task_id))
+        job = board.jobs[task_id]
+        status, was_running = team_status(job), job.state != "queued"
+        if status == "processing":
+            board.cancel(job)
+        message = "Task cancelled successfully" if status == "processing" else f"Task already {status}"
+        return {"task_id": task_id, "message": message, "was_running": status == "processing" and was_running,
+                "success": status == "processing"}
+
+    @app.get("/config")
+    def team_config():
+        defaults = team_defaults(reader, board)
+        return {"upload": {"max_size_mb": round(limit / 2 ** 20, 1), "max_size_bytes": limit,
+                           "allowed_extensions": types},
+                "processing": {"default_beam_size": defaults["beam_size"], "max_beam_size": TEAM_MAX_BEAM},
+                "model": {"default_model": defaults["model_name"], "default_landmark_model": TEAM_LANDMARKS[0],
+                          "default_diacritized": defaults["diacritized"], "available_models": model_names(board.models),
+                          "available_landmark_models": TEAM_LANDMARKS,
+                          "loaded": [{"model_name": name, "diacritized": diacritized,
+                                      "checkpoint": str(getattr(served, "checkpoint", ""))}
+                                     for (name, diacritized), served in board.models.items()]},
+                "ai": {"gemini_available": False}}
+
+    @app.get("/health")
+    def team_health():
+        return {"status": "healthy",
+                "timestamp": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "version": TEAM_API_VERSION,
+                "services": {"api": "healthy", "gemini_ai": "unavailable", "file_upload": "healthy",
+                             "logging": "healthy"},
+                "configuration": {"max_upload_size_mb": round(limit / 2 ** 20, 1),
+                                  "default_model": team_defaults(reader, board)["model_name"],
+                                  "ai_enhancement_available": False}}
+
+    @app.post("/enhance-text/")
+    def enhance_text():
+        raise HTTPException(503, f"{NO_GEMINI}: this server enhances no text (it has no Gemini); the transcript "
+                                 "is the model's own")
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -6646,8 +6994,8 @@ def serve(cfg: Config):
         import fastapi  # noqa: F401
         import uvicorn
     except ImportError as e:
-        raise UserError("--mode serve needs FastAPI and uvicorn: `pip install fastapi uvicorn` (Kaggle's image "
-                        f"has both). ({e})") from e
+        raise UserError("--mode serve needs FastAPI and uvicorn: `pip install fastapi uvicorn python-multipart` "
+                        f"(Kaggle's image has the first two; the third reads the team app's forms). ({e})") from e
     if not port_is_free(cfg.host, cfg.port):
         raise UserError(f"{cfg.host}:{cfg.port} is taken (another server?): choose another with --port.")
     with contextlib.ExitStack() as lock:  # a training run may hold the work dir's own lock: serving writes in serve/
@@ -6662,8 +7010,9 @@ def serve_holding_the_lock(cfg: Config, lock: contextlib.ExitStack):
     scratch = Path(cfg.work_dir) / "serve" / "tmp"  # libraries' own temporary files (onnxruntime's, say) go here too
     scratch.mkdir(parents=True, exist_ok=True)
     os.environ["TMPDIR"] = tempfile.tempdir = str(scratch)
-    reader = LipReader(cfg)
-    board = JobBoard(reader, cfg)
+    models = served_models(cfg)
+    reader = next(iter(models.values()))  # the page's and /api's
+    board = JobBoard(reader, cfg, models)
     if cfg.host not in LOOPBACK:
         print(f"warning: serving on {cfg.host}: anyone who can reach this machine can upload videos and use the "
               "model. --host 127.0.0.1 keeps it to this machine.")
@@ -6671,6 +7020,13 @@ def serve_holding_the_lock(cfg: Config, lock: contextlib.ExitStack):
     print(f"serving {reader.checkpoint} ({reader.cfg.preset}, {reader.cfg.modality}, {reader.cfg.decoder}) at {url} "
           f"(the API: {url}docs); uploads up to {cfg.max_upload_mb:g} MB; jobs under {board.root}. "
           + ("It runs while this kernel does." if in_notebook() else "Ctrl-C stops."), flush=True)
+    print("the team's app (POST /transcribe/, GET /config) may ask for "
+          + ", ".join(f"{name}{'' if diacritized else ':nodia'} ({served.checkpoint})"
+                      for (name, diacritized), served in models.items())
+          + ("" if cfg.serve_model else " (--serve-model adds others)"), flush=True)
+    if form_parsing_missing():
+        print("warning: python-multipart is missing, so the team app's POST /transcribe/ is refused (HTTP 501): "
+              "pip install python-multipart, then restart the server", flush=True)
     app = serving_app(reader, board, cfg)
     settings = dict(host=cfg.host, port=cfg.port, log_level="warning", http=protocol_with_deadlines(cfg.serve_timeout))
     if in_notebook():  # the kernel's event loop owns this thread: the server gets a thread and a loop of its own

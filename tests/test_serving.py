@@ -1,5 +1,6 @@
 """Section 13: --mode serve. The server is started as a user starts it (its own process, on a free local port)
 with a model trained here; the tests drive its JSON API and, in a real headless Chromium, its page."""
+import contextlib
 import csv
 import json
 import math
@@ -15,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -55,17 +57,16 @@ def astronaut() -> np.ndarray:
     return cv2.cvtColor(skimage_data.astronaut(), cv2.COLOR_RGB2GRAY)
 
 
-@pytest.fixture(scope="module")
-def live(run_dir, tmp_path_factory):
-    """The server on a free port, its temporary folder an empty one of its own (nothing may land there): its
-    url, port, process and the file its stderr goes to."""
+@contextlib.contextmanager
+def running_server(tmp_path_factory, settings: list[str]):
+    """The server with these settings on a free port, its temporary folder an empty one of its own (nothing may
+    land there): its url, port, process and the file its stderr goes to; stopped with Ctrl-C, cleanly."""
     tmp = tmp_path_factory.mktemp("server_tmp")
     port = free_port()
     log_path = tmp_path_factory.mktemp("server_log") / "stderr.txt"
     log = open(log_path, "w+")
-    proc = subprocess.Popen([sys.executable, m.__file__, "--mode", "serve", "--work-dir", str(run_dir), "--port",
-                             str(port), "--serve-queue", "2", "--max-upload-mb", str(LIMIT_MB), "--serve-timeout",
-                             str(TIMEOUT)],
+    proc = subprocess.Popen([sys.executable, m.__file__, "--mode", "serve", "--port", str(port), "--serve-queue", "2",
+                             "--max-upload-mb", str(LIMIT_MB), "--serve-timeout", str(TIMEOUT)] + settings,
                             stdout=subprocess.PIPE, stderr=log, text=True,
                             env={**os.environ, "TMPDIR": str(tmp), "OMP_NUM_THREADS": "1"})
     url = f"http://127.0.0.1:{port}"
@@ -84,6 +85,12 @@ def live(run_dir, tmp_path_factory):
     assert proc.returncode == 0 and "Traceback" not in errors, errors
     assert f"at {url}/" in out and "warning" not in out  # it says where; on 127.0.0.1, no warning
     assert list(tmp.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def live(run_dir, tmp_path_factory):
+    with running_server(tmp_path_factory, ["--work-dir", str(run_dir)]) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -540,13 +547,283 @@ def test_names_from_the_client_reach_no_path_and_stay_text(live, run_dir):
 
 
 def test_a_decompression_bomb_is_refused_by_its_declared_size(live, run_dir, tmp_path):
-    bomb = tmp_path / "bomb.npz"
-    np.savez_compressed(bomb, frames=np.zeros((30000, 224, 224), np.uint8))  # 1.4 MB here, 1.4 GiB decoded
+    bomb = tmp_path / "bomb.npz"  # what np.savez_compressed writes of 1.4 GiB of zeros (1.5 MB), its header first
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as archive, archive.open("frames.npy", "w") as member:
+        np.lib.format.write_array_header_1_0(member, {"descr": "|u1", "fortran_order": False,
+                                                      "shape": (30000, 224, 224)})
+        for _ in range(64):  # zeros enough to be read if the header were not heeded
+            member.write(bytes(2 ** 20))
     assert bomb.stat().st_size < LIMIT_MB * 2 ** 20
     before = set((run_dir / "serve" / "jobs").iterdir())
+    peak = lambda: int(re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{live.proc.pid}/status").read_text())[1]) * 1024
+    peak_before = peak()
     reply = upload(live.url, bomb)
     assert reply.status_code == 413 and "too large: it declares 30000 frames of 224 x 224" in reply.json()["detail"]
     assert set((run_dir / "serve" / "jobs").iterdir()) == before
-    status = Path(f"/proc/{live.proc.pid}/status").read_text()
-    peak = int(re.search(r"VmHWM:\s+(\d+) kB", status)[1]) * 1024
-    assert peak < 0.75 * 2 ** 30, f"the server's memory peaked at {peak / 2 ** 20:.0f} MB"
+    grown = peak() - peak_before  # the model and the libraries are in both (their size differs by torch build)
+    assert grown < 2 ** 28, f"the server's peak memory grew by {grown / 2 ** 20:.0f} MB"
+
+
+# The team's app: its Flutter client, written for their backend (Essa-Ramzy/Arabic-Lip-Reading, backend/main.py),
+# must work unchanged against this server. The calls below are the app's; the shapes are their backend's, read from
+# its source and written here, so that a renamed field or a changed type fails ----------------------------------
+
+STARTED = {"task_id": str, "message": str, "progress_stream_url": str, "progress_status_url": str}
+PROGRESS = {"progress": int, "total_steps": int, "current_step": str, "status": str, "start_time": float,
+            "last_update": float, "error": (str, None), "result": (dict, None), "cancelled": bool,
+            "elapsed_time": float, "percentage": float}
+RESULT = {"raw_transcript": str, "enhanced_transcript": str, "video_hash": str, "enhancements": dict,
+          "metadata": {"model_name": str, "diacritized": bool, "beam_size": int, "success": bool, "error": None}}
+CANCEL = {"task_id": str, "message": str, "was_running": bool, "success": bool}
+CONFIG = {"upload": {"max_size_mb": float, "max_size_bytes": int, "allowed_extensions": list},
+          "processing": {"default_beam_size": int, "max_beam_size": int},
+          "model": {"default_model": str, "default_landmark_model": str, "default_diacritized": bool,
+                    "available_models": list, "available_landmark_models": list},
+          "ai": {"gemini_available": bool}}
+HEALTH = {"status": str, "timestamp": str, "version": str,
+          "services": {"api": str, "gemini_ai": str, "file_upload": str, "logging": str},
+          "configuration": {"max_upload_size_mb": float, "default_model": str, "ai_enhancement_available": bool}}
+ERROR = {"detail": str}
+# the stage the app shows for a current_step: the first of these word groups the step holds, in this order (its
+# lib/model/progress_model.dart), or its fallback, "initializing"
+APP_STAGES = [("failed", "error"), ("initializing", "starting"), ("uploading", "upload"), ("preprocess",),
+              ("analyzing", "frames"), ("landmark", "detecting"), ("mouth", "extracting"),
+              ("inference", "lip reading"), ("enhancement", "ai"), ("completed", "success")]
+STARTING, ANALYZING, MOUTH, INFERENCE, COMPLETED = 1, 4, 6, 7, 9
+
+
+def shape_problems(obj, shape: dict, where: str = "") -> list[str]:
+    """How obj differs from a shape of their API: a field missing, or of another JSON type (None: null)."""
+    problems = []
+    for key, kind in shape.items():
+        if key not in obj:
+            problems.append(f"{where}{key} is missing")
+        elif isinstance(kind, dict):
+            problems += shape_problems(obj[key], kind, f"{where}{key}.") if isinstance(obj[key], dict) else [
+                f"{where}{key} is not an object"]
+        elif not any(obj[key] is None if k is None else type(obj[key]) is k for k in
+                     (kind if isinstance(kind, tuple) else (kind,))):
+            problems.append(f"{where}{key} is {obj[key]!r}, not {kind}")
+    return problems
+
+
+def app_stage(step: str) -> int:
+    return next((n for n, words in enumerate(APP_STAGES) if any(w in step.lower() for w in words)), -1)
+
+
+def transcribe(url: str, clip: Path | None = None, **fields) -> httpx.Response:
+    """POST /transcribe/ as the app sends it: a multipart form, booleans as Dart writes them, the video as the
+    part named file, its file name the path's last part."""
+    parts = [(k, (None, str(v).lower() if isinstance(v, bool) else str(v))) for k, v in fields.items()]
+    if clip is not None:
+        parts.append(("file", (clip.name, clip.read_bytes(), "application/octet-stream")))
+    return httpx.post(f"{url}/transcribe/", files=parts, timeout=60)
+
+
+def follow_as_the_app(url: str, task_id: str, until=None) -> list[dict]:
+    """GET /progress/{id} as the app reads it: HTTP 200, each chunk decoded alone, split into lines, the `data: `
+    ones parsed; until the server ends the stream, within a minute (`until(event)`: called on each, it may act
+    meanwhile)."""
+    seen, deadline = [], time.monotonic() + 60
+    with httpx.stream("GET", f"{url}/progress/{task_id}", timeout=120,
+                      headers={"Accept": "text/event-stream", "Cache-Control": "no-cache"}) as stream:
+        assert stream.status_code == 200
+        for chunk in stream.iter_raw():
+            assert time.monotonic() < deadline, f"the stream went on after {seen[-1:]}"
+            assert chunk.isascii()  # a chunk may end anywhere: only ASCII decodes alone, always
+            for line in chunk.decode("utf-8").split("\n"):
+                if line.startswith("data: "):
+                    seen.append(json.loads(line[6:]))
+                    if until:
+                        until(seen[-1])
+    return seen
+
+
+@pytest.fixture(scope="module")
+def team(run_dir, tmp_path_factory):
+    """A server of three models, the app's names for them: conformer (best.pt), conformer without diacritics
+    (last.pt) and mstcn (best.pt again: one model loaded, two names); no model of its work dir's own."""
+    work = tmp_path_factory.mktemp("team") / "work"
+    saved = run_dir / "checkpoints"
+    with running_server(tmp_path_factory, ["--work-dir", str(work), "--serve-model", f"conformer={saved / 'best.pt'}",
+                                           "--serve-model", f"conformer:nodia={saved / 'last.pt'}",
+                                           "--serve-model", f"mstcn={saved / 'best.pt'}"]) as server:
+        server.work = work
+        yield server
+
+
+def test_the_team_app_reads_its_config_and_health(team):
+    config = httpx.get(f"{team.url}/config").json()
+    assert shape_problems(config, CONFIG) == []
+    assert config["model"]["available_models"] == ["conformer", "mstcn"] and config["ai"]["gemini_available"] is False
+    assert [(s["model_name"], s["diacritized"], Path(s["checkpoint"]).name) for s in config["model"]["loaded"]] == [
+        ("conformer", True, "best.pt"), ("conformer", False, "last.pt"), ("mstcn", True, "best.pt")]
+    assert config["model"]["default_model"] == "conformer" and config["model"]["default_diacritized"] is True
+    assert config["upload"]["max_size_bytes"] == LIMIT_MB * 2 ** 20 and ".mp4" in config["upload"]["allowed_extensions"]
+    health = httpx.get(f"{team.url}/health")
+    assert health.status_code == 200 and shape_problems(health.json(), HEALTH) == []
+    assert health.json()["status"] == "healthy" and health.json()["services"]["gemini_ai"] == "unavailable"
+    assert httpx.post(f"{team.url}/enhance-text/", data={"text": "x"}).status_code == 503  # theirs without Gemini
+
+
+def test_the_team_app_transcribes_a_clip_and_reads_it_again_by_its_hash(team, clips):
+    started = transcribe(team.url, clips / "synth_00001.mp4", model_name="conformer", diacritized=True, beam_size=4)
+    assert started.status_code == 200 and shape_problems(started.json(), STARTED) == []
+    task = started.json()["task_id"]
+    assert started.json()["progress_stream_url"] == f"/progress/{task}"
+    seen = follow_as_the_app(team.url, task)
+    assert [problem for e in seen for problem in shape_problems(e, PROGRESS)] == []
+    assert [e["status"] for e in seen[:-1]] == ["processing"] * (len(seen) - 1) and seen[-1]["status"] == "completed"
+    stages = [app_stage(e["current_step"]) for e in seen]
+    assert stages == sorted(stages) and stages[-1] == COMPLETED and set(stages) <= {STARTING, ANALYZING, INFERENCE,
+                                                                                    COMPLETED}, seen
+    result = seen[-1]["result"]
+    assert shape_problems(result, RESULT) == [] and result["enhancements"] == {}
+    assert result["metadata"] == {"model_name": "conformer", "diacritized": True, "beam_size": 4, "success": True,
+                                  "error": None}
+    job = httpx.get(f"{team.url}/api/jobs/{task}").json()  # a task is a job: the page lists it too
+    assert result["raw_transcript"] == result["enhanced_transcript"] == job["hypotheses"][0]["text"]
+    assert re.fullmatch(r"[0-9a-f]{16}", result["video_hash"])
+    status = httpx.get(f"{team.url}/progress/{task}/status").json()
+    assert shape_problems(status, PROGRESS) == [] and status["result"] == result and status["progress"] == 100
+    again = transcribe(team.url, file_hash=result["video_hash"].upper(), model_name="conformer", diacritized=False,
+                       enhance=True)  # the app reads it again with the other setting: no video sent
+    second = follow_as_the_app(team.url, again.json()["task_id"])[-1]
+    assert second["status"] == "completed" and second["result"]["video_hash"] == result["video_hash"]
+    assert second["result"]["metadata"]["diacritized"] is False and second["result"]["metadata"]["beam_size"] == 20
+    assert second["result"]["enhancements"] == {"error": "Gemini service not available"}  # theirs without Gemini
+    assert second["result"]["enhanced_transcript"] == second["result"]["raw_transcript"]
+    done = httpx.delete(f"{team.url}/progress/{task}/cancel")
+    assert done.status_code == 200 and shape_problems(done.json(), CANCEL) == []
+    assert done.json() == {"task_id": task, "message": "Task already completed", "was_running": False,
+                           "success": False}
+
+
+def test_a_team_task_cancelled_waiting_or_running_ends_its_stream(team, astronaut, clips):
+    frames = face_video(astronaut, 400)[0][::-1]
+    long_video = write_video(team.work.parent / "long.mp4", frames)
+    running = transcribe(team.url, long_video).json()["task_id"]
+    waiting = transcribe(team.url, clips / "synth_00002.mp4", model_name="mstcn").json()["task_id"]
+    answers = []
+
+    def cancel_while_cutting(event):
+        if app_stage(event["current_step"]) == MOUTH and not answers:
+            answers.append(httpx.delete(f"{team.url}/progress/{waiting}/cancel").json())
+            answers.append(httpx.delete(f"{team.url}/progress/{running}/cancel").json())
+    seen = follow_as_the_app(team.url, running, until=cancel_while_cutting)
+    assert answers == [{"task_id": waiting, "message": "Task cancelled successfully", "was_running": False,
+                        "success": True},
+                       {"task_id": running, "message": "Task cancelled successfully", "was_running": True,
+                        "success": True}]
+    assert seen[-1]["status"] == "cancelled" and seen[-1]["cancelled"] is True
+    assert seen[-1]["current_step"] == "Cancelled by user" and shape_problems(seen[-1], PROGRESS) == []
+    assert follow_as_the_app(team.url, waiting)[-1]["status"] == "cancelled"
+    again = httpx.delete(f"{team.url}/progress/{running}/cancel").json()
+    assert again["message"] == "Task already cancelled" and again["success"] is False
+    assert soon(lambda: httpx.get(f"{team.url}/api/jobs/{running}").json()["state"] == "cancelled", 20)
+
+
+def test_the_team_apps_mistakes_get_their_status_codes_and_change_nothing(team, clips, tmp_path):
+    clip, notes, empty = clips / "synth_00000.mp4", tmp_path / "notes.txt", tmp_path / "empty.mp4"
+    notes.write_text("not a video")
+    empty.touch()
+    before = set((team.work / "serve" / "jobs").iterdir())
+    bad = {400: [transcribe(team.url, model_name="conformer"),  # neither a file nor a hash
+                 transcribe(team.url, clip, file_hash="0123456789abcdef"),
+                 transcribe(team.url, file_hash="not-a-hash"),
+                 transcribe(team.url, clip, beam_size=0), transcribe(team.url, clip, beam_size=51),
+                 transcribe(team.url, clip, model_name="dctcn"),
+                 transcribe(team.url, clip, model_name="mstcn", diacritized=False),
+                 transcribe(team.url, notes), transcribe(team.url, empty)],
+           404: [transcribe(team.url, file_hash="0123456789abcdef")],
+           422: [transcribe(team.url, clip, beam_size="ten"), transcribe(team.url, clip, diacritized="maybe")]}
+    for status, replies in bad.items():
+        for reply in replies:
+            assert reply.status_code == status, (status, reply.text)
+            assert status == 422 or shape_problems(reply.json(), ERROR) == [], reply.text
+    assert "conformer, conformer:nodia, mstcn" in bad[400][5].json()["detail"]
+    assert ".mp4" in bad[400][7].json()["detail"] and "empty" in bad[400][8].json()["detail"]
+    assert bad[422][0].json()["detail"][0]["loc"] == ["body", "beam_size"]
+    big = tmp_path / "big.mp4"
+    big.write_bytes(os.urandom(int(1.2 * LIMIT_MB * 2 ** 20)))
+    reply = transcribe(team.url, big)
+    assert reply.status_code == 413 and "--max-upload-mb" in reply.json()["detail"]
+    form = httpx.Request("POST", "http://x", files={"file": ("big.mp4", big.read_bytes())})
+    body = form.read()
+    chunks = (body[i:i + 2 ** 16] for i in range(0, len(body), 2 ** 16))  # no length given: counted as it comes
+    reply = httpx.post(f"{team.url}/transcribe/", content=chunks, timeout=60,
+                       headers={"content-type": form.headers["content-type"]})
+    assert reply.status_code == 413 and "too large" in reply.json()["detail"]
+    refused = httpx.post(f"{team.url}/transcribe/", files={"file": (clip.name, clip.read_bytes())},
+                         headers={"origin": "http://attacker.example"})
+    assert refused.status_code == 403  # a page of another site: refused as on /api; the app sends no Origin
+    stalled = (b"POST /transcribe/ HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+               b"Content-Length: 100000\r\n\r\n--b\r\n")  # a form that stops after its first boundary
+    seconds, answer = cut_off(team.port, stalled)
+    assert TIMEOUT - 0.5 < seconds < TIMEOUT + 4 and answer.startswith(b"HTTP/1.1 408"), answer
+    lost = follow_as_the_app(team.url, "nosuchtask")
+    assert len(lost) == 1 and lost[0]["task_id"] == "nosuchtask" and "Task not found" in lost[0]["error"]
+    for reply in (httpx.get(f"{team.url}/progress/nosuchtask/status"),
+                  httpx.delete(f"{team.url}/progress/nosuchtask/cancel")):
+        assert reply.status_code == 404 and "Task not found" in reply.json()["detail"]
+    assert set((team.work / "serve" / "jobs").iterdir()) == before and not list(team.work.rglob("*.part"))
+
+
+def test_a_team_task_is_read_by_the_model_it_asks_for(tmp_path):
+    from fastapi.testclient import TestClient
+
+    class Reader:
+        def __init__(self, name):
+            self.name, self.cfg, self.checkpoint = name, m.Config(work_dir=str(tmp_path), beam_size=7), name
+
+        def read(self, job):
+            job.hypotheses = [{"text": self.name, "score": 0.0}]
+
+    plain, letters = Reader("plain"), Reader("letters")
+    cfg = m.Config(work_dir=str(tmp_path))
+    board = m.JobBoard(plain, cfg, {("a", True): plain, ("a", False): letters, ("b", True): letters})
+    try:
+        with TestClient(m.serving_app(plain, board, cfg), base_url="http://127.0.0.1") as client:
+            def read_by(**fields) -> dict:
+                parts = {k: (None, str(v)) for k, v in fields.items()} | {"file": ("c.npy", b"frames")}
+                task = client.post("/transcribe/", files=parts).json()["task_id"]
+                assert soon(lambda: board.jobs[task].state == "done", 20)
+                return client.get(f"/progress/{task}/status").json()["result"]
+            assert read_by()["raw_transcript"] == "plain"  # the first model, diacritized: the defaults
+            assert read_by(model_name="a", diacritized="false")["raw_transcript"] == "letters"
+            chosen = read_by(model_name="b", diacritized="true", beam_size=3)
+            assert chosen["raw_transcript"] == "letters" and chosen["metadata"]["model_name"] == "b"
+            assert chosen["metadata"]["beam_size"] == 3 and read_by()["metadata"]["beam_size"] == 7  # --beam-size
+        restarted = m.JobBoard(None, cfg).jobs  # a task's choice is kept with its result
+        assert sorted(j.asked["model_name"] for j in restarted.values()) == ["a", "a", "a", "b"]
+    finally:
+        board.stop()
+
+
+def test_without_python_multipart_the_team_app_is_told_what_is_missing(tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+    monkeypatch.setattr(m, "form_parsing_missing", lambda: True)
+    cfg = m.Config(work_dir=str(tmp_path))
+    reader = type("Reader", (), {"cfg": cfg})()
+    with TestClient(m.serving_app(reader, m.JobBoard(None, cfg), cfg), base_url="http://127.0.0.1") as client:
+        reply = client.post("/transcribe/", files={"file": ("c.mp4", b"video")})
+    assert reply.status_code == 501 and "pip install python-multipart" in reply.json()["detail"]
+
+
+def test_serve_model_settings_that_cannot_work_are_named(run_dir, tmp_path, capsys):
+    best = run_dir / "checkpoints" / "best.pt"
+    cases = {f"conformer:nodiac={best}": "write NAME=PATH", f"={best}": "write NAME=PATH",
+             f"a={tmp_path / 'none.pt'}": "is not there", f"a={run_dir}": "is a folder"}
+    for given, why in cases.items():
+        with pytest.raises(m.UserError, match=why):
+            m.served_model_entries(m.Config(serve_model=[given]))
+    with pytest.raises(m.UserError, match="a:nodia is given twice"):
+        m.served_model_entries(m.Config(serve_model=[f"a:nodia={best}", f"a:nodia={best}"]))
+    assert m.served_model_entries(m.Config(serve_model=[f"a={best}", f"a:nodia={best}", f"b:dia={best}"])) == [
+        ("a", True, best), ("a", False, best), ("b", True, best)]
+    assert m.parse_config(["--serve-model", f"a={best}", "--serve-model", f"b={best}"]).serve_model == [
+        f"a={best}", f"b={best}"]
+    served = m.served_models(m.Config(work_dir=str(tmp_path), serve_model=[f"a:nodia={best}", f"b={best}"]))
+    assert served["a", False] is served["b", True]  # one file, loaded once
+    assert f"note: --serve-model a:nodia answers diacritized=false with a model of --units diacritized ({best})" in \
+        capsys.readouterr().out
