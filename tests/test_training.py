@@ -387,9 +387,10 @@ def test_a_frozen_frontend_stays_put_trains_from_its_cache_then_unfreezes_and_re
     assert all(torch.equal(resumed["model"][k], whole["model"][k]) for k in whole["model"])
 
 
-def test_training_from_the_cache_equals_training_through_the_frozen_frontend(tmp_path):
+@pytest.mark.parametrize("encoder", ["conformer", "mstcn"])
+def test_training_from_the_cache_equals_training_through_the_frozen_frontend(tmp_path, encoder):
     """Without augmentation every view is the center crop, so the cache must change nothing but the speed."""
-    plain = dict(epochs=2, freeze="frontend", random_crop=False, hflip_prob=0.0, time_mask=False)
+    plain = dict(epochs=2, freeze="frontend", random_crop=False, hflip_prob=0.0, time_mask=False, encoder=encoder)
     cached = seeded_train(fast_cfg(tmp_path / "cached", feature_views=2, **plain))["history"]
     direct = seeded_train(fast_cfg(tmp_path / "direct", feature_views=0, **plain))["history"]
     for a, b in zip(cached, direct):
