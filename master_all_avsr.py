@@ -5704,11 +5704,8 @@ def earlier_runs() -> list[Path]:
     runs = [last.parent.parent for last in kaggle_files("last.pt") if last.parent.name == "checkpoints"]
 
     def progress_of(run: Path):
-        try:
-            epoch = load_torch_file(checkpoints_of(run) / "last.pt", "", "", mmap=True)[0]["epoch"]
-        except (UserError, TypeError, KeyError):  # unreadable: tried last; resuming from it gives the clear error
-            epoch = -1
-        return epoch, (checkpoints_of(run) / "last.pt").stat().st_mtime
+        epoch = saved_epoch(checkpoints_of(run) / "last.pt")  # None, unreadable: tried last; resuming says why
+        return -1 if epoch is None else epoch, (checkpoints_of(run) / "last.pt").stat().st_mtime
     return sorted(runs, key=progress_of, reverse=True)
 
 
