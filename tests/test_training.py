@@ -297,6 +297,24 @@ def test_torchrun_two_processes_train_as_one_with_the_same_global_batch_and_resu
     assert history_without_timings(killed_dir) == double
 
 
+@pytest.mark.parametrize("encoder", ["mstcn", "dctcn"])
+def test_torchrun_trains_the_tcn_encoders_as_one_process_does(tmp_path, encoder):
+    """Their BatchNorm synchronised, two processes' first epoch is one process's (unsynchronised, 2e-3 apart); every
+    branch takes part (DDP refuses a parameter that gets no gradient). A batch's padding enters BatchNorm's
+    statistics (as in the team's code), and two processes pad to their own halves' longest clip: float-sized
+    differences that Adam's early steps grow, more so through DC-TCN's many BatchNorms, hence the looser later bound."""
+    args = FAST + ["--epochs", "2", "--max-frames", "300", "--dropout", "0", "--sync-batchnorm", "--decoder", "ctc",
+                   "--encoder", encoder, "--mode", "train"]
+    one = finished(run_script(args + ["--work-dir", str(tmp_path / "one")]))
+    two = finished(torchrun(args + ["--work-dir", str(tmp_path / "two")]))
+    assert "x 2 processes" in two and "x 2 processes" not in one
+    single, double = history_without_timings(tmp_path / "one"), history_without_timings(tmp_path / "two")
+    assert len(single) == len(double) == 2
+    for a, b in zip(single, double):
+        for k in LOSSES:
+            assert b[k] == pytest.approx(a[k], rel=2e-4 if a["epoch"] == 1 else 1e-2), (a["epoch"], k)
+
+
 CU128 = ["sm_70", "sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]  # torch 2.8-2.10's CUDA 12.8 wheels
 CU126 = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]
 
