@@ -200,6 +200,9 @@ class Config:
     save_landmarks: bool = False  # also write <stem>.npz: landmarks, frames with a face, the crop of every frame
     workers: int = 0  # preprocessing processes; 0: one per CPU core
     preprocess: bool = False  # --mode decode: --input holds raw face videos; cut their mouths out first
+    piece_seconds: float = 1.5  # --mode decode, the page: a video is read in pieces of at most this long (the model knows 1.2 s clips), each cut at its quietest frame
+    shortest_piece: float = 0.8  # seconds: a long run is not cut before this (as long as --piece-seconds: pieces of one length)
+    bridge_seconds: float = 0.4  # a face missing this long or less is bridged (landmarks drawn across); a longer gap ends a piece
     # serving (--mode serve): a page and a JSON API that lip-read uploaded videos with the run's model
     host: str = "127.0.0.1"  # the address served; 0.0.0.0 opens it to every network this machine is on
     port: int = 8000  # the port served
@@ -5383,6 +5386,7 @@ class FaceFollower:
         self.detector = dlib.get_frontal_face_detector()
         self.predictor = dlib.shape_predictor(str(model_path))
         self.every, self.scale = cfg.detect_every, cfg.detect_scale
+        self.start()
 
     def faces(self, gray: np.ndarray) -> list[np.ndarray]:
         import cv2
@@ -5398,34 +5402,55 @@ class FaceFollower:
         shape = self.predictor(gray, self.rectangle(*(int(round(v)) for v in box)))
         return np.array([(p.x, p.y) for p in shape.parts()], np.float32)
 
+    def start(self) -> None:
+        """A new video: counts from zero, no face followed."""
+        self.detections, self.most_faces, self.face, self.frame = 0, 0, 0, 0
+        self.forget()
+
+    def forget(self) -> None:
+        """Forget the face followed (a cut to another shot): the next frame's largest face is a new one."""
+        self.box = self.followed = self.look = None  # detector-style box to use now; the face's last box; its look
+
+    def step(self, gray: np.ndarray, switch: bool = False) -> np.ndarray | None:
+        """The followed face's landmarks on this frame, or None. With `switch`, a frame showing other faces but
+        not the followed one (a cut to another shot) starts following the largest of them, and `self.face`
+        counts the faces followed so far, a face that suddenly stops looking like itself (a cut) as a new one."""
+        p, cut = None, False
+        if self.box is not None and self.frame % self.every:
+            p = self.landmarks(gray, self.box)
+            if (face_look(gray, box_of(p)) * self.look).mean() < SAME_LOOK:
+                p, cut = None, switch
+        self.frame += 1
+        if p is None:
+            faces = self.faces(gray)
+            self.detections, self.most_faces = self.detections + 1, max(self.most_faces, len(faces))
+            if self.followed is not None:
+                same = [f for f in faces if overlap(f, self.followed) > SAME_FACE_OVERLAP]
+                faces = same if same or not switch else faces
+                self.face += (cut or not same) and bool(faces)
+            else:
+                self.face += bool(faces)
+            if not faces:
+                self.box = None
+                return None
+            largest = max(faces, key=lambda f: (f[2:] - f[:2]).prod())
+            # a box found on a shrunk frame is coarse: fit once, then again in the box that fit implies
+            p = self.landmarks(gray, face_box(self.landmarks(gray, largest)))
+        self.box = self.followed = face_box(p)
+        self.look = face_look(gray, box_of(p))
+        return p
+
     def track(self, frames: np.ndarray, on_frame=None) -> FaceTrack:
         """on_frame(t, frames), when given, is called before each frame (serve's progress; it may raise to stop)."""
+        self.start()
         points = np.full((len(frames), 68, 2), np.nan, np.float32)
-        detections, most_faces = 0, 0
-        box = followed = look = None  # detector-style box to use now; the face's last box; its look
         for t, gray in enumerate(frames):
             if on_frame:
                 on_frame(t, len(frames))
-            p = None
-            if box is not None and t % self.every:
-                p = self.landmarks(gray, box)
-                if (face_look(gray, box_of(p)) * look).mean() < SAME_LOOK:
-                    p = None
-            if p is None:
-                faces = self.faces(gray)
-                detections, most_faces = detections + 1, max(most_faces, len(faces))
-                if followed is not None:
-                    faces = [f for f in faces if overlap(f, followed) > SAME_FACE_OVERLAP]
-                if not faces:
-                    box = None
-                    continue
-                largest = max(faces, key=lambda f: (f[2:] - f[:2]).prod())
-                # a box found on a shrunk frame is coarse: fit once, then again in the box that fit implies
-                p = self.landmarks(gray, face_box(self.landmarks(gray, largest)))
-            points[t] = p
-            box = followed = face_box(p)
-            look = face_look(gray, box_of(p))
-        return FaceTrack(points, detections, most_faces)
+            p = self.step(gray)
+            if p is not None:
+                points[t] = p
+        return FaceTrack(points, self.detections, self.most_faces)
 
 
 def fill_gaps(points: np.ndarray) -> np.ndarray:
@@ -5639,6 +5664,366 @@ def preprocess_videos(cfg: Config, out_dir: Path) -> list[dict]:
     print(f"Preprocessed {counts['done']} video(s) into {out_dir} ({counts['kept']} kept from an earlier run, "
           f"{counts['failed']} failed); each one is listed in {out_dir / 'preprocess_report.csv'}")
     return rows
+
+
+# Long videos (--mode decode, the page): any length, read as a stream and cut into pieces ---------------------
+# The model knows 1.2-second clips, so a video of any length is read a frame at a time (upright, as its rotation
+# tag says; at 25 fps), the followed face's mouth cut out as the frames pass (as preprocess_video cuts it), and
+# the mouth track cut into pieces of about that length: where the face is gone longer than --bridge-seconds,
+# where another face takes over (a cut), and within a long run at its quietest frame (least mouth motion)
+# between --shortest-piece and --piece-seconds. Pieces from all videos are read in batches as they fill
+# --max-frames, and each word is placed in time by CTC's alignment of the hypothesis. Held at once: a gap's and a
+# smoothing window's frames, one piece a video, one batch, whatever the length.
+
+SHORTEST_READ = 5  # frames: a piece shorter than this (0.2 s) is not read
+
+
+@dataclass
+class Piece:
+    video: int  # which video of the run
+    start: int  # its first frame in the video (25 fps)
+    mouths: np.ndarray  # T x S x S uint8
+    face: int  # the face it shows (1, 2, ...: a new number at each cut to another face)
+
+
+def stream_frames(path: Path, info: dict):
+    """A video's gray frames one at a time, upright as its rotation tag says, at 25 fps (the frame nearest in
+    time, as at_clip_rate picks); `info` gets fps, rotation, the frames the header declares and `read` so far.
+    Saved arrays (.npy, .npz: mouth clips) are read whole."""
+    if path.suffix.lower() in (".npy", ".npz"):
+        frames, _ = read_frames(path)
+        info.update(fps=CLIP_FPS, rotation=0, declared=len(frames), read=len(frames))
+        yield from frames
+        return
+    import cv2
+    cap = cv2.VideoCapture(str(path))
+    if not cap.isOpened():
+        raise ValueError("unreadable video: it cannot be opened (corrupt, truncated or not a video)")
+    cap.set(cv2.CAP_PROP_ORIENTATION_AUTO, 1)
+    fps = cap.get(cv2.CAP_PROP_FPS)
+    fps = fps if 1 <= fps <= 1000 else CLIP_FPS
+    info.update(fps=fps, rotation=int(cap.get(cv2.CAP_PROP_ORIENTATION_META) or 0),
+                declared=max(0, int(cap.get(cv2.CAP_PROP_FRAME_COUNT))), read=0)
+    given = 0
+    try:
+        while True:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            gray, i = to_gray(frame), info["read"]
+            info["read"] += 1
+            while round(given * fps / CLIP_FPS) <= i:
+                yield gray
+                given += 1
+    finally:
+        cap.release()
+
+
+SHOT_CUT = 0.4  # mean change of the whole frame's standardised 32 x 32 look from the frame before: a cut to another shot
+# (LRC-AR's face videos joined end to end: 0.72-1.05 at the joins, at most 0.15 elsewhere)
+
+
+def shot_look(gray: np.ndarray) -> np.ndarray:
+    import cv2
+    small = cv2.resize(gray, (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32)
+    return (small - small.mean()) / (small.std() + 1e-3)
+
+
+def smoothed_crops(run: list, points: list, first: int, lo: int, hi: int, cfg: Config) -> list[np.ndarray]:
+    """Mouth crops of run[lo:hi], each from its landmarks averaged with up to --smooth-frames // 2 neighbours
+    either side within the face's run (fewer near the run's ends, as smooth_over_time); `first`: the run's
+    frames already dropped before run[0]."""
+    if lo >= hi:
+        return []
+    half, known = cfg.smooth_frames // 2, np.stack(points)
+    out = []
+    for i in range(lo, hi):
+        k = min(half, i + first, len(points) - 1 - i)
+        crop = mouth_crops(known[i - k:i + k + 1].mean(0, keepdims=True), cfg.mouth_scale)[0]
+        out.append(cut_mouth(run[i], crop, cfg.frame_size))
+    return out
+
+
+def mouth_track(frames, follower: FaceFollower, cfg: Config):
+    """(mouth crop, face) for every frame of a face video, (None, 0) where no face is followed. Gaps of up to
+    --bridge-seconds get landmarks interpolated across them; a longer gap or another face ends the face's run."""
+    half, bridge = cfg.smooth_frames // 2, round(cfg.bridge_seconds * CLIP_FPS)
+    follower.start()
+    run, points, first, done, gap, face = [], [], 0, 0, 0, 0
+
+    def end_run():
+        nonlocal run, points, first, done, gap
+        known = len(run) - gap
+        yield from ((c, face) for c in smoothed_crops(run[:known], points[:known], first, done, known, cfg))
+        yield from [(None, 0)] * gap
+        run, points, first, done, gap = [], [], 0, 0, 0
+
+    before = None
+    for gray in frames:
+        before, now = shot_look(gray), before
+        if now is not None and np.abs(before - now).mean() > SHOT_CUT:
+            follower.forget()
+        p = follower.step(gray, switch=True)
+        if p is not None and run and follower.face != face:
+            yield from end_run()
+        if p is None:
+            if not run:
+                yield None, 0
+                continue
+            run.append(gray)
+            points.append(None)
+            gap += 1
+            if gap > bridge:
+                yield from end_run()
+            continue
+        if gap:  # the face is back: its landmarks across the gap drawn straight from before to after
+            before = points[-gap - 1]
+            for j in range(1, gap + 1):
+                points[-gap - 1 + j] = before + (p - before) * j / (gap + 1)
+            gap = 0
+        face = follower.face
+        run.append(gray)
+        points.append(p)
+        ready = len(run) - half
+        if ready > done:
+            yield from ((c, face) for c in smoothed_crops(run, points, first, done, ready, cfg))
+            done = ready
+        if done > half:  # what no later frame's window reaches
+            drop = done - half
+            run, points, first, done = run[drop:], points[drop:], first + drop, done - drop
+    yield from end_run()
+
+
+def quietest_cut(mouths: list[np.ndarray], shortest: int) -> int:
+    """Where to end a piece that reached its longest: at the frame (from `shortest` on) where the mouth moves
+    least, motion being the mean change of the crop's pixels from the frame before, over 3 frames."""
+    motion = np.array([np.abs(b.astype(np.int16) - a).mean() for a, b in zip(mouths, mouths[1:])])
+    motion = np.convolve(motion, np.ones(3) / 3, "same")
+    return shortest + int(np.argmin(motion[shortest - 1:]))
+
+
+def pieces_of(video: int, track, cfg: Config):
+    """The mouth track cut into Pieces: at every frame without the face, at a change of face, and at the
+    quietest frame of a run that reaches --piece-seconds (no earlier than --shortest-piece)."""
+    longest = max(SHORTEST_READ, round(cfg.piece_seconds * CLIP_FPS))
+    shortest = min(longest - 1, max(SHORTEST_READ, round(cfg.shortest_piece * CLIP_FPS)))
+    held, start, face = [], 0, 0
+    for t, (crop, f) in enumerate(track):
+        if held and (crop is None or f != face):
+            yield Piece(video, start, np.stack(held), face)
+            held = []
+        if crop is None:
+            continue
+        if not held:
+            start, face = t, f
+        held.append(crop)
+        if len(held) == longest:
+            cut = quietest_cut(held, shortest)
+            yield Piece(video, start, np.stack(held[:cut]), face)
+            held, start = held[cut:], start + cut
+    if held:
+        yield Piece(video, start, np.stack(held), face)
+
+
+def ctc_spans(log_probs: torch.Tensor, ids: list[int], blank: int) -> list[tuple[int, int]] | None:
+    """The frames [first, last + 1) each unit of `ids` takes in CTC's most likely alignment of them (Viterbi over
+    blank-unit-blank states), or None where CTC cannot place them in these frames."""
+    if not ids:
+        return []
+    T, S = len(log_probs), 2 * len(ids) + 1
+    states = torch.full((S,), blank, dtype=torch.long)
+    states[1::2] = torch.tensor(ids)
+    lp = log_probs[:, states].double()
+    skip = torch.zeros(S, dtype=torch.bool)
+    skip[3::2] = states[3::2] != states[1:-2:2]  # a unit may follow the one before it without a blank between
+    score = torch.full((S,), -math.inf, dtype=torch.double)
+    score[:2] = lp[0, :2]
+    back = torch.zeros(T, S, dtype=torch.long)
+    none = torch.tensor([-math.inf], dtype=torch.double)
+    for t in range(1, T):
+        one = torch.cat([none, score[:-1]])
+        two = torch.cat([none, none, score[:-2]]).masked_fill(~skip, -math.inf)
+        best, step = torch.stack([score, one, two]).max(0)
+        score, back[t] = best + lp[t], step
+    end = S - 1 if score[S - 1] >= score[S - 2] else S - 2
+    if score[end] == -math.inf:
+        return None
+    path = [end]
+    for t in range(T - 1, 0, -1):
+        path.append(path[-1] - int(back[t, path[-1]]))
+    path.reverse()
+    spans = [[T, 0] for _ in ids]
+    for t, s in enumerate(path):
+        if s % 2:
+            span = spans[s // 2]
+            span[0], span[1] = min(span[0], t), max(span[1], t + 1)
+    return [tuple(s) for s in spans]
+
+
+def timed_words(ids: list[int], spans, frames: int, start: int, vocab: Vocabulary) -> list[dict]:
+    """The hypothesis' words with their start and end in seconds: from the CTC spans of their units, or, where
+    CTC cannot place them, spread evenly over the piece."""
+    words, current = [], []
+    for u, i in enumerate(ids + [vocab.space]):
+        if i == vocab.space:
+            if current:
+                words.append(current)
+            current = []
+        elif i not in (vocab.blank, vocab.sos_eos):
+            current.append(u)
+    out = []
+    for k, units in enumerate(words):
+        if spans is not None:
+            first, last = spans[units[0]][0], spans[units[-1]][1]
+        else:
+            first, last = frames * k // len(words), frames * (k + 1) // len(words)
+        out.append({"word": vocab.decode([ids[u] for u in units]), "start": round((start + first) / CLIP_FPS, 3),
+                    "end": round((start + last) / CLIP_FPS, 3), "timed": "ctc" if spans is not None else "even"})
+    return out
+
+
+@torch.no_grad()
+def read_pieces(model: nn.Module, pieces: list[Piece], vocab: Vocabulary, cfg: Config, device,
+                lm: LanguageModel | None = None) -> list[dict]:
+    """Each piece's best hypothesis, its score and its timed words, the pieces read as one batch."""
+    clips = unlabelled_clips([p.mouths for p in pieces], [None] * len(pieces), cfg)
+    x, lengths = batch_inputs(clips, list(range(len(pieces))), Augment(cfg, training=False), device)
+    with autocast(device, cfg):
+        enc, mask = model.encode(x, lengths.to(device))
+        nbest = decode(model, enc, mask, lengths.to(device), vocab, cfg, lm)
+        log_probs = ctc_log_probs(model, enc, lengths, vocab.blank).float().cpu()
+    out = []
+    for i, (piece, hyps) in enumerate(zip(pieces, nbest)):
+        ids, score = hyps[0]
+        n = len(piece.mouths)
+        spans = ctc_spans(log_probs[i, :n], ids, vocab.blank)
+        out.append({"start": round(piece.start / CLIP_FPS, 3), "end": round((piece.start + n) / CLIP_FPS, 3),
+                    "face": piece.face, "text": vocab.decode(ids), "score": round(score, 4),
+                    "words": timed_words(ids, spans, n, piece.start, vocab),
+                    "nbest": [(vocab.decode(h), round(sc, 4)) for h, sc in hyps]})
+    return out
+
+
+def plain_track(frames, cfg: Config):
+    """(frame, 1) for every frame of a mouth clip (frames already cut to the mouth)."""
+    for frame in frames:
+        if frame.shape != (cfg.frame_size, cfg.frame_size):
+            raise ValueError(f"frames are {frame.shape[1]} x {frame.shape[0]}, the model wants {cfg.frame_size} x "
+                             f"{cfg.frame_size} mouth crops (for face videos, add --preprocess)")
+        yield frame, 1
+
+
+def counted(track, info: dict):
+    """The track, counting its frames and those without a face into `info`."""
+    info.update(frames=0, no_face=0)
+    for crop, face in track:
+        info["frames"] += 1
+        info["no_face"] += crop is None
+        yield crop, face
+
+
+def video_notes(info: dict, follower: FaceFollower | None, pieces: int) -> list[str]:
+    """What the reader should know of one video, in words."""
+    notes, frames = [], info.get("frames", 0)
+    if info.get("rotation"):
+        notes.append(f"turned upright by {info['rotation']} degrees, as its rotation tag says")
+    if abs(info.get("fps", CLIP_FPS) - CLIP_FPS) >= 0.01:
+        notes.append(f"resampled from {info['fps']:g} fps")
+    if info.get("declared", 0) > info.get("read", 0) + max(1, info.get("declared", 0) // 20):
+        notes.append(f"truncated: its header declares {info['declared']} frames, {info['read']} decode; transcribed "
+                     f"up to {frames / CLIP_FPS:.1f} s")
+    if follower and frames and info["no_face"] == frames:
+        notes.append(f"no face found on any of its {frames} frames: the detector needs a frontal face about 40 "
+                     "pixels wide or more")
+    elif follower and info.get("no_face"):
+        notes.append(f"no face on {info['no_face']} of {frames} frames ({info['no_face'] / CLIP_FPS:.1f} s): not read")
+    if follower and follower.face > 1:
+        notes.append(f"{follower.face} faces followed one after another (a new one at each cut); of several at "
+                     "once, the largest")
+    elif follower and follower.most_faces > 1:
+        notes.append(f"{follower.most_faces} faces seen at once: followed the largest")
+    if frames and not pieces and not (follower and info["no_face"] == frames):
+        notes.append("nothing long enough to read")
+    return notes
+
+
+def transcribe(paths: list[Path], model: nn.Module, vocab: Vocabulary, cfg: Config, device,
+               lm: LanguageModel | None = None, on_progress=None) -> list[dict]:
+    """Every video of `paths` (face videos with --preprocess, else mouth clips) read in pieces: per video its
+    text, score, length, pieces (start, end, face, text, score, words), timed words and notes; one that cannot
+    be read gets its reason as `error`. on_progress(video, info, pieces), when given, follows each piece (it
+    may raise to stop)."""
+    follower = follower_for(dataclasses.replace(cfg, landmark_model=str(find_landmark_model(cfg)))) if cfg.preprocess else None
+    results = [{"name": p.stem, "video": str(p), "pieces": [], "notes": [], "error": "", "seconds_reading": 0.0}
+               for p in paths]
+    queue: list[Piece] = []
+
+    def read_queue():
+        began = time.perf_counter()
+        read = read_pieces(model, queue, vocab, cfg, device, lm)
+        share = (time.perf_counter() - began) / max(1, len(queue))
+        for piece, r in zip(queue, read):
+            results[piece.video]["pieces"].append(r)
+            results[piece.video]["seconds_reading"] += share
+        queue.clear()
+
+    for v, path in enumerate(paths):
+        info, result, pieces = {}, results[v], 0
+        try:
+            frames = stream_frames(path, info)
+            track = counted(mouth_track(frames, follower, cfg) if follower else plain_track(frames, cfg), info)
+            for piece in pieces_of(v, track, cfg):
+                if len(piece.mouths) < SHORTEST_READ:
+                    continue
+                queue.append(piece)
+                pieces += 1
+                if on_progress:
+                    on_progress(v, info, pieces)
+                if sum(len(p.mouths) for p in queue) >= cfg.max_frames:
+                    read_queue()
+        except ValueError as e:
+            result["error"] = str(e)
+        result.update(frames=info.get("frames", 0), duration=round(info.get("frames", 0) / CLIP_FPS, 3),
+                      notes=video_notes(info, follower, pieces))
+    if queue:
+        read_queue()
+    for r in results:
+        r["text"] = " ".join(p["text"] for p in r["pieces"] if p["text"])
+        r["score"] = round(sum(p["score"] for p in r["pieces"]), 4)
+        r["words"] = [w for p in r["pieces"] for w in p["words"]]
+    return results
+
+
+# Subtitles ---------------------------------------------------------------------------------------------------
+
+CUE_WORDS, CUE_SECONDS, CUE_PAUSE = 7, 5.0, 1.0  # a subtitle holds at most this many words, seconds; a pause this long starts a new one
+
+
+def subtitle_cues(words: list[dict]) -> list[tuple[float, float, str]]:
+    """The timed words grouped into subtitles (start, end, text): a new one after a pause, or when one is full."""
+    cues, current = [], []
+    for w in words:
+        if current and (len(current) == CUE_WORDS or w["start"] - current[-1]["end"] >= CUE_PAUSE
+                        or w["end"] - current[0]["start"] > CUE_SECONDS):
+            cues.append(current)
+            current = []
+        current.append(w)
+    cues += [current] if current else []
+    return [(c[0]["start"], c[-1]["end"], " ".join(w["word"] for w in c)) for c in cues]
+
+
+def subtitle_time(seconds: float, separator: str) -> str:
+    ms = round(seconds * 1000)
+    return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d}{separator}{ms % 1000:03d}"
+
+
+def subtitles(words: list[dict], kind: str) -> str:
+    """SubRip (.srt) or WebVTT (.vtt) text of the timed words."""
+    cues = subtitle_cues(words)
+    if kind == ".srt":
+        return "".join(f"{k}\n{subtitle_time(a, ',')} --> {subtitle_time(b, ',')}\n{text}\n\n"
+                       for k, (a, b, text) in enumerate(cues, 1))
+    return "WEBVTT\n\n" + "".join(f"{subtitle_time(a, '.')} --> {subtitle_time(b, '.')}\n{text}\n\n" for a, b, text in cues)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -7538,14 +7923,101 @@ def write_decoded(path: Path, rows: list[dict]) -> None:
 
 
 def run_decode(cfg: Config) -> list[tuple[str, list[tuple[str, float]]]]:
-    """The hypotheses of every clip of --input (a clip or a folder), printed `name<TAB>text`, or with
-    --nbest N, N lines `name<TAB>rank<TAB>score<TAB>text` a clip; and written to --output (.csv or .jsonl;
-    default <work-dir>/decode.csv) with the clip's frames, seconds, and its reference and CER where a label of
-    its name is found."""
+    """The hypotheses of every clip or video of --input (a file or a folder), printed `name<TAB>text`, or with
+    --nbest N, N lines `name<TAB>rank<TAB>score<TAB>text` a clip; and written to --output (default
+    <work-dir>/decode.csv) by its suffix: .csv or .jsonl (a row a clip: its text, frames, seconds, and reference
+    and CER where a label of its name is found), .json (pieces, timed words, notes), .srt or .vtt (subtitles).
+    Video of any length is read in pieces (section 11); sound alone or with video, a clip at a time."""
     device = pick_device(cfg.device)
     model, vocab, model_cfg = model_from_checkpoint(checkpoint_path(cfg), cfg, device)
+    lm = search_lm(model_cfg, vocab, device)
+    path = Path(cfg.output) if cfg.output else Path(cfg.work_dir) / "decode.csv"
+    if path.suffix.lower() not in DECODE_OUTPUTS:
+        raise UserError(f"--output {path}: decode writes {', '.join(DECODE_OUTPUTS)}; name the file with one of them.")
+    if model_cfg.modality != "video":
+        return decode_whole_clips(model, vocab, model_cfg, device, lm, path)
+    paths = videos_to_transcribe(model_cfg)
+    results = transcribe(paths, model, vocab, model_cfg, device, lm, decode_progress(len(paths), 10.0))
+    for r in results:
+        if r["error"]:
+            print(f"Skipped {r['video']}: {r['error']}", file=sys.stderr)
+        for note in r["notes"]:
+            print(f"{r['video']}: {note}", file=sys.stderr)
+    read = [r for r in results if not r["error"]]
+    if not read:
+        raise UserError(f"--input {cfg.input}: no clip to decode ({'every one was skipped, above' if paths else 'none found'}"
+                        f"; clips are {', '.join(sorted(VIDEO_EXTS))}, or raw face videos with --preprocess).")
+    labels, rows, refs, best, out = labels_beside(model_cfg, vocab), [], [], [], []
+    for r in sorted(read, key=lambda r: r["name"]):
+        ranked = r["pieces"][0]["nbest"] if len(r["pieces"]) == 1 else [(r["text"], r["score"])]
+        out.append((r["name"], ranked))
+        ref = labels.get(r["name"])
+        ids = vocab.encode(r["text"])[0] if r["text"] else []
+        if ref is not None:
+            refs.append(ref)
+            best.append(ids)
+        for rank, (text, score) in enumerate(ranked, 1):
+            rows.append({"name": r["name"], "rank": rank, "text": text, "score": round(score, 4),
+                         "frames": r["frames"], "seconds": round(r["seconds_reading"], 4), "pieces": len(r["pieces"]),
+                         "reference": vocab.decode(ref) if ref is not None else "",
+                         "cer": clip_cer(ref, ids, vocab) if ref is not None else ""})
+            shown = shown_name(r["name"])
+            print(f"{shown}\t{text}" if model_cfg.nbest == 1 else f"{shown}\t{rank}\t{score:.4f}\t{text}")
+    written = write_transcripts(path, rows, read)
+    print(f"Wrote {', '.join(map(str, written))}: {len(out)} clips" + (
+        f"; {len(refs)} with a label of their name, CER {error_rates(refs, best, vocab)['cer']:.4f}" if refs else ""),
+          file=sys.stderr)
+    return out
+
+
+DECODE_OUTPUTS = (".csv", ".jsonl", ".json", ".srt", ".vtt")
+
+
+def videos_to_transcribe(cfg: Config) -> list[Path]:
+    """--input's face videos (with --preprocess) or mouth clips: one file, or a folder searched recursively."""
+    source = Path(cfg.input)
+    if not cfg.input or not source.exists():
+        raise UserError(f"--mode decode needs --input, a clip or a folder of clips ({cfg.input!r} not found).")
+    if source.is_file():
+        return [source]
+    if cfg.preprocess:
+        return raw_videos(source)
+    return sorted(p for p in source.rglob("*") if p.suffix.lower() in VIDEO_EXTS)
+
+
+def decode_progress(videos: int, every: float):
+    """transcribe's on_progress for a terminal: where reading stands, a line now and then."""
+    last = [time.time()]
+
+    def show(video: int, info: dict, pieces: int):
+        if time.time() - last[0] >= every:
+            last[0] = time.time()
+            total = info.get("declared", 0) * CLIP_FPS / info.get("fps", CLIP_FPS)
+            print(f"decode: video {video + 1} of {videos}, {info.get('frames', 0) / CLIP_FPS:.0f} s"
+                  + (f" of {total / CLIP_FPS:.0f} s" if total else "") + f" read, {pieces} pieces", file=sys.stderr)
+    return show
+
+
+def write_transcripts(path: Path, rows: list[dict], results: list[dict]) -> list[Path]:
+    """decode's output by --output's suffix; subtitles a file a video (NAME_VIDEO.srt where there are several)."""
+    kind = path.suffix.lower()
+    if kind in (".csv", ".jsonl"):
+        write_decoded(path, rows)
+        return [path]
+    if kind == ".json":
+        keep = ("name", "video", "text", "score", "frames", "duration", "notes", "pieces", "words")
+        write_json(path, {"videos": [{k: r[k] for k in keep} for r in results]})
+        return [path]
+    paths = [path if len(results) == 1 else path.with_name(f"{path.stem}_{r['name']}{path.suffix}") for r in results]
+    for p, r in zip(paths, results):
+        write_text(p, subtitles(r["words"], kind))
+    return paths
+
+
+def decode_whole_clips(model, vocab: Vocabulary, model_cfg: Config, device, lm, path: Path):
+    """--modality audio or av: each clip read whole, with its sound."""
     names, clips = read_clips_to_decode(clips_to_decode(model_cfg), model_cfg)
-    out, lm = [], search_lm(model_cfg, vocab, device)
+    out = []
     labels, rows, refs, best = labels_beside(model_cfg, vocab), [], [], []
     for batch in frame_budget_batches(clips.bank.lengths.tolist(), model_cfg.max_frames, random.Random(0)):
         t0 = time.perf_counter()
@@ -7567,7 +8039,8 @@ def run_decode(cfg: Config) -> list[tuple[str, list[tuple[str, float]]]]:
         for rank, (text, score) in enumerate(hyps, 1):
             shown = shown_name(name)
             print(f"{shown}\t{text}" if model_cfg.nbest == 1 else f"{shown}\t{rank}\t{score:.4f}\t{text}")
-    path = Path(cfg.output) if cfg.output else Path(cfg.work_dir) / "decode.csv"
+    if path.suffix.lower() not in (".csv", ".jsonl"):
+        raise UserError(f"--output {path}: with --modality {model_cfg.modality}, decode writes .csv or .jsonl.")
     write_decoded(path, sorted(rows, key=lambda r: (r["name"], r["rank"])))
     print(f"Wrote {path}: {len(out)} clips" + (f"; {len(refs)} with a label of their name, CER "
                                                f"{error_rates(refs, best, vocab)['cer']:.4f}" if refs else ""),

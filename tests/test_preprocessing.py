@@ -4,6 +4,7 @@ every kind of bad video gets its line in the report while the run goes on."""
 import csv
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -204,23 +205,150 @@ def test_helpers_fill_smooth_and_name_frame_ranges():
     assert len(m.at_clip_rate(np.zeros((60, 2, 2)), 50.0)) == 30 and len(m.at_clip_rate(np.zeros((7, 2, 2)), 25)) == 7
 
 
-def test_decode_cuts_the_mouth_out_of_face_videos_first(astronaut, tmp_path, capsys):
-    work = tmp_path / "w"
-    fast = ["--preset", "tiny", "--input-size", "44", "--synthetic-clips", "24", "--max-frames", "400",
-            "--epochs", "1", "--work-dir", str(work)]
-    m.train(m.parse_config(fast))
+UNIT = "\u0628\u064e"  # one unit (a letter and its vowel)
+FAST = ["--preset", "tiny", "--input-size", "44", "--synthetic-clips", "24", "--max-frames", "400", "--epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def saying_x(tmp_path_factory) -> tuple[Path, list[str]]:
+    """A trained tiny run whose CTC head is then set to say one unit on every frame: greedy CTC reads every piece
+    as that one unit, a word spanning the whole piece, so where pieces and words fall can be checked exactly."""
+    work = tmp_path_factory.mktemp("run") / "w"
+    m.train(m.parse_config(FAST + ["--work-dir", str(work)]))
+    state = m.torch.load(work / "checkpoints" / "best.pt", weights_only=True)
+    vocab = m.Vocabulary.from_json(state["vocab"])
+    x = vocab.encode(UNIT)[0][0]
+    state["model"]["ctc.ctc_lo.weight"].zero_()
+    state["model"]["ctc.ctc_lo.bias"].fill_(-10.0)
+    state["model"]["ctc.ctc_lo.bias"][x] = 10.0
+    m.torch.save(state, work / "checkpoints" / "best.pt")
+    return work, FAST + ["--work-dir", str(work), "--mode", "decode", "--decoder", "ctc"]
+
+
+def test_decode_cuts_the_mouth_out_of_face_videos_first(astronaut, tmp_path, capsys, saying_x):
+    work, fast = saying_x
     (tmp_path / "raw").mkdir()
     write_video(tmp_path / "raw" / "face.mp4", face_video(astronaut)[0])
     (tmp_path / "raw" / "broken.mp4").write_bytes(b"not a video")
     with pytest.raises(m.UserError, match="no clip to decode .every one was skipped"):
-        m.run_decode(m.parse_config(fast + ["--mode", "decode", "--input", str(tmp_path / "raw")]))
+        m.run_decode(m.parse_config(fast + ["--input", str(tmp_path / "raw")]))
     assert "add --preprocess" in capsys.readouterr().err
-    decoded = m.run_decode(m.parse_config(fast + ["--mode", "decode", "--input", str(tmp_path / "raw"),
-                                                  "--preprocess", "--decoder", "ctc"]))
-    assert [name for name, _ in decoded] == ["face"]
-    assert m.read_video(work / "mouths" / "face.mp4").shape == (30, 112, 112)
+    decoded = m.run_decode(m.parse_config(fast + ["--input", str(tmp_path / "raw"), "--preprocess"]))
+    assert decoded == [("face", [(UNIT, decoded[0][1][0][1])])]  # one piece of 30 frames
     out = capsys.readouterr()
-    assert "broken.mp4: failed" in out.err and out.out.rstrip("\n").splitlines()[-1].startswith("face\t")
+    assert "broken.mp4: unreadable video" in out.err and out.out.rstrip("\n").splitlines()[-1] == f"face\t{UNIT}"
+
+
+def long_face_video(photo: np.ndarray) -> tuple[list[np.ndarray], dict[str, range]]:
+    """5.6 s: the face for 30 frames, 20 without it, back for 30, a cut to another shot of it in the same place
+    (another light) for 30, then a cut to another face (the first mirrored, elsewhere) for 30; and where each
+    part lies."""
+    face = face_video(photo, 30)[0]
+    light = np.linspace(-60, 60, 256)[None, :]
+    relit = [np.clip(f + light, 0, 255).astype(np.uint8) for f in face]
+    other = [np.ascontiguousarray(f[:, ::-1]) for f in face]
+    blank = [np.full((256, 256), 120, np.uint8)] * 20
+    return face + blank + face + relit + other, {"face": range(0, 30), "gap": range(30, 50), "back": range(50, 80),
+                                                  "cut": range(80, 110), "other": range(110, 140)}
+
+
+def test_a_long_face_video_is_read_in_pieces_at_gaps_and_cuts_with_timed_words(astronaut, tmp_path, saying_x):
+    work, fast = saying_x
+    frames, parts = long_face_video(astronaut)
+    video = write_video(tmp_path / "talk.mp4", frames)
+    m.run_decode(m.parse_config(fast + ["--input", str(video), "--preprocess", "--output", str(tmp_path / "t.json")]))
+    result = m.json.loads((tmp_path / "t.json").read_text(encoding="utf-8"))["videos"][0]
+    pieces = [(round(p["start"] * 25), round(p["end"] * 25)) for p in result["pieces"]]
+    assert [a for a, _ in pieces] == [0, 50, 80, 110]  # a piece ends where the face goes and at the cut
+    assert [b for _, b in pieces] == [30, 80, 110, 140] and result["frames"] == 140
+    assert [p["face"] for p in result["pieces"]] == [1, 2, 3, 4]
+    assert [(w["word"], w["start"], w["end"], w["timed"]) for w in result["words"]] == [
+        (UNIT, a / 25, b / 25, "ctc") for a, b in pieces]
+    assert result["text"] == " ".join([UNIT] * 4)
+    assert "no face on 20 of 140 frames (0.8 s): not read" in result["notes"]
+
+
+def test_a_run_longer_than_a_piece_is_cut_at_its_quietest_frame(tmp_path, saying_x):
+    """A mouth clip of 100 frames, still but for two bursts of motion: cut inside the still parts, no piece longer
+    than --piece-seconds or (but the last) shorter than --shortest-piece, every frame read once."""
+    work, fast = saying_x
+    rng = np.random.default_rng(0)
+    still = rng.integers(0, 255, (112, 112), dtype=np.uint8)
+    clip = np.stack([still] * 100)
+    moving = list(range(30, 46)) + list(range(62, 81))  # where cuts every 38 frames would fall
+    clip[moving] = rng.integers(0, 255, (len(moving), 112, 112), dtype=np.uint8)
+    np.save(tmp_path / "mouth.npy", clip)
+    m.run_decode(m.parse_config(fast + ["--input", str(tmp_path / "mouth.npy"), "--output", str(tmp_path / "t.json")]))
+    pieces = [(round(p["start"] * 25), round(p["end"] * 25))
+              for p in m.json.loads((tmp_path / "t.json").read_text())["videos"][0]["pieces"]]
+    assert pieces[0][0] == 0 and pieces[-1][1] == 100 and all(b == c for (_, b), (c, _) in zip(pieces, pieces[1:]))
+    assert all(20 <= b - a <= 38 for a, b in pieces[:-1]) and not any(a in moving for a, _ in pieces[1:])
+
+
+def test_ctc_places_each_unit_in_its_frames_or_says_it_cannot():
+    a, b, blank = 3, 4, 0
+    frames = [blank, a, a, blank, b, b, blank, a, blank, blank]
+    log_probs = m.torch.full((len(frames), 6), -9.0)
+    log_probs[range(len(frames)), frames] = -0.1
+    assert m.ctc_spans(log_probs, [a, b, a], blank) == [(1, 3), (4, 6), (7, 8)]
+    assert m.ctc_spans(log_probs, [], blank) == []
+    assert m.ctc_spans(log_probs[:2], [a, a], blank) is None  # a repeated unit needs a blank between: 3 frames
+    assert m.ctc_spans(log_probs[:3], [a, a], blank) == [(0, 1), (2, 3)]
+
+
+def test_words_get_times_and_subtitles_in_both_formats():
+    vocab = m.load_vocabulary(m.Config())
+    ids = vocab.encode("\u0628\u064e\u0627 \u062a\u064e")[0]
+    assert len(ids) == 4  # two units, the space, one unit
+    words = m.timed_words(ids, [(2, 4), (4, 6), (6, 9), (9, 12)], 20, 50, vocab)
+    assert [(w["word"], w["start"], w["end"]) for w in words] == [("\u0628\u064e\u0627", 2.08, 2.24), ("\u062a\u064e", 2.36, 2.48)]
+    even = m.timed_words(ids, None, 20, 50, vocab)
+    assert [(w["start"], w["end"], w["timed"]) for w in even] == [(2.0, 2.4, "even"), (2.4, 2.8, "even")]
+    many = [{"word": f"w{k}", "start": k * 0.5, "end": k * 0.5 + 0.4} for k in range(9)] + [
+        {"word": "late", "start": 3661.5, "end": 3662.25}]
+    assert m.subtitles(many, ".srt").split("\n\n")[:3] == [
+        "1\n00:00:00,000 --> 00:00:03,400\nw0 w1 w2 w3 w4 w5 w6", "2\n00:00:03,500 --> 00:00:04,400\nw7 w8",
+        "3\n01:01:01,500 --> 01:01:02,250\nlate"]
+    assert m.subtitles(many, ".vtt").startswith("WEBVTT\n\n00:00:00.000 --> 00:00:03.400\nw0 w1")
+
+
+def rotation_tagged(path: Path, degrees: int) -> Path:
+    """The mp4 at path with its track's display matrix set to turn it by `degrees` (90 or 270) when played."""
+    data = bytearray(path.read_bytes())
+    at = data.find(b"tkhd") + 4 + 4 + 20 + 16  # version 0: flags, times, track id, duration; layer, volume
+    one = 65536 if degrees == 90 else -65536
+    data[at:at + 36] = struct.pack(">9i", 0, one, 0, -one, 0, 0, 0, 0, 1 << 30)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_phone_video_recorded_sideways_is_read_upright(astronaut, tmp_path, saying_x):
+    work, fast = saying_x
+    sideways = [np.ascontiguousarray(np.rot90(f)) for f in face_video(astronaut, 30, size=(320, 256))[0]]
+    plain = write_video(tmp_path / "plain.mp4", sideways)
+    tagged = rotation_tagged(write_video(tmp_path / "tagged.mp4", sideways), 90)
+    for video, expected in ((plain, ""), (tagged, UNIT)):
+        m.run_decode(m.parse_config(fast + ["--input", str(video), "--preprocess", "--output", str(tmp_path / "t.json")]))
+        result = m.json.loads((tmp_path / "t.json").read_text(encoding="utf-8"))["videos"][0]
+        assert result["text"] == expected, result["notes"]
+    assert "turned upright by 90 degrees, as its rotation tag says" in result["notes"]
+
+
+def test_a_corrupt_tail_keeps_what_came_before_and_says_where_it_ends(astronaut, tmp_path, saying_x):
+    work, fast = saying_x
+    video = write_video(tmp_path / "cut.mp4", face_video(astronaut, 100)[0])
+    data = bytearray(video.read_bytes())
+    mdat = data.find(b"mdat")
+    end = mdat - 4 + int.from_bytes(data[mdat - 4:mdat], "big")
+    data[(mdat + end) // 2:end] = bytes(end - (mdat + end) // 2)  # the second half of the frames' data zeroed
+    video.write_bytes(bytes(data))
+    for out in ("t.srt", "t.json"):
+        m.run_decode(m.parse_config(fast + ["--input", str(video), "--preprocess", "--output", str(tmp_path / out)]))
+    srt = (tmp_path / "t.srt").read_text(encoding="utf-8")
+    assert srt.startswith("1\n00:00:00,000 --> ") and UNIT in srt
+    result = m.json.loads((tmp_path / "t.json").read_text(encoding="utf-8"))["videos"][0]
+    assert 25 <= result["frames"] < 75 and result["pieces"][-1]["end"] == result["frames"] / 25
+    assert any(n.startswith("truncated: its header declares 100 frames") for n in result["notes"])
 
 
 def test_a_clip_that_does_not_read_back_whole_is_not_kept(astronaut, tmp_path, monkeypatch):
