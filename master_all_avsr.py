@@ -5676,6 +5676,7 @@ def preprocess_videos(cfg: Config, out_dir: Path) -> list[dict]:
 # smoothing window's frames, one piece a video, one batch, whatever the length.
 
 SHORTEST_READ = 5  # frames: a piece shorter than this (0.2 s) is not read
+LARGEST_FRAME = 7680 * 4320  # pixels: a frame of a streamed video is read whole; beyond 8K it is refused
 
 
 @dataclass
@@ -5704,6 +5705,11 @@ def stream_frames(path: Path, info: dict):
     fps = fps if 1 <= fps <= 1000 else CLIP_FPS
     info.update(fps=fps, rotation=int(cap.get(cv2.CAP_PROP_ORIENTATION_META) or 0),
                 declared=max(0, int(cap.get(cv2.CAP_PROP_FRAME_COUNT))), read=0)
+    width, height = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    if width * height > LARGEST_FRAME:
+        cap.release()
+        raise ValueError(f"too large: frames of {width} x {height}; up to 8K ({LARGEST_FRAME:,} pixels) are read: "
+                         "scale it down first (ffmpeg -i IN -vf scale=-2:720 OUT.mp4)")
     given = 0
     try:
         while True:
@@ -5721,6 +5727,8 @@ def stream_frames(path: Path, info: dict):
 
 SHOT_CUT = 0.4  # mean change of the whole frame's standardised 32 x 32 look from the frame before: a cut to another shot
 # (LRC-AR's face videos joined end to end: 0.72-1.05 at the joins, at most 0.15 elsewhere)
+MOUTH_CUT = 0.6  # the same of a mouth crop: a jump to another mouth (LRC-AR's mouth clips joined: median 0.86 at
+# the joins, 95% above 0.51; elsewhere median 0.11, 99.9% below 0.68)
 
 
 def shot_look(gray: np.ndarray) -> np.ndarray:
@@ -5744,9 +5752,10 @@ def smoothed_crops(run: list, points: list, first: int, lo: int, hi: int, cfg: C
     return out
 
 
-def mouth_track(frames, follower: FaceFollower, cfg: Config):
+def mouth_track(frames, follower: FaceFollower, cfg: Config, info: dict | None = None):
     """(mouth crop, face) for every frame of a face video, (None, 0) where no face is followed. Gaps of up to
-    --bridge-seconds get landmarks interpolated across them; a longer gap or another face ends the face's run."""
+    --bridge-seconds get landmarks interpolated across them; a longer gap or another face ends the face's run.
+    `info` gets the most faces one frame showed."""
     half, bridge = cfg.smooth_frames // 2, round(cfg.bridge_seconds * CLIP_FPS)
     follower.start()
     run, points, first, done, gap, face = [], [], 0, 0, 0, 0
@@ -5764,6 +5773,8 @@ def mouth_track(frames, follower: FaceFollower, cfg: Config):
         if now is not None and np.abs(before - now).mean() > SHOT_CUT:
             follower.forget()
         p = follower.step(gray, switch=True)
+        if info is not None:
+            info["most_faces"] = follower.most_faces
         if p is not None and run and follower.face != face:
             yield from end_run()
         if p is None:
@@ -5905,26 +5916,41 @@ def read_pieces(model: nn.Module, pieces: list[Piece], vocab: Vocabulary, cfg: C
 
 
 def plain_track(frames, cfg: Config):
-    """(frame, 1) for every frame of a mouth clip (frames already cut to the mouth)."""
+    """(frame, shot) for every frame of a mouth clip (frames already cut to the mouth), a new shot where the crop
+    jumps (MOUTH_CUT)."""
+    shot, before = 1, None
     for frame in frames:
         if frame.shape != (cfg.frame_size, cfg.frame_size):
             raise ValueError(f"frames are {frame.shape[1]} x {frame.shape[0]}, the model wants {cfg.frame_size} x "
                              f"{cfg.frame_size} mouth crops (for face videos, add --preprocess)")
-        yield frame, 1
+        before, now = shot_look(frame), before
+        shot += bool(now is not None and np.abs(before - now).mean() > MOUTH_CUT)
+        yield frame, shot
 
 
-def counted(track, info: dict):
-    """The track, counting its frames and those without a face into `info`."""
-    info.update(frames=0, no_face=0)
+def counted(track, info: dict, on_frame=None):
+    """The track, counting its frames, those without a face and the faces followed into `info`; on_frame()
+    after each."""
+    info.update(frames=0, no_face=0, faces=0)
     for crop, face in track:
         info["frames"] += 1
         info["no_face"] += crop is None
+        info["faces"] = max(info["faces"], face)
+        if on_frame:
+            on_frame()
         yield crop, face
 
 
-def video_notes(info: dict, follower: FaceFollower | None, pieces: int) -> list[str]:
-    """What the reader should know of one video, in words."""
-    notes, frames = [], info.get("frames", 0)
+def video_pieces(video: int, path: Path, cfg: Config, follower: FaceFollower | None, info: dict, on_frame=None):
+    """The pieces of one file: its frames streamed, the mouth followed (a face video) or taken as it is."""
+    frames = stream_frames(path, info)
+    track = mouth_track(frames, follower, cfg, info) if follower else plain_track(frames, cfg)
+    return pieces_of(video, counted(track, info, on_frame), cfg)
+
+
+def video_notes(info: dict, faces: bool, pieces: int) -> list[str]:
+    """What the reader should know of one video (`faces`: a face video, its mouth followed), in words."""
+    notes, frames, no_face = [], info.get("frames", 0), info.get("no_face", 0)
     if info.get("rotation"):
         notes.append(f"turned upright by {info['rotation']} degrees, as its rotation tag says")
     if abs(info.get("fps", CLIP_FPS) - CLIP_FPS) >= 0.01:
@@ -5932,61 +5958,67 @@ def video_notes(info: dict, follower: FaceFollower | None, pieces: int) -> list[
     if info.get("declared", 0) > info.get("read", 0) + max(1, info.get("declared", 0) // 20):
         notes.append(f"truncated: its header declares {info['declared']} frames, {info['read']} decode; transcribed "
                      f"up to {frames / CLIP_FPS:.1f} s")
-    if follower and frames and info["no_face"] == frames:
+    if faces and frames and no_face == frames:
         notes.append(f"no face found on any of its {frames} frames: the detector needs a frontal face about 40 "
                      "pixels wide or more")
-    elif follower and info.get("no_face"):
-        notes.append(f"no face on {info['no_face']} of {frames} frames ({info['no_face'] / CLIP_FPS:.1f} s): not read")
-    if follower and follower.face > 1:
-        notes.append(f"{follower.face} faces followed one after another (a new one at each cut); of several at "
+    elif faces and no_face:
+        notes.append(f"no face on {no_face} of {frames} frames ({no_face / CLIP_FPS:.1f} s): not read")
+    if faces and info.get("faces", 0) > 1:
+        notes.append(f"{info['faces']} faces followed one after another (a new one at each cut); of several at "
                      "once, the largest")
-    elif follower and follower.most_faces > 1:
-        notes.append(f"{follower.most_faces} faces seen at once: followed the largest")
-    if frames and not pieces and not (follower and info["no_face"] == frames):
+    elif faces and info.get("most_faces", 0) > 1:
+        notes.append(f"{info['most_faces']} faces seen at once: followed the largest")
+    if frames and not pieces and not (faces and no_face == frames):
         notes.append("nothing long enough to read")
     return notes
 
 
 def transcribe(paths: list[Path], model: nn.Module, vocab: Vocabulary, cfg: Config, device,
-               lm: LanguageModel | None = None, on_progress=None) -> list[dict]:
+               lm: LanguageModel | None = None, on_progress=None, pieces_for=None) -> list[dict]:
     """Every video of `paths` (face videos with --preprocess, else mouth clips) read in pieces: per video its
     text, score, length, pieces (start, end, face, text, score, words), timed words and notes; one that cannot
-    be read gets its reason as `error`. on_progress(video, info, pieces), when given, follows each piece (it
-    may raise to stop)."""
-    follower = follower_for(dataclasses.replace(cfg, landmark_model=str(find_landmark_model(cfg)))) if cfg.preprocess else None
+    be read gets its reason as `error`. on_progress(stage, info, piece), when given, is called at each "frame",
+    each "piece" found and before each batch is "read" ("last read" once the videos are all cut), `info` holding
+    the video's frames so far, the frames its header declares, pieces found and read; it may raise to stop.
+    pieces_for(video, path, info, on_frame), when given, replaces video_pieces (pieces cut before)."""
+    if pieces_for is None:
+        follower = follower_for(dataclasses.replace(cfg, landmark_model=str(find_landmark_model(cfg)))) if cfg.preprocess else None
+        pieces_for = lambda v, path, info, on_frame: video_pieces(v, path, cfg, follower, info, on_frame)
     results = [{"name": p.stem, "video": str(p), "pieces": [], "notes": [], "error": "", "seconds_reading": 0.0}
                for p in paths]
     queue: list[Piece] = []
+    info: dict = {}
+    tell = on_progress or (lambda stage, info, piece: None)
 
-    def read_queue():
+    def read_queue(stage: str):
+        tell(stage, info, None)
         began = time.perf_counter()
         read = read_pieces(model, queue, vocab, cfg, device, lm)
         share = (time.perf_counter() - began) / max(1, len(queue))
         for piece, r in zip(queue, read):
             results[piece.video]["pieces"].append(r)
             results[piece.video]["seconds_reading"] += share
+        info["pieces_read"] = info.get("pieces_read", 0) + len(queue)
         queue.clear()
 
     for v, path in enumerate(paths):
-        info, result, pieces = {}, results[v], 0
+        info, result = {"pieces": 0, "pieces_read": 0}, results[v]
         try:
-            frames = stream_frames(path, info)
-            track = counted(mouth_track(frames, follower, cfg) if follower else plain_track(frames, cfg), info)
-            for piece in pieces_of(v, track, cfg):
+            for piece in pieces_for(v, path, info, lambda: tell("frame", info, None)):
                 if len(piece.mouths) < SHORTEST_READ:
                     continue
                 queue.append(piece)
-                pieces += 1
-                if on_progress:
-                    on_progress(v, info, pieces)
+                info["pieces"] += 1
+                tell("piece", info, piece)
                 if sum(len(p.mouths) for p in queue) >= cfg.max_frames:
-                    read_queue()
+                    read_queue("read")
         except ValueError as e:
             result["error"] = str(e)
         result.update(frames=info.get("frames", 0), duration=round(info.get("frames", 0) / CLIP_FPS, 3),
-                      notes=video_notes(info, follower, pieces))
+                      no_face=info.get("no_face", 0), fps=info.get("fps", CLIP_FPS), rotation=info.get("rotation", 0),
+                      notes=video_notes(info, cfg.preprocess, info["pieces"]))
     if queue:
-        read_queue()
+        read_queue("last read")
     for r in results:
         r["text"] = " ".join(p["text"] for p in r["pieces"] if p["text"])
         r["score"] = round(sum(p["score"] for p in r["pieces"]), 4)
@@ -6210,6 +6242,8 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 SERVE_LOCK = "serve/.lock"  # one server a work dir: a second would remove the first's uploads as half-received
 PREVIEW_FRAMES = 8  # mouth-crop frames side by side in a job's preview
 RESULT_COLUMNS = ["job", "name", "rank", "text", "score", "frames", "seconds", "beam_size"]
+PLAYABLE = {".mp4": "video/mp4", ".m4v": "video/mp4", ".mov": "video/quicktime", ".webm": "video/webm",
+            ".mkv": "video/x-matroska", ".ogv": "video/ogg", ".avi": "video/x-msvideo"}  # what the page's player is given
 
 
 class JobCancelled(Exception):
@@ -6232,6 +6266,8 @@ class Job:
     frames: int = 0
     seconds: float = 0.0  # decoding time
     notes: str = ""  # what preprocessing noticed (face lost on some frames, resampled, ...)
+    pieces: list = field(default_factory=list)  # a video's pieces: start, end, face, text, score, words
+    words: list = field(default_factory=list)  # [{"word", "start", "end", "timed"}], seconds into the video
     created: float = field(default_factory=time.time)
     changed: float = field(default_factory=time.time)  # when it last moved on (the team app's last_update)
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -6247,7 +6283,7 @@ class Job:
         return {"id": self.id, "name": self.name, "state": self.state, "detail": self.detail,
                 "progress": round(self.progress, 3), "beam_size": self.beam_size, "nbest": self.nbest,
                 "frames": self.frames, "seconds": round(self.seconds, 3), "notes": self.notes,
-                "hypotheses": self.hypotheses,
+                "hypotheses": self.hypotheses, "pieces": self.pieces, "words": self.words,
                 "preview": f"/api/jobs/{self.id}/preview.png" if (self.folder / "preview.png").exists() else None}
 
 
@@ -6267,10 +6303,33 @@ def mouths_folder(work_dir: Path, frame_size: int) -> Path:
     return work_dir / "serve" / ("mouths" if frame_size == Config.frame_size else f"mouths-{frame_size}")
 
 
+CACHED_FRAMES = 3000  # a face video's mouth pieces are kept for another reading (another model, say) up to 2 minutes
+
+
+def save_pieces(path: Path, pieces: list[Piece], info: dict) -> None:
+    """A face video's mouth pieces as one .npz, with what its notes are made from."""
+    arrays = {"starts": np.array([p.start for p in pieces]), "faces": np.array([p.face for p in pieces]),
+              "lengths": np.array([len(p.mouths) for p in pieces]), "mouths": np.concatenate([p.mouths for p in pieces]),
+              "counts": np.array([info["frames"], info["no_face"], info.get("rotation", 0)]),
+              "fps": np.array([info.get("fps", CLIP_FPS)])}
+    atomic_write(path, lambda tmp: np.savez(open(tmp, "wb"), **arrays))
+
+
+def saved_pieces(path: Path, video: int, info: dict):
+    """The pieces save_pieces kept, as video_pieces gives them."""
+    with np.load(path) as saved:
+        info.update(frames=int(saved["counts"][0]), no_face=int(saved["counts"][1]), rotation=int(saved["counts"][2]),
+                    fps=float(saved["fps"][0]), faces=int(saved["faces"].max()))
+        ends = np.cumsum(saved["lengths"])
+        for start, face, end, length in zip(saved["starts"], saved["faces"], ends, saved["lengths"]):
+            yield Piece(video, int(start), saved["mouths"][end - length:end], int(face))
+
+
 class LipReader:
-    """The run's model, loaded once, and the way from an uploaded file to its n-best: a face video is cut to
-    its mouth first (the mouth clip kept by the upload's hash, so the same video sent again is not cut again);
-    a clip already of the model's frame size is read as it is."""
+    """The run's model, loaded once, and the way from an uploaded file to its n-best. Video of any length is read
+    in pieces (section 11): a face video's mouth is found first (its pieces kept by the upload's hash, so the
+    same video sent again is not cut again); a clip of the model's frame size is read as it is. Sound (audio,
+    av) is read a clip at a time."""
     dlib_lock = threading.Lock()  # dlib's objects are not shared safely: one lock for every model served
 
     def __init__(self, cfg: Config):
@@ -6286,9 +6345,14 @@ class LipReader:
                 "decoder": self.cfg.decoder, "beam_size": self.cfg.beam_size, "frame_size": self.cfg.frame_size,
                 "device": str(self.device), "vocabulary": self.vocab.size}
 
+    def is_mouth_clip(self, path: Path) -> bool:
+        first = next(stream_frames(path, {}), None)
+        if first is None:
+            raise ValueError("unreadable video: no frame could be decoded")
+        return first.shape == (self.cfg.frame_size, self.cfg.frame_size)
+
     def mouth_clip(self, job: Job) -> Path:
-        if self.cfg.modality == "audio":
-            return job.upload
+        """An av model's mouth clip of the upload, cut whole (its sound is read whole beside it)."""
         frames = read_video(job.upload)
         if frames.shape[1:] == (self.cfg.frame_size, self.cfg.frame_size):
             return job.upload
@@ -6307,7 +6371,9 @@ class LipReader:
         return cut
 
     def read(self, job: Job) -> None:
-        mouth = self.mouth_clip(job)
+        if self.cfg.modality == "video":
+            return self.read_video(job)
+        mouth = job.upload if self.cfg.modality == "audio" else self.mouth_clip(job)
         frames, wave = clip_to_decode(mouth, self.cfg, [job.upload])
         if self.cfg.modality != "audio":
             atomic_write(job.folder / "preview.png", lambda tmp: Path(tmp).write_bytes(preview_strip(frames)))
@@ -6319,6 +6385,44 @@ class LipReader:
                                    self.device, self.lm)
         job.frames, job.seconds = len(frames), time.perf_counter() - t0
         job.hypotheses = [{"text": self.vocab.decode(ids), "score": round(score, 4)} for ids, score in nbest]
+
+    def read_video(self, job: Job) -> None:
+        mouths = self.is_mouth_clip(job.upload)
+        cfg = dataclasses.replace(self.cfg, beam_size=job.beam_size, nbest=job.nbest, preprocess=not mouths)
+        cut = self.mouths / f"{job.upload.stem}.npz"
+        reused = not mouths and cut.exists()
+        found: list[Piece] = []
+        beam = f", beam {job.beam_size}" * (self.cfg.decoder == "beam")
+
+        def progress(stage: str, info: dict, piece: Piece | None):
+            total = round(info.get("declared", 0) * CLIP_FPS / info.get("fps", CLIP_FPS))
+            frames, pieces = info.get("frames", 0), info.get("pieces", 0)
+            where = f"finding the mouth: frame {frames} of {total}" if total else f"finding the mouth: frame {frames}"
+            if stage == "frame" and not mouths and not reused:
+                job.set("preprocessing", where, (frames - 1) / total if total else 0.0)
+            elif stage == "piece" and sum(len(p.mouths) for p in found) < CACHED_FRAMES:
+                found.append(piece)
+            elif stage == "read":
+                job.set(job.state, f"{where}; reading pieces {info['pieces_read'] + 1}-{pieces}", job.progress)
+            elif stage == "last read":
+                job.set("decoding", f"reading {pieces} piece{'s' * (pieces != 1)} of {frames} frames{beam}")
+
+        pieces_for = (lambda v, path, info, on_frame: saved_pieces(cut, v, info)) if reused else None
+        with self.dlib_lock, self.model_lock:
+            [r] = transcribe([job.upload], self.model, self.vocab, cfg, self.device, self.lm, progress, pieces_for)
+        if r["error"]:
+            raise ValueError(r["error"])
+        if found:
+            atomic_write(job.folder / "preview.png", lambda tmp: Path(tmp).write_bytes(preview_strip(found[0].mouths)))
+        if not mouths and not reused and found and len(found) == len(r["pieces"]):
+            save_pieces(cut, found, {"frames": r["frames"], "no_face": r["no_face"], "fps": r["fps"],
+                                     "rotation": r["rotation"]})
+        notes = (["the same video was cut before: its mouth pieces are reused"] if reused else []) + r["notes"]
+        job.frames, job.seconds, job.notes = r["frames"], r["seconds_reading"], "; ".join(notes)
+        ranked = r["pieces"][0]["nbest"] if len(r["pieces"]) == 1 else [(r["text"], r["score"])]
+        job.hypotheses = [{"text": text, "score": round(score, 4)} for text, score in ranked]
+        job.pieces = [{k: v for k, v in p.items() if k != "nbest"} for p in r["pieces"]]
+        job.words = r["words"]
 
 
 # Several models at once: the team's app asks for one by model_name and diacritized (their backend's three
@@ -6409,6 +6513,7 @@ class JobBoard:
                 job = Job(saved["id"], saved["name"], folder, saved["beam_size"], saved["nbest"])
                 for key in ("state", "detail", "progress", "hypotheses", "frames", "seconds", "notes"):
                     setattr(job, key, saved[key])
+                job.pieces, job.words = saved.get("pieces") or [], saved.get("words") or []  # (earlier versions')
                 job.asked = dict(saved.get("asked") or {})  # a team app's task (absent from other jobs)
             except (OSError, ValueError, KeyError, TypeError):
                 print(f"warning: {path} is not a job's result (left as it is)", file=sys.stderr)
@@ -6611,6 +6716,13 @@ SERVE_PAGE = """<!doctype html>
   table.nbest td.num { color: #5b6477; width: 70px; font-variant-numeric: tabular-nums; }
   img.preview { max-width: 100%; image-rendering: pixelated; border-radius: 4px; margin-top: 8px; }
   .downloads a { margin-right: 14px; }
+  video.player { width: 100%; max-height: 360px; background: #000; border-radius: 6px; margin-top: 8px; }
+  .words { direction: rtl; text-align: right; font-size: 22px; line-height: 1.9; margin-top: 6px;
+    font-family: "Noto Naskh Arabic", "Amiri", "Segoe UI", Tahoma, Arial, serif; }
+  .words span { cursor: pointer; border-radius: 4px; padding: 0 3px; }
+  .words span:hover { background: #e8eefc; }
+  .words span.now { background: #3d6be0; color: #fff; }
+  .words span small { font-size: 11px; color: #8a93a6; margin-right: 3px; font-family: system-ui, sans-serif; }
 </style>
 </head>
 <body>
@@ -6693,6 +6805,9 @@ function show(div, job) {
     img.src = job.preview;
     div.querySelector(".bar").before(img);
   }
+  if (job.state === "done" && job.words && job.words.length && !div.querySelector("video")) {
+    player(div, job);
+  }
   if (job.state === "done") {
     const best = job.hypotheses[0];
     div.querySelector(".transcript").textContent = best ? (best.text || "(nothing read)") : "";
@@ -6708,6 +6823,44 @@ function show(div, job) {
       row.cells[2].className = "text";
     });
   }
+}
+
+function player(div, job) {
+  // the upload with its subtitles as a track, and the words in time: a word seeks the video
+  const video = document.createElement("video");
+  video.className = "player";
+  video.controls = true;
+  video.preload = "metadata";
+  video.src = `/api/jobs/${job.id}/video`;
+  const track = document.createElement("track");
+  Object.assign(track, {kind: "subtitles", srclang: "ar", label: "lip reading", default: true,
+                        src: `/api/jobs/${job.id}/subtitles.vtt`});
+  video.append(track);
+  const words = document.createElement("div");
+  words.className = "words";
+  const spans = job.words.map((w) => {
+    const span = document.createElement("span");
+    span.textContent = w.word;
+    const at = document.createElement("small");
+    at.textContent = w.start.toFixed(1);
+    span.append(at);
+    span.dataset.start = w.start;
+    span.dataset.end = w.end;
+    span.title = `${w.start.toFixed(2)}-${w.end.toFixed(2)} s`;
+    span.onclick = () => { video.currentTime = w.start; video.play().catch(() => {}); };
+    words.append(span, " ");
+    return span;
+  });
+  video.ontimeupdate = () => spans.forEach((s) => s.classList.toggle("now",
+    video.currentTime >= +s.dataset.start && video.currentTime < +s.dataset.end));
+  const links = document.createElement("div");
+  links.className = "downloads hint";
+  ["srt", "vtt"].forEach((kind) => {
+    const a = document.createElement("a");
+    Object.assign(a, {href: `/api/jobs/${job.id}/subtitles.${kind}`, download: "", textContent: `subtitles (.${kind})`});
+    links.append(a);
+  });
+  div.querySelector(".nbest").after(video, words, links);
 }
 
 function follow(job) {
@@ -6891,8 +7044,8 @@ def serving_app(reader: LipReader, board: JobBoard, cfg: Config):
             job = board.new_job(name, beam_size, min(nbest, beam_size))
             try:
                 await receive_upload(request, job, ext, limit, cfg.serve_timeout)
-                if reader.cfg.modality != "audio" and (bomb := await asyncio.to_thread(declared_size_problem,
-                                                                                       job.upload)):
+                whole = reader.cfg.modality == "av" or (reader.cfg.modality == "video" and ext in (".npy", ".npz"))
+                if whole and (bomb := await asyncio.to_thread(declared_size_problem, job.upload)):  # video streams
                     raise UploadRefused(413, f"{job.name}: {bomb}")
             except UploadRefused as e:
                 shutil.rmtree(job.folder, ignore_errors=True)
@@ -6930,6 +7083,28 @@ def serving_app(reader: LipReader, board: JobBoard, cfg: Config):
         if not path.exists():
             raise HTTPException(404, "no preview yet (it comes with the mouth clip)")
         return FileResponse(path, media_type="image/png")
+
+    def upload_of(job_id: str) -> Path:
+        job = job_of(job_id)
+        found = job.upload or next((p for p in job.folder.iterdir() if p.suffix.lower() in types), None)
+        if found is None or not found.exists():
+            raise HTTPException(404, "this job's upload is not kept")
+        return found
+
+    @app.get("/api/jobs/{job_id}/video")
+    def video(job_id: str):
+        """The upload as it was sent, for the page's player."""
+        path = upload_of(job_id)
+        return FileResponse(path, media_type=PLAYABLE.get(path.suffix.lower(), "application/octet-stream"))
+
+    @app.get("/api/jobs/{job_id}/subtitles.{kind}")
+    def subtitles_of(job_id: str, kind: str):
+        """The transcript's timed words as WebVTT (the player's track) or SubRip."""
+        if kind not in ("vtt", "srt"):
+            raise HTTPException(404, "subtitles come as .vtt or .srt")
+        job = job_of(job_id)
+        return Response(subtitles(job.words, f".{kind}"), media_type="text/vtt" if kind == "vtt" else "text/plain",
+                        headers={"Content-Disposition": f'inline; filename="{Path(job.name).stem or job.id}.{kind}"'})
 
     @app.get("/api/jobs/{job_id}/events")
     async def events(job_id: str):
@@ -7987,14 +8162,16 @@ def videos_to_transcribe(cfg: Config) -> list[Path]:
 
 def decode_progress(videos: int, every: float):
     """transcribe's on_progress for a terminal: where reading stands, a line now and then."""
-    last = [time.time()]
+    last, video = [time.time()], [0]
 
-    def show(video: int, info: dict, pieces: int):
+    def show(stage: str, info: dict, piece):
+        if piece is not None:
+            video[0] = piece.video
         if time.time() - last[0] >= every:
             last[0] = time.time()
-            total = info.get("declared", 0) * CLIP_FPS / info.get("fps", CLIP_FPS)
-            print(f"decode: video {video + 1} of {videos}, {info.get('frames', 0) / CLIP_FPS:.0f} s"
-                  + (f" of {total / CLIP_FPS:.0f} s" if total else "") + f" read, {pieces} pieces", file=sys.stderr)
+            total = info.get("declared", 0) / info.get("fps", CLIP_FPS)
+            print(f"decode: video {video[0] + 1} of {videos}, {info.get('frames', 0) / CLIP_FPS:.0f} s"
+                  + (f" of {total:.0f} s" if total else "") + f" read, {info.get('pieces', 0)} pieces", file=sys.stderr)
     return show
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import m
+from conftest import UNIT, m, saying_one_unit
 
 cv2 = pytest.importorskip("cv2")
 skimage_data = pytest.importorskip("skimage.data")
@@ -43,9 +43,9 @@ def face_video(photo: np.ndarray, n: int = 30, size=(256, 256)) -> tuple[list[np
     return [cv2.warpAffine(photo, a, size, borderMode=cv2.BORDER_REFLECT) for a in maps], maps
 
 
-def write_video(path: Path, frames: list[np.ndarray], fps: float = 25) -> Path:
+def write_video(path: Path, frames: list[np.ndarray], fps: float = 25, fourcc: str = "mp4v") -> Path:
     h, w = frames[0].shape[:2]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h), True)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, (w, h), True)
     for f in frames:
         writer.write(cv2.cvtColor(f, cv2.COLOR_GRAY2BGR) if f.ndim == 2 else f)
     writer.release()
@@ -205,23 +205,15 @@ def test_helpers_fill_smooth_and_name_frame_ranges():
     assert len(m.at_clip_rate(np.zeros((60, 2, 2)), 50.0)) == 30 and len(m.at_clip_rate(np.zeros((7, 2, 2)), 25)) == 7
 
 
-UNIT = "\u0628\u064e"  # one unit (a letter and its vowel)
 FAST = ["--preset", "tiny", "--input-size", "44", "--synthetic-clips", "24", "--max-frames", "400", "--epochs", "1"]
 
 
 @pytest.fixture(scope="module")
 def saying_x(tmp_path_factory) -> tuple[Path, list[str]]:
-    """A trained tiny run whose CTC head is then set to say one unit on every frame: greedy CTC reads every piece
-    as that one unit, a word spanning the whole piece, so where pieces and words fall can be checked exactly."""
+    """A trained tiny run that says UNIT on every frame (conftest's saying_one_unit), and decode's flags for it."""
     work = tmp_path_factory.mktemp("run") / "w"
     m.train(m.parse_config(FAST + ["--work-dir", str(work)]))
-    state = m.torch.load(work / "checkpoints" / "best.pt", weights_only=True)
-    vocab = m.Vocabulary.from_json(state["vocab"])
-    x = vocab.encode(UNIT)[0][0]
-    state["model"]["ctc.ctc_lo.weight"].zero_()
-    state["model"]["ctc.ctc_lo.bias"].fill_(-10.0)
-    state["model"]["ctc.ctc_lo.bias"][x] = 10.0
-    m.torch.save(state, work / "checkpoints" / "best.pt")
+    saying_one_unit(work)
     return work, FAST + ["--work-dir", str(work), "--mode", "decode", "--decoder", "ctc"]
 
 
@@ -268,21 +260,23 @@ def test_a_long_face_video_is_read_in_pieces_at_gaps_and_cuts_with_timed_words(a
     assert "no face on 20 of 140 frames (0.8 s): not read" in result["notes"]
 
 
-def test_a_run_longer_than_a_piece_is_cut_at_its_quietest_frame(tmp_path, saying_x):
-    """A mouth clip of 100 frames, still but for two bursts of motion: cut inside the still parts, no piece longer
-    than --piece-seconds or (but the last) shorter than --shortest-piece, every frame read once."""
+def test_a_run_longer_than_a_piece_is_cut_at_its_quietest_frame_and_at_a_jump(tmp_path, saying_x):
+    """A mouth clip of 100 frames, still but for two bursts of motion (the picture sliding), then a jump to
+    another mouth for 30: cut inside the still parts and at the jump, no piece longer than --piece-seconds or
+    (but the last of a run) shorter than --shortest-piece, every frame read once."""
     work, fast = saying_x
     rng = np.random.default_rng(0)
-    still = rng.integers(0, 255, (112, 112), dtype=np.uint8)
-    clip = np.stack([still] * 100)
+    texture = lambda: cv2.GaussianBlur(rng.integers(0, 255, (112, 400)).astype(np.float32), (0, 0), 4)
+    first, other = texture(), texture()
     moving = list(range(30, 46)) + list(range(62, 81))  # where cuts every 38 frames would fall
-    clip[moving] = rng.integers(0, 255, (len(moving), 112, 112), dtype=np.uint8)
-    np.save(tmp_path / "mouth.npy", clip)
+    shifts = np.cumsum([2 * (t in moving) for t in range(100)])
+    clip = np.stack([first[:, s:s + 112] for s in shifts] + [other[:, :112]] * 30)
+    np.save(tmp_path / "mouth.npy", ((clip - clip.min()) / np.ptp(clip) * 255).astype(np.uint8))
     m.run_decode(m.parse_config(fast + ["--input", str(tmp_path / "mouth.npy"), "--output", str(tmp_path / "t.json")]))
     pieces = [(round(p["start"] * 25), round(p["end"] * 25))
               for p in m.json.loads((tmp_path / "t.json").read_text())["videos"][0]["pieces"]]
-    assert pieces[0][0] == 0 and pieces[-1][1] == 100 and all(b == c for (_, b), (c, _) in zip(pieces, pieces[1:]))
-    assert all(20 <= b - a <= 38 for a, b in pieces[:-1]) and not any(a in moving for a, _ in pieces[1:])
+    assert pieces[0][0] == 0 and pieces[-1] == (100, 130) and all(b == c for (_, b), (c, _) in zip(pieces, pieces[1:]))
+    assert all(20 <= b - a <= 38 for a, b in pieces[:-2]) and not any(a in moving for a, _ in pieces[1:])
 
 
 def test_ctc_places_each_unit_in_its_frames_or_says_it_cannot():

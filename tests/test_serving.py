@@ -25,7 +25,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import free_port, m
+from conftest import UNIT, free_port, m, saying_one_unit
 from test_preprocessing import face_video, write_video
 
 cv2 = pytest.importorskip("cv2")
@@ -282,6 +282,45 @@ def test_the_page_in_a_real_browser_shows_the_transcript_and_the_errors(server, 
         browser.close()
     done = [j for j in httpx.get(f"{server}/api/jobs").json() if j["name"] == clip.name]
     assert shown == (done[-1]["hypotheses"][0]["text"] or "(nothing read)") and done[-1]["nbest"] == 2
+
+
+def test_the_page_plays_a_long_video_with_its_subtitles_and_words_that_seek(run_dir, tmp_path_factory, tmp_path):
+    """A 6-second mouth clip (webm, as a browser records) read in pieces by a model that says UNIT on every frame:
+    the API gives the pieces and their timed words; the page plays the upload with the subtitles as a track and
+    shows the words, a click on one seeking the video to its start."""
+    if CHROMIUM is None:
+        if os.environ.get("AVSR_REQUIRE_BROWSER"):
+            pytest.fail("no chromium on PATH: apt-get install chromium")
+        pytest.skip("a real browser is needed: apt-get install chromium (Debian's package)")
+    from playwright.sync_api import sync_playwright
+    work = tmp_path_factory.mktemp("saying") / "run"
+    shutil.copytree(run_dir / "checkpoints", work / "checkpoints", ignore=shutil.ignore_patterns("epochs"))
+    saying_one_unit(work)
+    rng = np.random.default_rng(1)
+    textures = [cv2.GaussianBlur(rng.integers(0, 255, (112, 112)).astype(np.float32), (0, 0), 4) for _ in range(5)]
+    frames = [(t - t.min()) / np.ptp(t) * 255 for t in textures for _ in range(30)]  # five mouths, 1.2 s each
+    video = write_video(tmp_path / "talk.webm", [f.astype(np.uint8) for f in frames], fourcc="VP80")
+    with running_server(tmp_path_factory, ["--work-dir", str(work), "--decoder", "ctc"]) as live:
+        done = events(live.url, upload(live.url, video).json()["id"])[-1]
+        assert done["state"] == "done" and done["frames"] == 150
+        assert [(p["start"], p["end"], p["text"]) for p in done["pieces"]] == [
+            (round(k * 1.2, 3), round(k * 1.2 + 1.2, 3), UNIT) for k in range(5)]
+        assert [(w["word"], w["start"]) for w in done["words"]] == [(UNIT, round(k * 1.2, 3)) for k in range(5)]
+        vtt = httpx.get(f"{live.url}/api/jobs/{done['id']}/subtitles.vtt")
+        assert vtt.headers["content-type"].startswith("text/vtt") and vtt.text.startswith("WEBVTT\n\n00:00:00.000 --> ")
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            page = browser.new_page()
+            page.goto(live.url)
+            page.wait_for_function("document.querySelector('video.player')?.readyState >= 1", timeout=60_000)
+            assert page.eval_on_selector("video.player track", "t => t.track.mode") == "showing"
+            cues = vtt.text.count(" --> ")  # 2: a subtitle holds at most 5 seconds
+            page.wait_for_function(f"document.querySelector('video.player track').track.cues?.length === {cues}")
+            spans = page.query_selector_all(".words span")
+            assert [s.get_attribute("data-start") for s in spans] == [f"{round(k * 1.2, 3):g}" for k in range(5)]
+            spans[3].click()
+            page.wait_for_function("Math.abs(document.querySelector('video.player').currentTime - 3.6) < 0.05")
+            browser.close()
 
 
 def beside(run_dir: Path, work: Path) -> list[str]:
