@@ -5819,19 +5819,24 @@ def pieces_of(video: int, track, cfg: Config):
     longest = max(SHORTEST_READ, round(cfg.piece_seconds * CLIP_FPS))
     shortest = min(longest - 1, max(SHORTEST_READ, round(cfg.shortest_piece * CLIP_FPS)))
     held, start, face = [], 0, 0
-    for t, (crop, f) in enumerate(track):
-        if held and (crop is None or f != face):
+    try:
+        for t, (crop, f) in enumerate(track):
+            if held and (crop is None or f != face):
+                yield Piece(video, start, np.stack(held), face)
+                held = []
+            if crop is None:
+                continue
+            if not held:
+                start, face = t, f
+            held.append(crop)
+            if len(held) == longest:
+                cut = quietest_cut(held, shortest)
+                yield Piece(video, start, np.stack(held[:cut]), face)
+                held, start = held[cut:], start + cut
+    except KeyboardInterrupt:  # Ctrl-C: the frames held are a piece too, then the run stops
+        if held:
             yield Piece(video, start, np.stack(held), face)
-            held = []
-        if crop is None:
-            continue
-        if not held:
-            start, face = t, f
-        held.append(crop)
-        if len(held) == longest:
-            cut = quietest_cut(held, shortest)
-            yield Piece(video, start, np.stack(held[:cut]), face)
-            held, start = held[cut:], start + cut
+        raise
     if held:
         yield Piece(video, start, np.stack(held), face)
 
@@ -5936,9 +5941,9 @@ def counted(track, info: dict, on_frame=None):
         info["frames"] += 1
         info["no_face"] += crop is None
         info["faces"] = max(info["faces"], face)
-        if on_frame:
-            on_frame()
         yield crop, face
+        if on_frame:  # after its frame is taken: a stop here loses no frame counted
+            on_frame()
 
 
 def video_pieces(video: int, path: Path, cfg: Config, follower: FaceFollower | None, info: dict, on_frame=None):
@@ -6001,8 +6006,12 @@ def transcribe(paths: list[Path], model: nn.Module, vocab: Vocabulary, cfg: Conf
         info["pieces_read"] = info.get("pieces_read", 0) + len(queue)
         queue.clear()
 
+    stopped = False
     for v, path in enumerate(paths):
         info, result = {"pieces": 0, "pieces_read": 0}, results[v]
+        if stopped:
+            result.update(error="not read: the run was interrupted before it", frames=0, notes=[])
+            continue
         try:
             for piece in pieces_for(v, path, info, lambda: tell("frame", info, None)):
                 if len(piece.mouths) < SHORTEST_READ:
@@ -6014,12 +6023,16 @@ def transcribe(paths: list[Path], model: nn.Module, vocab: Vocabulary, cfg: Conf
                     read_queue("read")
         except ValueError as e:
             result["error"] = str(e)
+        except KeyboardInterrupt:  # Ctrl-C: what was cut so far is still read, and said to end there
+            stopped = result["interrupted"] = True
         result.update(frames=info.get("frames", 0), duration=round(info.get("frames", 0) / CLIP_FPS, 3),
                       no_face=info.get("no_face", 0), fps=info.get("fps", CLIP_FPS), rotation=info.get("rotation", 0),
                       notes=video_notes(info, cfg.preprocess, info["pieces"]))
     if queue:
         read_queue("last read")
     for r in results:
+        if r.get("interrupted"):
+            r["notes"].append(f"interrupted (Ctrl-C) at {r['frames'] / CLIP_FPS:.1f} s: transcribed up to there")
         r["text"] = " ".join(p["text"] for p in r["pieces"] if p["text"])
         r["score"] = round(sum(p["score"] for p in r["pieces"]), 4)
         r["words"] = [w for p in r["pieces"] for w in p["words"]]
@@ -8142,6 +8155,8 @@ def run_decode(cfg: Config) -> list[tuple[str, list[tuple[str, float]]]]:
     print(f"Wrote {', '.join(map(str, written))}: {len(out)} clips" + (
         f"; {len(refs)} with a label of their name, CER {error_rates(refs, best, vocab)['cer']:.4f}" if refs else ""),
           file=sys.stderr)
+    if any(r.get("interrupted") for r in results):
+        raise KeyboardInterrupt  # what was read is written; the run still ends as interrupted
     return out
 
 

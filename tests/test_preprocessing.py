@@ -258,6 +258,7 @@ def test_a_long_face_video_is_read_in_pieces_at_gaps_and_cuts_with_timed_words(a
         (UNIT, a / 25, b / 25, "ctc") for a, b in pieces]
     assert result["text"] == " ".join([UNIT] * 4)
     assert "no face on 20 of 140 frames (0.8 s): not read" in result["notes"]
+    assert any(n.startswith("4 faces followed one after another") for n in result["notes"])
 
 
 def test_a_run_longer_than_a_piece_is_cut_at_its_quietest_frame_and_at_a_jump(tmp_path, saying_x):
@@ -306,6 +307,24 @@ def test_words_get_times_and_subtitles_in_both_formats():
     assert m.subtitles(many, ".vtt").startswith("WEBVTT\n\n00:00:00.000 --> 00:00:03.400\nw0 w1")
 
 
+def test_ctrl_c_in_a_long_video_keeps_what_was_read_and_says_where_it_stopped(astronaut, tmp_path, saying_x,
+                                                                              monkeypatch):
+    work, fast = saying_x
+    video = write_video(tmp_path / "long.mp4", face_video(astronaut, 100)[0])
+
+    def ctrl_c_at_frame_60(videos, every):
+        def tell(stage, info, piece):
+            if stage == "frame" and info["frames"] == 60:
+                raise KeyboardInterrupt
+        return tell
+    monkeypatch.setattr(m, "decode_progress", ctrl_c_at_frame_60)
+    with pytest.raises(KeyboardInterrupt):
+        m.run_decode(m.parse_config(fast + ["--input", str(video), "--preprocess", "--output", str(tmp_path / "t.json")]))
+    result = m.json.loads((tmp_path / "t.json").read_text(encoding="utf-8"))["videos"][0]
+    assert result["frames"] == 60 and result["pieces"][0]["start"] == 0 and result["pieces"][-1]["end"] == 60 / 25
+    assert "interrupted (Ctrl-C) at 2.4 s: transcribed up to there" in result["notes"]
+
+
 def rotation_tagged(path: Path, degrees: int) -> Path:
     """The mp4 at path with its track's display matrix set to turn it by `degrees` (90 or 270) when played."""
     data = bytearray(path.read_bytes())
@@ -321,11 +340,15 @@ def test_a_phone_video_recorded_sideways_is_read_upright(astronaut, tmp_path, sa
     sideways = [np.ascontiguousarray(np.rot90(f)) for f in face_video(astronaut, 30, size=(320, 256))[0]]
     plain = write_video(tmp_path / "plain.mp4", sideways)
     tagged = rotation_tagged(write_video(tmp_path / "tagged.mp4", sideways), 90)
+    notes = {}
     for video, expected in ((plain, ""), (tagged, UNIT)):
         m.run_decode(m.parse_config(fast + ["--input", str(video), "--preprocess", "--output", str(tmp_path / "t.json")]))
         result = m.json.loads((tmp_path / "t.json").read_text(encoding="utf-8"))["videos"][0]
         assert result["text"] == expected, result["notes"]
-    assert "turned upright by 90 degrees, as its rotation tag says" in result["notes"]
+        notes[video.stem] = result["notes"]
+    assert notes["plain"] == ["no face found on any of its 30 frames: the detector needs a frontal face about 40 "
+                              "pixels wide or more"]  # sideways, dlib finds none
+    assert "turned upright by 90 degrees, as its rotation tag says" in notes["tagged"]
 
 
 def test_a_corrupt_tail_keeps_what_came_before_and_says_where_it_ends(astronaut, tmp_path, saying_x):
