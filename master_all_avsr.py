@@ -5689,7 +5689,7 @@ class Piece:
 
 def stream_frames(path: Path, info: dict):
     """A video's gray frames one at a time, upright as its rotation tag says, at 25 fps (the frame nearest in
-    time, as at_clip_rate picks); `info` gets fps, rotation, the frames the header declares and `read` so far.
+    time, by the frames' own times); `info` gets fps, rotation, the frames the header declares and `read` so far.
     Saved arrays (.npy, .npz: mouth clips) are read whole."""
     if path.suffix.lower() in (".npy", ".npz"):
         frames, _ = read_frames(path)
@@ -5710,17 +5710,23 @@ def stream_frames(path: Path, info: dict):
         cap.release()
         raise ValueError(f"too large: frames of {width} x {height}; up to 8K ({LARGEST_FRAME:,} pixels) are read: "
                          "scale it down first (ffmpeg -i IN -vf scale=-2:720 OUT.mp4)")
-    given = 0
+    given, first, before = 0, None, None  # 25 fps frames given; the first frame's time; the one before's
     try:
         while True:
             ok, frame = cap.read()
             if not ok:
                 break
-            gray, i = to_gray(frame), info["read"]
+            # by the frames' own times (a phone's or a browser's recording has no steady rate), else by the rate
+            stamp = cap.get(cv2.CAP_PROP_POS_MSEC) / 1000
+            first = stamp if first is None else first
+            now = stamp - first if before is None or stamp - first > before else before + 1 / fps
+            step = now - before if before is not None else 1 / fps
+            gray = to_gray(frame)
             info["read"] += 1
-            while round(given * fps / CLIP_FPS) <= i:
+            while given / CLIP_FPS < now + step / 2:  # the frames nearest in time to each 25 fps instant
                 yield gray
                 given += 1
+            before = now
     finally:
         cap.release()
 
@@ -6728,6 +6734,7 @@ SERVE_PAGE = """<!doctype html>
   table.nbest td.text { direction: rtl; text-align: right; font-size: 18px; overflow-wrap: anywhere; }
   table.nbest td.num { color: #5b6477; width: 70px; font-variant-numeric: tabular-nums; }
   img.preview { max-width: 100%; image-rendering: pixelated; border-radius: 4px; margin-top: 8px; }
+  #camera { width: 320px; max-width: 100%; border-radius: 6px; margin-top: 8px; transform: scaleX(-1); }
   .downloads a { margin-right: 14px; }
   video.player { width: 100%; max-height: 360px; background: #000; border-radius: 6px; margin-top: 8px; }
   .words { direction: rtl; text-align: right; font-size: 22px; line-height: 1.9; margin-top: 6px;
@@ -6753,6 +6760,11 @@ SERVE_PAGE = """<!doctype html>
       <label>Hypotheses shown <input type="number" id="nbest" min="1" max="50" value="3"></label>
       <span class="hint">a larger beam is slower and usually a little better</span>
     </div>
+    <div class="settings">
+      <button class="secondary" id="record">Record from the camera</button>
+      <span class="hint" id="recording">face the camera and speak; stop to transcribe</span>
+    </div>
+    <video id="camera" muted playsinline hidden></video>
     <div class="error" id="upload-error"></div>
   </div>
   <div class="panel">
@@ -6912,6 +6924,44 @@ function sendAll(files) {
   $("upload-error").textContent = "";
   [...files].forEach(send);
 }
+
+let recorder = null;
+
+async function camera() {
+  // the camera's picture (with its sound where there is a microphone), recorded in the browser as WebM
+  try {
+    return await navigator.mediaDevices.getUserMedia({video: true, audio: true});
+  } catch (e) {
+    return navigator.mediaDevices.getUserMedia({video: true});
+  }
+}
+
+$("record").onclick = async () => {
+  if (recorder) return recorder.stop();
+  $("upload-error").textContent = "";
+  let stream;
+  try {
+    stream = await camera();
+  } catch (e) {
+    $("upload-error").textContent = `the camera could not be opened (${e.name}): allow it for this page, or upload a video`;
+    return;
+  }
+  const chunks = [];
+  recorder = new MediaRecorder(stream, MediaRecorder.isTypeSupported("video/webm") ? {mimeType: "video/webm"} : {});
+  recorder.ondataavailable = (e) => { if (e.data.size) chunks.push(e.data); };
+  recorder.onstop = () => {
+    stream.getTracks().forEach((t) => t.stop());
+    Object.assign($("camera"), {hidden: true, srcObject: null});
+    $("record").textContent = "Record from the camera";
+    recorder = null;
+    const stamp = new Date().toISOString().slice(0, 19).replace(/[-:T]/g, "");
+    send(new File(chunks, `camera-${stamp}.webm`, {type: "video/webm"}));
+  };
+  Object.assign($("camera"), {hidden: false, srcObject: stream});
+  $("camera").play();
+  recorder.start(500);
+  $("record").textContent = "Stop and transcribe";
+};
 
 $("drop").onclick = () => $("files").click();
 $("files").onchange = () => { sendAll($("files").files); $("files").value = ""; };

@@ -323,6 +323,51 @@ def test_the_page_plays_a_long_video_with_its_subtitles_and_words_that_seek(run_
             browser.close()
 
 
+def y4m(path: Path, frames: list[np.ndarray]) -> Path:
+    """Gray frames as a YUV4MPEG2 file (what Chromium's fake camera plays), 25 fps, 4:2:0 with neutral colour."""
+    h, w = frames[0].shape
+    with open(path, "wb") as f:
+        f.write(f"YUV4MPEG2 W{w} H{h} F25:1 Ip A1:1 C420jpeg\n".encode())
+        for frame in frames:
+            f.write(b"FRAME\n" + frame.tobytes() + bytes([128]) * (2 * (h // 2) * (w // 2)))
+    return path
+
+
+def test_the_page_records_from_the_camera_and_transcribes_it(run_dir, tmp_path_factory, tmp_path):
+    """Chromium's fake camera fed a mouth clip (Y4M): the page records about 3 seconds with MediaRecorder, sends
+    them as camera-*.webm, and the transcript comes back in pieces, as for an uploaded video."""
+    if CHROMIUM is None:
+        if os.environ.get("AVSR_REQUIRE_BROWSER"):
+            pytest.fail("no chromium on PATH: apt-get install chromium")
+        pytest.skip("a real browser is needed: apt-get install chromium (Debian's package)")
+    from playwright.sync_api import sync_playwright
+    work = tmp_path_factory.mktemp("camera") / "run"
+    shutil.copytree(run_dir / "checkpoints", work / "checkpoints", ignore=shutil.ignore_patterns("epochs"))
+    saying_one_unit(work)
+    rng = np.random.default_rng(2)
+    textures = [cv2.GaussianBlur(rng.integers(0, 255, (112, 112)).astype(np.float32), (0, 0), 4) for _ in range(4)]
+    feed = y4m(tmp_path / "camera.y4m", [((t - t.min()) / np.ptp(t) * 255).astype(np.uint8) for t in textures
+                                         for _ in range(25)])
+    with running_server(tmp_path_factory, ["--work-dir", str(work), "--decoder", "ctc"]) as live:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+                "--no-sandbox", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                f"--use-file-for-fake-video-capture={feed}"])
+            page = browser.new_page()
+            page.goto(live.url)
+            page.wait_for_function("document.body.dataset.ready")
+            page.click("#record")
+            page.wait_for_function("document.querySelector('#camera').currentTime > 3", timeout=30_000)
+            page.click("#record")
+            page.wait_for_function("[...document.querySelectorAll('.job')].some(c => c.dataset.state === 'done')",
+                                   timeout=60_000)
+            assert page.eval_on_selector("#camera", "v => v.hidden")
+            browser.close()
+        [job] = httpx.get(f"{live.url}/api/jobs").json()
+    assert re.fullmatch(r"camera-\d{14}\.webm", job["name"]) and job["state"] == "done"
+    assert 60 <= job["frames"] <= 110 and job["pieces"] and all(p["text"] == UNIT for p in job["pieces"])
+
+
 def beside(run_dir: Path, work: Path) -> list[str]:
     """Settings serving run_dir's model from another work dir (the module's server holds run_dir's serve/)."""
     return ["--work-dir", str(work), "--checkpoint", str(run_dir / "checkpoints" / "best.pt")]
