@@ -225,6 +225,8 @@ def test_decode_cuts_the_mouth_out_of_face_videos_first(astronaut, tmp_path, cap
     with pytest.raises(m.UserError, match="no clip to decode .every one was skipped"):
         m.run_decode(m.parse_config(fast + ["--input", str(tmp_path / "raw")]))
     assert "add --preprocess" in capsys.readouterr().err
+    with pytest.raises(m.UserError, match=r"out.txt: decode writes .csv, .jsonl, .json, .srt, .vtt; name the file"):
+        m.run_decode(m.parse_config(fast + ["--input", str(tmp_path / "raw"), "--output", str(tmp_path / "out.txt")]))
     decoded = m.run_decode(m.parse_config(fast + ["--input", str(tmp_path / "raw"), "--preprocess"]))
     assert decoded == [("face", [(UNIT, decoded[0][1][0][1])])]  # one piece of 30 frames
     out = capsys.readouterr()
