@@ -77,9 +77,11 @@ def running_server(tmp_path_factory, settings: list[str]):
         except httpx.TransportError:
             assert proc.poll() is None, log.seek(0) or log.read()
             time.sleep(0.1)
-    yield SimpleNamespace(url=url, port=port, proc=proc, log=log_path)
-    proc.send_signal(signal.SIGINT)  # Ctrl-C: a clean stop
-    out, _ = proc.communicate(timeout=60)
+    try:
+        yield SimpleNamespace(url=url, port=port, proc=proc, log=log_path)
+    finally:  # a failed test stops its server too
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: a clean stop
+        out, _ = proc.communicate(timeout=60)
     log.seek(0)
     errors = log.read()
     assert proc.returncode == 0 and "Traceback" not in errors, errors
