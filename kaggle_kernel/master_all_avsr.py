@@ -6364,11 +6364,11 @@ class LipReader:
                 "decoder": self.cfg.decoder, "beam_size": self.cfg.beam_size, "frame_size": self.cfg.frame_size,
                 "device": str(self.device), "vocabulary": self.vocab.size}
 
-    def is_mouth_clip(self, path: Path) -> bool:
+    def first_frame(self, path: Path) -> np.ndarray:
         first = next(stream_frames(path, {}), None)
         if first is None:
             raise ValueError("unreadable video: no frame could be decoded")
-        return first.shape == (self.cfg.frame_size, self.cfg.frame_size)
+        return first
 
     def mouth_clip(self, job: Job) -> Path:
         """An av model's mouth clip of the upload, cut whole (its sound is read whole beside it)."""
@@ -6406,10 +6406,13 @@ class LipReader:
         job.hypotheses = [{"text": self.vocab.decode(ids), "score": round(score, 4)} for ids, score in nbest]
 
     def read_video(self, job: Job) -> None:
-        mouths = self.is_mouth_clip(job.upload)
+        first = self.first_frame(job.upload)
+        mouths = first.shape == (self.cfg.frame_size, self.cfg.frame_size)
         cfg = dataclasses.replace(self.cfg, beam_size=job.beam_size, nbest=job.nbest, preprocess=not mouths)
         cut = self.mouths / f"{job.upload.stem}.npz"
         reused = not mouths and cut.exists()
+        if not mouths and not reused:
+            job.set("preprocessing", f"a {first.shape[1]} x {first.shape[0]} face video: finding the mouth")
         found: list[Piece] = []
         beam = f", beam {job.beam_size}" * (self.cfg.decoder == "beam")
 

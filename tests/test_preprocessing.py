@@ -418,8 +418,8 @@ def test_the_report_is_rewritten_while_workers_run(astronaut, tmp_path, monkeypa
 
 
 def test_ctrl_c_stops_preprocessing_in_order_with_its_report(astronaut, tmp_path):
-    run = preprocessing_in_background(astronaut, tmp_path, 12, 40, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True, start_new_session=True)
+    run = preprocessing_in_background(astronaut, tmp_path, 12, 80, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, start_new_session=True)  # long enough not to end before the Ctrl-C
     while not list((tmp_path / "out").glob("*.mp4")) and run.poll() is None:
         time.sleep(0.1)
     os.killpg(run.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to the whole group, workers too

@@ -198,13 +198,13 @@ def test_the_events_stream_ends_on_the_finished_state_even_when_it_comes_between
 
 
 def test_a_face_video_is_cut_to_its_mouth_with_progress_and_the_cut_is_kept(server, astronaut, tmp_path):
-    video = write_video(tmp_path / "face.mp4", face_video(astronaut, 60)[0])
+    video = write_video(tmp_path / "face.mp4", face_video(astronaut, 150)[0])  # long enough to be seen a few times
     seen = events(server, upload(server, video).json()["id"])
-    assert seen[-1]["state"] == "done" and seen[-1]["frames"] == 60 and in_order([e["state"] for e in seen])
+    assert seen[-1]["state"] == "done" and seen[-1]["frames"] == 150 and in_order([e["state"] for e in seen])
     cutting = [(e["detail"], e["progress"]) for e in seen if e["state"] == "preprocessing"][1:]  # after its first
-    frames = [int(re.fullmatch(r"finding the mouth: frame (\d+) of 60", detail)[1]) for detail, _ in cutting]
+    frames = [int(re.fullmatch(r"finding the mouth: frame (\d+) of 150", detail)[1]) for detail, _ in cutting]
     assert frames and frames == sorted(frames)
-    assert [p for _, p in cutting] == pytest.approx([(f - 1) / 60 for f in frames], abs=1e-3)
+    assert [p for _, p in cutting] == pytest.approx([(f - 1) / 150 for f in frames], abs=1e-3)
     again = events(server, upload(server, video, name="same.mp4").json()["id"])
     assert "preprocessing" not in [e["state"] for e in again] and "reused" in again[-1]["notes"]
     assert again[-1]["hypotheses"][0]["text"] == seen[-1]["hypotheses"][0]["text"]
