@@ -418,12 +418,16 @@ def test_the_report_is_rewritten_while_workers_run(astronaut, tmp_path, monkeypa
 
 
 def test_ctrl_c_stops_preprocessing_in_order_with_its_report(astronaut, tmp_path):
+    # started as a shell starts it, Ctrl-C at its default: a test process may have come to ignore it (seen in CI,
+    # once other tests had run in the same worker), and an ignored SIGINT is inherited
     run = preprocessing_in_background(astronaut, tmp_path, 12, 80, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True, start_new_session=True)  # long enough not to end before the Ctrl-C
+                                      text=True, start_new_session=True,
+                                      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     while not list((tmp_path / "out").glob("*.mp4")) and run.poll() is None:
         time.sleep(0.1)
     os.killpg(run.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to the whole group, workers too
     out, err = run.communicate(timeout=120)
-    assert run.returncode == 130 and "Traceback" not in err and "Interrupted" in err, err
+    assert run.returncode == 130 and "Traceback" not in err and "Interrupted" in err, (
+        f"exit {run.returncode}, this test's SIGINT handler {signal.getsignal(signal.SIGINT)}: {err}{out}")
     done = list(csv.DictReader(open(tmp_path / "out" / "preprocess_report.csv", encoding="utf-8-sig")))
     assert 1 <= len(done) < 12 and all((tmp_path / "out" / f"{Path(r['video']).stem}.mp4").exists() for r in done)
