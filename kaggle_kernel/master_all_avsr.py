@@ -5921,7 +5921,7 @@ def read_pieces(model: nn.Module, pieces: list[Piece], vocab: Vocabulary, cfg: C
         spans = ctc_spans(log_probs[i, :n], ids, vocab.blank)
         out.append({"start": round(piece.start / CLIP_FPS, 3), "end": round((piece.start + n) / CLIP_FPS, 3),
                     "face": piece.face, "text": vocab.decode(ids), "score": round(score, 4),
-                    "words": timed_words(ids, spans, n, piece.start, vocab),
+                    "words": timed_words(ids, spans, n, piece.start, vocab), "ids": ids,
                     "nbest": [(vocab.decode(h), round(sc, 4)) for h, sc in hyps]})
     return out
 
@@ -6040,6 +6040,10 @@ def transcribe(paths: list[Path], model: nn.Module, vocab: Vocabulary, cfg: Conf
         if r.get("interrupted"):
             r["notes"].append(f"interrupted (Ctrl-C) at {r['frames'] / CLIP_FPS:.1f} s: transcribed up to there")
         r["text"] = " ".join(p["text"] for p in r["pieces"] if p["text"])
+        r["ids"] = []  # the units read, pieces a word boundary apart: what a CER is counted on
+        for p in r["pieces"]:
+            ids = p.pop("ids")
+            r["ids"] += ([vocab.space] if r["ids"] and ids else []) + ids
         r["score"] = round(sum(p["score"] for p in r["pieces"]), 4)
         r["words"] = [w for p in r["pieces"] for w in p["words"]]
     return results
@@ -8192,8 +8196,7 @@ def run_decode(cfg: Config) -> list[tuple[str, list[tuple[str, float]]]]:
     for r in sorted(read, key=lambda r: r["name"]):
         ranked = r["pieces"][0]["nbest"] if len(r["pieces"]) == 1 else [(r["text"], r["score"])]
         out.append((r["name"], ranked))
-        ref = labels.get(r["name"])
-        ids = vocab.encode(r["text"])[0] if r["text"] else []
+        ref, ids = labels.get(r["name"]), r["ids"]
         if ref is not None:
             refs.append(ref)
             best.append(ids)

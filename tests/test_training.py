@@ -747,7 +747,8 @@ def test_a_second_run_in_a_work_dir_in_use_stops_at_once_and_a_dead_runs_lock_is
 
 def test_ctrl_c_leaves_whole_files_and_says_how_to_resume(tmp_path):
     work = tmp_path / "w"
-    run = run_script(FAST + ["--epochs", "40", "--decoder", "ctc", "--work-dir", str(work)])
+    run = run_script(FAST + ["--epochs", "40", "--decoder", "ctc", "--work-dir", str(work)],
+                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a shell starts it
     while not (work / "checkpoints" / "last.pt").exists() and run.poll() is None:
         time.sleep(0.05)
     run.send_signal(signal.SIGINT)
