@@ -256,11 +256,29 @@ def test_the_queue_is_bounded_and_a_job_cancels_waiting_or_running(server, astro
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def test_the_page_in_a_real_browser_shows_the_transcript_and_the_errors(server, clips, tmp_path):
+def need_browser() -> None:
     if CHROMIUM is None:
         if os.environ.get("AVSR_REQUIRE_BROWSER"):  # CI installs it: there, a missing browser is a failure
             pytest.fail("no chromium on PATH: apt-get install chromium")
         pytest.skip("a real browser is needed: apt-get install chromium (Debian's package)")
+
+
+def run_saying_one_unit(run_dir: Path, tmp_path_factory) -> Path:
+    """A copy of the module's run whose model says UNIT on every frame (conftest's saying_one_unit)."""
+    work = tmp_path_factory.mktemp("saying") / "run"
+    shutil.copytree(run_dir / "checkpoints", work / "checkpoints", ignore=shutil.ignore_patterns("epochs"))
+    saying_one_unit(work)
+    return work
+
+
+def mouths(rng, count: int, frames: int) -> list[np.ndarray]:
+    """`count` smooth 112 x 112 textures (mouths far apart in look), each held for `frames` frames."""
+    textures = [cv2.GaussianBlur(rng.integers(0, 255, (112, 112)).astype(np.float32), (0, 0), 4) for _ in range(count)]
+    return [((t - t.min()) / np.ptp(t) * 255).astype(np.uint8) for t in textures for _ in range(frames)]
+
+
+def test_the_page_in_a_real_browser_shows_the_transcript_and_the_errors(server, clips, tmp_path):
+    need_browser()
     from playwright.sync_api import sync_playwright
     # names no other test uploads to this server: the page also lists the jobs of those tests
     clip, broken = tmp_path / "page_clip.mp4", tmp_path / "page_broken.mp4"
@@ -290,18 +308,11 @@ def test_the_page_plays_a_long_video_with_its_subtitles_and_words_that_seek(run_
     """A 6-second mouth clip (webm, as a browser records) read in pieces by a model that says UNIT on every frame:
     the API gives the pieces and their timed words; the page plays the upload with the subtitles as a track and
     shows the words, a click on one seeking the video to its start."""
-    if CHROMIUM is None:
-        if os.environ.get("AVSR_REQUIRE_BROWSER"):
-            pytest.fail("no chromium on PATH: apt-get install chromium")
-        pytest.skip("a real browser is needed: apt-get install chromium (Debian's package)")
+    need_browser()
     from playwright.sync_api import sync_playwright
-    work = tmp_path_factory.mktemp("saying") / "run"
-    shutil.copytree(run_dir / "checkpoints", work / "checkpoints", ignore=shutil.ignore_patterns("epochs"))
-    saying_one_unit(work)
+    work = run_saying_one_unit(run_dir, tmp_path_factory)
     rng = np.random.default_rng(1)
-    textures = [cv2.GaussianBlur(rng.integers(0, 255, (112, 112)).astype(np.float32), (0, 0), 4) for _ in range(5)]
-    frames = [(t - t.min()) / np.ptp(t) * 255 for t in textures for _ in range(30)]  # five mouths, 1.2 s each
-    video = write_video(tmp_path / "talk.webm", [f.astype(np.uint8) for f in frames], fourcc="VP80")
+    video = write_video(tmp_path / "talk.webm", mouths(rng, 5, 30), fourcc="VP80")  # five mouths, 1.2 s each
     with running_server(tmp_path_factory, ["--work-dir", str(work), "--decoder", "ctc"]) as live:
         done = events(live.url, upload(live.url, video).json()["id"])[-1]
         assert done["state"] == "done" and done["frames"] == 150
@@ -340,18 +351,11 @@ def y4m(path: Path, frames: list[np.ndarray]) -> Path:
 def test_the_page_records_from_the_camera_and_transcribes_it(run_dir, tmp_path_factory, tmp_path):
     """Chromium's fake camera fed a mouth clip (Y4M): the page records about 3 seconds with MediaRecorder, sends
     them as camera-*.webm, and the transcript comes back in pieces, as for an uploaded video."""
-    if CHROMIUM is None:
-        if os.environ.get("AVSR_REQUIRE_BROWSER"):
-            pytest.fail("no chromium on PATH: apt-get install chromium")
-        pytest.skip("a real browser is needed: apt-get install chromium (Debian's package)")
+    need_browser()
     from playwright.sync_api import sync_playwright
-    work = tmp_path_factory.mktemp("camera") / "run"
-    shutil.copytree(run_dir / "checkpoints", work / "checkpoints", ignore=shutil.ignore_patterns("epochs"))
-    saying_one_unit(work)
+    work = run_saying_one_unit(run_dir, tmp_path_factory)
     rng = np.random.default_rng(2)
-    textures = [cv2.GaussianBlur(rng.integers(0, 255, (112, 112)).astype(np.float32), (0, 0), 4) for _ in range(4)]
-    feed = y4m(tmp_path / "camera.y4m", [((t - t.min()) / np.ptp(t) * 255).astype(np.uint8) for t in textures
-                                         for _ in range(25)])
+    feed = y4m(tmp_path / "camera.y4m", mouths(rng, 4, 25))
     with running_server(tmp_path_factory, ["--work-dir", str(work), "--decoder", "ctc"]) as live:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=[
