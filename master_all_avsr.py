@@ -868,6 +868,20 @@ def declared_size_problem(path: Path) -> str:
         video.release()
 
 
+def unopened(path: Path) -> str:
+    """Why OpenCV cannot open a video, as far as PyAV (FFmpeg's own reader) can tell."""
+    try:
+        import av
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                return "unreadable video: it holds no picture"
+            codec = container.streams.video[0].codec_context
+            return (f"unreadable video: its picture is coded as {codec.name if codec else 'a codec FFmpeg does not know'}, "
+                    "which this OpenCV cannot decode")
+    except Exception:  # PyAV absent, or it cannot open it either
+        return "unreadable video: it cannot be opened (corrupt, truncated or not a video)"
+
+
 def read_video(path: Path) -> np.ndarray:
     """T x H x W uint8 from a video file or a saved array; ValueError says what is wrong with it."""
     return read_frames(path)[0]
@@ -891,7 +905,7 @@ def read_frames(path: Path) -> tuple[np.ndarray, float]:
     import cv2
     cap = cv2.VideoCapture(str(path))
     if not cap.isOpened():
-        raise ValueError("unreadable video: it cannot be opened (corrupt, truncated or not a video)")
+        raise ValueError(unopened(path))
     declared = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
     fps = cap.get(cv2.CAP_PROP_FPS)
     frames = []
@@ -922,13 +936,26 @@ def sound_too_long(seconds: float) -> str:
             "it into shorter pieces first (ffmpeg -ss START -t 60)")
 
 
-def read_audio(path: Path) -> np.ndarray:
-    """A file's first sound track as 16 kHz mono float32 (PyAV decodes and resamples, stereo is mixed down);
-    ValueError says what is wrong with it."""
+def import_av():
     try:
         import av
     except ImportError as e:  # a Kaggle image may lack it
         raise UserError("Sound is read with PyAV: `pip install av` (in a notebook: !pip install av).") from e
+    return av
+
+
+def sound_chunks(av, container):
+    """A container's first sound track as it decodes: 16 kHz mono float32 pieces (stereo mixed down)."""
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+    for frame in container.decode(container.streams.audio[0]):
+        yield from (out.to_ndarray().reshape(-1) for out in resampler.resample(frame))
+    yield from (out.to_ndarray().reshape(-1) for out in resampler.resample(None))
+
+
+def read_audio(path: Path) -> np.ndarray:
+    """A file's first sound track (a clip's: up to the longest clip read) as 16 kHz mono float32; ValueError
+    says what is wrong with it."""
+    av = import_av()
     try:
         with av.open(str(path)) as container:
             if not container.streams.audio:
@@ -937,20 +964,30 @@ def read_audio(path: Path) -> np.ndarray:
             declared = (container.duration or 0) / av.time_base
             if declared > longest:
                 raise ValueError(sound_too_long(declared))
-            resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
             chunks, samples = [], 0
-            for frame in container.decode(container.streams.audio[0]):
-                new = [out.to_ndarray().reshape(-1) for out in resampler.resample(frame)]
-                chunks, samples = chunks + new, samples + sum(len(c) for c in new)
+            for chunk in sound_chunks(av, container):
+                chunks.append(chunk)
+                samples += len(chunk)
                 if samples > longest * SAMPLE_RATE * 1.5:  # a stream that outruns its header
                     raise ValueError(sound_too_long(samples / SAMPLE_RATE))
-            chunks += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
     except av.error.FFmpegError as e:
         raise ValueError(f"unreadable sound ({e})") from e
     wave = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
     if not np.isfinite(wave).all() or not np.abs(wave).max(initial=0) > 0:
         raise ValueError("the audio track is empty or silent")
     return wave.astype(np.float32)
+
+
+def stream_sound(path: Path):
+    """A file's first sound track of any length, chunk by chunk as it decodes (as read_audio reads it)."""
+    av = import_av()
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise ValueError("no audio track")
+            yield from sound_chunks(av, container)
+    except av.error.FFmpegError as e:
+        raise ValueError(f"unreadable sound ({e})") from e
 
 
 def write_wav(path: Path, wave: np.ndarray, rate: int = SAMPLE_RATE) -> None:
@@ -1010,8 +1047,13 @@ def clip_sound(load, candidates: list[Path], frames: int) -> tuple[np.ndarray | 
         if not problem:
             return fit_to_frames(wave, frames), ""
         tried.append(f"{path}: {problem}")
-    return None, ("no sound: " + ("; ".join(tried) if tried else "no sound file or video of its name was found")
-                  + " (put a wav/flac/m4a of the clip's name beside it, or point --audio-dir at the raw videos)")
+    return None, no_sound(tried)
+
+
+def no_sound(tried: list[str]) -> str:
+    return ("no sound: " + ("; ".join(tried) if tried else "no sound file or video of its name was found")
+            + " (the model hears as it reads lips: give the video with its sound, or put a wav/flac/m4a of its name "
+            "beside it, or point --audio-dir at the raw videos)")
 
 
 BABBLE_VOICES, BABBLE_SECONDS = 6, 60
@@ -3506,16 +3548,21 @@ def decode(model: nn.Module, enc, mask, lengths, vocab: Vocabulary, cfg: Config,
                                           lm)]
 
 
-def words_of(ids: list[int], vocab: Vocabulary) -> list[tuple[int, ...]]:
+def word_positions(ids: list[int], vocab: Vocabulary) -> list[list[int]]:
+    """Where each word of `ids` lies: the positions of its units (words are split at spaces; none is empty)."""
     words, current = [], []
-    for i in ids + [vocab.space]:
+    for u, i in enumerate(ids + [vocab.space]):
         if i == vocab.space:
             if current:
-                words.append(tuple(current))
+                words.append(current)
             current = []
         else:
-            current.append(i)
+            current.append(u)
     return words
+
+
+def words_of(ids: list[int], vocab: Vocabulary) -> list[tuple[int, ...]]:
+    return [tuple(ids[u] for u in word) for word in word_positions(ids, vocab)]
 
 
 def error_rates(refs: list[list[int]], hyps: list[list[int]], vocab: Vocabulary) -> dict:
@@ -3580,28 +3627,11 @@ def evaluate(model, ds: Dataset, index: list[int], vocab: Vocabulary, cfg: Confi
 
 # Decoding files (--mode decode, --mode serve): clips without labels, read one by one, decoded in batches --------
 
-def read_frames_to_decode(path: Path, frame_size: int) -> np.ndarray:
-    frames = read_video(path)
-    if frames.shape[1:] != (frame_size, frame_size):
-        raise ValueError(f"frames are {frames.shape[2]} x {frames.shape[1]}, the model wants {frame_size} x "
-                         f"{frame_size} mouth crops (for face videos, add --preprocess)")
-    return frames
-
-
-def clip_to_decode(path: Path, cfg: Config, sound: list[Path]) -> tuple[np.ndarray, np.ndarray | None]:
-    """What the model sees and hears of one clip: its frames, and for audio / av its sound (from the first of
-    `sound` that has any); ValueError says why it cannot be read."""
-    if cfg.modality == "audio":
-        wave = read_audio(path)
-        frames = np.zeros((max(1, round(len(wave) / SAMPLES_PER_FRAME)), 0, 0), np.uint8)
-        return frames, fit_to_frames(wave, len(frames))
-    frames = read_frames_to_decode(path, cfg.frame_size)
-    if cfg.modality == "video":
-        return frames, None
-    wave, why = clip_sound(read_audio, sound, len(frames))
-    if why:
-        raise ValueError(why)
-    return frames, wave
+def sound_to_decode(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """What an audio model hears of one file, read whole: its sound as frames x 640, beside no picture."""
+    wave = read_audio(path)
+    frames = np.zeros((max(1, round(len(wave) / SAMPLES_PER_FRAME)), 0, 0), np.uint8)
+    return frames, fit_to_frames(wave, len(frames))
 
 
 def unlabelled_clips(clips: list[np.ndarray], waves: list, cfg: Config) -> Dataset:
@@ -5440,13 +5470,10 @@ class FaceFollower:
         self.look = face_look(gray, box_of(p))
         return p
 
-    def track(self, frames: np.ndarray, on_frame=None) -> FaceTrack:
-        """on_frame(t, frames), when given, is called before each frame (serve's progress; it may raise to stop)."""
+    def track(self, frames: np.ndarray) -> FaceTrack:
         self.start()
         points = np.full((len(frames), 68, 2), np.nan, np.float32)
         for t, gray in enumerate(frames):
-            if on_frame:
-                on_frame(t, len(frames))
             p = self.step(gray)
             if p is not None:
                 points[t] = p
@@ -5552,9 +5579,8 @@ def report_row(path: Path, status: str = "failed", note: str = "", **counts) -> 
             "output": "", "note": note, **counts}
 
 
-def preprocess_video(path: Path, out_dir: Path, cfg: Config, on_frame=None) -> dict:
-    """Cut one video's mouth clip; the report row says what happened, in words where something went wrong.
-    on_frame: FaceFollower.track's."""
+def preprocess_video(path: Path, out_dir: Path, cfg: Config) -> dict:
+    """Cut one video's mouth clip; the report row says what happened, in words where something went wrong."""
     import cv2
     cv2.setNumThreads(1)  # the parallelism is one video per process
     try:
@@ -5562,7 +5588,7 @@ def preprocess_video(path: Path, out_dir: Path, cfg: Config, on_frame=None) -> d
     except ValueError as e:
         return report_row(path, note=f"{e}. Re-encode it (ffmpeg -i IN -c:v libx264 OUT.mp4) or remove it.")
     frames = at_clip_rate(frames, fps)
-    track = follower_for(cfg).track(frames, on_frame)
+    track = follower_for(cfg).track(frames)
     missing = np.flatnonzero(np.isnan(track.points[:, 0, 0]))
     counts = dict(frames=len(frames), faces=track.most_faces, detections=track.detections, filled=len(missing))
     if len(missing) == len(frames):
@@ -5671,9 +5697,10 @@ def preprocess_videos(cfg: Config, out_dir: Path) -> list[dict]:
 # tag says; at 25 fps), the followed face's mouth cut out as the frames pass (as preprocess_video cuts it), and
 # the mouth track cut into pieces of about that length: where the face is gone longer than --bridge-seconds,
 # where another face takes over (a cut), and within a long run at its quietest frame (least mouth motion)
-# between --shortest-piece and --piece-seconds. Pieces from all videos are read in batches as they fill
-# --max-frames, and each word is placed in time by CTC's alignment of the hypothesis. Held at once: a gap's and a
-# smoothing window's frames, one piece a video, one batch, whatever the length.
+# between --shortest-piece and --piece-seconds. An audio-visual model hears each piece's own stretch of the sound,
+# streamed beside the frames. Pieces from all videos are read in batches as they fill --max-frames, and each word
+# is placed in time by CTC's alignment of the hypothesis. Held at once: a gap's and a smoothing window's frames,
+# one piece a video and its sound, one batch, whatever the length.
 
 SHORTEST_READ = 5  # frames: a piece shorter than this (0.2 s) is not read
 LARGEST_FRAME = 7680 * 4320  # pixels: a frame of a streamed video is read whole; beyond 8K it is refused
@@ -5685,6 +5712,7 @@ class Piece:
     start: int  # its first frame in the video (25 fps)
     mouths: np.ndarray  # T x S x S uint8
     face: int  # the face it shows (1, 2, ...: a new number at each cut to another face)
+    sound: np.ndarray | None = None  # T x 640 float32: its frames' sound, for an audio-visual model
 
 
 def stream_frames(path: Path, info: dict):
@@ -5699,7 +5727,7 @@ def stream_frames(path: Path, info: dict):
     import cv2
     cap = cv2.VideoCapture(str(path))
     if not cap.isOpened():
-        raise ValueError("unreadable video: it cannot be opened (corrupt, truncated or not a video)")
+        raise ValueError(unopened(path) + ": re-encode it (ffmpeg -i IN -c:v libx264 OUT.mp4)")
     cap.set(cv2.CAP_PROP_ORIENTATION_AUTO, 1)
     fps = cap.get(cv2.CAP_PROP_FPS)
     fps = fps if 1 <= fps <= 1000 else CLIP_FPS
@@ -5847,6 +5875,44 @@ def pieces_of(video: int, track, cfg: Config):
         yield Piece(video, start, np.stack(held), face)
 
 
+class PieceSound:
+    """A video's sound as its pieces need it, T x 640 samples from a frame on; the pieces come in time order, so
+    what lies before the one asked for is let go. `end`: the samples the track held, once it has run out."""
+
+    def __init__(self, path: Path):
+        self.chunks = stream_sound(path)
+        first = next(self.chunks, None)  # a file without sound says so now, not at its first piece
+        self.held, self.first, self.end = [first] if first is not None else [], 0, None
+        self.read = len(first) if first is not None else 0
+
+    def of(self, start: int, frames: int) -> np.ndarray:
+        lo, hi = start * SAMPLES_PER_FRAME, (start + frames) * SAMPLES_PER_FRAME
+        while True:
+            while self.held and self.first + len(self.held[0]) <= lo:  # wholly before this piece
+                self.first += len(self.held.pop(0))
+            if self.read >= hi or self.end is not None:
+                break
+            chunk = next(self.chunks, None)
+            if chunk is None:
+                self.end = self.read
+                break
+            self.held.append(chunk)
+            self.read += len(chunk)
+        wave = np.concatenate(self.held) if self.held else np.zeros(0, np.float32)
+        return fit_to_frames(wave[max(0, lo - self.first):], frames)
+
+
+def sound_of_video(candidates: list[Path]) -> PieceSound:
+    """The first of `candidates` (the video itself, a file of its name) that has sound; ValueError if none."""
+    tried = []
+    for path in candidates:
+        try:
+            return PieceSound(path)
+        except ValueError as e:
+            tried.append(f"{path}: {e}")
+    raise ValueError(no_sound(tried))
+
+
 def ctc_spans(log_probs: torch.Tensor, ids: list[int], blank: int) -> list[tuple[int, int]] | None:
     """The frames [first, last + 1) each unit of `ids` takes in CTC's most likely alignment of them (Viterbi over
     blank-unit-blank states), or None where CTC cannot place them in these frames."""
@@ -5885,15 +5951,7 @@ def ctc_spans(log_probs: torch.Tensor, ids: list[int], blank: int) -> list[tuple
 def timed_words(ids: list[int], spans, frames: int, start: int, vocab: Vocabulary) -> list[dict]:
     """The hypothesis' words with their start and end in seconds: from the CTC spans of their units, or, where
     CTC cannot place them, spread evenly over the piece."""
-    words, current = [], []
-    for u, i in enumerate(ids + [vocab.space]):
-        if i == vocab.space:
-            if current:
-                words.append(current)
-            current = []
-        elif i not in (vocab.blank, vocab.sos_eos):
-            current.append(u)
-    out = []
+    words, out = word_positions(ids, vocab), []
     for k, units in enumerate(words):
         if spans is not None:
             first, last = spans[units[0]][0], spans[units[-1]][1]
@@ -5908,7 +5966,7 @@ def timed_words(ids: list[int], spans, frames: int, start: int, vocab: Vocabular
 def read_pieces(model: nn.Module, pieces: list[Piece], vocab: Vocabulary, cfg: Config, device,
                 lm: LanguageModel | None = None) -> list[dict]:
     """Each piece's best hypothesis, its score and its timed words, the pieces read as one batch."""
-    clips = unlabelled_clips([p.mouths for p in pieces], [None] * len(pieces), cfg)
+    clips = unlabelled_clips([p.mouths for p in pieces], [p.sound for p in pieces], cfg)
     x, lengths = batch_inputs(clips, list(range(len(pieces))), Augment(cfg, training=False), device)
     with autocast(device, cfg):
         enc, mask = model.encode(x, lengths.to(device))
@@ -5979,16 +6037,20 @@ def video_notes(info: dict, faces: bool, pieces: int) -> list[str]:
                      "once, the largest")
     elif faces and info.get("most_faces", 0) > 1:
         notes.append(f"{info['most_faces']} faces seen at once: followed the largest")
+    if info.get("sound_ends") is not None and info["sound_ends"] < frames / CLIP_FPS - 0.5:
+        notes.append(f"its sound ends at {info['sound_ends']:.1f} s, its picture at {frames / CLIP_FPS:.1f} s: the "
+                     "pieces after it were heard as silence")
     if frames and not pieces and not (faces and no_face == frames):
         notes.append("nothing long enough to read")
     return notes
 
 
 def transcribe(paths: list[Path], model: nn.Module, vocab: Vocabulary, cfg: Config, device,
-               lm: LanguageModel | None = None, on_progress=None, pieces_for=None) -> list[dict]:
+               lm: LanguageModel | None = None, on_progress=None, pieces_for=None, sound_for=None) -> list[dict]:
     """Every video of `paths` (face videos with --preprocess, else mouth clips) read in pieces: per video its
     text, score, length, pieces (start, end, face, text, score, words), timed words and notes; one that cannot
-    be read gets its reason as `error`. on_progress(stage, info, piece), when given, is called at each "frame",
+    be read gets its reason as `error`. An audio-visual model hears each piece's sound from the first file of
+    sound_for(path) that has any (default: the video itself). on_progress(stage, info, piece), when given, is called at each "frame",
     each "piece" found and before each batch is "read" ("last read" once the videos are all cut), `info` holding
     the video's frames so far, the frames its header declares, pieces found and read; it may raise to stop.
     pieces_for(video, path, info, on_frame), when given, replaces video_pieces (pieces cut before)."""
@@ -6019,9 +6081,13 @@ def transcribe(paths: list[Path], model: nn.Module, vocab: Vocabulary, cfg: Conf
             result.update(error="not read: the run was interrupted before it", frames=0, notes=[])
             continue
         try:
+            sound = sound_of_video(sound_for(path) if sound_for else [path]) if cfg.modality == "av" else None
             for piece in pieces_for(v, path, info, lambda: tell("frame", info, None)):
                 if len(piece.mouths) < SHORTEST_READ:
                     continue
+                if sound:
+                    piece.sound = sound.of(piece.start, len(piece.mouths))
+                    info["sound_ends"] = sound.end and sound.end / SAMPLE_RATE
                 queue.append(piece)
                 info["pieces"] += 1
                 tell("piece", info, piece)
@@ -6321,7 +6387,7 @@ def preview_strip(frames: np.ndarray) -> bytes:
 
 
 def mouths_folder(work_dir: Path, frame_size: int) -> Path:
-    """Where the mouth clips cut from face videos are kept: serve/mouths, or serve/mouths-<size> for a model of
+    """Where the mouth pieces cut from face videos are kept: serve/mouths, or serve/mouths-<size> for a model of
     another frame size than Config's (one served beside the run's with --serve-model), a cut being of one size."""
     return work_dir / "serve" / ("mouths" if frame_size == Config.frame_size else f"mouths-{frame_size}")
 
@@ -6351,8 +6417,8 @@ def saved_pieces(path: Path, video: int, info: dict):
 class LipReader:
     """The run's model, loaded once, and the way from an uploaded file to its n-best. Video of any length is read
     in pieces (section 11): a face video's mouth is found first (its pieces kept by the upload's hash, so the
-    same video sent again is not cut again); a clip of the model's frame size is read as it is. Sound (audio,
-    av) is read a clip at a time."""
+    same video sent again is not cut again); a clip of the model's frame size is read as it is; an audio-visual
+    model hears each piece's sound from the upload. Sound alone (an audio model) is read whole."""
     dlib_lock = threading.Lock()  # dlib's objects are not shared safely: one lock for every model served
 
     def __init__(self, cfg: Config):
@@ -6374,32 +6440,10 @@ class LipReader:
             raise ValueError("unreadable video: no frame could be decoded")
         return first
 
-    def mouth_clip(self, job: Job) -> Path:
-        """An av model's mouth clip of the upload, cut whole (its sound is read whole beside it)."""
-        frames = read_video(job.upload)
-        if frames.shape[1:] == (self.cfg.frame_size, self.cfg.frame_size):
-            return job.upload
-        cut = self.mouths / f"{job.upload.stem}.mp4"
-        if cut.exists():
-            job.notes = "the same video was cut before: its mouth clip is reused"
-            return cut
-        job.set("preprocessing", f"a {frames.shape[2]} x {frames.shape[1]} face video: finding the mouth")
-        follow = lambda t, n: job.set("preprocessing", f"finding the mouth: frame {t + 1} of {n}", t / n)
-        cfg = dataclasses.replace(self.cfg, landmark_model=str(find_landmark_model(self.cfg)))
-        with self.dlib_lock:
-            row = preprocess_video(job.upload, self.mouths, cfg, on_frame=follow)
-        if row["status"] != "done":
-            raise ValueError(row["note"])
-        job.notes = row["note"]
-        return cut
-
     def read(self, job: Job) -> None:
-        if self.cfg.modality == "video":
-            return self.read_video(job)
-        mouth = job.upload if self.cfg.modality == "audio" else self.mouth_clip(job)
-        frames, wave = clip_to_decode(mouth, self.cfg, [job.upload])
         if self.cfg.modality != "audio":
-            atomic_write(job.folder / "preview.png", lambda tmp: Path(tmp).write_bytes(preview_strip(frames)))
+            return self.read_video(job)
+        frames, wave = sound_to_decode(job.upload)
         job.set("decoding", f"decoding {len(frames)} frames" + f", beam {job.beam_size}" * (self.cfg.decoder == "beam"))
         cfg = dataclasses.replace(self.cfg, beam_size=job.beam_size, nbest=job.nbest)
         t0 = time.perf_counter()
@@ -6423,7 +6467,7 @@ class LipReader:
         def progress(stage: str, info: dict, piece: Piece | None):
             total = round(info.get("declared", 0) * CLIP_FPS / info.get("fps", CLIP_FPS))
             frames, pieces = info.get("frames", 0), info.get("pieces", 0)
-            where = f"finding the mouth: frame {frames} of {total}" if total else f"finding the mouth: frame {frames}"
+            where = "finding the mouth: " * (not mouths) + f"frame {frames}" + f" of {total}" * bool(total)
             if stage == "frame" and not mouths and not reused:
                 job.set("preprocessing", where, (frames - 1) / total if total else 0.0)
             elif stage == "piece" and sum(len(p.mouths) for p in found) < CACHED_FRAMES:
@@ -6431,7 +6475,9 @@ class LipReader:
             elif stage == "read":
                 job.set(job.state, f"{where}; reading pieces {info['pieces_read'] + 1}-{pieces}", job.progress)
             elif stage == "last read":
-                job.set("decoding", f"reading {pieces} piece{'s' * (pieces != 1)} of {frames} frames{beam}")
+                job.set("decoding", f"reading piece{'s' * (pieces != 1)} {info['pieces_read'] + 1}"
+                        + f"-{pieces}" * (pieces > info["pieces_read"] + 1) + f" of {pieces} ({frames} frames{beam})",
+                        info["pieces_read"] / max(1, pieces))
 
         pieces_for = (lambda v, path, info, on_frame: saved_pieces(cut, v, info)) if reused else None
         with self.dlib_lock, self.model_lock:
@@ -8102,34 +8148,24 @@ def run_preprocess(cfg: Config) -> list[dict]:
     return preprocess_videos(cfg, Path(cfg.output) if cfg.output else Path(cfg.work_dir) / "mouths")
 
 
-def clips_to_decode(cfg: Config) -> list[Path]:
-    """--input's clips (for --modality audio, its sound files and videos); with --preprocess, the mouth clips cut
-    from --input's face videos into <work-dir>/mouths."""
+def sounds_to_decode(cfg: Config) -> list[Path]:
+    """--input's sound for an audio model: one file, or per name in a folder its sound file, else its video."""
     source = Path(cfg.input)
     if not cfg.input or not source.exists():
-        raise UserError(f"--mode decode needs --input, a clip or a folder of clips ({cfg.input!r} not found).")
-    if cfg.preprocess and cfg.modality != "audio":
-        rows = preprocess_videos(cfg, Path(cfg.work_dir) / "mouths")
-        return [Path(r["output"]) for r in rows if r["output"]]
+        raise UserError(f"--mode decode needs --input, a sound file or video, or a folder of them ({cfg.input!r} not found).")
     if source.is_file():
         return [source]
-    if cfg.modality != "audio":
-        return sorted(p for p in source.rglob("*") if p.suffix.lower() in VIDEO_EXTS)
     by_stem = files_by_stem(source, SOUND_EXTS | SOUND_IN_VIDEO_EXTS, set())  # a clip's wav, else its video
     return sorted(min(paths, key=lambda p: (p.suffix.lower() not in SOUND_EXTS, str(p))) for paths in by_stem.values())
 
 
-def read_clips_to_decode(paths: list[Path], cfg: Config) -> tuple[list[str], Dataset]:
-    """Every readable clip of `paths` with what the model hears or sees, as an unlabelled Dataset; the others
-    are named and skipped. Sound for av comes from the clip, or a file of its name beside --input or in
-    --audio-dir (the raw face video, with --preprocess)."""
-    source = Path(cfg.input) if Path(cfg.input).is_dir() else Path(cfg.input).parent
-    sounds = (sound_candidates(dataclasses.replace(cfg, data_dir=str(source), videos_dir=""),
-                               {p.stem: p for p in paths}) if cfg.modality == "av" else {})
+def read_sounds_to_decode(paths: list[Path], cfg: Config) -> tuple[list[str], Dataset]:
+    """Every readable file of `paths` as an audio model hears it, as an unlabelled Dataset; the others are named
+    and skipped."""
     names, clips, waves = [], [], []
     for path in paths:
         try:
-            frames, wave = clip_to_decode(path, cfg, sounds.get(path.stem, []))
+            frames, wave = sound_to_decode(path)
         except ValueError as e:
             print(f"Skipped {path}: {e}", file=sys.stderr)
             continue
@@ -8137,8 +8173,8 @@ def read_clips_to_decode(paths: list[Path], cfg: Config) -> tuple[list[str], Dat
         clips.append(frames)
         waves.append(wave)
     if not names:
-        raise UserError(f"--input {cfg.input}: no clip to decode ({'every one was skipped, above' if paths else 'none found'}"
-                        f"; clips are {', '.join(sorted(VIDEO_EXTS))}, or raw face videos with --preprocess).")
+        raise UserError(f"--input {cfg.input}: no sound to decode ({'every file was skipped, above' if paths else 'none found'}"
+                        f"; sound is {', '.join(sorted(SOUND_EXTS | SOUND_IN_VIDEO_EXTS))}).")
     return names, unlabelled_clips(clips, waves, cfg)
 
 
@@ -8172,17 +8208,19 @@ def run_decode(cfg: Config) -> list[tuple[str, list[tuple[str, float]]]]:
     --nbest N, N lines `name<TAB>rank<TAB>score<TAB>text` a clip; and written to --output (default
     <work-dir>/decode.csv) by its suffix: .csv or .jsonl (a row a clip: its text, frames, seconds, and reference
     and CER where a label of its name is found), .json (pieces, timed words, notes), .srt or .vtt (subtitles).
-    Video of any length is read in pieces (section 11); sound alone or with video, a clip at a time."""
+    Video of any length is read in pieces (section 11), an audio-visual model's with their sound; sound alone, a
+    file at a time."""
     device = pick_device(cfg.device)
     model, vocab, model_cfg = model_from_checkpoint(checkpoint_path(cfg), cfg, device)
     lm = search_lm(model_cfg, vocab, device)
     path = Path(cfg.output) if cfg.output else Path(cfg.work_dir) / "decode.csv"
     if path.suffix.lower() not in DECODE_OUTPUTS:
         raise UserError(f"--output {path}: decode writes {', '.join(DECODE_OUTPUTS)}; name the file with one of them.")
-    if model_cfg.modality != "video":
-        return decode_whole_clips(model, vocab, model_cfg, device, lm, path)
+    if model_cfg.modality == "audio":
+        return decode_sound_files(model, vocab, model_cfg, device, lm, path)
     paths = videos_to_transcribe(model_cfg)
-    results = transcribe(paths, model, vocab, model_cfg, device, lm, decode_progress(len(paths), 10.0))
+    results = transcribe(paths, model, vocab, model_cfg, device, lm, decode_progress(len(paths), 10.0),
+                         sound_for=sound_sources(model_cfg, paths) if model_cfg.modality == "av" else None)
     for r in results:
         if r["error"]:
             print(f"Skipped {r['video']}: {r['error']}", file=sys.stderr)
@@ -8262,9 +8300,19 @@ def write_transcripts(path: Path, rows: list[dict], results: list[dict]) -> list
     return paths
 
 
-def decode_whole_clips(model, vocab: Vocabulary, model_cfg: Config, device, lm, path: Path):
-    """--modality audio or av: each clip read whole, with its sound."""
-    names, clips = read_clips_to_decode(clips_to_decode(model_cfg), model_cfg)
+def sound_sources(cfg: Config, paths: list[Path]):
+    """Where an audio-visual model hears each video of `paths`: the video itself, a sound file or video of its
+    name under --input or --audio-dir (a mouth clip's raw face video)."""
+    source = Path(cfg.input) if Path(cfg.input).is_dir() else Path(cfg.input).parent
+    found = sound_candidates(dataclasses.replace(cfg, data_dir=str(source), videos_dir=""), {p.stem: p for p in paths})
+    return lambda path: found[path.stem]
+
+
+def decode_sound_files(model, vocab: Vocabulary, model_cfg: Config, device, lm, path: Path):
+    """--modality audio: each file's sound read whole."""
+    if path.suffix.lower() not in (".csv", ".jsonl"):
+        raise UserError(f"--output {path}: with --modality audio, decode writes .csv or .jsonl.")
+    names, clips = read_sounds_to_decode(sounds_to_decode(model_cfg), model_cfg)
     out = []
     labels, rows, refs, best = labels_beside(model_cfg, vocab), [], [], []
     for batch in frame_budget_batches(clips.bank.lengths.tolist(), model_cfg.max_frames, random.Random(0)):
@@ -8287,8 +8335,6 @@ def decode_whole_clips(model, vocab: Vocabulary, model_cfg: Config, device, lm, 
         for rank, (text, score) in enumerate(hyps, 1):
             shown = shown_name(name)
             print(f"{shown}\t{text}" if model_cfg.nbest == 1 else f"{shown}\t{rank}\t{score:.4f}\t{text}")
-    if path.suffix.lower() not in (".csv", ".jsonl"):
-        raise UserError(f"--output {path}: with --modality {model_cfg.modality}, decode writes .csv or .jsonl.")
     write_decoded(path, sorted(rows, key=lambda r: (r["name"], r["rank"])))
     print(f"Wrote {path}: {len(out)} clips" + (f"; {len(refs)} with a label of their name, CER "
                                                f"{error_rates(refs, best, vocab)['cer']:.4f}" if refs else ""),

@@ -8,6 +8,7 @@ import struct
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -327,6 +328,119 @@ def test_ctrl_c_in_a_long_video_keeps_what_was_read_and_says_where_it_stopped(as
     assert "interrupted (Ctrl-C) at 2.4 s: transcribed up to there" in result["notes"]
 
 
+def with_sound(path: Path, frames: list[np.ndarray], wave: np.ndarray) -> Path:
+    """An mp4 of gray frames (25 fps) with a 16 kHz AAC sound track, as a phone records a face."""
+    import av
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("mpeg4", rate=25)
+        video.height, video.width = frames[0].shape
+        video.pix_fmt = "yuv420p"
+        sound = container.add_stream("aac", rate=m.SAMPLE_RATE, layout="mono")
+        for f in frames:
+            container.mux(video.encode(av.VideoFrame.from_ndarray(np.stack([f] * 3, -1), format="rgb24")))
+        container.mux(video.encode(None))
+        chunk = av.AudioFrame.from_ndarray(wave[None], format="fltp", layout="mono")
+        chunk.sample_rate = m.SAMPLE_RATE
+        container.mux([*sound.encode(chunk), *sound.encode(None)])
+    return path
+
+
+@pytest.fixture(scope="module")
+def hearing(tmp_path_factory) -> list[str]:
+    """decode's flags for a tiny audio-visual run (trained on generated clips and their sound)."""
+    work = tmp_path_factory.mktemp("av") / "w"
+    m.train(m.parse_config(FAST + ["--modality", "av", "--work-dir", str(work)]))
+    return FAST + ["--modality", "av", "--work-dir", str(work), "--mode", "decode", "--decoder", "ctc"]
+
+
+def pieces_heard(monkeypatch) -> list[tuple[int, np.ndarray]]:
+    """Filled as the run reads: each piece's first frame and the sound the model hears with it."""
+    heard, read = [], m.read_pieces
+    def spy(model, pieces, *args):
+        heard.extend((p.start, p.sound) for p in pieces)
+        return read(model, pieces, *args)
+    monkeypatch.setattr(m, "read_pieces", spy)
+    return heard
+
+
+def test_an_audio_visual_model_hears_each_piece_of_a_long_video_with_its_own_sound(astronaut, tmp_path, hearing,
+                                                                                 monkeypatch):
+    """A face video with its sound and one without; a mouth clip whose sound, in a wav of its name beside it, ends
+    before its picture does."""
+    heard = pieces_heard(monkeypatch)
+    rng = np.random.default_rng(0)
+    frames = face_video(astronaut, 60)[0] + [np.full((256, 256), 120, np.uint8)] * 20 + face_video(astronaut, 60)[0]
+    talk = with_sound(tmp_path / "talk.mp4", frames, (0.3 * rng.standard_normal(140 * 640)).astype(np.float32))
+    write_video(tmp_path / "silent.mp4", frames[:30])
+    m.run_decode(m.parse_config(hearing + ["--input", str(tmp_path), "--preprocess", "--output", str(tmp_path / "t.json")]))
+    [result] = m.json.loads((tmp_path / "t.json").read_text(encoding="utf-8"))["videos"]
+    wave = m.read_audio(talk)  # the sound as the whole file decodes
+    assert result["name"] == "talk" and len(heard) == len(result["pieces"]) >= 4
+    assert [s for s, _ in heard] == [round(p["start"] * 25) for p in result["pieces"]]
+    assert heard[-1][0] >= 80  # pieces after the gap hear their own stretch, not the next in line
+    for start, sound in heard:
+        assert np.array_equal(sound, m.fit_to_frames(wave[start * 640:], len(sound)))
+    heard.clear()
+    clip = np.stack(m.read_video(tmp_path / "talk.mp4")[:100, 72:184, 72:184])
+    np.save(tmp_path / "mouth.npy", clip)
+    m.write_wav(tmp_path / "mouth.wav", (0.3 * rng.standard_normal(50 * 640)).astype(np.float32))
+    m.run_decode(m.parse_config(hearing + ["--input", str(tmp_path / "mouth.npy"), "--output", str(tmp_path / "m.json")]))
+    [result] = m.json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))["videos"]
+    wave = m.read_audio(tmp_path / "mouth.wav")
+    assert [s for s, _ in heard] == [round(p["start"] * 25) for p in result["pieces"]] and heard[-1][0] > 50
+    for start, sound in heard:
+        assert np.array_equal(sound, m.fit_to_frames(wave[start * 640:], len(sound)))
+    assert "its sound ends at 2.0 s, its picture at 4.0 s: the pieces after it were heard as silence" in result["notes"]
+
+
+def test_an_audio_visual_model_names_a_video_without_sound_and_reads_the_rest(astronaut, tmp_path, hearing, capsys):
+    write_video(tmp_path / "silent.mp4", face_video(astronaut, 30)[0])
+    with_sound(tmp_path / "talk.mp4", face_video(astronaut, 30)[0], np.zeros(30 * 640, np.float32))
+    decoded = m.run_decode(m.parse_config(hearing + ["--input", str(tmp_path), "--preprocess"]))
+    assert [name for name, _ in decoded] == ["talk"]
+    assert f"Skipped {tmp_path / 'silent.mp4'}: no sound: {tmp_path / 'silent.mp4'}: no audio track" in capsys.readouterr().err
+
+
+def test_a_two_hour_video_shows_its_progress_stops_on_ctrl_c_and_holds_few_frames(tmp_path, saying_x, monkeypatch,
+                                                                                    capsys):
+    """Two hours of mouth frames, made as they are read (no file that long is written): progress says how far of
+    the 7,200 s, Ctrl-C at 4 minutes keeps what was read, and of the 6,000 frames streamed by then few are alive."""
+    work, fast = saying_x
+    still = np.random.default_rng(0).integers(0, 255, (112, 400)).astype(np.uint8)
+    alive = []
+
+    def two_hours(path, info):
+        info.update(fps=25.0, rotation=0, declared=2 * 3600 * 25, read=0)
+        for t in range(info["declared"]):
+            frame = np.ascontiguousarray(still[:, t % 288:t % 288 + 112])
+            alive.append(weakref.ref(frame))
+            info["read"] += 1
+            yield frame
+    monkeypatch.setattr(m, "stream_frames", two_hours)
+    shown = m.decode_progress
+
+    def stop_at_4_minutes(videos, every):
+        show = shown(videos, 0.0)  # every call prints
+        def tell(stage, info, piece):
+            show(stage, info, piece)
+            if stage == "frame" and info["frames"] == 6000:
+                held.append(sum(r() is not None for r in alive))
+                raise KeyboardInterrupt
+        return tell
+    held = []
+    monkeypatch.setattr(m, "decode_progress", stop_at_4_minutes)
+    (tmp_path / "talk.mp4").touch()
+    with pytest.raises(KeyboardInterrupt):
+        m.run_decode(m.parse_config(fast + ["--input", str(tmp_path / "talk.mp4"), "--output", str(tmp_path / "t.json")]))
+    err = capsys.readouterr().err
+    assert "decode: video 1 of 1, 1 s of 7200 s read" in err and "decode: video 1 of 1, 240 s of 7200 s read" in err
+    assert len(alive) == 6000 and held[0] <= 2 * round(m.Config.piece_seconds * 25)  # a piece's frames, no more
+    [result] = m.json.loads((tmp_path / "t.json").read_text(encoding="utf-8"))["videos"]
+    assert result["frames"] == 6000 and result["pieces"][-1]["end"] == 240.0
+    assert result["text"].split() == [UNIT] * len(result["pieces"]) and len(result["pieces"]) >= 6000 // 38
+    assert "interrupted (Ctrl-C) at 240.0 s: transcribed up to there" in result["notes"]
+
+
 def rotation_tagged(path: Path, degrees: int) -> Path:
     """The mp4 at path with its track's display matrix set to turn it by `degrees` (90 or 270) when played."""
     data = bytearray(path.read_bytes())
@@ -368,6 +482,34 @@ def test_a_corrupt_tail_keeps_what_came_before_and_says_where_it_ends(astronaut,
     result = m.json.loads((tmp_path / "t.json").read_text(encoding="utf-8"))["videos"][0]
     assert 25 <= result["frames"] < 75 and result["pieces"][-1]["end"] == result["frames"] / 25
     assert any(n.startswith("truncated: its header declares 100 frames") for n in result["notes"])
+
+
+def test_a_face_that_leaves_for_half_the_video_a_codec_opencv_lacks_and_an_oversize_frame_are_each_said(
+        astronaut, tmp_path, saying_x, monkeypatch, capsys):
+    import av
+    work, fast = saying_x
+    (tmp_path / "in").mkdir()
+    write_video(tmp_path / "in" / "half.mp4", face_video(astronaut, 50)[0] + [np.full((256, 256), 90, np.uint8)] * 50)
+    with av.open(str(tmp_path / "m4.mkv"), "w") as container:  # MPEG-4 in Matroska, its codec then renamed
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.width = stream.height = 64
+        for f in [np.full((64, 64, 3), 9 * i, np.uint8) for i in range(10)] + [None]:
+            container.mux(stream.encode(f if f is None else av.VideoFrame.from_ndarray(f, format="rgb24")))
+    data = (tmp_path / "m4.mkv").read_bytes()
+    (tmp_path / "in" / "unknown.mkv").write_bytes(data.replace(b"V_MPEG4/ISO/ASP", b"V_QQQQQ/ISO/ASP"))
+    m.run_decode(m.parse_config(fast + ["--input", str(tmp_path / "in"), "--preprocess", "--output", str(tmp_path / "t.json")]))
+    err = capsys.readouterr().err
+    assert (f"Skipped {tmp_path / 'in' / 'unknown.mkv'}: unreadable video: its picture is coded as a codec FFmpeg does "
+            "not know, which this OpenCV cannot decode: re-encode it (ffmpeg -i IN -c:v libx264 OUT.mp4)") in err
+    [half] = m.json.loads((tmp_path / "t.json").read_text(encoding="utf-8"))["videos"]
+    assert half["pieces"][-1]["end"] == 2.0 and half["words"][-1]["end"] <= 2.0 and half["frames"] == 100
+    assert half["notes"] == ["no face on 50 of 100 frames (2.0 s): not read"]
+    assert "half.mp4: no face on 50 of 100 frames (2.0 s): not read" in err
+    monkeypatch.setattr(m, "LARGEST_FRAME", 256 * 255)
+    with pytest.raises(m.UserError, match="every one was skipped"):
+        m.run_decode(m.parse_config(fast + ["--input", str(tmp_path / "in" / "half.mp4"), "--preprocess"]))
+    assert "half.mp4: too large: frames of 256 x 256; up to 8K (65,280 pixels) are read: scale it down first" in (
+        capsys.readouterr().err)
 
 
 def test_a_clip_that_does_not_read_back_whole_is_not_kept(astronaut, tmp_path, monkeypatch):

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from conftest import UNIT, free_port, m, saying_one_unit
-from test_preprocessing import face_video, write_video
+from test_preprocessing import face_video, pieces_heard, with_sound, write_video
 
 cv2 = pytest.importorskip("cv2")
 skimage_data = pytest.importorskip("skimage.data")
@@ -208,6 +208,24 @@ def test_a_face_video_is_cut_to_its_mouth_with_progress_and_the_cut_is_kept(serv
     again = events(server, upload(server, video, name="same.mp4").json()["id"])
     assert "preprocessing" not in [e["state"] for e in again] and "reused" in again[-1]["notes"]
     assert again[-1]["hypotheses"][0]["text"] == seen[-1]["hypotheses"][0]["text"]
+
+
+def test_an_audio_visual_model_hears_each_piece_of_an_upload_with_its_own_sound(astronaut, tmp_path, monkeypatch):
+    work = tmp_path / "av"
+    m.train(m.parse_config(FAST + ["--modality", "av", "--work-dir", str(work)]))
+    reader = m.LipReader(m.parse_config(["--work-dir", str(work), "--decoder", "ctc"]))
+    heard = pieces_heard(monkeypatch)
+    wave = (0.3 * np.random.default_rng(0).standard_normal(80 * 640)).astype(np.float32)
+    talk = with_sound(tmp_path / "talk.mp4", face_video(astronaut, 80)[0], wave)
+    job = m.Job("a", "talk.mp4", tmp_path, beam_size=1, nbest=1, upload=talk)
+    reader.read(job)
+    heard_wave = m.read_audio(talk)
+    assert job.frames == 80 and [round(p["start"] * 25) for p in job.pieces] == [s for s, _ in heard] and len(heard) >= 2
+    assert all(np.array_equal(sound, m.fit_to_frames(heard_wave[s * 640:], len(sound))) for s, sound in heard)
+    silent = m.Job("b", "silent.mp4", tmp_path, beam_size=1, nbest=1,
+                   upload=write_video(tmp_path / "silent.mp4", face_video(astronaut, 30)[0]))
+    with pytest.raises(ValueError, match="no sound: .*silent.mp4: no audio track"):
+        reader.read(silent)
 
 
 def test_bad_uploads_get_clear_errors_and_the_server_goes_on(server, run_dir, clips, tmp_path):
