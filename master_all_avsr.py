@@ -172,6 +172,7 @@ class Config:
     sanity_epochs: int = 300  # --mode sanity: at most this many passes over them (one optimizer step each)
     # test and decode
     checkpoint: str = ""  # default <work_dir>/checkpoints/best.pt
+    ensemble: list[str] = field(default_factory=list)  # another run (its folder) or checkpoint read together with --checkpoint (or the run's) by test, decode, diagnose and serve: the models' CTC and decoder posteriors averaged per frame and per step in every search; the same units and input (modality, frame and input size, normalisation) required
     split: str = "test"  # train | val | test | all
     input: str = ""  # --mode decode: a clip or a folder of clips
     decoder: str = "beam"  # beam (Auto-AVSR's joint CTC/attention search) | attention | ctc (greedy); picks best.pt
@@ -2478,6 +2479,10 @@ class TransformerDecoder(nn.Module):
         bias = torch.zeros(memory_mask.shape, device=memory.device).masked_fill(~memory_mask, -math.inf)
         return DecoderCache(projected, bias[:, None, None, :], buffers)
 
+    def cache_values(self) -> int:
+        """Values the cache holds per row and position: keys and values of every block."""
+        return 2 * len(self.decoders) * self.output_layer.in_features
+
     def step(self, tokens, position: int, cache: DecoderCache, where=None, layout: int = 0) -> torch.Tensor:
         """R newest tokens (at `position`), one for each of the cache's rows (in a beam search `where` says
         which row of its clips x beam layout each is) -> R x V log-probs of the next ones, the same as
@@ -2591,6 +2596,88 @@ class BaselineModel(nn.Module):
     def forward(self, video, lengths, ys_in=None):
         """-> (B x T x V CTC logits, None)."""
         return self.ctc(self.encode(video, lengths)[0]), None
+
+
+# Several trained models read as one (--ensemble) ---------------------------------------------------------------
+# Each model encodes the clip; their CTC heads' frame posteriors and their decoders' next-unit posteriors are
+# averaged, as probabilities (fairseq's ensembles: the log of the mean, so each stays a distribution), per frame and
+# per step. Every decoder and search then reads the ensemble as it reads one model. The encodings travel side by
+# side, B x T x (the models' widths together), each head reading its own model's share.
+
+def mean_of_probs(log_probs: list[torch.Tensor]) -> torch.Tensor:
+    return torch.logsumexp(torch.stack([lp.float() for lp in log_probs]), 0) - math.log(len(log_probs))
+
+
+class EnsembleCTC(nn.Module):
+    def __init__(self, heads: list[nn.Module], widths: list[int]):
+        super().__init__()
+        self.heads, self.widths = nn.ModuleList(heads), widths
+
+    def forward(self, enc):  # B x T x sum(widths) -> B x T x V log-probs
+        return mean_of_probs([h(x).float().log_softmax(-1) for h, x in zip(self.heads, enc.split(self.widths, -1))])
+
+
+@dataclass
+class EnsembleCache:
+    """Each decoder's cache, moved together: rows and positions are the same in all of them."""
+    caches: list[DecoderCache]
+
+    @property
+    def rows(self) -> int:
+        return self.caches[0].rows
+
+    @property
+    def length(self) -> int:
+        return self.caches[0].length
+
+    def keep_clips(self, clips: torch.Tensor, frames: int) -> None:
+        for cache in self.caches:
+            cache.keep_clips(clips, frames)
+
+    def copy_rows(self, to: torch.Tensor, source: torch.Tensor) -> None:
+        for cache in self.caches:
+            cache.copy_rows(to, source)
+
+
+class EnsembleDecoder(nn.Module):
+    def __init__(self, decoders: list[TransformerDecoder], widths: list[int]):
+        super().__init__()
+        self.members, self.widths = nn.ModuleList(decoders), widths
+
+    def cache_values(self) -> int:
+        return sum(d.cache_values() for d in self.members)
+
+    def forward(self, ys_in, memory, memory_mask=None):
+        return mean_of_probs([d(ys_in, x, memory_mask).float().log_softmax(-1)
+                              for d, x in zip(self.members, memory.split(self.widths, -1))])
+
+    def start(self, memory, memory_mask, rows: int, positions: int) -> EnsembleCache:
+        return EnsembleCache([d.start(x, memory_mask, rows, positions)
+                              for d, x in zip(self.members, memory.split(self.widths, -1))])
+
+    def step(self, tokens, position: int, cache: EnsembleCache, where=None, layout: int = 0) -> torch.Tensor:
+        return mean_of_probs([d.step(tokens, position, c, where, layout) for d, c in zip(self.members, cache.caches)])
+
+
+class Ensemble(nn.Module):
+    """The models read as one: encode, ctc and decoder as one model has them (decoder None if any model lacks
+    one: the search is then CTC's alone)."""
+
+    def __init__(self, models: list[nn.Module]):
+        super().__init__()
+        self.models = nn.ModuleList(models)
+        widths = [m.ctc.ctc_lo.in_features for m in models]
+        self.ctc = EnsembleCTC([m.ctc for m in models], widths)
+        self.decoder = (EnsembleDecoder([m.decoder for m in models], widths)
+                        if all(m.decoder is not None for m in models) else None)
+
+    def encode(self, inputs, lengths):
+        encoded = [m.encode(inputs, lengths) for m in self.models]
+        return torch.cat([enc for enc, _ in encoded], -1), encoded[0][1]
+
+    def forward(self, inputs, lengths, ys_in):
+        enc, mask = self.encode(inputs, lengths)
+        return self.ctc(enc), None if self.decoder is None else self.decoder(ys_in, enc, mask)
 
 
 class UnitLM(nn.Module):
@@ -3520,16 +3607,16 @@ def beam_search_batch(model, enc, mask, lengths, vocab: Vocabulary, cfg: Config,
 BEAM_MEMORY = 2 ** 30  # bytes one beam search may hold in its largest tensors
 
 
-def beam_chunk_clips(model: nn.Module, cfg: Config, vocab_size: int, frames: int, d_model: int,
+def beam_chunk_clips(model: nn.Module, cfg: Config, vocab_size: int, frames: int,
                      lm: LanguageModel | None = None) -> int:
     """Clips searched at once: the CTC's scaled probabilities (float64, frames x vocabulary a clip), its scores
     and forward variables with their temporaries, the decoder's key and value buffers and the language model's
     states and scores stay within BEAM_MEMORY bytes."""
     positions = frames if cfg.max_length_ratio == 0 else math.ceil(frames * cfg.max_length_ratio)
-    buffers = 0 if model.decoder is None else 2 * len(model.decoder.decoders)
+    cached = 0 if model.decoder is None else model.decoder.cache_values()
     lm_values = 0 if lm is None else 2 * vocab_size + 4 * lm.model.state_size()  # scores; states, now and next
     ctc_bytes = 8 * (3 * vocab_size + 12 * frames)  # float64 scores and their temporaries; r, now and next
-    per_row = ctc_bytes + 4 * (buffers * d_model * positions + lm_values)
+    per_row = ctc_bytes + 4 * (cached * positions + lm_values)
     return max(1, BEAM_MEMORY // (8 * frames * vocab_size + cfg.beam_size * per_row))
 
 
@@ -3542,7 +3629,7 @@ def decode(model: nn.Module, enc, mask, lengths, vocab: Vocabulary, cfg: Config,
         return [[h] for h in greedy_attention(model, enc, mask, lengths, vocab.sos_eos)]
     if decoder != "beam":
         return [[h] for h in greedy_ctc(model.ctc(enc), lengths, vocab.blank)]
-    step = beam_chunk_clips(model, cfg, vocab.size, enc.size(1), enc.size(2), lm)
+    step = beam_chunk_clips(model, cfg, vocab.size, enc.size(1), lm)
     return [hyps for i in range(0, enc.size(0), step)
             for hyps in beam_search_batch(model, enc[i:i + step], mask[i:i + step], lengths[i:i + step], vocab, cfg,
                                           lm)]
@@ -3865,6 +3952,45 @@ def model_from_checkpoint(path: Path, cfg: Config, device, state: dict | None = 
                         f"{str(e)[:200]}). It may be damaged; use the other checkpoint in that folder.") from e
     set_frozen(model, frozen_in(model_cfg, state["epoch"]))  # as in its last epoch (gradient flow reports it)
     return model.to(device).eval(), vocab, model_cfg
+
+
+ENSEMBLE_INPUT = ("modality", "frame_size", "crop_size", "input_size", "mean", "std")  # what the models see alike
+ENSEMBLE_SPLIT = ("split_seed", "val_fraction", "test_fraction", "split_lists")  # what holds the same clips out
+
+
+def ensemble_member(name: str, cfg: Config) -> Path:
+    """--ensemble's run folder (its checkpoint as --checkpoint's default picks it) or checkpoint file."""
+    if Path(name).is_dir():
+        return checkpoint_path(dataclasses.replace(cfg, work_dir=name, checkpoint=""))
+    return Path(name)
+
+
+def models_to_read(cfg: Config, device, held_out: bool = False, path: Path | None = None, state: dict | None = None
+                   ) -> tuple[nn.Module, Vocabulary, Config]:
+    """model_from_checkpoint's model, vocabulary and settings for --checkpoint (or the run's); with --ensemble, the
+    models read as one, refused where their units or input differ (and, `held_out`, to test on a split: where
+    they did not hold out the same clips)."""
+    path = path or checkpoint_path(cfg)
+    model, vocab, model_cfg = model_from_checkpoint(path, cfg, device, state)
+    if not cfg.ensemble:
+        return model, vocab, model_cfg
+    models, alike = [model], ENSEMBLE_INPUT + ENSEMBLE_SPLIT * held_out
+    for name in cfg.ensemble:
+        other_path = ensemble_member(name, cfg)
+        other, units, other_cfg = model_from_checkpoint(other_path, cfg, device)
+        if units.itos != vocab.itos:
+            raise UserError(f"--ensemble {other_path} reads {units.size} units, {path} reads {vocab.size}"
+                            + (" (the same number, other units or order)" if units.size == vocab.size else "")
+                            + ": an ensemble's models must share their vocabulary (train them on the same labels).")
+        differ = [f"{k} {getattr(other_cfg, k)!r} against {getattr(model_cfg, k)!r}" for k in alike
+                  if getattr(other_cfg, k) != getattr(model_cfg, k)]
+        if differ:
+            raise UserError(f"--ensemble {other_path} was trained otherwise than {path}: {'; '.join(differ)}. An "
+                            "ensemble's models must see the same input" + (" and hold out the same clips" * held_out) + ".")
+        models.append(other)
+    print(f"ensemble: {path} with {', '.join(map(str, (ensemble_member(n, cfg) for n in cfg.ensemble)))}",
+          file=sys.stderr)
+    return Ensemble(models).to(device).eval(), vocab, model_cfg
 
 
 # Several processes (torchrun, one per GPU) -------------------------------------------------------------------
@@ -6424,7 +6550,7 @@ class LipReader:
     def __init__(self, cfg: Config):
         self.device = pick_device(cfg.device)
         self.checkpoint = checkpoint_path(cfg)
-        self.model, self.vocab, self.cfg = model_from_checkpoint(self.checkpoint, cfg, self.device)
+        self.model, self.vocab, self.cfg = models_to_read(cfg, self.device, path=self.checkpoint)
         self.lm = search_lm(self.cfg, self.vocab, self.device)
         self.mouths = mouths_folder(Path(cfg.work_dir), self.cfg.frame_size)
         self.model_lock = threading.Lock()
@@ -7877,7 +8003,9 @@ def validate(cfg: Config) -> Config:
                    "--sanity-epochs 1 or more"),
                   (0 < cfg.detect_scale <= 1 and cfg.mouth_scale > 0,
                    "--detect-scale must lie in (0, 1] and --mouth-scale be above 0"),
-                  (cfg.serve_timeout > 0, "--serve-timeout must be above 0 (seconds a client may take)")]
+                  (cfg.serve_timeout > 0, "--serve-timeout must be above 0 (seconds a client may take)"),
+                  (not (cfg.ensemble and cfg.serve_model), "--ensemble joins others to the run's model; --serve-model "
+                                                           "serves models one by one: give one or the other")]
         problems = [why for ok, why in checks if not ok]
     if problems:
         raise UserError("Settings that cannot work:\n  " + "\n  ".join(problems))
@@ -8003,7 +8131,7 @@ def run_test(cfg: Config, ds: Dataset | None = None, name: str = "") -> dict:
     """Score a checkpoint on a split: predictions.csv (and nbest.csv), test_metrics.json (each `_<name>` when
     named: a second checkpoint of the run), and `CER=... WER=... n=...` as the last line."""
     device = pick_device(cfg.device)
-    model, vocab, model_cfg = model_from_checkpoint(checkpoint_path(cfg), cfg, device)
+    model, vocab, model_cfg = models_to_read(cfg, device, held_out=True)
     ds = ds or load_dataset(model_cfg, vocab, device)
     index = split_index(ds, cfg.split)
     lm = search_lm(model_cfg, vocab, device)
@@ -8053,7 +8181,7 @@ def run_diagnose(cfg: Config) -> dict:
     device = pick_device(cfg.device)
     path = checkpoint_path(cfg)
     state = load_checkpoint(path, cfg)
-    model, vocab, model_cfg = model_from_checkpoint(path, cfg, device, state)
+    model, vocab, model_cfg = models_to_read(cfg, device, held_out=True, path=path, state=state)
     trained = at_epoch(dataclasses.replace(saved_config(state), **{k: getattr(model_cfg, k) for k in ("device", "split")}),
                        state["epoch"])
     ds = load_dataset(model_cfg, vocab, device)
@@ -8211,7 +8339,7 @@ def run_decode(cfg: Config) -> list[tuple[str, list[tuple[str, float]]]]:
     Video of any length is read in pieces (section 11), an audio-visual model's with their sound; sound alone, a
     file at a time."""
     device = pick_device(cfg.device)
-    model, vocab, model_cfg = model_from_checkpoint(checkpoint_path(cfg), cfg, device)
+    model, vocab, model_cfg = models_to_read(cfg, device)
     lm = search_lm(model_cfg, vocab, device)
     path = Path(cfg.output) if cfg.output else Path(cfg.work_dir) / "decode.csv"
     if path.suffix.lower() not in DECODE_OUTPUTS:

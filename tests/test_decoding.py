@@ -1,5 +1,6 @@
 """Section 7: greedy decoding, the batched beam search against a one-clip reference of Auto-AVSR's search,
 and the error rates on cases worked out by hand."""
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +118,87 @@ def test_batched_search_gives_the_one_clip_reference_best_hypothesis_and_score(w
             best = ended[0]
             assert got[b][0][0] == [t for t in best["yseq"][1:] if t != eos], (which, beam, w, b)
             assert got[b][0][1] == pytest.approx(best["score"], abs=1e-4), (which, beam, w, b)
+
+
+def perturbed(model, seed: int, scale: float = 0.05):
+    """A copy of the model, every weight moved a little: another model that agrees with it in part."""
+    other = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return other.eval()
+
+
+def test_an_ensemble_averages_its_models_probabilities_per_frame_and_per_step(trained):
+    model, x, lengths = trained
+    models = [model, perturbed(model, 1), untrained_model()]
+    ensemble = m.Ensemble(models).eval()
+    with torch.no_grad():
+        enc, mask = ensemble.encode(x, lengths)
+        alone = [mm.encode(x, lengths)[0] for mm in models]
+        mean = lambda lps: torch.stack([lp.exp() for lp in lps]).mean(0).log()
+        ctc = mean([mm.ctc(e).log_softmax(-1) for mm, e in zip(models, alone)])
+        assert torch.allclose(ensemble.ctc(enc), ctc, atol=1e-5)
+        ys = torch.tensor([[m.Vocabulary.seed().sos_eos, 5, 9, 12]] * len(lengths))
+        dec = mean([mm.decoder(ys, e, mask).log_softmax(-1) for mm, e in zip(models, alone)])
+        assert torch.allclose(ensemble.decoder(ys, enc, mask), dec, atol=1e-5)
+        cache = ensemble.decoder.start(enc, mask, len(lengths), 8)
+        steps = [ensemble.decoder.step(ys[:, k], k, cache) for k in range(ys.size(1))]
+        assert torch.allclose(torch.stack(steps, 1), dec, atol=1e-4)  # step by step as on whole prefixes
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_the_batched_search_of_an_ensemble_gives_the_one_clip_reference_clip_for_clip(beam, trained):
+    model, x, lengths = trained
+    ensemble = m.Ensemble([model, perturbed(model, 1), perturbed(model, 2, 0.1)]).eval()
+    eos, differs = m.Vocabulary.seed().sos_eos, 0
+    for w in (0.0, 0.3, 1.0):
+        got, alone = searched(ensemble, x, lengths, beam_size=beam, beam_ctc_weight=w), searched(model, x, lengths,
+                                                                                            beam_size=beam, beam_ctc_weight=w)
+        for b, ended in enumerate(reference(ensemble, x, lengths, beam, w)):
+            best = ended[0]
+            assert got[b][0][0] == [t for t in best["yseq"][1:] if t != eos], (beam, w, b)
+            assert got[b][0][1] == pytest.approx(best["score"], abs=1e-4), (beam, w, b)
+            differs += got[b][0][1] != pytest.approx(alone[b][0][1], abs=1e-3)
+    assert differs  # the ensemble is not its first model
+
+
+FAST = ["--preset", "tiny", "--input-size", "44", "--synthetic-clips", "24", "--max-frames", "400", "--epochs", "1"]
+
+
+def test_test_decode_and_serve_read_an_ensemble_and_refuse_models_that_do_not_match(tmp_path, capsys):
+    runs = {}
+    for name, extra in (("a", []), ("b", ["--lr", "3e-3"]), ("letters", ["--units", "letters"]),
+                        ("small", ["--input-size", "40"]), ("other_split", ["--split-seed", "9"])):
+        runs[name] = tmp_path / name
+        m.train(m.parse_config(FAST + extra + ["--work-dir", str(runs[name])]))
+    read = lambda *flags: m.parse_config(FAST + ["--work-dir", str(runs["a"]), "--decoder", "beam", "--beam-size", "3",
+                                                  *flags])
+    alone = m.run_test(read())
+    rows = (runs["a"] / "predictions.csv").read_text(encoding="utf-8")
+    itself = m.run_test(read("--ensemble", str(runs["a"] / "checkpoints" / "best.pt")))  # the mean of one model twice
+    assert itself["cer"] == alone["cer"] and (runs["a"] / "predictions.csv").read_text(encoding="utf-8") == rows
+    both = m.run_test(read("--ensemble", str(runs["b"])))  # a run folder: its checkpoint as --checkpoint picks it
+    assert f"ensemble: {runs['a'] / 'checkpoints'}" in capsys.readouterr().err and both["n"] == alone["n"]
+    assert (runs["a"] / "predictions.csv").read_text(encoding="utf-8") != rows
+    clips = tmp_path / "clips"
+    m.write_synthetic_dataset(m.Config(output=str(clips), synthetic_clips=2, seed=4), m.Vocabulary.seed())
+    decoded = m.run_decode(read("--mode", "decode", "--ensemble", str(runs["b"]), "--input", str(clips / "Preprocessed_Video")))
+    assert [name for name, _ in decoded] == ["synth_00000", "synth_00001"]
+    assert isinstance(m.LipReader(read("--ensemble", str(runs["b"]))).model, m.Ensemble)
+    with pytest.raises(m.UserError, match=r"letters/checkpoints/best.pt reads \d+ units, .*a/checkpoints/best.pt reads "
+                                          r"\d+: an ensemble's models must share their vocabulary"):
+        m.run_decode(read("--mode", "decode", "--ensemble", str(runs["letters"]), "--input", str(clips)))
+    with pytest.raises(m.UserError, match="was trained otherwise than .*: input_size 40 against 44. An ensemble's "
+                                          "models must see the same input."):
+        m.run_decode(read("--mode", "decode", "--ensemble", str(runs["small"]), "--input", str(clips)))
+    m.run_decode(read("--mode", "decode", "--ensemble", str(runs["other_split"]), "--input", str(clips)))  # no split here
+    with pytest.raises(m.UserError, match="split_seed 9 against 0. An ensemble's models must see the same input and "
+                                          "hold out the same clips"):
+        m.run_test(read("--ensemble", str(runs["other_split"])))
+    with pytest.raises(m.UserError, match="--ensemble joins others to the run's model; --serve-model serves"):
+        read("--ensemble", str(runs["b"]), "--serve-model", f"x={runs['b']}")
 
 
 def language_model(kind):
@@ -277,14 +359,14 @@ def test_chunks_give_the_same_answers_as_one_search(trained, monkeypatch):
         enc, mask = model.encode(x, lengths)
         whole = m.decode(model, enc, mask, lengths, vocab, cfg)
         monkeypatch.setattr(m, "BEAM_MEMORY", 1)  # one clip a chunk
-        assert m.beam_chunk_clips(model, cfg, vocab.size, enc.size(1), enc.size(2)) == 1
+        assert m.beam_chunk_clips(model, cfg, vocab.size, enc.size(1)) == 1
         chunked = m.decode(model, enc, mask, lengths, vocab, cfg)
     assert [[ids for ids, _ in h] for h in chunked] == [[ids for ids, _ in h] for h in whole]
     assert [s for h in chunked for _, s in h] == pytest.approx([s for h in whole for _, s in h], abs=1e-4)
     lm = m.LanguageModel(language_model("lstm"), 0.3, Path("lm.pt"))  # with a language model, its state counts
     monkeypatch.setattr(m, "BEAM_MEMORY", 2 ** 30)
-    plain = m.beam_chunk_clips(model, cfg, vocab.size, enc.size(1), enc.size(2))
-    assert m.beam_chunk_clips(model, cfg, vocab.size, enc.size(1), enc.size(2), lm) < plain
+    plain = m.beam_chunk_clips(model, cfg, vocab.size, enc.size(1))
+    assert m.beam_chunk_clips(model, cfg, vocab.size, enc.size(1), lm) < plain
     with torch.no_grad():
         whole = m.decode(model, enc, mask, lengths, vocab, cfg, lm)
         monkeypatch.setattr(m, "BEAM_MEMORY", 1)
