@@ -228,6 +228,20 @@ def test_an_audio_visual_model_hears_each_piece_of_an_upload_with_its_own_sound(
         reader.read(silent)
 
 
+def test_a_long_clips_reading_says_which_pieces_are_read_of_how_many(run_dir, tmp_path, monkeypatch):
+    said, reader = [], m.LipReader(m.parse_config(["--work-dir", str(run_dir), "--decoder", "ctc", "--max-frames", "200"]))
+    monkeypatch.setattr(m.Job, "set", lambda job, state, detail, progress=0.0: said.append((state, detail, progress)))
+    still = cv2.GaussianBlur(np.random.default_rng(0).integers(0, 255, (112, 400)).astype(np.uint8), (0, 0), 4)
+    np.save(tmp_path / "long.npy", np.stack([still[:, t % 288:t % 288 + 112] for t in range(500)]))  # one mouth, moving
+    job = m.Job("a", "long.npy", tmp_path, beam_size=1, nbest=1, upload=tmp_path / "long.npy")
+    reader.read(job)
+    pieces = len(job.pieces)
+    reading = [d for _, d, _ in said]
+    assert pieces > 5 and any(re.fullmatch(r"frame \d+ of 500; reading pieces 1-\d+", d) for d in reading), reading
+    last = re.fullmatch(rf"reading pieces (\d+)-{pieces} of {pieces} \(500 frames\)", reading[-1])
+    assert last and said[-1][0] == "decoding" and said[-1][2] == pytest.approx((int(last[1]) - 1) / pieces)
+
+
 def test_bad_uploads_get_clear_errors_and_the_server_goes_on(server, run_dir, clips, tmp_path):
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"\x00not a video" * 100)
