@@ -13,7 +13,9 @@
 # lr2e-3_dropout0.2, lr2e-3_wd0.05, lr3e-3 (a peak of 3e-3), lr2e-3_nocrop, lr2e-3_noflip, lr2e-3_nomask,
 # lr2e-3_from1, lr2e-3_from11 and lr2e-3_e65 (65 epochs, not 50: the recipe's 50 take 38 of its 60 minutes on 2
 # cores, 65 take about 50), lr2e-3_mstcn and lr2e-3_dctcn (the team's temporal encoders in place of the
-# Conformer; the DC-TCN, 2.1 times slower a step, fitted into 88 minutes: fewer epochs, the schedule kept).
+# Conformer; the DC-TCN, 2.1 times slower a step, fitted into 88 minutes: fewer epochs, the schedule kept);
+# teacher* rows (teacher_av, teacher_audio, ...) are from16_lr2e-3 taught by the run $TEACHER names, with
+# $TEACHER_FLAGS beside (--teacher-weight, --teacher-temperature).
 # Averaging is read off every row (best.pt beside averaged.pt); bench/study_table.py turns the runs
 # into README's table.
 set -u
@@ -52,6 +54,8 @@ case $ROW in
     lr2e-3_e65) ROW_FLAGS=("${SCHEDULE[@]}" "${FROM16[@]}" --lr 2e-3 --epochs 65) ;;
     lr2e-3_mstcn) ROW_FLAGS=("${SCHEDULE[@]}" "${FROM16[@]}" --lr 2e-3 --encoder mstcn) ;;
     lr2e-3_dctcn) ROW_FLAGS=("${SCHEDULE[@]}" "${FROM16[@]}" --lr 2e-3 --encoder dctcn --time-budget 88 --fit-budget) ;;
+    teacher*) ROW_FLAGS=("${SCHEDULE[@]}" "${FROM16[@]}" --lr 2e-3 --teacher "${TEACHER:?set TEACHER to the teacher run}"
+                         ${TEACHER_FLAGS:-}) ;;
     *) echo "unknown row $ROW"; exit 2 ;;
 esac
 mkdir -p "$OUT"

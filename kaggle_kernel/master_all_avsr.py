@@ -140,6 +140,9 @@ class Config:
     feature_views: int = 4  # a frozen frontend's features are cached for this many crop/flip views a clip (0: no cache)
     # loss: ctc_weight * CTC + (1 - ctc_weight) * label-smoothed attention loss
     ctc_weight: float = 0.3  # measured on LRC-AR against Auto-AVSR's 0.1 (README)
+    teacher: str = ""  # a trained run (its folder) or checkpoint of any modality (video, audio, av) whose posteriors on each training clip become soft targets beside the labels (cross-modal distillation); the run trained still reads lips alone
+    teacher_weight: float = 0.5  # the share of the loss that matches the teacher (the rest is the labels' joint loss)
+    teacher_temperature: float = 1.0  # both sides' posteriors softened by it before they are compared (the term x its square)
     ctc_weight_schedule: str = ""  # by epoch, e.g. 1-20:0.7,21-40:0.5,41-:0.4>0.2 (a>b: linear); elsewhere --ctc-weight
     label_smoothing: float = 0.1  # Auto-AVSR's; 0 and 0.2 measured no different on LRC-AR (README)
     # training
@@ -3221,14 +3224,43 @@ def ctc_share(ctc: float, att: float, cfg: Config) -> float:
     return weighted_ctc / max(weighted_ctc + (1 - cfg.ctc_weight) * att, 1e-12)
 
 
-def joint_loss(model: nn.Module, enc, mask, ctc_logits, lengths, targets, vocab: Vocabulary, cfg: Config) -> dict:
-    """{'loss', 'ctc', 'att'} from the encoder's output; a CTC-only model (the baseline) has att = 0."""
+@dataclass
+class SoftTargets:
+    """A teacher's posteriors for one batch (TeacherTargets.batch): log-probs at the temperature per frame (CTC)
+    and per label position (decoder), with where each is known."""
+    ctc: torch.Tensor  # B x T x V
+    ctc_known: torch.Tensor  # B x T
+    dec: torch.Tensor | None  # B x (L + 1) x V: each unit of the label, then the end
+    dec_known: torch.Tensor | None
+
+
+def distillation(logits: torch.Tensor, teacher: torch.Tensor, known: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) of the softened posteriors, summed over the known frames or positions / batch, x
+    the temperature squared (Hinton et al.: the gradients keep their size as the temperature changes)."""
+    student = (logits.float() / temperature).log_softmax(-1)
+    n = min(student.size(1), teacher.size(1))
+    kl = (teacher[:, :n].exp() * (teacher[:, :n] - student[:, :n])).sum(-1)
+    return (kl * known[:, :n]).sum() / len(logits) * temperature ** 2
+
+
+def joint_loss(model: nn.Module, enc, mask, ctc_logits, lengths, targets, vocab: Vocabulary, cfg: Config,
+               soft: SoftTargets | None = None) -> dict:
+    """{'loss', 'ctc', 'att'} from the encoder's output; a CTC-only model (the baseline) has att = 0. With a
+    teacher's `soft` targets, also 'kd' (its CTC and decoder terms weighted as the labels' are), and the loss is
+    (1 - --teacher-weight) x the labels' + --teacher-weight x kd."""
     ctc = ctc_loss(ctc_logits, lengths, targets, vocab.blank)
-    if model.decoder is None:
-        return {"loss": ctc, "ctc": ctc, "att": ctc.new_zeros(())}
-    ys_in, ys_out = decoder_io(targets, vocab.sos_eos, enc.device)
-    att = attention_loss(model.decoder(ys_in, enc, mask), ys_out, cfg.label_smoothing)
-    return {"loss": cfg.ctc_weight * ctc + (1 - cfg.ctc_weight) * att, "ctc": ctc, "att": att}
+    dec_logits, att, w = None, ctc.new_zeros(()), 1.0
+    if model.decoder is not None:
+        ys_in, ys_out = decoder_io(targets, vocab.sos_eos, enc.device)
+        dec_logits, w = model.decoder(ys_in, enc, mask), cfg.ctc_weight
+        att = attention_loss(dec_logits, ys_out, cfg.label_smoothing)
+    parts = {"loss": w * ctc + (1 - w) * att, "ctc": ctc, "att": att}
+    if soft is not None:
+        kd = w * distillation(ctc_logits, soft.ctc, soft.ctc_known, cfg.teacher_temperature)
+        if dec_logits is not None and soft.dec is not None:
+            kd = kd + (1 - w) * distillation(dec_logits, soft.dec, soft.dec_known, cfg.teacher_temperature)
+        parts.update(loss=(1 - cfg.teacher_weight) * parts["loss"] + cfg.teacher_weight * kd, kd=kd)
+    return parts
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -4158,6 +4190,104 @@ def feature_batch(ds: Dataset, chosen: list[int], features: FeatureBank, augment
     return x, lengths.to(device), targets
 
 
+# A teacher's soft targets (--teacher) -------------------------------------------------------------------------
+# A trained model (an audio-visual one, say, which hears what lips hide) reads every training clip once before
+# the first epoch: its CTC posteriors per frame and its decoder's per label position (teacher forcing on the
+# clip's label) become targets beside the label. Once per clip, not per view: the student's views of a clip
+# (crop, flip, time mask) keep its frames' times, so the clean clip's posteriors fit each of them (time warp does
+# not, and is refused). The teacher reads its own input (sound too) from the run's data folders.
+
+class TeacherTargets:
+    """Log-probs at the temperature, per training clip (by the student's index), clips concatenated as in
+    ClipBank: CTC frames and decoder positions (the label's units, then the end)."""
+
+    def __init__(self, per_clip: dict[int, tuple[torch.Tensor, torch.Tensor | None]], device):
+        self.index = {i: k for k, i in enumerate(sorted(per_clip))}
+        ctc, dec = zip(*(per_clip[i] for i in sorted(per_clip))) if per_clip else ((), ())
+        self.ctc = ClipBank([c.numpy() for c in ctc], device) if ctc else None
+        self.dec = ClipBank([d.numpy() for d in dec], device) if ctc and dec[0] is not None else None
+
+    def batch(self, chosen: list[int], frames: int, positions: int, device) -> SoftTargets:
+        """The targets of clips `chosen` padded to the batch's frames and label positions; a clip the teacher
+        did not read is known nowhere."""
+        have = [i for i in chosen if i in self.index]
+        rows = [self.index[i] for i in have]
+        at = torch.tensor([chosen.index(i) for i in have], dtype=torch.long)
+
+        def padded(bank: ClipBank, length: int):
+            out = torch.zeros(len(chosen), length, bank.frames.size(-1), device=device)
+            known = torch.zeros(len(chosen), length, device=device)
+            if rows:
+                values, lengths = bank.batch(rows)
+                n = min(length, values.size(1))
+                out[at, :n] = values[:, :n].to(device, torch.float32)
+                known[at, :n] = (torch.arange(n)[None] < lengths[:, None]).to(device, torch.float32)
+            return out, known
+        ctc, ctc_known = padded(self.ctc, frames) if self.ctc else (None, None)
+        dec, dec_known = padded(self.dec, positions) if self.dec else (None, None)
+        return SoftTargets(ctc, ctc_known, dec, dec_known)
+
+
+def teacher_model(cfg: Config, vocab: Vocabulary, device) -> tuple[nn.Module, Config]:
+    """--teacher's model and settings, refused where its units differ or where it held out other clips (it may
+    then have trained on this run's validation or test clips)."""
+    path = ensemble_member(cfg.teacher, cfg)
+    model, units, teacher_cfg = model_from_checkpoint(path, cfg, device)
+    if units.itos != vocab.itos:
+        raise UserError(f"--teacher {path} reads {units.size} units, this run {vocab.size}"
+                        + (" (the same number, other units or order)" if units.size == vocab.size else "")
+                        + ": a teacher must share the vocabulary (train it on the same labels, with the same --units).")
+    held = ENSEMBLE_SPLIT + (("seed", "synthetic_clips", "synthetic_words", "synthetic_speakers")
+                             if data_kind(cfg) == "synthetic" else ())
+    differ = [f"{k} {getattr(teacher_cfg, k)!r} against {getattr(cfg, k)!r}" for k in held
+              if getattr(teacher_cfg, k) != getattr(cfg, k)]
+    if differ:
+        raise UserError(f"--teacher {path} held out other clips than this run: {'; '.join(differ)}. It may have "
+                        "trained on this run's validation or test clips: train the teacher with the same split.")
+    return model, teacher_cfg
+
+
+def teacher_targets(cfg: Config, ds: Dataset, vocab: Vocabulary, device) -> TeacherTargets:
+    """--teacher's posteriors on every clip that trains here (its clean view, its own input), matched by name;
+    never a validation or test clip's. The random streams are left as they were: a resumed run goes on as the
+    whole run did."""
+    before = rng_state()
+    try:
+        return read_by_teacher(cfg, ds, vocab, device)
+    finally:
+        set_rng_state(before)
+
+
+@torch.no_grad()
+def read_by_teacher(cfg: Config, ds: Dataset, vocab: Vocabulary, device) -> TeacherTargets:
+    began = time.time()
+    model, teacher_cfg = teacher_model(cfg, vocab, device)
+    teacher_cfg = dataclasses.replace(teacher_cfg, work_dir=str(Path(cfg.work_dir) / "teacher"))
+    heard = load_dataset(teacher_cfg, vocab, device)
+    by_name = {s.stem: i for i, s in enumerate(heard.samples)}
+    mine = {by_name[ds.samples[i].stem]: i for i in ds.trained()
+            if ds.samples[i].stem in by_name and heard.samples[by_name[ds.samples[i].stem]].ids == ds.samples[i].ids}
+    temperature, per_clip = cfg.teacher_temperature, {}
+    for batch in heard.batches(sorted(mine), teacher_cfg.max_frames):
+        chosen = [sorted(mine)[b] for b in batch]
+        targets = [heard.samples[i].ids for i in chosen]
+        x, lengths = batch_inputs(heard, chosen, Augment(teacher_cfg, training=False), device)
+        with autocast(device, teacher_cfg):
+            enc, mask = model.encode(x, lengths.to(device))
+            ctc = (model.ctc(enc).float() / temperature).log_softmax(-1).cpu()
+            dec = None
+            if model.decoder is not None:
+                ys_in, _ = decoder_io(targets, vocab.sos_eos, device)
+                dec = (model.decoder(ys_in, enc, mask).float() / temperature).log_softmax(-1).cpu()
+        for b, (i, n) in enumerate(zip(chosen, lengths.tolist())):
+            per_clip[mine[i]] = (ctc[b, :n], None if dec is None else dec[b, :len(targets[b]) + 1])
+    missing = len(ds.trained()) - len(per_clip)
+    print(f"teacher {ensemble_member(cfg.teacher, cfg)} ({teacher_cfg.modality}): soft targets of {len(per_clip)} training "
+          f"clips at temperature {temperature:g}, weight {cfg.teacher_weight:g}, in {time.time() - began:.0f} s"
+          + (f"; {missing} clips it could not read (no sound, say) train on their labels alone" if missing else ""))
+    return TeacherTargets(per_clip, device)
+
+
 class Objective(nn.Module):
     """The model and its joint loss as one forward pass, the unit DistributedDataParallel synchronises; from
     frames, or from a frozen frontend's cached features."""
@@ -4166,9 +4296,9 @@ class Objective(nn.Module):
         super().__init__()
         self.model, self.vocab, self.cfg = model, vocab, cfg
 
-    def forward(self, x, lengths, targets, from_features: bool = False) -> dict:
+    def forward(self, x, lengths, targets, from_features: bool = False, soft: SoftTargets | None = None) -> dict:
         enc, mask = (self.model.encode_features if from_features else self.model.encode)(x, lengths)
-        return joint_loss(self.model, enc, mask, self.model.ctc(enc), lengths, targets, self.vocab, self.cfg)
+        return joint_loss(self.model, enc, mask, self.model.ctc(enc), lengths, targets, self.vocab, self.cfg, soft)
 
 
 def objective_for(model: nn.Module, vocab: Vocabulary, cfg: Config, device) -> nn.Module:
@@ -4182,10 +4312,10 @@ def objective_for(model: nn.Module, vocab: Vocabulary, cfg: Config, device) -> n
 
 
 def backward_pass(objective: nn.Module, x, lengths, targets, cfg: Config, device, scaler, weight: float = 1.0,
-                  from_features: bool = False) -> dict:
+                  from_features: bool = False, soft: SoftTargets | None = None) -> dict:
     """Loss parts of the batch; its gradient, times `weight` (this process's share of a global batch), added."""
     with autocast(device, cfg):
-        parts = objective(x, lengths, targets, from_features)
+        parts = objective(x, lengths, targets, from_features, soft)
     scaler.scale(parts["loss"] * (weight / cfg.accum_steps)).backward()
     return parts
 
@@ -4252,7 +4382,8 @@ def append_rows(path: Path, rows: list[dict], epoch: int) -> None:
 
 
 def train_epoch(objective: nn.Module, ds: Dataset, cfg: Config, device, optimizer, scheduler, scaler, epoch: int,
-                updates: list | None = None, features: FeatureBank | None = None) -> dict:
+                updates: list | None = None, features: FeatureBank | None = None,
+                teacher: TeacherTargets | None = None) -> dict:
     """One pass over the training split -> mean losses, clips seen, and each module group's mean gradient norm
     (`grad_<group>`); with `updates` (--log-param-updates), a row per optimizer step and group is added to it.
 
@@ -4276,9 +4407,12 @@ def train_epoch(objective: nn.Module, ds: Dataset, cfg: Config, device, optimize
         rows, weight = rank_share(len(chosen))
         x = tuple(t[rows] for t in x) if isinstance(x, tuple) else x[rows]
         lengths, targets = lengths[rows], [targets[i] for i in rows]
+        soft = teacher and teacher.batch([chosen[i] for i in rows], int(lengths.max()),
+                                         max(map(len, targets)) + 1, device)
         step = n % cfg.accum_steps == 0 or n == len(batches)
         with contextlib.nullcontext() if step or not hasattr(objective, "no_sync") else objective.no_sync():
-            parts = backward_pass(objective, x, lengths, targets, cfg, device, scaler, weight, features is not None)
+            parts = backward_pass(objective, x, lengths, targets, cfg, device, scaler, weight, features is not None,
+                                  soft)
         if step:
             before, lr = (snapshot(groups) if updates is not None else None), optimizer.param_groups[0]["lr"]
             norms = optimizer_step(model, optimizer, scheduler, scaler, cfg)
@@ -4308,7 +4442,7 @@ def epoch_row(epoch, train_stats, val, probe, lr, seconds, cfg: Config) -> dict:
     scores = lambda result, decoder: ((result or {}).get(decoder) or {})
     att, ctc = scores(val, "attention"), scores(val, "ctc")
     return {"epoch": epoch, "train_loss": train_stats["loss"], "train_ctc": train_stats["ctc"],
-            "train_att": train_stats["att"],
+            "train_att": train_stats["att"], **({"train_kd": train_stats["kd"]} if "kd" in train_stats else {}),
             "ctc_weight": cfg.ctc_weight, "ctc_share": ctc_share(train_stats["ctc"], train_stats["att"], cfg),
             "train_eval_loss": (probe or {}).get("loss"), "train_cer_ctc": scores(probe, "ctc").get("cer"),
             "train_cer_att": scores(probe, "attention").get("cer"),
@@ -4335,8 +4469,9 @@ def log_epoch(row: dict, cfg: Config, eta: float) -> None:
              if row.get("train_cer_ctc") is not None else "")
     muted = (f" | muted ctc {shown(row['val_muted_cer_ctc'])} att {shown(row['val_muted_cer_att'])}"
              if "val_muted_cer_ctc" in row else "")
+    kd = f", teacher {shown(row['train_kd'])}" if row.get("train_kd") is not None else ""
     print(f"epoch {row['epoch']:3d}/{cfg.epochs} | train loss {shown(row['train_loss'])} (ctc {shown(row['train_ctc'])}, "
-          f"att {shown(row['train_att'])}){probe} | val loss {shown(row['val_loss'])} | val CER ctc "
+          f"att {shown(row['train_att'])}{kd}){probe} | val loss {shown(row['val_loss'])} | val CER ctc "
           f"{shown(row['val_cer_ctc'])} att {shown(row['val_cer_att'])} WER {shown(row['val_wer'])}{muted} | lr {row['lr']:.2e} | "
           f"{row['epoch_s']:.0f}s {row['clips_per_s']:.1f} clips/s" + (f" | ETA {duration(eta)}" if eta > 0 else ""),
           flush=True)
@@ -4757,6 +4892,9 @@ def report_setup(model: nn.Module, ds: Dataset, cfg: Config, path: Path) -> list
         f"weight decay {cfg.weight_decay:g}, gradient clip {cfg.grad_clip:g}",
         f"loss: {w:g} x CTC + {1 - w:g} x attention{schedule} (label smoothing {cfg.label_smoothing:g})"
         if model.decoder is not None else "loss: CTC only (the model has no decoder)",
+        *([f"teacher: {cfg.teacher}: the loss is {1 - cfg.teacher_weight:g} x the labels' + {cfg.teacher_weight:g} x "
+           f"KL to its posteriors (CTC per frame and decoder per unit, weighted as above; temperature "
+           f"{cfg.teacher_temperature:g}), computed once per training clip"] if cfg.teacher else []),
         augmentation_line(cfg),
         f"parameters: {sum(n for g, n in counts.items() if g not in frozen):,} trainable, "
         f"{sum(n for g, n in counts.items() if g in frozen):,} frozen ("
@@ -5257,6 +5395,7 @@ class TrainingRun:
     frozen: str  # what is frozen now (--freeze until --unfreeze-at)
     objective: nn.Module
     features: FeatureBank | None  # a frozen frontend's cached features
+    teacher: TeacherTargets | None  # --teacher's soft targets
     probe: list[int]  # the training clips scored each epoch without augmentation
     began: float = dataclasses.field(default_factory=time.time)
     slowest: float = 0.0  # the longest epoch's seconds, for --time-budget
@@ -5304,6 +5443,7 @@ def start_training(cfg: Config, ds: Dataset | None) -> TrainingRun:
     return TrainingRun(cfg, device, rank, world, vocab, ds, model, optimizer, scheduler, scaler, history, start,
                        frozen, objective_for(model, vocab, cfg, device),
                        FeatureBank(model, ds, cfg, device) if caches_features(model, cfg, frozen) else None,
+                       teacher_targets(cfg, ds, vocab, device) if cfg.teacher else None,
                        training_probe(ds, cfg) if cfg.diagnostics and rank == 0 else [])
 
 
@@ -5439,7 +5579,7 @@ def train(cfg: Config, ds: Dataset | None = None, done=None) -> dict:
         ecfg = begin_epoch(run, epoch)
         updates = [] if cfg.log_param_updates and run.rank == 0 else None
         train_stats = train_epoch(run.objective, run.ds, ecfg, run.device, run.optimizer, run.scheduler, run.scaler,
-                                  epoch, updates, run.features)
+                                  epoch, updates, run.features, run.teacher)
         last = run.rank == 0 and end_epoch(run, epoch, ecfg, train_stats, updates, t0, done)
         if rank0_says(last, run.device):  # every process stops where rank 0 does, once an epoch
             break
@@ -8004,6 +8144,10 @@ def validate(cfg: Config) -> Config:
                   (0 < cfg.detect_scale <= 1 and cfg.mouth_scale > 0,
                    "--detect-scale must lie in (0, 1] and --mouth-scale be above 0"),
                   (cfg.serve_timeout > 0, "--serve-timeout must be above 0 (seconds a client may take)"),
+                  (0 <= cfg.teacher_weight <= 1 and cfg.teacher_temperature > 0,
+                   "--teacher-weight must lie in [0, 1] and --teacher-temperature be above 0"),
+                  (not (cfg.teacher and cfg.time_warp), "--time-warp moves a clip's frames in time, where the "
+                                                        "teacher's per-frame targets cannot follow: one or the other"),
                   (not (cfg.ensemble and cfg.serve_model), "--ensemble joins others to the run's model; --serve-model "
                                                            "serves models one by one: give one or the other")]
         problems = [why for ok, why in checks if not ok]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, m
+from conftest import ROOT, UNIT, m, saying_one_unit
 
 FAST = ["--preset", "tiny", "--input-size", "44", "--synthetic-clips", "48", "--max-frames", "400",
         "--warmup-epochs", "1"]
@@ -313,6 +313,90 @@ def test_torchrun_trains_the_tcn_encoders_as_one_process_does(tmp_path, encoder)
     for a, b in zip(single, double):
         for k in LOSSES:
             assert b[k] == pytest.approx(a[k], rel=2e-4 if a["epoch"] == 1 else 1e-2), (a["epoch"], k)
+
+
+# A teacher's soft targets (--teacher) -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory) -> dict[str, Path]:
+    """Trained teachers: an audio-visual run; a video run whose CTC head says conftest's UNIT on every frame; one
+    of another vocabulary; one that held out other clips."""
+    root, runs = tmp_path_factory.mktemp("teachers"), {}
+    for name, extra in (("av", ["--modality", "av"]), ("unit", []), ("letters", ["--units", "letters"])):
+        runs[name] = root / name
+        m.train(m.parse_config(FAST + extra + ["--epochs", "1", "--no-diagnostics", "--work-dir", str(runs[name])]))
+    saying_one_unit(runs["unit"])
+    runs["other_split"] = root / "other_split.pt"
+    state = torch.load(runs["unit"] / "checkpoints" / "best.pt", weights_only=False)
+    state["config"]["split_seed"] = 9  # as a run with --split-seed 9 saves it
+    torch.save(state, runs["other_split"])
+    return runs
+
+
+def test_a_teacher_reads_every_training_clip_once_and_no_validation_or_test_clip(tmp_path, teachers, monkeypatch):
+    read, batch_inputs = [], m.batch_inputs
+    def spy(ds, chosen, augment, *args, **kwargs):
+        if augment.cfg.modality == "av":  # the teacher's reading
+            read.extend(ds.samples[i].stem for i in chosen)
+        return batch_inputs(ds, chosen, augment, *args, **kwargs)
+    monkeypatch.setattr(m, "batch_inputs", spy)
+    cfg = fast_cfg(tmp_path / "w", teacher=str(teachers["av"]))
+    vocab = m.load_vocabulary(cfg)
+    ds = m.load_dataset(cfg, vocab, torch.device("cpu"))
+    targets = m.teacher_targets(cfg, ds, vocab, torch.device("cpu"))
+    assert sorted(read) == sorted(ds.samples[i].stem for i in ds.trained()) and set(targets.index) == set(ds.trained())
+    clips = ds.trained()[:3]
+    soft = targets.batch(clips, 40, 30, torch.device("cpu"))
+    frames = [ds.samples[i].frames for i in clips]
+    assert soft.ctc.shape[:2] == (3, 40) and soft.ctc_known.sum(1).tolist() == frames
+    assert soft.ctc[0, :frames[0]].exp().sum(-1) == pytest.approx(torch.ones(frames[0]), abs=1e-4)
+    assert soft.dec_known.sum(1).tolist() == [len(ds.samples[i].ids) + 1 for i in clips]
+    unknown = targets.batch([ds.subset("val")[0]], 40, 30, torch.device("cpu"))
+    assert unknown.ctc_known.sum() == 0 and unknown.dec_known.sum() == 0
+
+
+def test_a_student_learns_what_its_teacher_says_and_resumes_exactly(tmp_path, teachers, capsys):
+    """Taught by a model that says UNIT on every frame, with all the loss on the teacher, a student says it too,
+    whatever the labels say; stopped after an epoch and resumed, it ends where the whole run ends."""
+    taught = dict(teacher=str(teachers["unit"]), teacher_weight=1.0, ctc_weight=1.0, epochs=3, lr=3e-3, decoder="ctc",
+                  freeze="frontend", unfreeze_at=3, feature_views=1)
+    result = seeded_train(fast_cfg(tmp_path / "whole", **taught))
+    out = capsys.readouterr().out
+    assert "teacher: " in (tmp_path / "whole" / "diagnostics" / "setup.txt").read_text() and "soft targets of" in out
+    assert "features of 48 clips cached" in out  # the frozen frontend's cache feeds the student
+    vocab, ds = result["vocab"], result["dataset"]
+    scored = m.evaluate(result["model"], ds, ds.subset("val"), vocab, fast_cfg(tmp_path, **taught), torch.device("cpu"),
+                        ("ctc",))
+    said = {vocab.decode(h[0][0]) for h in scored["rows"]["ctc"]}
+    assert said == {UNIT}, said
+    kd = [r["train_kd"] for r in result["history"]]
+    assert kd[-1] < 0.5 * kd[0], kd
+    seeded_train(fast_cfg(tmp_path / "cut", **taught), done=lambda row: row["epoch"] == 1)
+    seeded_train(fast_cfg(tmp_path / "cut", resume=True, **taught))
+    assert history_without_timings(tmp_path / "cut") == history_without_timings(tmp_path / "whole")
+
+
+def test_torchrun_two_processes_learn_from_a_teacher_as_one_does(tmp_path, teachers):
+    args = FAST + ["--epochs", "2", "--max-frames", "300", "--dropout", "0", "--sync-batchnorm", "--decoder", "ctc",
+                   "--mode", "train", "--teacher", str(teachers["av"]), "--no-diagnostics"]
+    one = finished(run_script(args + ["--work-dir", str(tmp_path / "one")]))
+    two = finished(torchrun(args + ["--work-dir", str(tmp_path / "two")]))
+    said = [m.re.findall(r"soft targets of (\d+) training clips", out) for out in (one, two)]
+    assert "x 2 processes" in two and said[0] == said[1] and len(said[0]) == 1  # rank 0 alone says it
+    for a, b in zip(history_without_timings(tmp_path / "one"), history_without_timings(tmp_path / "two")):
+        for k in ("train_kd", "train_loss", "val_loss"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4), (a["epoch"], k)
+
+
+def test_a_teacher_of_other_units_or_other_held_out_clips_is_refused_and_time_warp_with_one(tmp_path, teachers):
+    with pytest.raises(m.UserError, match=r"letters/checkpoints/best.pt reads \d+ units, this run \d+: a teacher must "
+                                          "share the vocabulary"):
+        m.train(fast_cfg(tmp_path / "a", teacher=str(teachers["letters"]), epochs=1))
+    with pytest.raises(m.UserError, match="other_split.pt held out other clips than this run: split_seed 9 against 0. It may have "
+                                          "trained on this run's validation or test clips"):
+        m.train(fast_cfg(tmp_path / "b", teacher=str(teachers["other_split"]), epochs=1))
+    with pytest.raises(m.UserError, match="--time-warp moves a clip's frames in time"):
+        m.parse_config(FAST + ["--teacher", str(teachers["av"]), "--time-warp"])
 
 
 CU128 = ["sm_70", "sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]  # torch 2.8-2.10's CUDA 12.8 wheels
