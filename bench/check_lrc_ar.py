@@ -1,6 +1,6 @@
 """Checks on the real LRC-AR clips (the folder is an argument; nothing of it lives in the project):
-the ambiguity stop, every label's round trip through the vocabulary, what is skipped, and the figures of
-seed 001. Usage: python bench/check_lrc_ar.py /path/to/lrc-ar [--work-dir runs/lrc_check]"""
+the ambiguity stop, every label's round trip through the vocabulary, what is skipped, and the figures of the
+team's training notes. Usage: python bench/check_lrc_ar.py /path/to/lrc-ar [--work-dir runs/lrc_check]"""
 import argparse
 import json
 import time
@@ -39,4 +39,4 @@ hist = torch.bincount(center.flatten(), minlength=256).double()
 levels = torch.arange(256, dtype=torch.float64) / 255
 mean = (hist * levels).sum() / hist.sum()
 std = ((hist * (levels - mean) ** 2).sum() / hist.sum()).sqrt()
-print(f"pixel mean/std of the 88 x 88 center crops: {mean:.4f} / {std:.4f} (the user's: 0.4192 / 0.1339)")
+print(f"pixel mean/std of the 88 x 88 center crops: {mean:.4f} / {std:.4f} (the team's: 0.4192 / 0.1339)")

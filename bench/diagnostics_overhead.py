@@ -1,4 +1,4 @@
-"""What seed 001's per-epoch checklist costs: whole epochs (training, validation, and with diagnostics the
+"""What the per-epoch debugging checklist costs: whole epochs (training, validation, and with diagnostics the
 training probe, verdict, worst clips, confusions and their files) timed with --diagnostics on and off, runs
 alternated so that a busy machine weighs on both alike; --log-param-updates timed once beside them.
 Usage: python bench/diagnostics_overhead.py [--data-dir DATASET [--videos-dir CLIPS]] [--preset tiny]
@@ -17,7 +17,7 @@ import torch
 from timing import m
 
 parser = argparse.ArgumentParser(description=__doc__)
-parser.add_argument("--data-dir", default="", help="the user's dataset; default: built-in synthetic clips")
+parser.add_argument("--data-dir", default="", help="a dataset folder; default: built-in synthetic clips")
 parser.add_argument("--videos-dir", default="", help="the folder of mouth clips, when the dataset has several")
 parser.add_argument("--preset", default="tiny")
 parser.add_argument("--input-size", type=int, default=44)

@@ -1,6 +1,6 @@
-"""How close the preprocessing's crops come to the user's own: every raw face video of LRC-AR
+"""How close the preprocessing's crops come to LRC-AR's own: every raw face video of LRC-AR
 (Dataset/Video) is cut with --mode preprocess's code, and each frame is compared with the same moment of the
-user's crop (Dataset/Preprocessed_Video) by normalised cross-correlation (1 = the same picture up to brightness
+LRC-AR's crop (Dataset/Preprocessed_Video) by normalised cross-correlation (1 = the same picture up to brightness
 and contrast). Prints the mean, median, 10th percentile and worst clips of the per-clip mean.
 Usage: python bench/preprocess_match.py /path/to/lrc-ar/Dataset [--every 1] [--smooth-frames 5] [--workers 2]"""
 import argparse
@@ -28,7 +28,7 @@ def ncc(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def clip_match(ours: Path, theirs: Path) -> float:
-    """Mean correlation over our frames, each against the user's frame nearest in time (theirs keep the
+    """Mean correlation over our frames, each against LRC-AR's frame nearest in time (theirs keep the
     camera's rate, 25 or 30 fps; ours are 25)."""
     a, (b, fps) = m.read_video(ours), m.read_frames(theirs)
     at = np.minimum((np.arange(len(a)) * fps / m.CLIP_FPS).round().astype(int), len(b) - 1)

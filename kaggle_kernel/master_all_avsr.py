@@ -10,7 +10,7 @@ Mouth-region clips in, diacritized Arabic text out. The file reads top to bottom
     6. loss            w * CTC + (1 - w) * label-smoothed attention
     7. decoding        greedy and batched beam search decoding, CER / WER
     8. training        optimizer, schedule, mixed precision, checkpoints, resume, time budget, several GPUs
-    9. diagnostics     dataset statistics; seed 001's checklist for a stuck model (every epoch, and --mode
+    9. diagnostics     dataset statistics; the debugging checklist for a stuck model (every epoch, and --mode
                        diagnose / sanity): curves and a verdict, gradient flow, worst clips, confusions
    10. training run    setup (fresh, pretrained or resumed) and the loop over epochs
    11. preprocessing   raw face videos -> mouth clips (dlib landmarks, followed from frame to frame)
@@ -70,9 +70,9 @@ import torch.nn.functional as F
 @dataclass
 class Config:
     # run
-    mode: str = "train"  # train | test | decode | serve | diagnose | sanity | stats | vocab | synth | preprocess | export | average | lm
+    mode: str = "train"  # what this run does (the examples at the end of --help show each mode)
     work_dir: str = "runs/demo"  # everything a run writes goes here
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"  # auto: a CUDA GPU where torch sees one, else the CPU
     seed: int = 1337  # seeds weights, batches, augmentation and dropout: the same seed, the same run (on CPU)
     # data: where clips and labels are
     data: str = "auto"  # auto (files when a folder is given, else synthetic) | files | synthetic
@@ -82,14 +82,14 @@ class Config:
     extra_data_dir: list[str] = field(default_factory=list)  # more labelled clips, which only train
     extra_videos_dir: list[str] = field(default_factory=list)  # the clips' folder of each --extra-data-dir, in order
     extra_labels_dir: list[str] = field(default_factory=list)  # the labels' folder of each --extra-data-dir
-    extra_weight: float = 0.2  # an extra clip is drawn this often relative to a main one (the user's runs: 1/5)
+    extra_weight: float = 0.2  # an extra clip is drawn this often relative to a main one (the team's published run: 1 in 5)
     cache_dir: str = ""  # decoded clips as uint8; default <work_dir>/cache
     output: str = ""  # synth: the dataset's folder; export: the files' folder; decode: results .csv/.jsonl (decode.csv)
     # data: what a clip and a label must be
     frame_size: int = 112  # clips must be frame_size x frame_size gray mouth crops
     vocab: str = ""  # vocabulary JSON; default vocab.json beside this script, else the built-in one
-    units: str = "diacritized"  # diacritized | letters (diacritics stripped, the seed-000 granularity)
-    word_boundary: bool = True  # a <space> unit between words; off is the user's original 226-unit setting
+    units: str = "diacritized"  # diacritized | letters (diacritics stripped, as the team's CNN + BiLSTM baseline read them)
+    word_boundary: bool = True  # a <space> unit between words; off is the team's original 226-unit setting
     unknown_units: str = "skip"  # skip a clip with a unit outside the vocabulary, or map it to <unk>
     # data: splits
     split_seed: int = 0  # the split depends on this and the clip's stem only, never on the other clips
@@ -116,8 +116,8 @@ class Config:
     input_size: int = 88  # the crop is area-resized to this before the model (44: 4x less compute, for CPUs)
     random_crop: bool = True  # training crops at random places (off: the center crop)
     hflip_prob: float = 0.5  # probability a training clip is mirrored left to right
-    mean: float = 0.419232189655303955078125  # pixel mean (0..1) subtracted before the model: Auto-AVSR's
-    std: float = 0.133925855159759521484375  # pixel standard deviation divided by: Auto-AVSR's
+    mean: float = 0.419232189655303955078125  # pixel mean (0..1) subtracted before the model: the team's (Auto-AVSR's is 0.421)
+    std: float = 0.133925855159759521484375  # pixel standard deviation divided by: the team's (Auto-AVSR's is 0.165)
     time_mask: bool = True  # Auto-AVSR's AdaptiveTimeMask: training frames blanked in short runs
     time_mask_window: int = 10  # Auto-AVSR's AdaptiveTimeMask: up to window-1 frames...
     time_mask_stride: int = 25  # ...once per stride frames
@@ -125,7 +125,7 @@ class Config:
     augment_from: int = 1  # the epoch augmentation starts in; earlier ones see the center crop alone
     time_warp_max: float = 0.1  # speed factor drawn from [1 - max, 1 + max]
     # model
-    arch: str = "conformer"  # conformer (Auto-AVSR's) | baseline (seed 000's CNN + BiLSTM, CTC only; its dropout was 0.3)
+    arch: str = "conformer"  # conformer (Auto-AVSR's) | baseline (the team's earlier CNN + BiLSTM, CTC only; its dropout was 0.3)
     preset: str = "small"  # tiny | mini | small | base (base has the exact shapes of Auto-AVSR's released model)
     frontend: str = "cnn"  # cnn | noise (features fixed by each frame's pixels, no visual sense) | linear (pixels)
     encoder: str = "conformer"  # the temporal encoder: conformer (Auto-AVSR's) | mstcn (multi-scale temporal convolutions) | dctcn (densely connected ones): the team's three
@@ -164,7 +164,7 @@ class Config:
     processes: int = 0  # train in N processes under torchrun (one per GPU); 0: one per GPU on Kaggle, else 1
     compile: bool = False  # torch.compile the encoding (not on GPUs before compute capability 7); not measured faster
     sync_batchnorm: bool = False  # under torchrun: BatchNorm statistics of the global batch, not of each share
-    # diagnostics (seed 001's checklist), every epoch and in --mode diagnose / sanity
+    # diagnostics (the debugging checklist), every epoch and in --mode diagnose / sanity
     diagnostics: bool = True  # off: no training-subset scores, gradient flow, worst clips or confusions
     verbose: bool = False  # the checklist's detail (gradients, loss shares, worst clips, confusions) on the console too
     train_eval_clips: int = 64  # fixed training clips scored without augmentation each epoch (learning curves)
@@ -176,7 +176,7 @@ class Config:
     # test and decode
     checkpoint: str = ""  # default <work_dir>/checkpoints/best.pt
     ensemble: list[str] = field(default_factory=list)  # another run (its folder) or checkpoint read together with --checkpoint (or the run's) by test, decode, diagnose and serve: the models' CTC and decoder posteriors averaged per frame and per step in every search; the same units and input (modality, frame and input size, normalisation) required
-    split: str = "test"  # train | val | test | all
+    split: str = "test"  # the clips test and diagnose read (all: every split)
     input: str = ""  # --mode decode: a clip or a folder of clips
     decoder: str = "beam"  # beam (Auto-AVSR's joint CTC/attention search) | attention | ctc (greedy); picks best.pt
     beam_size: int = 20  # measured on LRC-AR (README): 10 is 1 point of CER worse and twice as fast
@@ -199,7 +199,7 @@ class Config:
     landmark_model: str = ""  # dlib's shape_predictor_68_face_landmarks.dat; searched for when not given
     detect_every: int = 10  # the face detector runs every N frames; the landmarks follow the face in between
     detect_scale: float = 0.5  # the detector sees the frame shrunk by this (the full frame when it finds nothing)
-    mouth_scale: float = 1.24  # crop side / distance between the outer eye corners: the user's crops (README)
+    mouth_scale: float = 1.24  # crop side / distance between the outer eye corners: LRC-AR's crops (README)
     smooth_frames: int = 5  # landmarks averaged over this many neighbouring frames before the cut
     save_landmarks: bool = False  # also write <stem>.npz: landmarks, frames with a face, the crop of every frame
     workers: int = 0  # preprocessing processes; 0: one per CPU core
@@ -210,7 +210,7 @@ class Config:
     # serving (--mode serve): a page and a JSON API that lip-read uploaded videos with the run's model
     host: str = "127.0.0.1"  # the address served; 0.0.0.0 opens it to every network this machine is on
     port: int = 8000  # the port served
-    max_upload_mb: float = 10.0  # larger uploads are refused (HTTP 413), as in the user's own service
+    max_upload_mb: float = 10.0  # larger uploads are refused (HTTP 413), as in the team's own backend
     serve_jobs: int = 1  # videos read at once (with 2, one's preprocessing overlaps another's decoding)
     serve_queue: int = 16  # uploads waiting their turn or still arriving at most; more are refused (HTTP 429) until some are done
     serve_timeout: float = 30.0  # seconds a client may take to send a request's headers, or pause an upload; an upload gets this much per MB (HTTP 408 after)
@@ -522,10 +522,10 @@ def gpu_build_problem(name: str, capability: tuple[int, int], arch_list: list[st
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 2. Vocabulary: a unit is a base letter with the marks that follow it; ids 1..226 are the user's own.
+# 2. Vocabulary: a unit is a base letter with the marks that follow it; ids 1..226 are LRC-AR's own.
 # ---------------------------------------------------------------------------------------------------------
 
-# The user's 226 units in id order (id = position + 1), exactly as seed 001 numbers them.
+# LRC-AR's 226 units in id order (id = position + 1), exactly as the team's training code numbers them.
 SEED_UNITS = """
 ٱ يْ يّْ يِّ يُّ يَّ يٌّ يِ يُ يَ يٌ ي ى وْ وِّ وُّ وَّ وِ وُ وَ
 وً و هْ هُّ هِ هُ هَ نۢ نْ نِّ نُّ نَّ نِ نُ نَ مْ مّْ مِّ مُّ مَّ
@@ -541,7 +541,7 @@ SEED_UNITS = """
 أَ آ ءْ ءِ ءَ ءً
 """.split()
 
-# Blank is 0 because CTC and padding want it there; the others sit just above the user's ids.
+# Blank is 0 because CTC and padding want it there; the others sit just above LRC-AR's ids.
 # (Shadda comes first in every unit above: an editor that normalises to NFC would undo that; a test checks.)
 SPECIALS = {"<blank>": 0, "<space>": 227, "<unk>": 228, "<sos/eos>": 229}
 SHADDA, TATWEEL = "\u0651", "\u0640"
@@ -685,7 +685,7 @@ def load_vocabulary(cfg: Config) -> Vocabulary:
 # ---------------------------------------------------------------------------------------------------------
 
 VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".npy", ".npz"}
-CLIP_FPS = 25  # the user's clips, and what preprocessing writes
+CLIP_FPS = 25  # LRC-AR's clips, and what preprocessing writes
 LABEL_EXTS = {".csv"}
 
 
@@ -1868,7 +1868,7 @@ def batch_inputs(ds: Dataset, chosen: list[int], augment: Augment, device, min_l
 # ---------------------------------------------------------------------------------------------------------
 # 5. Model: Auto-AVSR's models under their own state_dict names (a 3D-conv + ResNet-18 frontend for video, a
 #    1-D ResNet for sound, Conformer encoder, Transformer decoder, CTC head; for both, two encoders fused), in
-#    four sizes, and the user's earlier CNN + BiLSTM baseline.
+#    four sizes, and the team's earlier CNN + BiLSTM baseline.
 # ---------------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -3112,7 +3112,7 @@ def export_onnx(model: nn.Module, cfg: Config, path: Path) -> None:
     batch, frames = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("frames", min=2, max=100_000)
     axes = {"video": {0: batch, 1: frames}, "audio": {0: batch, 1: SAMPLES_PER_FRAME * frames}, "lengths": {0: batch}}
     with sdpa_kernel(SDPBackend.MATH), warnings.catch_warnings():  # the fused kernels' layouts trip the exporter
-        warnings.simplefilter("ignore")  # its notes on axis names and deprecations are not the user's to act on
+        warnings.simplefilter("ignore")  # its notes on axis names and deprecations ask nothing of whoever exports
         program = torch.onnx.export(EncoderForExport(model).eval(), tuple(inputs.values()), dynamo=True,
                                     verbose=False, input_names=list(inputs),
                                     output_names=["encoder_out", "ctc_log_probs"],
@@ -3685,7 +3685,7 @@ def words_of(ids: list[int], vocab: Vocabulary) -> list[tuple[int, ...]]:
 
 
 def error_rates(refs: list[list[int]], hyps: list[list[int]], vocab: Vocabulary) -> dict:
-    """CER over units without word boundaries (the user's count), WER over words, and the mean per-clip CER
+    """CER over units without word boundaries (the team's count), WER over words, and the mean per-clip CER
     (the published 23.49% is one)."""
     import editdistance
     units = lambda ids: [i for i in ids if i != vocab.space]
@@ -4353,7 +4353,7 @@ def rank_share(batch_size: int) -> tuple[list[int], float]:
     return (rows, len(rows) * world / batch_size) if rows else ([0], 0.0)
 
 
-# Parameter updates (--log-param-updates, as seed 002 offers) -------------------------------------------------
+# Parameter updates (--log-param-updates, as the team's audio-visual trainer offers) -------------------------------------------------
 
 def snapshot(groups: dict[str, list[nn.Parameter]]) -> dict[str, list[torch.Tensor]]:
     return {g: [p.detach().clone() for p in params] for g, params in groups.items()}
@@ -4832,7 +4832,7 @@ def train_lm(cfg: Config) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 9. Diagnostics: what the data looks like (seed 001's figures) and seed 001's checklist for a stuck model,
+# 9. Diagnostics: what the data looks like (the team's figures) and the debugging checklist for a stuck model,
 #    run every epoch and by --mode diagnose / sanity: learning curves and a verdict in words, gradient flow,
 #    the worst clips, unit confusions (by letter and by diacritic), the settings' sanity, parameter updates.
 # ---------------------------------------------------------------------------------------------------------
@@ -4864,7 +4864,7 @@ def augmentation_line(cfg: Config) -> str:
 
 
 def report_setup(model: nn.Module, ds: Dataset, cfg: Config, path: Path) -> list[str]:
-    """Seed 001's hyperparameter sanity check: what one step and one epoch are, in numbers, with warnings;
+    """The debugging checklist's hyperparameter sanity check: what one step and one epoch are, in numbers, with warnings;
     printed and written to `path`."""
     training, extra = ds.subset("train"), ds.subset("extra")
     epoch = epoch_clips(ds, cfg, 1)
@@ -4942,7 +4942,7 @@ def augmentation_hint(cfg: Config) -> str:
 
 
 def fit_verdict(history: list[dict], cfg: Config) -> str:
-    """Seed 001's reading of the learning curves, in words, from the better greedy CER of each epoch."""
+    """The debugging checklist's reading of the learning curves, in words, from the better greedy CER of each epoch."""
     row, k = history[-1], cfg.patience
     # heard on both sides, as the probe is (under --drop-sound best.pt also weighs muted validation)
     val, train_cer = decoder_cer(row, "beam", "val"), decoder_cer(row, "beam", "train")
@@ -5588,7 +5588,7 @@ def train(cfg: Config, ds: Dataset | None = None, done=None) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------
 # 11. Preprocessing: raw face videos -> the 112 x 112 gray 25 fps mouth clips the model reads, cut the way the
-#     user's own crops were: dlib's 68 landmarks on every frame, the crop centred on the mouth (points 48-67),
+#     LRC-AR's own crops were: dlib's 68 landmarks on every frame, the crop centred on the mouth (points 48-67),
 #     sized and turned by the eyes.
 # ---------------------------------------------------------------------------------------------------------
 
@@ -5797,7 +5797,7 @@ def at_clip_rate(frames: np.ndarray, fps: float) -> np.ndarray:
 
 
 def write_clip(path: Path, frames: np.ndarray) -> None:
-    """An mp4 of gray frames stored as 3 channels, as the user's crops are; read back before it takes its name,
+    """An mp4 of gray frames stored as 3 channels, as LRC-AR's crops are; read back before it takes its name,
     since OpenCV's writer does not report a failed write (a full disk)."""
     import cv2
 
@@ -6680,6 +6680,12 @@ def saved_pieces(path: Path, video: int, info: dict):
             yield Piece(video, int(start), saved["mouths"][end - length:end], int(face))
 
 
+def checkpoint_name(path: Path) -> str:
+    """A checkpoint as a client is shown it: RUN/best.pt (its run's folder name) or the file's name, never where
+    on the server's disk it lies."""
+    return f"{path.parent.parent.name}/{path.name}" if path.parent.name == "checkpoints" else path.name
+
+
 class LipReader:
     """The run's model, loaded once, and the way from an uploaded file to its n-best. Video of any length is read
     in pieces (section 11): a face video's mouth is found first (its pieces kept by the upload's hash, so the
@@ -6696,7 +6702,7 @@ class LipReader:
         self.model_lock = threading.Lock()
 
     def describe(self) -> dict:
-        return {"checkpoint": str(self.checkpoint), "preset": self.cfg.preset, "modality": self.cfg.modality,
+        return {"checkpoint": checkpoint_name(self.checkpoint), "preset": self.cfg.preset, "modality": self.cfg.modality,
                 "decoder": self.cfg.decoder, "beam_size": self.cfg.beam_size, "frame_size": self.cfg.frame_size,
                 "device": str(self.device), "vocabulary": self.vocab.size}
 
@@ -7850,7 +7856,7 @@ def team_routes(app, reader, board: JobBoard, cfg: Config, types: list[str]) -> 
                           "default_diacritized": defaults["diacritized"], "available_models": model_names(board.models),
                           "available_landmark_models": TEAM_LANDMARKS,
                           "loaded": [{"model_name": name, "diacritized": diacritized,
-                                      "checkpoint": str(getattr(served, "checkpoint", ""))}
+                                      "checkpoint": checkpoint_name(getattr(served, "checkpoint", Path()))}
                                      for (name, diacritized), served in board.models.items()]},
                 "ai": {"gemini_available": False}}
 
@@ -8014,6 +8020,18 @@ def settings_help() -> tuple[dict[str, str], dict[str, str]]:
     return helps, groups
 
 
+CHOICES = {"device": ("auto", "cpu", "cuda"), "frontend": ("cnn", "noise", "linear"), "encoder": ("conformer", "mstcn", "dctcn"),
+           "data": ("auto", "files", "synthetic"), "units": ("diacritized", "letters"), "unknown_units": ("skip", "map"), "arch": ("conformer", "baseline"),
+           "preset": tuple(PRESETS), "amp": ("auto", "bf16", "fp16", "off"), "split": ("train", "val", "test", "all"),
+           "decoder": ("beam", "attention", "ctc"), "modality": ("video", "audio", "av"), "lm_kind": ("ngram", "lstm")}
+
+
+def setting_choices() -> dict[str, tuple[str, ...]]:
+    """Every setting with a fixed set of values, and the values: the one list argparse, validate and --help read
+    (the modes are MODES's)."""
+    return CHOICES | {"mode": tuple(MODES)}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Arabic lip reading: data, training, decoding and diagnostics in one file.", epilog=EXAMPLES,
@@ -8021,6 +8039,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="", help="JSON file of settings; flags given here win over it")
     helps, groups = settings_help()
+    choices = setting_choices()
     sections: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
@@ -8036,8 +8055,8 @@ def build_parser() -> argparse.ArgumentParser:
             where.add_argument(flag, action="append", default=None, help=text + " (repeatable)")
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)
-            where.add_argument(flag, type=kind, default=None, choices=CHOICES.get(f.name), help=text,
-                               metavar=None if f.name in CHOICES else f.name.upper())
+            where.add_argument(flag, type=kind, default=None, choices=choices.get(f.name), help=text,
+                               metavar=None if f.name in choices else f.name.upper())
     return parser
 
 
@@ -8055,14 +8074,6 @@ def read_config_file(path: str) -> dict:
     return settings
 
 
-CHOICES = {"mode": ("train", "test", "decode", "serve", "diagnose", "sanity", "stats", "vocab", "synth", "preprocess", "export",
-                    "average", "lm"),
-           "frontend": ("cnn", "noise", "linear"), "encoder": ("conformer", "mstcn", "dctcn"),
-           "data": ("auto", "files", "synthetic"), "units": ("diacritized", "letters"), "unknown_units": ("skip", "map"), "arch": ("conformer", "baseline"),
-           "preset": tuple(PRESETS), "amp": ("auto", "bf16", "fp16", "off"), "split": ("train", "val", "test", "all"),
-           "decoder": ("beam", "attention", "ctc"), "modality": ("video", "audio", "av"), "lm_kind": ("ngram", "lstm")}
-
-
 def schedule_problem(cfg: Config) -> str:
     try:
         ctc_weight_ranges(cfg.ctc_weight_schedule, cfg.epochs)
@@ -8074,7 +8085,7 @@ def schedule_problem(cfg: Config) -> str:
 def validate(cfg: Config) -> Config:
     """Refuse settings that would only fail later, deep in a run."""
     problems = [f"--{k.replace('_', '-')} {getattr(cfg, k)!r}: choose one of {', '.join(v)}"
-                for k, v in CHOICES.items() if getattr(cfg, k) not in v]
+                for k, v in setting_choices().items() if getattr(cfg, k) not in v]
     for f in dataclasses.fields(Config):
         if not isinstance(getattr(cfg, f.name), {"bool": bool, "int": int, "float": (int, float), "str": str,
                                                  "list[str]": list}[f.type]):
@@ -8319,7 +8330,7 @@ def run_test(cfg: Config, ds: Dataset | None = None, name: str = "") -> dict:
 
 
 def run_diagnose(cfg: Config) -> dict:
-    """Seed 001's checklist on a trained checkpoint over --split: its settings, losses, CER by greedy CTC,
+    """The debugging checklist on a trained checkpoint over --split: its settings, losses, CER by greedy CTC,
     greedy attention and the --decoder search, the worst clips, unit confusions, gradient flow, and its run's
     learning curves with their verdict. Everything goes to <work-dir>/diagnose_<split>/."""
     device = pick_device(cfg.device)
@@ -8342,7 +8353,7 @@ def run_diagnose(cfg: Config) -> dict:
              f"mean per clip {result[decoding]['cer_mean_per_clip']:.3f})"]
     if cers["ctc"] >= HIGH_CER and min(cers.values()) >= HIGH_CER:
         lines.append("greedy CTC is as poor as the decoder: the problem lies upstream of the decoder, in the "
-                     "frontend's features or the encoder (seed 001, check 4)")
+                     "frontend's features or the encoder (the debugging checklist, check 4)")
     losses = {"train_ctc": result["loss_ctc"], "train_att": result["loss_att"]}
     losses["ctc_share"] = ctc_share(losses["train_ctc"], losses["train_att"], trained)
     lines += loss_note(losses, trained, model)
@@ -8371,7 +8382,7 @@ def run_diagnose(cfg: Config) -> dict:
 
 
 def run_sanity(cfg: Config) -> dict:
-    """Seed 001's quick sanity model: train on --sanity-clips training clips, without augmentation, until every
+    """The debugging checklist's quick sanity model: train on --sanity-clips training clips, without augmentation, until every
     decoder recognises them (CER about 0) or --sanity-epochs pass. A model that cannot memorise 10 clips has a
     bug or a setting that stops learning. With --frontend noise it shows what the rest learns without sight."""
     device = pick_device(cfg.device)

@@ -195,3 +195,29 @@ def test_decode_prints_one_line_a_clip_whatever_its_name_holds(tmp_path, synthet
         ["two\\nlines", "a\\ttab", "=cmd|' -C calc'!A0", "\u0642\u064e\u0627\u0644\u064e \\u200fmark"])
     written = m.csv.DictReader((work / "decode.csv").read_text(encoding="utf-8-sig").splitlines(keepends=True))
     assert sorted({row["name"] for row in written}) == sorted(names[:2] + ["'" + names[2], names[3]])
+
+
+# Settings that take any text: paths and names, and values the run reads itself (an SNR list, a schedule, parts)
+FREE_TEXT = {"work_dir", "data_dir", "videos_dir", "labels_dir", "cache_dir", "output", "vocab", "split_lists",
+             "audio_dir", "noise", "noise_snrs", "sound", "init_from", "init_from_audio", "init_parts", "freeze", "teacher",
+             "ctc_weight_schedule", "checkpoint", "input", "lm", "landmark_model", "host", "serve_allowed_hosts"}
+
+
+def test_every_flag_with_a_set_of_values_refuses_any_other_from_the_command_line_and_a_config_file(capsys):
+    """Walks every text setting of --help: one with a set of values (modes, devices, decoders, presets, encoders,
+    ...) lists them in --help, and argparse and validate both refuse another, naming them."""
+    choices, help_text = m.setting_choices(), " ".join(m.build_parser().format_help().split())
+    assert set(choices["mode"]) == set(m.MODES) and choices["preset"] == tuple(m.PRESETS)
+    for f in m.dataclasses.fields(m.Config):
+        if f.type != "str" or f.name in FREE_TEXT:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        assert f.name in choices, f"{flag} takes any text: give it its choices, or list it here as free text"
+        assert getattr(m.Config(), f.name) in choices[f.name] and "{" + ",".join(choices[f.name]) + "}" in help_text
+        with pytest.raises(SystemExit):
+            m.parse_config([flag, "not-a-choice"])
+        named = ", ".join(repr(c) for c in choices[f.name])
+        assert f"argument {flag}: invalid choice: 'not-a-choice' (choose from {named})" in capsys.readouterr().err
+        with pytest.raises(m.UserError, match=f"{flag} 'not-a-choice': choose one of {', '.join(choices[f.name])}"):
+            m.validate(m.Config(**{f.name: "not-a-choice"}))  # as a --config file or a notebook gives it
+

@@ -1,4 +1,4 @@
-"""Section 9: dataset statistics (stats.json, stats.png) and seed 001's checklist for a stuck model: learning
+"""Section 9: dataset statistics (stats.json, stats.png) and the debugging checklist for a stuck model: learning
 curves and their verdict, gradient flow, the two losses, worst clips, unit confusions, the settings' sanity,
 parameter updates, --mode sanity and --mode diagnose."""
 import csv
@@ -36,7 +36,7 @@ def test_stats_mode_reports_what_seed_001_shows(cfg, synthetic_root, capsys):
     assert (work / "stats.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-# Seed 001's checklist for a stuck model -------------------------------------------------------------------
+# The debugging checklist for a stuck model -------------------------------------------------------------------
 
 FAST = ["--preset", "tiny", "--input-size", "44", "--synthetic-clips", "48", "--max-frames", "400",
         "--warmup-epochs", "1"]

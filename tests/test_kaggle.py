@@ -104,7 +104,7 @@ def kaggle(monkeypatch, tmp_path):
 
 
 def write_user_dataset(root: Path) -> Path:
-    """The user's layout: mouth crops, raw face videos (other size) and labels with and without diacritics."""
+    """The team's layout: mouth crops, raw face videos (other size) and labels with and without diacritics."""
     m.write_synthetic_dataset(m.Config(output=str(root / "crops"), synthetic_clips=12, seed=3), m.Vocabulary.seed())
     data = root / "Dataset"
     shutil.move(str(root / "crops" / "Preprocessed_Video"), data / "Preprocessed_Video")
