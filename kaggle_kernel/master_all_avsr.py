@@ -3249,12 +3249,13 @@ def joint_loss(model: nn.Module, enc, mask, ctc_logits, lengths, targets, vocab:
     teacher's `soft` targets, also 'kd' (its CTC and decoder terms weighted as the labels' are), and the loss is
     (1 - --teacher-weight) x the labels' + --teacher-weight x kd."""
     ctc = ctc_loss(ctc_logits, lengths, targets, vocab.blank)
-    dec_logits, att, w = None, ctc.new_zeros(()), 1.0
+    dec_logits, w = None, 1.0
+    parts = {"loss": ctc, "ctc": ctc, "att": ctc.new_zeros(())}
     if model.decoder is not None:
         ys_in, ys_out = decoder_io(targets, vocab.sos_eos, enc.device)
         dec_logits, w = model.decoder(ys_in, enc, mask), cfg.ctc_weight
         att = attention_loss(dec_logits, ys_out, cfg.label_smoothing)
-    parts = {"loss": w * ctc + (1 - w) * att, "ctc": ctc, "att": att}
+        parts.update(loss=w * ctc + (1 - w) * att, att=att)
     if soft is not None:
         kd = w * distillation(ctc_logits, soft.ctc, soft.ctc_known, cfg.teacher_temperature)
         if dec_logits is not None and soft.dec is not None:
