@@ -4211,9 +4211,8 @@ class TeacherTargets:
     def batch(self, chosen: list[int], frames: int, positions: int, device) -> SoftTargets:
         """The targets of clips `chosen` padded to the batch's frames and label positions; a clip the teacher
         did not read is known nowhere."""
-        have = [i for i in chosen if i in self.index]
-        rows = [self.index[i] for i in have]
-        at = torch.tensor([chosen.index(i) for i in have], dtype=torch.long)
+        at = torch.tensor([k for k, i in enumerate(chosen) if i in self.index], dtype=torch.long)
+        rows = [self.index[chosen[k]] for k in at.tolist()]
 
         def padded(bank: ClipBank, length: int):
             out = torch.zeros(len(chosen), length, bank.frames.size(-1), device=device)
@@ -4269,8 +4268,9 @@ def read_by_teacher(cfg: Config, ds: Dataset, vocab: Vocabulary, device) -> Teac
     mine = {by_name[ds.samples[i].stem]: i for i in ds.trained()
             if ds.samples[i].stem in by_name and heard.samples[by_name[ds.samples[i].stem]].ids == ds.samples[i].ids}
     temperature, per_clip = cfg.teacher_temperature, {}
-    for batch in heard.batches(sorted(mine), teacher_cfg.max_frames):
-        chosen = [sorted(mine)[b] for b in batch]
+    order = sorted(mine)
+    for batch in heard.batches(order, teacher_cfg.max_frames):
+        chosen = [order[b] for b in batch]
         targets = [heard.samples[i].ids for i in chosen]
         x, lengths = batch_inputs(heard, chosen, Augment(teacher_cfg, training=False), device)
         with autocast(device, teacher_cfg):
